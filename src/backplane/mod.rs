@@ -1,0 +1,233 @@
+//! The Redis backplane: the shared command link (XADD, PUBLISH, PING), the pub/sub link, their
+//! health, and the key names everything agrees on.
+
+pub mod health;
+pub mod pubsub;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::{Config, RedisConfig};
+
+/// Key and channel names under `redis.prefix`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    /// Pub/sub channel every replica listens on.
+    pub broadcast: String,
+    /// Lifecycle events stream.
+    pub events: String,
+    /// This replica's pub/sub health channel.
+    pub health: String,
+}
+
+impl Keys {
+    /// Names for `prefix` and this replica.
+    pub fn new(prefix: &str, replica_id: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            broadcast: format!("{prefix}:broadcast"),
+            events: format!("{prefix}:events"),
+            health: format!("{prefix}:health:{replica_id}"),
+        }
+    }
+
+    /// The key of inbound stream `stream`.
+    pub fn inbound(&self, stream: &str) -> String {
+        format!("{}:in:{stream}", self.prefix)
+    }
+}
+
+/// Why a Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisFailure {
+    /// No answer in time.
+    #[error("Redis did not answer within {0} ms")]
+    Timeout(u64),
+    /// Redis or the connection reported an error.
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// What `/readyz` reports, updated by the health loops.
+pub struct Health {
+    epoch: Instant,
+    unhealthy_after_ms: u64,
+    command_ok_ms: AtomicU64,
+    pubsub_ok_ms: AtomicU64,
+    shutting_down: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+impl Health {
+    /// Fresh state: not ready until both links have answered once.
+    pub fn new(unhealthy_after_ms: u64) -> Self {
+        Self {
+            epoch: Instant::now(),
+            unhealthy_after_ms,
+            command_ok_ms: AtomicU64::new(0),
+            pubsub_ok_ms: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+            last_error: Mutex::new("starting: Redis not reached yet".into()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Offset by one so that 0 keeps meaning "never".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The command link answered.
+    pub fn command_ok(&self) {
+        self.command_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A pub/sub round trip completed.
+    pub fn pubsub_ok(&self) {
+        self.pubsub_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last pub/sub round trip, if any.
+    pub fn pubsub_age_ms(&self) -> Option<u64> {
+        let at = self.pubsub_ok_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| self.now_ms().saturating_sub(at))
+    }
+
+    /// Records the latest failure, for `/readyz`.
+    pub fn failed(&self, what: String) {
+        *self.last_error.lock().expect("health lock") = what;
+    }
+
+    /// Marks the replica as draining: `/readyz` answers 503 from now on.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, else a one-line reason.
+    ///
+    /// # Errors
+    /// The reason the replica is not ready.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        let now = self.now_ms();
+        let stale = |at: u64| at == 0 || now.saturating_sub(at) > self.unhealthy_after_ms;
+        let last_error = || self.last_error.lock().expect("health lock").clone();
+        if stale(self.command_ok_ms.load(Ordering::Relaxed)) {
+            return Err(format!("Redis command link down: {}", last_error()));
+        }
+        if stale(self.pubsub_ok_ms.load(Ordering::Relaxed)) {
+            return Err(format!(
+                "Redis pub/sub round trip failing: {}",
+                last_error()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The shared, multiplexed command link. Cloning is cheap; concurrent commands from many tasks
+/// are batched into shared writes by redis-rs.
+#[derive(Clone)]
+pub struct Backplane {
+    conn: ConnectionManager,
+    timeout: Duration,
+}
+
+impl Backplane {
+    /// Creates the link lazily: it connects on first use and reconnects after failures, so a
+    /// replica starts while Redis is away and recovers when it returns.
+    ///
+    /// # Errors
+    /// When the URL cannot be used (validated earlier, so rare).
+    pub fn new(cfg: &RedisConfig) -> Result<Self, RedisFailure> {
+        let client = redis::Client::open(cfg.url.as_str())?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
+            // One quick retry: callers get an answer (often an error) fast, and the health loop
+            // keeps reconnecting in the background while Redis is away.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(cfg.reconnect_max_backoff_ms));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        Ok(Self {
+            conn,
+            timeout: Duration::from_millis(cfg.command_timeout_ms),
+        })
+    }
+
+    /// Runs one command with the configured timeout.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis failed or did not answer in time.
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisFailure> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Runs a pipeline with the configured timeout.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when the pipeline as a whole failed.
+    pub async fn query_pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisFailure> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Publishes one payload on `channel`.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not take it.
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), RedisFailure> {
+        self.query::<i64>(redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates the configured consumer groups (with MKSTREAM); existing groups are kept.
+    ///
+    /// # Errors
+    /// The first failure other than "group exists".
+    pub async fn ensure_groups(&self, config: &Config, keys: &Keys) -> Result<(), RedisFailure> {
+        for stream in &config.inbound.streams {
+            let key = keys.inbound(stream);
+            for group in &config.inbound.groups {
+                let result = self
+                    .query::<()>(
+                        redis::cmd("XGROUP")
+                            .arg("CREATE")
+                            .arg(&key)
+                            .arg(group)
+                            .arg("0")
+                            .arg("MKSTREAM"),
+                    )
+                    .await;
+                match result {
+                    Ok(()) => {
+                        tracing::info!(stream = %key, group = %group, "created consumer group")
+                    }
+                    Err(RedisFailure::Redis(e)) if e.code() == Some("BUSYGROUP") => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}

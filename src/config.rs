@@ -1,0 +1,511 @@
+//! Configuration: a TOML file plus `WSBRIDGE__SECTION__KEY` environment overrides.
+//!
+//! Every key has a default, units are part of key names, unknown keys are refused, and
+//! [`Config::load`] validates values so that a bad deployment stops at start-up with one line
+//! naming the key, instead of failing later at run time.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, always naming the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn key(key: &str, problem: impl std::fmt::Display) -> Self {
+        Self(format!("config key `{key}`: {problem}"))
+    }
+}
+
+/// The whole configuration. See `config/wsbridge.toml` for every key with its meaning.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners, connection timers and shutdown.
+    pub server: ServerConfig,
+    /// The Redis backplane.
+    pub redis: RedisConfig,
+    /// Client → backend streams.
+    pub inbound: InboundConfig,
+    /// Backend → client delivery.
+    pub outbound: OutboundConfig,
+    /// The backend API.
+    pub api: ApiConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Per-channel-pattern settings.
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Public WebSocket listener.
+    pub listen: String,
+    /// Backend API and metrics listener.
+    pub api_listen: String,
+    /// This replica's name; empty means generated, unique per process.
+    pub replica_id: String,
+    /// Allowed `Origin` header values for the upgrade; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// How often the gateway pings each client.
+    pub ping_interval_seconds: u64,
+    /// A client silent for this long is closed.
+    pub idle_timeout_seconds: u64,
+    /// How long shutdown waits for connections to close before exiting anyway.
+    pub shutdown_drain_seconds: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            api_listen: "127.0.0.1:8081".into(),
+            replica_id: String::new(),
+            allowed_origins: Vec::new(),
+            ping_interval_seconds: 25,
+            idle_timeout_seconds: 60,
+            shutdown_drain_seconds: 10,
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and channel the gateway uses.
+    pub prefix: String,
+    /// Timeout of one connection attempt.
+    pub connect_timeout_ms: u64,
+    /// Timeout of one command (XADD, PUBLISH, PING).
+    pub command_timeout_ms: u64,
+    /// How often the command link is pinged and the pub/sub link is round-tripped.
+    pub health_interval_ms: u64,
+    /// A link with no successful round trip for this long makes `/readyz` answer 503.
+    pub unhealthy_after_ms: u64,
+    /// Longest wait between two reconnection attempts of the pub/sub link.
+    pub reconnect_max_backoff_ms: u64,
+    /// Pub/sub messages buffered between Redis and the dispatcher; more are dropped and counted.
+    pub pubsub_buffer_messages: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "wsbridge".into(),
+            connect_timeout_ms: 1000,
+            command_timeout_ms: 2000,
+            health_interval_ms: 1000,
+            unhealthy_after_ms: 3000,
+            reconnect_max_backoff_ms: 5000,
+            pubsub_buffer_messages: 65536,
+        }
+    }
+}
+
+/// `[inbound]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboundConfig {
+    /// Streams clients may `send` to (key `<prefix>:in:<stream>`).
+    pub streams: Vec<String>,
+    /// Consumer groups created on every inbound stream at start.
+    pub groups: Vec<String>,
+    /// Approximate maximum entries kept per stream (`XADD MAXLEN ~`).
+    pub stream_max_len: u64,
+    /// Whether lifecycle events go to `<prefix>:events`.
+    pub events_enabled: bool,
+    /// Approximate maximum entries kept in the events stream.
+    pub events_max_len: u64,
+    /// Appends waiting for Redis; when full, a client `send` is refused with `overloaded`.
+    pub append_queue_capacity: usize,
+    /// Appends sent to Redis in one pipeline at most.
+    pub append_batch_max: usize,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            streams: Vec::new(),
+            groups: Vec::new(),
+            stream_max_len: 100_000,
+            events_enabled: true,
+            events_max_len: 100_000,
+            append_queue_capacity: 16_384,
+            append_batch_max: 512,
+        }
+    }
+}
+
+/// What to do when a connection's send queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFullPolicy {
+    /// Drop the new message for this connection (counted).
+    Drop,
+    /// Close the connection with 1013 (counted); the client reconnects and may resume.
+    Close,
+}
+
+/// `[outbound]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Messages queued per connection before the policy applies.
+    pub queue_capacity_messages: usize,
+    /// `drop` or `close`.
+    pub queue_full_policy: QueueFullPolicy,
+    /// Replies (acks, errors, pongs) queued per connection; when full the client is closed (1013).
+    pub reply_queue_capacity: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity_messages: 4096,
+            queue_full_policy: QueueFullPolicy::Drop,
+            reply_queue_capacity: 1024,
+        }
+    }
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Bearer keys accepted by the backend API; empty means no key is required.
+    pub keys: Vec<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret; setting it turns auth on.
+    pub jwt_secret: String,
+    /// Path to an RS256 public key (PEM); setting it turns auth on.
+    pub jwt_public_key: String,
+    /// Required `aud` claim, if set.
+    pub audience: String,
+    /// Required `iss` claim, if set.
+    pub issuer: String,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `wsbridge=debug`, ... (`RUST_LOG` wins when set).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[[channels]]`: settings for channels whose name matches `pattern`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Glob with `*` for any run of characters, e.g. `room:*`.
+    pub pattern: String,
+    /// Messages kept for resuming; 0 keeps none.
+    #[serde(default)]
+    pub history_size: u64,
+    /// How long history is kept after the last message.
+    #[serde(default)]
+    pub history_ttl_seconds: u64,
+}
+
+impl Config {
+    /// Loads `path` (when given) and the environment overrides, then validates.
+    ///
+    /// Without a path, `config/wsbridge.toml` is read when it exists, else built-in defaults.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file or key and the problem.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default_path = PathBuf::from("config/wsbridge.toml");
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => default_path.exists().then_some(default_path),
+        };
+        let mut builder = config::Config::builder();
+        if let Some(path) = &path {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        }
+        let env = config::Environment::with_prefix("WSBRIDGE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("server.allowed_origins")
+            .with_list_parse_key("inbound.streams")
+            .with_list_parse_key("inbound.groups")
+            .with_list_parse_key("api.keys");
+        builder = builder.add_source(env);
+        let raw = builder.build().map_err(|e| ConfigError(e.to_string()))?;
+        let config: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(describe_deserialize_error(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string (no environment), then validates. Used by tests and tools.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key and the problem.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let config: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(describe_deserialize_error(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone cannot.
+    ///
+    /// # Errors
+    /// The first problem found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("server.listen", &self.server.listen)?;
+        parse_addr("server.api_listen", &self.server.api_listen)?;
+        let id = &self.server.replica_id;
+        if id.len() > 64
+            || id
+                .chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(ConfigError::key(
+                "server.replica_id",
+                format!("`{id}` must be at most 64 characters of letters, digits, `-` or `_`"),
+            ));
+        }
+        positive(
+            "server.ping_interval_seconds",
+            self.server.ping_interval_seconds,
+        )?;
+        positive(
+            "server.idle_timeout_seconds",
+            self.server.idle_timeout_seconds,
+        )?;
+        redis::Client::open(self.redis.url.as_str()).map_err(|e| {
+            ConfigError::key(
+                "redis.url",
+                format!("`{}` is not a Redis URL: {e}", self.redis.url),
+            )
+        })?;
+        if self.redis.prefix.is_empty() {
+            return Err(ConfigError::key("redis.prefix", "must not be empty"));
+        }
+        positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
+        positive("redis.command_timeout_ms", self.redis.command_timeout_ms)?;
+        positive("redis.health_interval_ms", self.redis.health_interval_ms)?;
+        if self.redis.unhealthy_after_ms <= self.redis.health_interval_ms {
+            return Err(ConfigError::key(
+                "redis.unhealthy_after_ms",
+                "must be larger than redis.health_interval_ms",
+            ));
+        }
+        positive(
+            "redis.pubsub_buffer_messages",
+            self.redis.pubsub_buffer_messages as u64,
+        )?;
+        for (key, names) in [
+            ("inbound.streams", &self.inbound.streams),
+            ("inbound.groups", &self.inbound.groups),
+        ] {
+            for name in names {
+                if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(ConfigError::key(
+                        key,
+                        format!("`{name}` must be non-empty, without spaces"),
+                    ));
+                }
+            }
+        }
+        positive(
+            "inbound.append_queue_capacity",
+            self.inbound.append_queue_capacity as u64,
+        )?;
+        positive(
+            "inbound.append_batch_max",
+            self.inbound.append_batch_max as u64,
+        )?;
+        positive(
+            "outbound.queue_capacity_messages",
+            self.outbound.queue_capacity_messages as u64,
+        )?;
+        positive(
+            "outbound.reply_queue_capacity",
+            self.outbound.reply_queue_capacity as u64,
+        )?;
+        positive("api.max_body_bytes", self.api.max_body_bytes as u64)?;
+        if self.api.keys.iter().any(String::is_empty) {
+            return Err(ConfigError::key(
+                "api.keys",
+                "keys must not be empty strings",
+            ));
+        }
+        if !self.auth.jwt_secret.is_empty() && !self.auth.jwt_public_key.is_empty() {
+            return Err(ConfigError::key(
+                "auth.jwt_secret",
+                "set either auth.jwt_secret (HS256) or auth.jwt_public_key (RS256), not both",
+            ));
+        }
+        if !self.auth.jwt_public_key.is_empty() && !Path::new(&self.auth.jwt_public_key).is_file() {
+            return Err(ConfigError::key(
+                "auth.jwt_public_key",
+                format!("file `{}` does not exist", self.auth.jwt_public_key),
+            ));
+        }
+        for (i, ch) in self.channels.iter().enumerate() {
+            if ch.pattern.is_empty() {
+                return Err(ConfigError::key(
+                    &format!("channels[{i}].pattern"),
+                    "must not be empty",
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::key("log.level", format!("`{}`: {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// The public listener address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated")
+    }
+
+    /// The API listener address (validated).
+    pub fn api_listen_addr(&self) -> SocketAddr {
+        self.server.api_listen.parse().expect("validated")
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::key(
+            key,
+            format!("`{value}` is not a socket address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::key(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// The `config` crate reports unknown fields without the section; add it where we can.
+fn describe_deserialize_error(e: &config::ConfigError) -> String {
+    let text = e.to_string();
+    if text.contains("unknown field") {
+        return format!("unknown config key: {text}");
+    }
+    text
+}
+
+/// Matches a channel name against a glob where `*` stands for any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("room:*", "room:1"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("room:*", "rooms:1"));
+        assert!(!glob_match("room", "room:1"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[server]\nlistn = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = Config::from_toml("[server]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_is_named() {
+        let err = Config::from_toml("[redis]\nurl = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.url"), "{err}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The shared half of a connection: what the registry, the dispatcher and the appender hold to
+//! reach a connection without touching its socket.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::config::QueueFullPolicy;
+use crate::metrics::{CloseReason, DropReason, Metrics};
+use crate::protocol::{Encoding, ServerFrame};
+
+/// A message frame waiting in a connection's send queue. `frame` is shared by all recipients.
+pub struct Outgoing {
+    /// Encoded `message` frame, in the connection's encoding.
+    pub frame: Bytes,
+    /// Unix microseconds when `/send` accepted the message (for the latency histogram).
+    pub accepted_us: u64,
+}
+
+/// A frame on the reply path: replies to the client's own frames and protocol obligations.
+pub enum Reply {
+    /// An encoded reply frame (ack, error, subscribed, ...).
+    Frame(Bytes),
+    /// A pong answering the client's ping.
+    Pong(Vec<u8>),
+}
+
+/// How and why the connection is being closed.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    /// WebSocket close code sent to the client.
+    pub code: u16,
+    /// Close reason sent to the client.
+    pub reason: String,
+    /// Metric label.
+    pub why: CloseReason,
+}
+
+/// Everything other tasks may do to a connection.
+pub struct ConnHandle {
+    /// Local sequence number, the registry key.
+    pub seq: u64,
+    /// Cluster-unique id.
+    pub id: Arc<str>,
+    /// Who the connection belongs to.
+    pub identity: Identity,
+    /// The user id as shared by the registry's user index.
+    pub user: Option<Arc<str>>,
+    /// Frame encoding.
+    pub encoding: Encoding,
+    /// Channels joined; guarded by a per-connection lock never held across `.await`.
+    pub channels: Mutex<HashSet<Arc<str>>>,
+    data_tx: mpsc::Sender<Outgoing>,
+    reply_tx: mpsc::Sender<Reply>,
+    policy: QueueFullPolicy,
+    closing: CancellationToken,
+    close: OnceLock<Closing>,
+    warned_drop: AtomicBool,
+    metrics: Metrics,
+}
+
+/// The receiving ends of a connection's queues, owned by its writer.
+pub struct Queues {
+    /// Message frames.
+    pub data: mpsc::Receiver<Outgoing>,
+    /// Replies.
+    pub replies: mpsc::Receiver<Reply>,
+}
+
+impl ConnHandle {
+    /// Creates a handle and its queues.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        seq: u64,
+        id: Arc<str>,
+        identity: Identity,
+        encoding: Encoding,
+        queue_capacity: usize,
+        reply_capacity: usize,
+        policy: QueueFullPolicy,
+        metrics: Metrics,
+    ) -> (Arc<Self>, Queues) {
+        let (data_tx, data) = mpsc::channel(queue_capacity);
+        let (reply_tx, replies) = mpsc::channel(reply_capacity);
+        let user = identity.user.as_deref().map(Arc::from);
+        let handle = Arc::new(Self {
+            seq,
+            id,
+            identity,
+            user,
+            encoding,
+            channels: Mutex::new(HashSet::new()),
+            data_tx,
+            reply_tx,
+            policy,
+            closing: CancellationToken::new(),
+            close: OnceLock::new(),
+            warned_drop: AtomicBool::new(false),
+            metrics,
+        });
+        (handle, Queues { data, replies })
+    }
+
+    /// Queues a message frame. When the queue is full the configured policy applies and the
+    /// drop is counted; the caller never waits.
+    pub fn deliver(&self, frame: Bytes, accepted_us: u64) {
+        match self.data_tx.try_send(Outgoing { frame, accepted_us }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics.dropped(DropReason::QueueFull).increment(1);
+                match self.policy {
+                    QueueFullPolicy::Drop => {
+                        if !self.warned_drop.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                connection = %self.id,
+                                "send queue full: dropping messages for this slow client (counted in wsbridge_delivery_dropped_total{{reason=\"queue_full\"}})"
+                            );
+                        }
+                    }
+                    QueueFullPolicy::Close => {
+                        self.close(1013, "send queue full", CloseReason::SlowConsumer);
+                    }
+                }
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.metrics.dropped(DropReason::Closed).increment(1);
+            }
+        }
+    }
+
+    /// Queues a reply frame. A client that lets its replies pile up is closed with 1013.
+    pub fn reply(&self, frame: &ServerFrame<'_>) {
+        self.reply_raw(Reply::Frame(frame.encode(self.encoding)));
+    }
+
+    /// Queues an already encoded reply or a pong.
+    ///
+    /// Returns false when the reply could not be queued.
+    pub fn reply_raw(&self, reply: Reply) -> bool {
+        match self.reply_tx.try_send(reply) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.close(1013, "reply queue full", CloseReason::SlowConsumer);
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the connection to close. The first request wins; later ones are ignored.
+    pub fn close(&self, code: u16, reason: &str, why: CloseReason) {
+        let first = self
+            .close
+            .set(Closing {
+                code,
+                reason: reason.to_owned(),
+                why,
+            })
+            .is_ok();
+        if first {
+            self.closing.cancel();
+        }
+    }
+
+    /// Resolves once a close was asked for.
+    pub async fn closed(&self) {
+        self.closing.cancelled().await;
+    }
+
+    /// Why the connection is closing, if it is.
+    pub fn closing(&self) -> Option<&Closing> {
+        self.close.get()
+    }
+}

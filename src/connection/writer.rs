@@ -1,0 +1,122 @@
+//! The write side: everything the client receives, in one place.
+//!
+//! Frames go into a buffered writer and are flushed once per wake-up, so a burst of queued
+//! messages costs one socket write rather than one per frame.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
+use tokio::io::AsyncWrite;
+
+use super::{ConnHandle, Outgoing, Queues, Reply};
+use crate::inbound::unix_us;
+use crate::metrics::CloseReason;
+use crate::protocol::Encoding;
+use crate::state::AppState;
+
+/// Frames written per wake-up before flushing, so one busy connection cannot starve the flush.
+const BURST: usize = 64;
+
+/// Writes until the connection is closing (after sending the close frame) or the socket fails.
+pub async fn run<S: AsyncWrite + Unpin>(
+    mut ws: WebSocketWrite<S>,
+    mut queues: Queues,
+    handle: &ConnHandle,
+    state: &AppState,
+    last_seen: &AtomicU64,
+    started: Instant,
+) {
+    let ping_every = Duration::from_secs(state.config.server.ping_interval_seconds);
+    let idle_ms = state.config.server.idle_timeout_seconds * 1000;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let opcode = match handle.encoding {
+        Encoding::Json => OpCode::Text,
+        Encoding::Msgpack => OpCode::Binary,
+    };
+    let mut accepted = Vec::with_capacity(BURST);
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = handle.closed() => {
+                let closing = handle.closing().expect("closed implies a reason");
+                let _ = ws.write_frame(Frame::close(closing.code, closing.reason.as_bytes())).await;
+                let _ = ws.flush().await;
+                return;
+            }
+            Some(reply) = queues.replies.recv() => write_reply(&mut ws, opcode, reply).await,
+            Some(out) = queues.data.recv() => {
+                accepted.push(out.accepted_us);
+                write_message(&mut ws, opcode, &out).await
+            }
+            _ = ping.tick() => {
+                let seen = last_seen.load(Ordering::Relaxed);
+                let now = started.elapsed().as_millis() as u64;
+                if now.saturating_sub(seen) > idle_ms {
+                    handle.close(1001, "idle timeout", CloseReason::IdleTimeout);
+                    continue;
+                }
+                ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await
+            }
+        };
+        // Take what else is already waiting, without waiting, then flush once.
+        let mut result = result;
+        for _ in 0..BURST {
+            if result.is_err() || handle.closing().is_some() {
+                break;
+            }
+            if let Ok(reply) = queues.replies.try_recv() {
+                result = write_reply(&mut ws, opcode, reply).await;
+            } else if let Ok(out) = queues.data.try_recv() {
+                accepted.push(out.accepted_us);
+                result = write_message(&mut ws, opcode, &out).await;
+            } else {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = ws.flush().await;
+        }
+        if let Err(e) = result {
+            handle.close(1000, &e.to_string(), CloseReason::Error);
+            return;
+        }
+        if !accepted.is_empty() {
+            state.metrics.deliveries.increment(accepted.len() as u64);
+            let now = unix_us();
+            for at in accepted.drain(..) {
+                let seconds = now.saturating_sub(at) as f64 / 1e6;
+                state.metrics.delivery_latency_seconds.record(seconds);
+            }
+        }
+    }
+}
+
+async fn write_message<S: AsyncWrite + Unpin>(
+    ws: &mut WebSocketWrite<S>,
+    opcode: OpCode,
+    out: &Outgoing,
+) -> Result<(), WebSocketError> {
+    ws.write_frame(Frame::new(
+        true,
+        opcode,
+        None,
+        Payload::Borrowed(&out.frame),
+    ))
+    .await
+}
+
+async fn write_reply<S: AsyncWrite + Unpin>(
+    ws: &mut WebSocketWrite<S>,
+    opcode: OpCode,
+    reply: Reply,
+) -> Result<(), WebSocketError> {
+    match reply {
+        Reply::Frame(bytes) => {
+            ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&bytes)))
+                .await
+        }
+        Reply::Pong(payload) => ws.write_frame(Frame::pong(Payload::Owned(payload))).await,
+    }
+}

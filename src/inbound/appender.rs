@@ -1,0 +1,163 @@
+//! Appends client frames and lifecycle events to Redis Streams.
+//!
+//! Every connection hands its appends to one bounded queue; a single task drains whatever is
+//! waiting (up to `inbound.append_batch_max`) into one pipeline on the shared multiplexed link.
+//! Entries therefore keep each connection's order, many connections share round trips, and a
+//! full queue refuses the frame with `overloaded` instead of growing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backplane::{Backplane, RedisFailure};
+use crate::connection::ConnHandle;
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorCode, FrameId, ServerFrame};
+
+/// Who gets told how an append went.
+pub struct AppendReply {
+    /// The connection that sent the frame.
+    pub conn: Arc<ConnHandle>,
+    /// Its frame id.
+    pub id: Option<FrameId>,
+    /// Stream name, for the per-stream counter.
+    pub stream: String,
+}
+
+/// One XADD waiting to be sent.
+pub struct AppendRequest {
+    /// Stream key.
+    pub key: Arc<str>,
+    /// `MAXLEN ~` bound.
+    pub max_len: u64,
+    /// Entry fields, in order.
+    pub fields: Vec<(&'static str, Bytes)>,
+    /// For client frames: where the ack or error goes. `None` for lifecycle events.
+    pub reply: Option<AppendReply>,
+    /// When the frame was read.
+    pub started: Instant,
+}
+
+/// The sending side of the append queue.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<AppendRequest>,
+}
+
+impl Appender {
+    /// Creates the queue; run [`run`] with the receiver.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<AppendRequest>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx }, rx)
+    }
+
+    /// Queues an append without waiting.
+    ///
+    /// # Errors
+    /// Gives the request back when the queue is full or the appender has stopped.
+    #[allow(clippy::result_large_err)]
+    pub fn try_submit(&self, request: AppendRequest) -> Result<(), AppendRequest> {
+        self.tx.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+        })
+    }
+}
+
+/// Drains the queue into pipelines. After `stop`, new appends are refused and what is already
+/// queued is still sent, then the task ends.
+pub async fn run(
+    mut rx: mpsc::Receiver<AppendRequest>,
+    backplane: Backplane,
+    metrics: Metrics,
+    batch_max: usize,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(batch_max);
+    let mut stopping = false;
+    loop {
+        let received = tokio::select! {
+            biased;
+            received = rx.recv_many(&mut batch, batch_max) => received,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                rx.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for request in &batch {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&*request.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(request.max_len)
+                .arg("*");
+            for (name, value) in &request.fields {
+                cmd.arg(*name).arg(&value[..]);
+            }
+        }
+        let results: Result<Vec<redis::RedisResult<String>>, RedisFailure> =
+            backplane.query_pipeline(&pipe).await;
+        match results {
+            Ok(results) => {
+                for (request, result) in batch.drain(..).zip(results) {
+                    finish(request, result.map_err(RedisFailure::from), &metrics);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, entries = batch.len(), "stream append failed");
+                let message = e.to_string();
+                for request in batch.drain(..) {
+                    finish::<Failure>(request, Err(Failure(message.clone())), &metrics);
+                }
+            }
+        }
+    }
+}
+
+/// An append failure as told to the client.
+struct Failure(String);
+
+impl From<RedisFailure> for Failure {
+    fn from(e: RedisFailure) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn finish<E: Into<Failure>>(request: AppendRequest, result: Result<String, E>, metrics: &Metrics) {
+    let Some(reply) = request.reply else {
+        if result.is_err() {
+            metrics.events_failed.increment(1);
+        }
+        return;
+    };
+    match result {
+        Ok(entry) => {
+            metrics
+                .stream_append_seconds
+                .record(request.started.elapsed().as_secs_f64());
+            metrics.inbound(&reply.stream).increment(1);
+            reply.conn.reply(&ServerFrame::Ack {
+                id: reply.id.as_ref(),
+                entry: &entry,
+            });
+        }
+        Err(e) => {
+            let Failure(message) = e.into();
+            metrics.rejected(ErrorCode::RedisUnavailable.as_str());
+            reply.conn.reply(&ServerFrame::Error {
+                id: reply.id.as_ref(),
+                code: ErrorCode::RedisUnavailable.as_str(),
+                message: &format!("not stored, resend with the same id: {message}"),
+            });
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The inbound path: client `send` frames and lifecycle events become Redis Stream entries that
+//! backends read with consumer groups.
+
+pub mod appender;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+pub use appender::Appender;
+use appender::{AppendReply, AppendRequest};
+
+use crate::backplane::Keys;
+use crate::config::Config;
+use crate::connection::ConnHandle;
+use crate::metrics::Metrics;
+use crate::protocol::{Encoding, ErrorCode, FrameError, FrameId};
+
+/// A lifecycle event kind (field `event` of `<prefix>:events`).
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A connection opened.
+    Connect,
+    /// A connection closed, with the close code and reason.
+    Disconnect {
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: &'a str,
+    },
+    /// A connection joined a channel.
+    Subscribe(&'a str),
+    /// A connection left a channel.
+    Unsubscribe(&'a str),
+}
+
+/// Turns client frames and lifecycle events into stream entries.
+pub struct Inbound {
+    appender: Appender,
+    streams: HashMap<String, Arc<str>>,
+    stream_max_len: u64,
+    events_key: Option<Arc<str>>,
+    events_max_len: u64,
+    replica: Bytes,
+    metrics: Metrics,
+}
+
+impl Inbound {
+    /// Builds from config.
+    pub fn new(
+        config: &Config,
+        keys: &Keys,
+        replica: &str,
+        appender: Appender,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            appender,
+            streams: config
+                .inbound
+                .streams
+                .iter()
+                .map(|s| (s.clone(), Arc::from(keys.inbound(s))))
+                .collect(),
+            stream_max_len: config.inbound.stream_max_len,
+            events_key: config
+                .inbound
+                .events_enabled
+                .then(|| Arc::from(keys.events.as_str())),
+            events_max_len: config.inbound.events_max_len,
+            replica: Bytes::copy_from_slice(replica.as_bytes()),
+            metrics,
+        }
+    }
+
+    /// Queues a client `send`. The ack (or an error frame) reaches the client once Redis answered.
+    ///
+    /// # Errors
+    /// A [`FrameError`] when the stream is not allowed or the append queue is full.
+    pub fn send(
+        &self,
+        conn: &Arc<ConnHandle>,
+        stream: String,
+        data: Bytes,
+        encoding: Encoding,
+        id: Option<FrameId>,
+    ) -> Result<(), FrameError> {
+        let Some(key) = self.streams.get(&stream) else {
+            return Err(FrameError::new(
+                id,
+                ErrorCode::StreamNotAllowed,
+                format!("stream `{stream}` is not one of the configured inbound.streams"),
+            ));
+        };
+        let fields = vec![
+            ("connection", Bytes::copy_from_slice(conn.id.as_bytes())),
+            ("user", user_field(conn)),
+            ("data", data),
+            ("encoding", Bytes::from_static(encoding.as_str().as_bytes())),
+            (
+                "id",
+                id.as_ref()
+                    .map(|i| Bytes::from(i.to_field()))
+                    .unwrap_or_default(),
+            ),
+            ("replica", self.replica.clone()),
+            ("ts", Bytes::from(unix_ms().to_string())),
+        ];
+        let request = AppendRequest {
+            key: key.clone(),
+            max_len: self.stream_max_len,
+            fields,
+            reply: Some(AppendReply {
+                conn: conn.clone(),
+                id,
+                stream,
+            }),
+            started: Instant::now(),
+        };
+        self.appender.try_submit(request).map_err(|request| {
+            let id = request.reply.and_then(|r| r.id);
+            FrameError::new(
+                id,
+                ErrorCode::Overloaded,
+                "the gateway's append queue is full; not stored, resend with the same id",
+            )
+        })
+    }
+
+    /// Queues a lifecycle event; when Redis or the queue cannot take it, it is counted in
+    /// `wsbridge_events_failed_total`.
+    pub fn event(&self, conn: &ConnHandle, event: Event<'_>) {
+        let Some(key) = &self.events_key else { return };
+        let (name, channel, close) = match event {
+            Event::Connect => ("connect", "", None),
+            Event::Disconnect { code, reason } => ("disconnect", "", Some((code, reason))),
+            Event::Subscribe(channel) => ("subscribe", channel, None),
+            Event::Unsubscribe(channel) => ("unsubscribe", channel, None),
+        };
+        let mut fields = vec![
+            ("event", Bytes::from_static(name.as_bytes())),
+            ("connection", Bytes::copy_from_slice(conn.id.as_bytes())),
+            ("user", user_field(conn)),
+            ("channel", Bytes::copy_from_slice(channel.as_bytes())),
+            ("replica", self.replica.clone()),
+            ("ts", Bytes::from(unix_ms().to_string())),
+        ];
+        if let Some((code, reason)) = close {
+            fields.push(("code", Bytes::from(code.to_string())));
+            fields.push(("reason", Bytes::copy_from_slice(reason.as_bytes())));
+        }
+        let request = AppendRequest {
+            key: key.clone(),
+            max_len: self.events_max_len,
+            fields,
+            reply: None,
+            started: Instant::now(),
+        };
+        if self.appender.try_submit(request).is_err() {
+            self.metrics.events_failed.increment(1);
+        }
+    }
+}
+
+fn user_field(conn: &ConnHandle) -> Bytes {
+    conn.user
+        .as_deref()
+        .map(|u| Bytes::copy_from_slice(u.as_bytes()))
+        .unwrap_or_default()
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix time in microseconds.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

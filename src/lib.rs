@@ -1,0 +1,223 @@
+//! wsbridge: a horizontally scalable WebSocket gateway with Redis as the backplane.
+//!
+//! - Outbound: `POST /send` on any replica → one Redis PUBLISH → every replica's dispatcher →
+//!   local recipients → bounded per-connection queues → socket writers.
+//! - Inbound: client `send` frames → Redis Streams (XADD) → backends with consumer groups.
+//!
+//! [`run`] starts a replica and serves until the shutdown future resolves. See `ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod auth;
+pub mod backplane;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod protocol;
+pub mod public;
+pub mod registry;
+pub mod state;
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use backplane::{Backplane, Health, Keys};
+use config::Config;
+use inbound::{Appender, Inbound};
+use metrics::{CloseReason, Metrics};
+use outbound::dispatch::Dispatcher;
+use outbound::Publisher;
+use registry::Registry;
+use state::AppState;
+
+/// Runs one replica until `shutdown` resolves, then drains and returns.
+///
+/// On shutdown the replica stops accepting, answers `/readyz` with 503, closes every client with
+/// 1012 (reconnect elsewhere), waits up to `server.shutdown_drain_seconds` for connections and
+/// queued stream appends to finish, and returns `Ok`.
+///
+/// # Errors
+/// When a listener cannot be bound or the auth key cannot be loaded.
+pub async fn run(
+    config: Config,
+    prometheus: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let replica_id = if config.server.replica_id.is_empty() {
+        format!("r{:08x}", random_u32())
+    } else {
+        config.server.replica_id.clone()
+    };
+    let metrics = Metrics::new(&config.inbound.streams);
+    let keys = Keys::new(&config.redis.prefix, &replica_id);
+    let backplane = Backplane::new(&config.redis).context("config key `redis.url`")?;
+    let health = Arc::new(Health::new(config.redis.unhealthy_after_ms));
+    let registry = Arc::new(Registry::new(&replica_id, random_u32()));
+    let (appender, append_rx) = Appender::new(config.inbound.append_queue_capacity);
+    let inbound = Arc::new(Inbound::new(
+        &config,
+        &keys,
+        &replica_id,
+        appender,
+        metrics.clone(),
+    ));
+    let publisher = Publisher::new(backplane.clone(), keys.broadcast.clone(), metrics.clone());
+    let auth = auth::Authenticator::new(&config.auth)?;
+
+    let public_listener = TcpListener::bind(config.listen_addr())
+        .await
+        .with_context(|| format!("cannot listen on server.listen {}", config.server.listen))?;
+    let api_listener = TcpListener::bind(config.api_listen_addr())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on server.api_listen {}",
+                config.server.api_listen
+            )
+        })?;
+
+    let stopping = CancellationToken::new();
+    let background = CancellationToken::new();
+    let append_stop = CancellationToken::new();
+    let state = AppState {
+        config: config.clone(),
+        replica_id: replica_id.clone(),
+        registry: registry.clone(),
+        inbound: inbound.clone(),
+        publisher,
+        health: health.clone(),
+        auth,
+        metrics: metrics.clone(),
+        prometheus: prometheus.clone(),
+        connections: TaskTracker::new(),
+        stopping: stopping.clone(),
+    }
+    .shared();
+
+    let tasks = TaskTracker::new();
+    let (pubsub_tx, pubsub_rx) = mpsc::channel(config.redis.pubsub_buffer_messages);
+    tasks.spawn(backplane::pubsub::run(
+        config.redis.clone(),
+        keys.clone(),
+        pubsub_tx,
+        health.clone(),
+        metrics.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(Dispatcher::new(registry.clone(), inbound.clone(), metrics.clone()).run(pubsub_rx));
+    tasks.spawn(backplane::health::run(
+        backplane.clone(),
+        health.clone(),
+        config.clone(),
+        keys.clone(),
+        metrics.clone(),
+        background.clone(),
+    ));
+    let appender_task = tokio::spawn(inbound::appender::run(
+        append_rx,
+        backplane.clone(),
+        metrics.clone(),
+        config.inbound.append_batch_max,
+        append_stop.clone(),
+    ));
+    tasks.spawn({
+        let background = background.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = background.cancelled() => return,
+                    _ = tick.tick() => prometheus.run_upkeep(),
+                }
+            }
+        }
+    });
+
+    let http_conns = TaskTracker::new();
+    tracing::info!(
+        public = %public_listener.local_addr()?,
+        api = %api_listener.local_addr()?,
+        replica = %replica_id,
+        redis = %config.redis.url,
+        "listening"
+    );
+    let public_state = state.clone();
+    tasks.spawn(http::serve(
+        public_listener,
+        stopping.clone(),
+        http_conns.clone(),
+        move |req, peer| public::handle(req, peer, public_state.clone()),
+    ));
+    let api_state = state.clone();
+    tasks.spawn(http::serve(
+        api_listener,
+        background.clone(),
+        http_conns.clone(),
+        move |req, peer| api::handle(req, peer, api_state.clone()),
+    ));
+
+    shutdown.await;
+    let deadline = Duration::from_secs(config.server.shutdown_drain_seconds);
+    tracing::info!(
+        connections = registry.len(),
+        "shutting down: closing clients with 1012"
+    );
+    health.set_shutting_down();
+    stopping.cancel();
+    for conn in registry.all() {
+        conn.close(1012, "replica shutting down", CloseReason::Shutdown);
+    }
+    state.connections.close();
+    let drained = tokio::time::timeout(deadline, state.connections.wait())
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(
+            left = registry.len(),
+            "drain deadline passed; dropping remaining connections"
+        );
+    }
+    // Stream appends already queued (acks, disconnect events) still go out, within the deadline.
+    append_stop.cancel();
+    if tokio::time::timeout(deadline, appender_task).await.is_err() {
+        tracing::warn!("drain deadline passed with stream appends still queued");
+    }
+    background.cancel();
+    tasks.close();
+    http_conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        tasks.wait().await;
+        http_conns.wait().await;
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A random number from the standard library's per-process hash seed, the time and the pid:
+/// enough to tell processes apart without a random-number dependency.
+fn random_u32() -> u32 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}

@@ -1,0 +1,81 @@
+//! The `wsbridge` binary: flags, config, logging and metrics, then [`wsbridge::run`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use wsbridge::config::Config;
+
+const USAGE: &str = "usage: wsbridge [--config PATH]
+
+Runs one wsbridge replica. Without --config, config/wsbridge.toml is read when present,
+else built-in defaults. Every key can be overridden by environment variables:
+WSBRIDGE__SECTION__KEY=value (e.g. WSBRIDGE__REDIS__URL=redis://127.0.0.1:6379).";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut path = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => match args.next() {
+                Some(p) => path = Some(PathBuf::from(p)),
+                None => return usage_error("--config needs a path"),
+            },
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" | "-V" => {
+                println!("wsbridge {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => return usage_error(&format!("unknown argument `{other}`")),
+        }
+    }
+    let config = match Config::load(path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wsbridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let prometheus = match wsbridge::metrics::install() {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("wsbridge: cannot install metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(wsbridge::run(config, prometheus, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsbridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("wsbridge: {message}\n{USAGE}");
+    ExitCode::from(2)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,321 @@
+//! Every metric the gateway exports: names, help texts, buckets and pre-registered handles.
+//!
+//! Handles are registered once at start-up and cloned into the places that update them, so the
+//! hot path does an atomic add, never a registry lookup or a lock shared between connections.
+
+use std::collections::HashMap;
+
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names, in one place so that dashboards and code agree. Each name says what it counts.
+#[allow(missing_docs)]
+pub mod names {
+    pub const CONNECTIONS: &str = "wsbridge_connections";
+    pub const CONNECTIONS_OPENED: &str = "wsbridge_connections_opened_total";
+    pub const CONNECTIONS_CLOSED: &str = "wsbridge_connections_closed_total";
+    pub const INBOUND_MESSAGES: &str = "wsbridge_inbound_messages_total";
+    pub const INBOUND_REJECTED: &str = "wsbridge_inbound_rejected_total";
+    pub const STREAM_APPEND_SECONDS: &str = "wsbridge_stream_append_seconds";
+    pub const OUTBOUND_PUBLISHED: &str = "wsbridge_outbound_published_total";
+    pub const PUBSUB_RECEIVED: &str = "wsbridge_pubsub_received_total";
+    pub const PUBSUB_FILTERED: &str = "wsbridge_pubsub_filtered_total";
+    pub const FANOUT_RECIPIENTS: &str = "wsbridge_fanout_recipients";
+    pub const FILTER_SECONDS: &str = "wsbridge_filter_seconds";
+    pub const DELIVERIES: &str = "wsbridge_deliveries_total";
+    pub const DELIVERY_DROPPED: &str = "wsbridge_delivery_dropped_total";
+    pub const DELIVERY_LATENCY_SECONDS: &str = "wsbridge_delivery_latency_seconds";
+    pub const EVENTS_FAILED: &str = "wsbridge_events_failed_total";
+    pub const REDIS_UP: &str = "wsbridge_redis_up";
+    pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
+    pub const PUBSUB_RECONNECTS: &str = "wsbridge_pubsub_reconnects_total";
+    pub const API_REQUESTS: &str = "wsbridge_api_requests_total";
+}
+
+/// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client sent a close frame.
+    Client,
+    /// The socket failed or the peer vanished without a close frame.
+    Error,
+    /// The client broke the WebSocket protocol.
+    Protocol,
+    /// No frame from the client within the idle timeout.
+    IdleTimeout,
+    /// The send or reply queue was full under the `close` policy.
+    SlowConsumer,
+    /// A backend asked for it (`POST /disconnect`).
+    Backend,
+    /// The token expired.
+    TokenExpired,
+    /// The replica is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Every reason, for pre-registration.
+    pub const ALL: [CloseReason; 8] = [
+        Self::Client,
+        Self::Error,
+        Self::Protocol,
+        Self::IdleTimeout,
+        Self::SlowConsumer,
+        Self::Backend,
+        Self::TokenExpired,
+        Self::Shutdown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Error => "error",
+            Self::Protocol => "protocol",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Backend => "backend",
+            Self::TokenExpired => "token_expired",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a delivery was dropped (label `reason` of `wsbridge_delivery_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The connection's send queue was full.
+    QueueFull,
+    /// The connection went away between lookup and enqueue.
+    Closed,
+    /// The buffer between Redis pub/sub and the dispatcher was full (whole message lost).
+    PubsubBacklog,
+    /// A pub/sub payload that could not be decoded.
+    BadPayload,
+}
+
+impl DropReason {
+    /// Every reason, for pre-registration.
+    pub const ALL: [DropReason; 4] = [
+        Self::QueueFull,
+        Self::Closed,
+        Self::PubsubBacklog,
+        Self::BadPayload,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Closed => "connection_closed",
+            Self::PubsubBacklog => "pubsub_backlog",
+            Self::BadPayload => "bad_payload",
+        }
+    }
+}
+
+/// Pre-registered handles for everything updated at run time.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Open connections.
+    pub connections: Gauge,
+    /// Connections opened.
+    pub connections_opened: Counter,
+    closed: HashMap<CloseReason, Counter>,
+    inbound: HashMap<String, Counter>,
+    inbound_other: Counter,
+    /// Stream append latency, from the client frame read to Redis' answer.
+    pub stream_append_seconds: Histogram,
+    /// Messages published by `/send` on this replica.
+    pub outbound_published: Counter,
+    /// Messages received from pub/sub.
+    pub pubsub_received: Counter,
+    /// Messages received from pub/sub with no local recipient.
+    pub pubsub_filtered: Counter,
+    /// Local recipients per received message.
+    pub fanout_recipients: Histogram,
+    /// Time to find the local recipients of one message.
+    pub filter_seconds: Histogram,
+    /// Frames written to clients.
+    pub deliveries: Counter,
+    dropped: HashMap<DropReason, Counter>,
+    /// `/send` accepted → frame written.
+    pub delivery_latency_seconds: Histogram,
+    /// Lifecycle events that Redis did not take.
+    pub events_failed: Counter,
+    /// 1 while the command link answers.
+    pub redis_up: Gauge,
+    /// 1 while pub/sub round trips succeed.
+    pub pubsub_up: Gauge,
+    /// Pub/sub link reconnections.
+    pub pubsub_reconnects: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric with the installed recorder (streams are pre-registered by name).
+    pub fn new(streams: &[String]) -> Self {
+        describe();
+        Self {
+            connections: metrics::gauge!(names::CONNECTIONS),
+            connections_opened: metrics::counter!(names::CONNECTIONS_OPENED),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        *r,
+                        metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => r.as_str()),
+                    )
+                })
+                .collect(),
+            inbound: streams
+                .iter()
+                .map(|s| {
+                    (
+                        s.clone(),
+                        metrics::counter!(names::INBOUND_MESSAGES, "stream" => s.clone()),
+                    )
+                })
+                .collect(),
+            inbound_other: metrics::counter!(names::INBOUND_MESSAGES, "stream" => "other"),
+            stream_append_seconds: metrics::histogram!(names::STREAM_APPEND_SECONDS),
+            outbound_published: metrics::counter!(names::OUTBOUND_PUBLISHED),
+            pubsub_received: metrics::counter!(names::PUBSUB_RECEIVED),
+            pubsub_filtered: metrics::counter!(names::PUBSUB_FILTERED),
+            fanout_recipients: metrics::histogram!(names::FANOUT_RECIPIENTS),
+            filter_seconds: metrics::histogram!(names::FILTER_SECONDS),
+            deliveries: metrics::counter!(names::DELIVERIES),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        *r,
+                        metrics::counter!(names::DELIVERY_DROPPED, "reason" => r.as_str()),
+                    )
+                })
+                .collect(),
+            delivery_latency_seconds: metrics::histogram!(names::DELIVERY_LATENCY_SECONDS),
+            events_failed: metrics::counter!(names::EVENTS_FAILED),
+            redis_up: metrics::gauge!(names::REDIS_UP),
+            pubsub_up: metrics::gauge!(names::PUBSUB_UP),
+            pubsub_reconnects: metrics::counter!(names::PUBSUB_RECONNECTS),
+        }
+    }
+
+    /// The closed-connections counter for `reason`.
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        &self.closed[&reason]
+    }
+
+    /// The dropped-deliveries counter for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> &Counter {
+        &self.dropped[&reason]
+    }
+
+    /// The inbound counter for a configured stream.
+    pub fn inbound(&self, stream: &str) -> &Counter {
+        self.inbound.get(stream).unwrap_or(&self.inbound_other)
+    }
+
+    /// Counts a refused client frame by error code. Codes are a small fixed set.
+    pub fn rejected(&self, code: &'static str) {
+        metrics::counter!(names::INBOUND_REJECTED, "code" => code).increment(1);
+    }
+}
+
+/// Installs the Prometheus recorder with buckets that fit what each histogram measures.
+///
+/// # Errors
+/// When a recorder is already installed in this process.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let micro_to_second = [
+        0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5,
+        0.005, 0.01, 0.025, 0.05, 0.1,
+    ];
+    let latency = [
+        0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        2.5,
+    ];
+    let fanout = [
+        0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::FILTER_SECONDS.into()),
+            &micro_to_second,
+        )?
+        .set_buckets_for_metric(Matcher::Full(names::STREAM_APPEND_SECONDS.into()), &latency)?
+        .set_buckets_for_metric(
+            Matcher::Full(names::DELIVERY_LATENCY_SECONDS.into()),
+            &latency,
+        )?
+        .set_buckets_for_metric(Matcher::Full(names::FANOUT_RECIPIENTS.into()), &fanout)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+fn describe() {
+    use names::*;
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this replica.");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "WebSocket connections closed, by reason."
+    );
+    describe_counter!(
+        INBOUND_MESSAGES,
+        "Client frames stored in an inbound stream, by stream."
+    );
+    describe_counter!(
+        INBOUND_REJECTED,
+        "Client frames refused with an error frame, by error code."
+    );
+    describe_histogram!(
+        STREAM_APPEND_SECONDS,
+        Unit::Seconds,
+        "Time from a client send frame to Redis storing the stream entry."
+    );
+    describe_counter!(
+        OUTBOUND_PUBLISHED,
+        "Messages published to pub/sub by POST /send on this replica."
+    );
+    describe_counter!(PUBSUB_RECEIVED, "Messages received from pub/sub.");
+    describe_counter!(
+        PUBSUB_FILTERED,
+        "Messages received from pub/sub with no recipient on this replica (the cost of broadcast)."
+    );
+    describe_histogram!(
+        FANOUT_RECIPIENTS,
+        "Local recipients per message received from pub/sub."
+    );
+    describe_histogram!(
+        FILTER_SECONDS,
+        Unit::Seconds,
+        "Time to find the local recipients of one message received from pub/sub."
+    );
+    describe_counter!(DELIVERIES, "Message frames written to client sockets.");
+    describe_counter!(DELIVERY_DROPPED, "Deliveries dropped, by reason.");
+    describe_histogram!(
+        DELIVERY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time from POST /send accepted to the frame written to the client socket."
+    );
+    describe_counter!(
+        EVENTS_FAILED,
+        "Lifecycle events that could not be appended to the events stream."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while the Redis command link answers PING, else 0."
+    );
+    describe_gauge!(
+        PUBSUB_UP,
+        "1 while pub/sub round trips through Redis succeed, else 0."
+    );
+    describe_counter!(PUBSUB_RECONNECTS, "Reconnections of the pub/sub link.");
+    describe_counter!(
+        API_REQUESTS,
+        "Backend API requests, by route and status class."
+    );
+}

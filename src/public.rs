@@ -1,0 +1,108 @@
+//! The public listener: `GET /ws` upgrades to a WebSocket after origin and token checks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::Request;
+
+use crate::auth::AuthError;
+use crate::connection;
+use crate::http::{error, HttpResponse};
+use crate::protocol::{Encoding, MSGPACK_SUBPROTOCOL};
+use crate::state::AppState;
+
+/// Handles one HTTP request on the public listener.
+pub async fn handle(
+    mut req: Request<Incoming>,
+    _peer: SocketAddr,
+    state: Arc<AppState>,
+) -> Result<HttpResponse, Infallible> {
+    if req.uri().path() != "/ws" {
+        return Ok(error(404, "not_found", "the WebSocket endpoint is /ws"));
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Ok(error(
+            426,
+            "upgrade_required",
+            "/ws only accepts WebSocket upgrades",
+        ));
+    }
+    if state.stopping.is_cancelled() {
+        return Ok(error(
+            503,
+            "shutting_down",
+            "this replica is shutting down; connect to another",
+        ));
+    }
+    let allowed = &state.config.server.allowed_origins;
+    if !allowed.is_empty() {
+        // Browsers always send Origin; non-browser clients may not, and are not restricted by it.
+        if let Some(origin) = req.headers().get(ORIGIN) {
+            let ok = origin
+                .to_str()
+                .map(|o| allowed.iter().any(|a| a == "*" || a == o))
+                .unwrap_or(false);
+            if !ok {
+                return Ok(error(
+                    403,
+                    "origin_not_allowed",
+                    "this Origin is not in server.allowed_origins",
+                ));
+            }
+        }
+    }
+    let identity = match state.auth.authenticate(token(&req).as_deref()) {
+        Ok(identity) => identity,
+        Err(e @ (AuthError::Missing | AuthError::Invalid(_))) => {
+            return Ok(error(401, "unauthorized", &e.to_string()));
+        }
+    };
+    let encoding = if wants_msgpack(&req) {
+        Encoding::Msgpack
+    } else {
+        Encoding::Json
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return Ok(error(400, "bad_upgrade", &e.to_string())),
+    };
+    let state2 = state.clone();
+    state.connections.spawn(async move {
+        match upgrade.await {
+            Ok(ws) => connection::serve(ws.into_inner(), state2, identity, encoding).await,
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
+        }
+    });
+    let (mut parts, _) = response.into_parts();
+    if encoding == Encoding::Msgpack {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(MSGPACK_SUBPROTOCOL),
+        );
+    }
+    Ok(HttpResponse::from_parts(parts, Default::default()))
+}
+
+fn token(req: &Request<Incoming>) -> Option<String> {
+    if let Some(query) = req.uri().query() {
+        for pair in query.split('&') {
+            if let Some(value) = pair.strip_prefix("token=") {
+                return Some(value.to_owned());
+            }
+        }
+    }
+    let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    header.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
+}
+
+fn wants_msgpack(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == MSGPACK_SUBPROTOCOL)
+}

@@ -1,0 +1,167 @@
+//! This replica's connections, indexed by connection, user and channel.
+//!
+//! Finding the recipients of a message costs one hash lookup plus the recipients themselves,
+//! whatever the number of other local connections (except `all`, which is everyone). The maps are
+//! sharded ([`DashMap`]), so connections do not queue behind one lock; no lock is held across an
+//! `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::connection::ConnHandle;
+
+/// Who a message or an action is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// One connection, by cluster-unique id.
+    Connection(&'a str),
+    /// Every connection of a user.
+    User(&'a str),
+    /// Every subscriber of a channel.
+    Channel(&'a str),
+    /// Everyone.
+    All,
+}
+
+type Index = DashMap<Arc<str>, HashMap<u64, Arc<ConnHandle>>>;
+
+/// The connection registry of one replica.
+pub struct Registry {
+    /// `<replica>.<incarnation>.`: every local connection id starts with it.
+    id_prefix: String,
+    next_seq: AtomicU64,
+    conns: DashMap<u64, Arc<ConnHandle>>,
+    users: Index,
+    channels: Index,
+}
+
+impl Registry {
+    /// A registry whose connection ids start with `<replica_id>.<incarnation>.`.
+    ///
+    /// The incarnation differs for each process, so a restarted replica with a configured id never
+    /// hands out the id of a connection that a backend may still remember.
+    pub fn new(replica_id: &str, incarnation: u32) -> Self {
+        Self {
+            id_prefix: format!("{replica_id}.{incarnation:08x}."),
+            next_seq: AtomicU64::new(1),
+            conns: DashMap::new(),
+            users: DashMap::new(),
+            channels: DashMap::new(),
+        }
+    }
+
+    /// Allocates a local sequence number and the cluster-unique id that goes with it.
+    pub fn next_id(&self) -> (u64, Arc<str>) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        (seq, Arc::from(format!("{}{seq:x}", self.id_prefix)))
+    }
+
+    /// Number of local connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether there are no local connections.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Adds a connection.
+    pub fn insert(&self, handle: &Arc<ConnHandle>) {
+        self.conns.insert(handle.seq, handle.clone());
+        if let Some(user) = &handle.user {
+            self.users
+                .entry(user.clone())
+                .or_default()
+                .insert(handle.seq, handle.clone());
+        }
+    }
+
+    /// Removes a connection from every index.
+    pub fn remove(&self, handle: &ConnHandle) {
+        self.conns.remove(&handle.seq);
+        if let Some(user) = &handle.user {
+            remove_from(&self.users, user, handle.seq);
+        }
+        let joined: Vec<Arc<str>> = handle
+            .channels
+            .lock()
+            .expect("channel set lock")
+            .drain()
+            .collect();
+        for channel in joined {
+            remove_from(&self.channels, &channel, handle.seq);
+        }
+    }
+
+    /// Joins `channel`. Returns false when the connection was already in it.
+    pub fn subscribe(&self, handle: &Arc<ConnHandle>, channel: &str) -> bool {
+        let mut joined = handle.channels.lock().expect("channel set lock");
+        if joined.contains(channel) {
+            return false;
+        }
+        let channel: Arc<str> = Arc::from(channel);
+        joined.insert(channel.clone());
+        self.channels
+            .entry(channel)
+            .or_default()
+            .insert(handle.seq, handle.clone());
+        true
+    }
+
+    /// Leaves `channel`. Returns false when the connection was not in it.
+    pub fn unsubscribe(&self, handle: &ConnHandle, channel: &str) -> bool {
+        let mut joined = handle.channels.lock().expect("channel set lock");
+        if !joined.remove(channel) {
+            return false;
+        }
+        remove_from(&self.channels, channel, handle.seq);
+        true
+    }
+
+    /// Looks up one local connection by its cluster-unique id.
+    pub fn get(&self, id: &str) -> Option<Arc<ConnHandle>> {
+        let seq = id.strip_prefix(self.id_prefix.as_str())?;
+        let seq = u64::from_str_radix(seq, 16).ok()?;
+        self.conns.get(&seq).map(|h| h.clone())
+    }
+
+    /// Appends the local recipients of `target` to `out` (which the caller reuses).
+    pub fn recipients(&self, target: Target<'_>, out: &mut Vec<Arc<ConnHandle>>) {
+        match target {
+            Target::Connection(id) => out.extend(self.get(id)),
+            Target::User(user) => {
+                if let Some(set) = self.users.get(user) {
+                    out.extend(set.values().cloned());
+                }
+            }
+            Target::Channel(channel) => {
+                if let Some(set) = self.channels.get(channel) {
+                    out.extend(set.values().cloned());
+                }
+            }
+            Target::All => out.extend(self.conns.iter().map(|e| e.value().clone())),
+        }
+    }
+
+    /// Every local connection (for shutdown).
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns.iter().map(|e| e.value().clone()).collect()
+    }
+}
+
+fn remove_from(index: &Index, key: &str, seq: u64) {
+    let now_empty = match index.get_mut(key) {
+        Some(mut set) => {
+            set.remove(&seq);
+            set.is_empty()
+        }
+        None => false,
+    };
+    if now_empty {
+        index.remove_if(key, |_, set| set.is_empty());
+    }
+}

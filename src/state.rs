@@ -1,0 +1,48 @@
+//! What every task of a replica shares.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::backplane::Health;
+use crate::config::Config;
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::Publisher;
+use crate::registry::Registry;
+
+/// Shared state of one replica.
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// This replica's id.
+    pub replica_id: String,
+    /// Local connections.
+    pub registry: Arc<Registry>,
+    /// Stream appends.
+    pub inbound: Arc<Inbound>,
+    /// Pub/sub publishing.
+    pub publisher: Publisher,
+    /// Readiness.
+    pub health: Arc<Health>,
+    /// Token checks.
+    pub auth: Authenticator,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+    /// Every WebSocket connection task, for the drain at shutdown.
+    pub connections: TaskTracker,
+    /// Cancelled when the replica stops accepting.
+    pub stopping: CancellationToken,
+}
+
+impl AppState {
+    /// Wraps in an `Arc`.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new(self)
+    }
+}
