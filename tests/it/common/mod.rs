@@ -1,0 +1,614 @@
+//! Test harness: real `redis-server` processes on free loopback ports, real gateway processes
+//! (the `wsbridge` binary), real WebSocket clients and a small HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single awaited event may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A key prefix unique to this test.
+pub fn unique_prefix(name: &str) -> String {
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        name
+    )
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "wsbridge-it-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A real redis-server, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: scratch_dir(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        let client = redis::Client::open(self.url()).unwrap();
+        loop {
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as an outage.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Freezes the server (connections stay open, nothing answers) or thaws it.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A gateway replica: the real binary, killed on drop.
+pub struct Gateway {
+    child: Option<Child>,
+    pub ws_url: String,
+    pub api_url: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub prefix: String,
+    config_path: PathBuf,
+}
+
+/// Settings common to every test replica: fast health checks so outages show within a second.
+pub fn base_config(redis_url: &str, prefix: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+api_listen = "127.0.0.1:0"
+shutdown_drain_seconds = 5
+
+[redis]
+url = "{redis_url}"
+prefix = "{prefix}"
+connect_timeout_ms = 500
+command_timeout_ms = 1000
+health_interval_ms = 200
+unhealthy_after_ms = 1000
+reconnect_max_backoff_ms = 500
+
+[inbound]
+streams = ["chat", "orders"]
+groups = ["backend"]
+"#
+    )
+}
+
+impl Gateway {
+    /// Starts a replica and waits until it is ready.
+    pub async fn start(redis: &Redis, prefix: &str) -> Self {
+        Self::start_with(redis, prefix, &[]).await
+    }
+
+    /// Starts a replica with environment overrides (`WSBRIDGE__...`) and waits until ready.
+    pub async fn start_with(redis: &Redis, prefix: &str, env: &[(&str, &str)]) -> Self {
+        let gw = Self::spawn(&base_config(&redis.url(), prefix), prefix, env);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts a replica from a config text without waiting for readiness.
+    pub fn spawn(config: &str, prefix: &str, env: &[(&str, &str)]) -> Self {
+        let dir = scratch_dir();
+        let config_path = dir.join("wsbridge.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,wsbridge=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains(" listening ") || line.contains("listening public=") {
+                        let _ = tx.send(line.clone());
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let line = rx
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("gateway did not start: {:?}", logs.lock().unwrap()));
+        let field = |name: &str| -> String {
+            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            line[start..].split_whitespace().next().unwrap().to_string()
+        };
+        let public = field("public");
+        let api = field("api");
+        Gateway {
+            child: Some(child),
+            ws_url: format!("ws://{public}/ws"),
+            api_url: format!("http://{api}"),
+            logs,
+            prefix: prefix.to_string(),
+            config_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.api_url);
+        eventually("replica ready", || async {
+            http("GET", &url, None, None).await.0 == 200
+        })
+        .await;
+    }
+
+    pub async fn readyz(&self) -> (u16, String) {
+        http("GET", &format!("{}/readyz", self.api_url), None, None).await
+    }
+
+    /// POST to the backend API.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = http(
+            "POST",
+            &format!("{}{path}", self.api_url),
+            Some(&body.to_string()),
+            None,
+        )
+        .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `POST /send`, asserting 202.
+    pub async fn send(&self, body: Value) {
+        let (status, answer) = self.post("/send", &body).await;
+        assert_eq!(status, 202, "send refused: {answer}");
+    }
+
+    /// The value of one metric sample, e.g. `wsbridge_deliveries_total` or
+    /// `wsbridge_delivery_dropped_total{reason="queue_full"}`; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = http("GET", &format!("{}/metrics", self.api_url), None, None).await;
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = self.config_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Polls `check` until it holds, failing the test after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// One HTTP/1.1 request; returns status and body text.
+pub async fn http(method: &str, url: &str, body: Option<&str>, key: Option<&str>) -> (u16, String) {
+    http_raw(method, url, body.map(|b| b.as_bytes().to_vec()), key, &[]).await
+}
+
+/// One HTTP/1.1 request with extra headers.
+pub async fn http_raw(
+    method: &str,
+    url: &str,
+    body: Option<Vec<u8>>,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let uri: hyper::Uri = url.parse().unwrap();
+    let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
+    let Ok(stream) = TcpStream::connect(&addr).await else {
+        return (0, "connection refused".into());
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().unwrap().as_str())
+        .header("host", addr.as_str())
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let Ok(resp) = sender.send_request(req).await else {
+        return (0, "request failed".into());
+    };
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A real WebSocket client.
+pub struct Client {
+    pub ws: Ws,
+    pub msgpack: bool,
+    pub connection: String,
+    pub user: Value,
+}
+
+impl Client {
+    /// Connects as a JSON client and reads the welcome.
+    pub async fn connect(gw: &Gateway) -> Self {
+        Self::connect_url(&gw.ws_url, false).await.expect("connect")
+    }
+
+    /// Connects as a MessagePack client and reads the welcome.
+    pub async fn connect_msgpack(gw: &Gateway) -> Self {
+        Self::connect_url(&gw.ws_url, true).await.expect("connect")
+    }
+
+    /// Connects to a URL (which may carry `?token=`).
+    pub async fn connect_url(
+        url: &str,
+        msgpack: bool,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        if msgpack {
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                "wsbridge.msgpack".parse().unwrap(),
+            );
+        }
+        let (ws, response) = tokio_tungstenite::connect_async(request).await?;
+        if msgpack {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .map(|v| v.to_str().unwrap()),
+                Some("wsbridge.msgpack")
+            );
+        }
+        let mut client = Client {
+            ws,
+            msgpack,
+            connection: String::new(),
+            user: Value::Null,
+        };
+        let welcome = client.recv().await;
+        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+        client.connection = welcome["connection"].as_str().unwrap().to_string();
+        client.user = welcome["user"].clone();
+        Ok(client)
+    }
+
+    /// Sends a frame in this client's encoding.
+    pub async fn send(&mut self, frame: Value) {
+        let message = if self.msgpack {
+            Message::Binary(rmp_serde::to_vec_named(&frame).unwrap().into())
+        } else {
+            Message::Text(frame.to_string().into())
+        };
+        self.ws.send(message).await.unwrap();
+    }
+
+    /// The next data frame, decoded; fails after [`PATIENCE`].
+    pub async fn recv(&mut self) -> Value {
+        match tokio::time::timeout(PATIENCE, self.next_frame()).await {
+            Ok(Some(Ok(v))) => v,
+            Ok(Some(Err(close))) => panic!("connection closed: {close:?}"),
+            Ok(None) => panic!("connection ended"),
+            Err(_) => panic!("no frame within {PATIENCE:?}"),
+        }
+    }
+
+    /// Next data frame, or the close frame (Err) / end (None).
+    pub async fn next_frame(&mut self) -> Option<Result<Value, Option<CloseFrame>>> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) => return Some(Ok(serde_json::from_str(&t).unwrap())),
+                Ok(Message::Binary(b)) => {
+                    assert!(self.msgpack, "binary frame on a JSON connection");
+                    return Some(Ok(rmp_serde::from_slice(&b).unwrap()));
+                }
+                Ok(Message::Close(frame)) => return Some(Err(frame)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        let wait = async {
+            loop {
+                match self.next_frame().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(frame)) => return frame.map(|f| u16::from(f.code)),
+                    None => return None,
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("server did not close the connection")
+    }
+
+    /// Subscribes and waits for `subscribed`.
+    pub async fn subscribe(&mut self, channel: &str) {
+        self.send(json!({"type": "subscribe", "channel": channel, "id": format!("sub-{channel}")}))
+            .await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["channel"], channel);
+        assert_eq!(reply["id"], format!("sub-{channel}"));
+    }
+}
+
+/// An HS256 token for tests.
+pub fn token(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Reads every entry of a stream through a consumer group, as a backend would.
+pub async fn read_group(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    group: &str,
+    count: usize,
+) -> Vec<(String, std::collections::HashMap<String, Vec<u8>>)> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("test-consumer")
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(">")
+        .query_async(conn)
+        .await
+        .unwrap();
+    parse_entries(reply)
+}
+
+/// Reads a whole stream with XRANGE.
+pub async fn xrange(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, std::collections::HashMap<String, Vec<u8>>)> {
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    parse_entries(redis::Value::Array(vec![redis::Value::Array(vec![
+        redis::Value::BulkString(key.as_bytes().to_vec()),
+        reply,
+    ])]))
+}
+
+fn parse_entries(reply: redis::Value) -> Vec<(String, std::collections::HashMap<String, Vec<u8>>)> {
+    use redis::Value as V;
+    let mut out = Vec::new();
+    let streams = match reply {
+        V::Array(s) => s,
+        V::Nil => return out,
+        other => panic!("unexpected reply {other:?}"),
+    };
+    for stream in streams {
+        let V::Array(parts) = stream else { panic!() };
+        let V::Array(entries) = &parts[1] else {
+            panic!("{:?}", parts[1])
+        };
+        for entry in entries {
+            let V::Array(e) = entry else { panic!() };
+            let id = match &e[0] {
+                V::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+                other => panic!("{other:?}"),
+            };
+            let V::Array(fields) = &e[1] else { panic!() };
+            let mut map = std::collections::HashMap::new();
+            for pair in fields.chunks(2) {
+                let (V::BulkString(k), V::BulkString(v)) = (&pair[0], &pair[1]) else {
+                    panic!()
+                };
+                map.insert(String::from_utf8(k.clone()).unwrap(), v.clone());
+            }
+            out.push((id, map));
+        }
+    }
+    out
+}
+
+pub fn text(field: &[u8]) -> &str {
+    std::str::from_utf8(field).unwrap()
+}

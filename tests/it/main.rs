@@ -1,0 +1,4 @@
+//! Integration tests: real redis-server, real gateway replicas, real WebSocket clients.
+
+mod common;
+mod delivery;
