@@ -1,4 +1,6 @@
 //! Integration tests: real redis-server, real gateway replicas, real WebSocket clients.
 
+mod api;
 mod common;
 mod delivery;
+mod inbound;
