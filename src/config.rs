@@ -9,12 +9,22 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// A configuration problem, always naming the key (or file) at fault.
+/// A configuration problem, always naming the key (or file) at fault, on one line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(String);
 
 impl ConfigError {
+    /// Folds multi-line messages (TOML parse errors quote the offending line) into one line.
+    fn one_line(text: String) -> Self {
+        let parts: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        Self(parts.join(" "))
+    }
+
     fn key(key: &str, problem: impl std::fmt::Display) -> Self {
         Self(format!("config key `{key}`: {problem}"))
     }
@@ -276,10 +286,16 @@ impl Config {
             .with_list_parse_key("inbound.groups")
             .with_list_parse_key("api.keys");
         builder = builder.add_source(env);
-        let raw = builder.build().map_err(|e| ConfigError(e.to_string()))?;
+        let file = path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::one_line(format!("config file {file}: {e}")))?;
         let config: Config = raw
             .try_deserialize()
-            .map_err(|e| ConfigError(describe_deserialize_error(&e)))?;
+            .map_err(|e| ConfigError::one_line(describe_deserialize_error(&e)))?;
         config.validate()?;
         Ok(config)
     }

@@ -3,4 +3,7 @@
 mod api;
 mod common;
 mod delivery;
+mod faults;
 mod inbound;
+mod lifecycle;
+mod queue;

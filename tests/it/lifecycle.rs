@@ -1,0 +1,267 @@
+//! Process lifecycle and connection policies: SIGTERM drain, config errors, idle timeout,
+//! tokens, origins.
+
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1012_and_exits_0() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("sigterm");
+    let mut gw = Gateway::start(&redis, &prefix).await;
+    let mut c1 = Client::connect(&gw).await;
+    let mut c2 = Client::connect_msgpack(&gw).await;
+    gw.signal("-TERM");
+    assert_eq!(c1.closed().await, Some(1012));
+    assert_eq!(c2.closed().await, Some(1012));
+    let status = gw.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", gw.log_text());
+    // Their disconnects were still recorded before exit.
+    let mut conn = redis.conn().await;
+    let events = xrange(&mut conn, &format!("{prefix}:events")).await;
+    let codes: Vec<&str> = events
+        .iter()
+        .filter(|(_, f)| text(&f["event"]) == "disconnect")
+        .map(|(_, f)| text(&f["code"]))
+        .collect();
+    assert_eq!(codes, ["1012", "1012"]);
+}
+
+fn start_with_config(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(unique_prefix("badconfig"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+    cmd.arg("--config").arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_stops_startup_with_one_line_naming_the_key_and_exit_code_2() {
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        (
+            "[server]\nlisten = \"not-an-address\"\n",
+            &[],
+            "server.listen",
+        ),
+        ("[server]\nlistn = \"127.0.0.1:1\"\n", &[], "listn"),
+        ("[nosuchsection]\nx = 1\n", &[], "nosuchsection"),
+        ("[redis]\nurl = \"http://example\"\n", &[], "redis.url"),
+        (
+            "[outbound]\nqueue_full_policy = \"explode\"\n",
+            &[],
+            "explode",
+        ),
+        (
+            "[server]\nping_interval_seconds = \"soon\"\n",
+            &[],
+            "ping_interval_seconds",
+        ),
+        (
+            "",
+            &[("WSBRIDGE__SERVER__API_LISTEN", "nowhere")],
+            "server.api_listen",
+        ),
+        ("", &[("WSBRIDGE__REDIS__PREFX", "x")], "prefx"),
+        ("this is not toml", &[], "c.toml"),
+    ];
+    for (config, env, mentions) in cases {
+        let (code, stderr) = start_with_config(config, env);
+        assert_eq!(code, Some(2), "{config:?} {env:?}: {stderr}");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "one line expected: {stderr}"
+        );
+        assert!(
+            stderr.contains(mentions),
+            "{config:?} {env:?}: {stderr:?} should name {mentions:?}"
+        );
+    }
+    let missing = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .args(["--config", "/nonexistent/wsbridge.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn silent_peers_are_closed_after_the_idle_timeout() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("idle");
+    let gw = Gateway::start_with(
+        &redis,
+        &prefix,
+        &[
+            ("WSBRIDGE__SERVER__PING_INTERVAL_SECONDS", "1"),
+            ("WSBRIDGE__SERVER__IDLE_TIMEOUT_SECONDS", "2"),
+        ],
+    )
+    .await;
+    // A raw TCP client that completes the handshake and then never answers pings.
+    let addr = gw
+        .ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    eventually("connection registered", || async {
+        gw.metric("wsbridge_connections").await == 1.0
+    })
+    .await;
+    // A well-behaved client on the same replica keeps reading, so it answers pings, and stays.
+    let mut good = Client::connect(&gw).await;
+    let id = good.connection.clone();
+    let good_reader = tokio::spawn(async move { good.recv().await });
+    eventually("silent peer closed for idleness", || async {
+        gw.metric("wsbridge_connections_closed_total{reason=\"idle_timeout\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    gw.send(json!({"to": {"connection": id}, "data": "alive"}))
+        .await;
+    assert_eq!(good_reader.await.unwrap()["data"], "alive");
+    assert_eq!(gw.metric("wsbridge_connections").await, 1.0);
+    drop(tcp);
+}
+
+#[tokio::test]
+async fn tokens_are_checked_before_the_upgrade_and_expiry_closes_with_1008() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("jwt");
+    let secret = "jwt-secret";
+    let gw = Gateway::start_with(&redis, &prefix, &[("WSBRIDGE__AUTH__JWT_SECRET", secret)]).await;
+    let http_url = gw.ws_url.replace("ws://", "http://");
+    let upgrade_headers = [
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "13"),
+    ];
+    let (status, body) = http_raw("GET", &http_url, None, None, &upgrade_headers).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("token"));
+    let wrong = token("other-secret", json!({"sub": "x"}));
+    let (status, _) = http_raw(
+        "GET",
+        &format!("{http_url}?token={wrong}"),
+        None,
+        None,
+        &upgrade_headers,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let expired = token(secret, json!({"sub": "x", "exp": now_secs() - 10}));
+    let (status, _) = http_raw(
+        "GET",
+        &format!("{http_url}?token={expired}"),
+        None,
+        None,
+        &upgrade_headers,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // The channels claim limits subscriptions.
+    let limited = token(secret, json!({"sub": "u", "channels": ["room:*"]}));
+    let mut c = Client::connect_url(&format!("{}?token={limited}", gw.ws_url), false)
+        .await
+        .unwrap();
+    c.subscribe("room:5").await;
+    c.send(json!({"type": "subscribe", "channel": "admin", "id": "no"}))
+        .await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("channel_not_allowed"), Some("no"))
+    );
+
+    // Authorization: Bearer works too, and the connection closes with 1008 when the token expires.
+    let short = token(secret, json!({"sub": "brief", "exp": now_secs() + 2}));
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            gw.ws_url.as_str(),
+        )
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {short}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut brief = Client {
+        ws,
+        msgpack: false,
+        connection: String::new(),
+        user: serde_json::Value::Null,
+    };
+    assert_eq!(brief.recv().await["user"], "brief");
+    assert_eq!(brief.closed().await, Some(1008));
+}
+
+#[tokio::test]
+async fn origins_outside_the_allow_list_get_403() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("origin");
+    let gw = Gateway::start_with(
+        &redis,
+        &prefix,
+        &[("WSBRIDGE__SERVER__ALLOWED_ORIGINS", "https://app.example")],
+    )
+    .await;
+    let http_url = gw.ws_url.replace("ws://", "http://");
+    let headers = |origin: &'static str| {
+        [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+            ("origin", origin),
+        ]
+    };
+    assert_eq!(
+        http_raw(
+            "GET",
+            &http_url,
+            None,
+            None,
+            &headers("https://evil.example")
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        http_raw(
+            "GET",
+            &http_url,
+            None,
+            None,
+            &headers("https://app.example")
+        )
+        .await
+        .0,
+        101
+    );
+}
