@@ -50,7 +50,8 @@ fn start_with_config(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String
 
 #[test]
 fn bad_config_stops_startup_with_one_line_naming_the_key_and_exit_code_2() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             "[server]\nlisten = \"not-an-address\"\n",
             &[],

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one command that runs every test, on a fresh machine with only the Rust toolchain:
+# installs redis-server (Debian package) and the Python example's packages when missing,
+# then builds everything (examples included) and runs all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "==> installing redis-server"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+redis-server --version
+
+if [ -f examples/requirements.txt ]; then
+  echo "==> installing the Python example's packages"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r examples/requirements.txt
+fi
+
+echo "==> cargo test"
+cargo test --all-targets "$@"
