@@ -43,8 +43,8 @@ pub enum ApiError {
     /// JSON of the wrong shape.
     #[error("{0}")]
     BadRequest(String),
-    /// Redis did not take it.
-    #[error("not accepted, Redis is unavailable (nothing was sent; retry): {0}")]
+    /// Redis did not take it (or did not confirm it).
+    #[error("{0}")]
     Unavailable(String),
 }
 
@@ -118,11 +118,13 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                 ts: unix_us(),
                 items,
             };
-            state
-                .publisher
-                .publish(&batch)
-                .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            state.publisher.publish(&batch).await.map_err(|e| {
+                ApiError::Unavailable(if e.maybe_applied() {
+                    format!("Redis did not confirm the publish ({e}); it may have been delivered")
+                } else {
+                    format!("not accepted, nothing was sent ({e}); retry")
+                })
+            })?;
             Ok(json(202, &serde_json::json!({ "accepted": accepted })))
         }
         _ => Err(ApiError::NotFound(path)),

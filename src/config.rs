@@ -9,6 +9,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Keys holding lists, which environment variables give comma-separated.
+const LIST_KEYS: [&str; 4] = [
+    "server.allowed_origins",
+    "inbound.streams",
+    "inbound.groups",
+    "api.keys",
+];
+
 /// A configuration problem, always naming the key (or file) at fault, on one line.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -70,6 +78,8 @@ pub struct ServerConfig {
     pub idle_timeout_seconds: u64,
     /// How long shutdown waits for connections to close before exiting anyway.
     pub shutdown_drain_seconds: u64,
+    /// Largest client frame accepted; a larger one closes the connection with 1009.
+    pub max_frame_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +92,7 @@ impl Default for ServerConfig {
             ping_interval_seconds: 25,
             idle_timeout_seconds: 60,
             shutdown_drain_seconds: 10,
+            max_frame_bytes: 1 << 20,
         }
     }
 }
@@ -276,16 +287,22 @@ impl Config {
             builder = builder
                 .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
         }
+        // Values stay text until serde reads them as the key's type: with the crate's parsing on,
+        // a replica id `007` or a numeric secret would silently change.
         let env = config::Environment::with_prefix("WSBRIDGE")
             .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("server.allowed_origins")
-            .with_list_parse_key("inbound.streams")
-            .with_list_parse_key("inbound.groups")
-            .with_list_parse_key("api.keys");
+            .separator("__");
         builder = builder.add_source(env);
+        // List keys take comma-separated values; split them here, exactly as written.
+        for key in LIST_KEYS {
+            let var = format!("WSBRIDGE__{}", key.replace('.', "__").to_uppercase());
+            if let Ok(value) = std::env::var(&var) {
+                let items: Vec<String> = value.split(',').map(|s| s.trim().to_owned()).collect();
+                builder = builder
+                    .set_override(key, items)
+                    .map_err(|e| ConfigError(format!("{var}: {e}")))?;
+            }
+        }
         let file = path
             .as_ref()
             .map(|p| p.display().to_string())
@@ -342,6 +359,7 @@ impl Config {
             "server.idle_timeout_seconds",
             self.server.idle_timeout_seconds,
         )?;
+        positive("server.max_frame_bytes", self.server.max_frame_bytes as u64)?;
         redis::Client::open(self.redis.url.as_str()).map_err(|e| {
             ConfigError::key(
                 "redis.url",
@@ -406,11 +424,22 @@ impl Config {
                 "set either auth.jwt_secret (HS256) or auth.jwt_public_key (RS256), not both",
             ));
         }
-        if !self.auth.jwt_public_key.is_empty() && !Path::new(&self.auth.jwt_public_key).is_file() {
-            return Err(ConfigError::key(
-                "auth.jwt_public_key",
-                format!("file `{}` does not exist", self.auth.jwt_public_key),
-            ));
+        if !self.auth.jwt_public_key.is_empty() {
+            let pem = std::fs::read(&self.auth.jwt_public_key).map_err(|e| {
+                ConfigError::key(
+                    "auth.jwt_public_key",
+                    format!("cannot read `{}`: {e}", self.auth.jwt_public_key),
+                )
+            })?;
+            jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                ConfigError::key(
+                    "auth.jwt_public_key",
+                    format!(
+                        "`{}` is not an RSA public key in PEM: {e}",
+                        self.auth.jwt_public_key
+                    ),
+                )
+            })?;
         }
         for (i, ch) in self.channels.iter().enumerate() {
             if ch.pattern.is_empty() {
@@ -425,6 +454,11 @@ impl Config {
         Ok(())
     }
 
+    /// `redis.url` without its password, for logs.
+    pub fn redis_url_redacted(&self) -> String {
+        redact_url(&self.redis.url)
+    }
+
     /// The public listener address (validated).
     pub fn listen_addr(&self) -> SocketAddr {
         self.server.listen.parse().expect("validated")
@@ -433,6 +467,20 @@ impl Config {
     /// The API listener address (validated).
     pub fn api_listen_addr(&self) -> SocketAddr {
         self.server.api_listen.parse().expect("validated")
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((auth, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
     }
 }
 
@@ -491,6 +539,13 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://:secret@h:1"), "redis://:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
 
     #[test]
     fn glob() {

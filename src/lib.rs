@@ -152,7 +152,7 @@ pub async fn run(
         public = %public_listener.local_addr()?,
         api = %api_listener.local_addr()?,
         replica = %replica_id,
-        redis = %config.redis.url,
+        redis = %config.redis_url_redacted(),
         "listening"
     );
     let public_state = state.clone();
@@ -171,7 +171,9 @@ pub async fn run(
     ));
 
     shutdown.await;
-    let deadline = Duration::from_secs(config.server.shutdown_drain_seconds);
+    // One deadline covers the whole drain: connections first, then queued stream appends.
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(config.server.shutdown_drain_seconds);
     tracing::info!(
         connections = registry.len(),
         "shutting down: closing clients with 1012"
@@ -182,7 +184,7 @@ pub async fn run(
         conn.close(1012, "replica shutting down", CloseReason::Shutdown);
     }
     state.connections.close();
-    let drained = tokio::time::timeout(deadline, state.connections.wait())
+    let drained = tokio::time::timeout_at(deadline, state.connections.wait())
         .await
         .is_ok();
     if !drained {
@@ -193,7 +195,10 @@ pub async fn run(
     }
     // Stream appends already queued (acks, disconnect events) still go out, within the deadline.
     append_stop.cancel();
-    if tokio::time::timeout(deadline, appender_task).await.is_err() {
+    if tokio::time::timeout_at(deadline, appender_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("drain deadline passed with stream appends still queued");
     }
     background.cancel();

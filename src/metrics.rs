@@ -10,6 +10,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::protocol::ErrorCode;
+
 /// Metric names, in one place so that dashboards and code agree. Each name says what it counts.
 #[allow(missing_docs)]
 pub mod names {
@@ -31,7 +33,6 @@ pub mod names {
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
     pub const PUBSUB_RECONNECTS: &str = "wsbridge_pubsub_reconnects_total";
-    pub const API_REQUESTS: &str = "wsbridge_api_requests_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -126,6 +127,7 @@ pub struct Metrics {
     closed: HashMap<CloseReason, Counter>,
     inbound: HashMap<String, Counter>,
     inbound_other: Counter,
+    rejected: HashMap<ErrorCode, Counter>,
     /// Stream append latency, from the client frame read to Redis' answer.
     pub stream_append_seconds: Histogram,
     /// Messages published by `/send` on this replica.
@@ -179,6 +181,15 @@ impl Metrics {
                 })
                 .collect(),
             inbound_other: metrics::counter!(names::INBOUND_MESSAGES, "stream" => "other"),
+            rejected: ErrorCode::ALL
+                .iter()
+                .map(|c| {
+                    (
+                        *c,
+                        metrics::counter!(names::INBOUND_REJECTED, "code" => c.as_str()),
+                    )
+                })
+                .collect(),
             stream_append_seconds: metrics::histogram!(names::STREAM_APPEND_SECONDS),
             outbound_published: metrics::counter!(names::OUTBOUND_PUBLISHED),
             pubsub_received: metrics::counter!(names::PUBSUB_RECEIVED),
@@ -218,9 +229,9 @@ impl Metrics {
         self.inbound.get(stream).unwrap_or(&self.inbound_other)
     }
 
-    /// Counts a refused client frame by error code. Codes are a small fixed set.
-    pub fn rejected(&self, code: &'static str) {
-        metrics::counter!(names::INBOUND_REJECTED, "code" => code).increment(1);
+    /// The refused-frames counter for an error code.
+    pub fn rejected(&self, code: ErrorCode) -> &Counter {
+        &self.rejected[&code]
     }
 }
 
@@ -314,8 +325,4 @@ fn describe() {
         "1 while pub/sub round trips through Redis succeed, else 0."
     );
     describe_counter!(PUBSUB_RECONNECTS, "Reconnections of the pub/sub link.");
-    describe_counter!(
-        API_REQUESTS,
-        "Backend API requests, by route and status class."
-    );
 }

@@ -83,7 +83,7 @@ pub enum ClientFrame {
 }
 
 /// Error codes sent in `error` frames and counted in `wsbridge_inbound_rejected_total{code}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The frame is not valid JSON / MessagePack, or not an object.
     BadFrame,
@@ -102,6 +102,17 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for pre-registering counters.
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::BadRequest,
+        ErrorCode::StreamNotAllowed,
+        ErrorCode::ChannelNotAllowed,
+        ErrorCode::Overloaded,
+        ErrorCode::RedisUnavailable,
+    ];
+
     /// The wire value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -86,25 +86,24 @@ impl Registry {
         if let Some(user) = &handle.user {
             remove_from(&self.users, user, handle.seq);
         }
-        let joined: Vec<Arc<str>> = handle
-            .channels
-            .lock()
-            .expect("channel set lock")
-            .drain()
-            .collect();
+        let joined: Vec<Arc<str>> = {
+            let mut membership = handle.channels.lock().expect("channel set lock");
+            membership.removed = true;
+            membership.joined.drain().collect()
+        };
         for channel in joined {
             remove_from(&self.channels, &channel, handle.seq);
         }
     }
 
-    /// Joins `channel`. Returns false when the connection was already in it.
+    /// Joins `channel`. Returns false when the connection was already in it or has been removed.
     pub fn subscribe(&self, handle: &Arc<ConnHandle>, channel: &str) -> bool {
-        let mut joined = handle.channels.lock().expect("channel set lock");
-        if joined.contains(channel) {
+        let mut membership = handle.channels.lock().expect("channel set lock");
+        if membership.removed || membership.joined.contains(channel) {
             return false;
         }
         let channel: Arc<str> = Arc::from(channel);
-        joined.insert(channel.clone());
+        membership.joined.insert(channel.clone());
         self.channels
             .entry(channel)
             .or_default()
@@ -114,8 +113,8 @@ impl Registry {
 
     /// Leaves `channel`. Returns false when the connection was not in it.
     pub fn unsubscribe(&self, handle: &ConnHandle, channel: &str) -> bool {
-        let mut joined = handle.channels.lock().expect("channel set lock");
-        if !joined.remove(channel) {
+        let mut membership = handle.channels.lock().expect("channel set lock");
+        if !membership.joined.remove(channel) {
             return false;
         }
         remove_from(&self.channels, channel, handle.seq);

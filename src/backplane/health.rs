@@ -32,7 +32,7 @@ pub async fn run(
         match backplane.query::<String>(&redis::cmd("PING")).await {
             Ok(_) => {
                 if up != Some(true) {
-                    tracing::info!(url = %config.redis.url, "Redis command link up");
+                    tracing::info!(url = %config.redis_url_redacted(), "Redis command link up");
                 }
                 up = Some(true);
                 metrics.redis_up.set(1.0);
@@ -50,7 +50,7 @@ pub async fn run(
             }
             Err(e) => {
                 if up != Some(false) {
-                    tracing::warn!(error = %e, url = %config.redis.url, "Redis command link down; reconnecting");
+                    tracing::warn!(error = %e, url = %config.redis_url_redacted(), "Redis command link down; reconnecting");
                 }
                 up = Some(false);
                 groups_ready = false;

@@ -52,6 +52,21 @@ pub enum RedisFailure {
     Redis(#[from] redis::RedisError),
 }
 
+impl RedisFailure {
+    /// Whether Redis may have applied the command anyway: a timeout or a connection lost after
+    /// sending leaves it unknown; a refused connection or an error reply means it was not applied.
+    pub fn maybe_applied(&self) -> bool {
+        match self {
+            RedisFailure::Timeout(_) => true,
+            RedisFailure::Redis(e) => {
+                e.is_timeout()
+                    || e.is_connection_dropped()
+                    || (e.is_io_error() && !e.is_connection_refusal())
+            }
+        }
+    }
+}
+
 /// What `/readyz` reports, updated by the health loops.
 pub struct Health {
     epoch: Instant,

@@ -42,6 +42,16 @@ pub struct Closing {
     pub why: CloseReason,
 }
 
+/// The channels a connection is in, and whether it has left the registry for good.
+#[derive(Default)]
+pub struct Membership {
+    /// Channels joined.
+    pub joined: HashSet<Arc<str>>,
+    /// Set when the connection was removed from the registry: joining is refused from then on,
+    /// so a subscribe racing with the removal cannot leave the handle in a channel index.
+    pub removed: bool,
+}
+
 /// Everything other tasks may do to a connection.
 pub struct ConnHandle {
     /// Local sequence number, the registry key.
@@ -55,7 +65,7 @@ pub struct ConnHandle {
     /// Frame encoding.
     pub encoding: Encoding,
     /// Channels joined; guarded by a per-connection lock never held across `.await`.
-    pub channels: Mutex<HashSet<Arc<str>>>,
+    pub channels: Mutex<Membership>,
     data_tx: mpsc::Sender<Outgoing>,
     reply_tx: mpsc::Sender<Reply>,
     policy: QueueFullPolicy,
@@ -95,7 +105,7 @@ impl ConnHandle {
             identity,
             user,
             encoding,
-            channels: Mutex::new(HashSet::new()),
+            channels: Mutex::new(Membership::default()),
             data_tx,
             reply_tx,
             policy,

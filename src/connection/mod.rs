@@ -18,7 +18,7 @@ use futures_util::future::{FusedFuture, FutureExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-pub use handle::{Closing, ConnHandle, Outgoing, Queues, Reply};
+pub use handle::{Closing, ConnHandle, Membership, Outgoing, Queues, Reply};
 
 use crate::auth::Identity;
 use crate::inbound::Event;
@@ -55,6 +55,11 @@ pub async fn serve(
         user: handle.user.as_deref(),
     });
     state.registry.insert(&handle);
+    // Shutdown closes the connections it finds in the registry; one that registered after that
+    // snapshot closes itself here.
+    if state.stopping.is_cancelled() {
+        handle.close(1012, "replica shutting down", CloseReason::Shutdown);
+    }
     state.metrics.connections.increment(1.0);
     state.metrics.connections_opened.increment(1);
     state.inbound.event(&handle, Event::Connect);

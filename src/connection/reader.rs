@@ -30,10 +30,14 @@ pub async fn run<S: AsyncRead + Unpin>(
     // library, which answers some invalid close frames with 1000.
     ws.set_auto_close(false);
     ws.set_auto_pong(true);
+    // A frame over the limit fails the read with FrameTooLarge, answered below with 1009.
+    ws.set_max_message_size(state.config.server.max_frame_bytes);
     let mut ws = FragmentCollectorRead::new(ws);
     loop {
         let frame = ws
             .read_frame(&mut |pong: Frame<'_>| {
+                // The library answers pings itself; a ping still proves the client is alive.
+                last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let queued = handle.reply_raw(Reply::Pong(pong.payload.to_vec()));
                 async move {
                     if queued {
@@ -103,7 +107,7 @@ fn on_frame(decoded: Result<ClientFrame, FrameError>, handle: &Arc<ConnHandle>, 
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        state.metrics.rejected(e.code.as_str());
+        state.metrics.rejected(e.code).increment(1);
         handle.reply(&ServerFrame::Error {
             id: e.id.as_ref(),
             code: e.code.as_str(),

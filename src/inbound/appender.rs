@@ -114,21 +114,29 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::debug!(error = %e, entries = batch.len(), "stream append failed");
-                let message = e.to_string();
+                let failure = Failure::from(e);
                 for request in batch.drain(..) {
-                    finish::<Failure>(request, Err(Failure(message.clone())), &metrics);
+                    finish::<Failure>(request, Err(failure.clone()), &metrics);
                 }
             }
         }
     }
 }
 
-/// An append failure as told to the client.
+/// An append failure as told to the client: what happened, and whether the entry may exist.
+#[derive(Clone)]
 struct Failure(String);
 
 impl From<RedisFailure> for Failure {
     fn from(e: RedisFailure) -> Self {
-        Failure(e.to_string())
+        if e.maybe_applied() {
+            Failure(format!(
+                "Redis did not confirm the append ({e}); it may have been stored: resend with the \
+                 same id, and backends can drop the duplicate by connection and id"
+            ))
+        } else {
+            Failure(format!("not stored ({e}); resend with the same id"))
+        }
     }
 }
 
@@ -152,11 +160,11 @@ fn finish<E: Into<Failure>>(request: AppendRequest, result: Result<String, E>, m
         }
         Err(e) => {
             let Failure(message) = e.into();
-            metrics.rejected(ErrorCode::RedisUnavailable.as_str());
+            metrics.rejected(ErrorCode::RedisUnavailable).increment(1);
             reply.conn.reply(&ServerFrame::Error {
                 id: reply.id.as_ref(),
                 code: ErrorCode::RedisUnavailable.as_str(),
-                message: &format!("not stored, resend with the same id: {message}"),
+                message: &message,
             });
         }
     }
