@@ -36,10 +36,13 @@ pub async fn run<S: AsyncWrite + Unpin>(
         Encoding::Msgpack => OpCode::Binary,
     };
     let mut accepted = Vec::with_capacity(BURST);
+    // Created once: a fresh `cancelled()` future per wake-up would lock the token and register
+    // a waiter every time.
+    let mut closed = std::pin::pin!(handle.closed());
     loop {
         let result = tokio::select! {
             biased;
-            _ = handle.closed() => {
+            _ = &mut closed => {
                 let closing = handle.closing().expect("closed implies a reason");
                 let _ = ws.write_frame(Frame::close(closing.code, closing.reason.as_bytes())).await;
                 let _ = ws.flush().await;
