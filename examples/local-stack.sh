@@ -26,11 +26,14 @@ if ! redis-cli -p 6379 ping >/dev/null 2>&1; then
 fi
 
 cargo build --release --quiet
+gateways=()
 if [ "${REPLICAS:-1}" -ge 2 ]; then
   WSBRIDGE__SERVER__LISTEN=127.0.0.1:8090 WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:8091 \
     target/release/wsbridge --config config/wsbridge.toml &
-  pids+=($!)
+  gateways+=($!)
 fi
 target/release/wsbridge --config config/wsbridge.toml &
-pids+=($!)
-wait -n "${pids[@]}"
+gateways+=($!)
+pids+=("${gateways[@]}")
+# Only the gateways end the stack: Redis may be stopped and restarted meanwhile (try it).
+wait -n "${gateways[@]}"
