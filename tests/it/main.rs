@@ -3,6 +3,7 @@
 mod api;
 mod common;
 mod delivery;
+mod examples;
 mod faults;
 mod inbound;
 mod lifecycle;

@@ -1,0 +1,333 @@
+//! The example backends (`examples/backend.py`, `examples/backend.rs`) as real child processes
+//! against two real replicas: the chat round trip, the echo to a MessagePack client, XACK only
+//! after 202, retry while the API is down, XAUTOCLAIM of a dead consumer's entries, and SIGTERM.
+//!
+//! Needs `python3` with `pip install -r examples/requirements.txt`, and the example binaries:
+//! run with `cargo test --all-targets` (or `cargo build --examples` first).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Lang {
+    Python,
+    Rust,
+}
+
+fn rust_example(name: &str) -> PathBuf {
+    // Cargo puts examples in `examples/` next to the package's binaries.
+    let bin = Path::new(env!("CARGO_BIN_EXE_wsbridge"));
+    let path = bin
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let (built, written) = (modified(&path), modified(&source));
+    assert!(
+        built.is_some() && built >= written,
+        "{} is missing or older than {}: run the tests with `cargo test --all-targets` \
+         (or `cargo build --examples` first)",
+        path.display(),
+        source.display()
+    );
+    path
+}
+
+/// A backend example running as a child process, killed on drop; stdout and stderr collected.
+struct Backend {
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Backend {
+    fn spawn(lang: Lang, api_url: &str, redis: &Redis, prefix: &str, args: &[&str]) -> Self {
+        let mut cmd = match lang {
+            Lang::Python => {
+                let mut cmd = Command::new("python3");
+                cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.py"))
+                    .env("PYTHONUNBUFFERED", "1");
+                cmd
+            }
+            Lang::Rust => Command::new(rust_example("backend")),
+        };
+        cmd.args(args)
+            .env("REDIS_URL", redis.url())
+            .env("WSBRIDGE_API", api_url)
+            .env("PREFIX", prefix)
+            .env_remove("WSBRIDGE_API_KEY")
+            .env_remove("GROUP")
+            .env_remove("CONSUMER")
+            .env_remove("STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the {lang:?} backend: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [out, err] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Backend {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    async fn wait_log(&self, what: &str) {
+        eventually(&format!("backend log line containing {what:?}"), || {
+            let found = self.log_text().contains(what);
+            async move { found }
+        })
+        .await;
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the process to exit on its own.
+    async fn exited(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let mut status = None;
+        eventually("backend exits", || {
+            if status.is_none() {
+                status = child.try_wait().unwrap();
+            }
+            let done = status.is_some();
+            async move { done }
+        })
+        .await;
+        self.child = None;
+        status.unwrap()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads frames until both the ack of `id` and one `message` arrived, in whichever order: the
+/// backend's reply may overtake the gateway's ack.
+async fn ack_and_message(client: &mut Client, id: &str) -> (Value, Value) {
+    let (mut ack, mut message) = (None, None);
+    while ack.is_none() || message.is_none() {
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") if ack.is_none() => ack = Some(frame),
+            Some("message") if message.is_none() => message = Some(frame),
+            _ => panic!("unexpected frame while waiting for the ack of {id}: {frame}"),
+        }
+    }
+    let ack = ack.unwrap();
+    assert_eq!(ack["id"], id, "{ack}");
+    assert!(
+        ack["entry"].as_str().is_some_and(|e| e.contains('-')),
+        "{ack}"
+    );
+    (ack, message.unwrap())
+}
+
+/// `XPENDING key group`: how many entries the group holds unacknowledged.
+async fn pending_count(redis: &Redis, prefix: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    let reply: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(format!("{prefix}:in:chat"))
+        .arg("backend")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match &reply[0] {
+        redis::Value::Int(n) => *n,
+        other => panic!("XPENDING count: {other:?}"),
+    }
+}
+
+/// Names of the consumers of group `backend`.
+async fn consumers(redis: &Redis, prefix: &str) -> Vec<String> {
+    let mut conn = redis.conn().await;
+    let reply: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(format!("{prefix}:in:chat"))
+        .arg("backend")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .iter()
+        .map(|c| redis::from_redis_value_ref::<String>(&c["name"]).unwrap())
+        .collect()
+}
+
+/// Chat across replicas (client on A sends, the backend replies through B's API, subscribers on
+/// both replicas receive it) and an echo to a MessagePack client; then `--max 2` ends the
+/// backend, with everything acknowledged and its consumer removed from the group.
+async fn chat_round_trip(lang: Lang) {
+    let redis = Redis::start();
+    let prefix = unique_prefix("example-chat");
+    let a = Gateway::start(&redis, &prefix).await;
+    let b = Gateway::start(&redis, &prefix).await;
+    let mut backend = Backend::spawn(
+        lang,
+        &b.api_url,
+        &redis,
+        &prefix,
+        &["--max", "2", "--block-ms", "500"],
+    );
+    let mut on_a = Client::connect(&a).await;
+    let mut on_b = Client::connect(&b).await;
+    on_a.subscribe("room:1").await;
+    on_b.subscribe("room:1").await;
+
+    on_a.send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:1", "text": "hello"}, "id": "x1"}))
+        .await;
+    let expected = json!({"type": "message", "channel": "room:1",
+                          "data": {"from": on_a.connection, "text": "hello"}});
+    let (ack, message) = ack_and_message(&mut on_a, "x1").await;
+    assert_eq!(message, expected, "backend log:\n{}", backend.log_text());
+    assert_eq!(on_b.recv().await, expected);
+
+    // Anything that is not a chat message is echoed to its sender, here a MessagePack client.
+    let mut packed = Client::connect_msgpack(&b).await;
+    packed
+        .send(json!({"type": "send", "stream": "chat", "data": {"n": [1, 2.5, null]}, "id": "x2"}))
+        .await;
+    let (_, echo) = ack_and_message(&mut packed, "x2").await;
+    assert_eq!(
+        echo,
+        json!({"type": "message", "data": {"echo": {"n": [1, 2.5, null]}}}),
+        "backend log:\n{}",
+        backend.log_text()
+    );
+
+    let status = backend.exited().await;
+    let log = backend.log_text();
+    assert!(status.success(), "{lang:?} backend failed: {status}\n{log}");
+    let entry = ack["entry"].as_str().unwrap();
+    assert!(
+        log.contains(&format!(
+            "{entry} chat room:1 from {}: sent, acknowledged",
+            on_a.connection
+        )),
+        "{log}"
+    );
+    assert!(log.contains("stopped after handling 2 entries"), "{log}");
+    assert_eq!(pending_count(&redis, &prefix).await, 0);
+    assert_eq!(consumers(&redis, &prefix).await, Vec::<String>::new());
+}
+
+/// A backend whose API is unreachable keeps the entry pending (no XACK without a 202) and
+/// retries; on SIGTERM it exits 0 and keeps its consumer, which still holds the entry. A second
+/// backend reclaims it with XAUTOCLAIM and delivers it.
+async fn retry_and_reclaim(lang: Lang) {
+    let redis = Redis::start();
+    let prefix = unique_prefix("example-retry");
+    let a = Gateway::start(&redis, &prefix).await;
+    let dead_api = format!("http://127.0.0.1:{}", free_port());
+    let mut failing = Backend::spawn(lang, &dead_api, &redis, &prefix, &["--block-ms", "500"]);
+    let mut client = Client::connect(&a).await;
+    client.subscribe("room:r").await;
+    client
+        .send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:r", "text": "later"}, "id": "y1"}))
+        .await;
+    let ack = client.recv().await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let entry = ack["entry"].as_str().unwrap().to_string();
+
+    failing.wait_log(&format!("{entry} chat room:r")).await;
+    // Two attempts, so the retry happened and the entry is still pending.
+    eventually("a retry", || {
+        let attempts = failing.log_text().matches("left pending").count();
+        async move { attempts >= 2 }
+    })
+    .await;
+    assert_eq!(pending_count(&redis, &prefix).await, 1);
+    failing.signal("-TERM");
+    let status = failing.exited().await;
+    let log = failing.log_text();
+    assert!(status.success(), "SIGTERM: {status}\n{log}");
+    assert!(!log.contains("sent, acknowledged"), "{log}");
+    assert_eq!(pending_count(&redis, &prefix).await, 1);
+    assert_eq!(consumers(&redis, &prefix).await.len(), 1, "{log}");
+
+    let mut rescuer = Backend::spawn(
+        lang,
+        &a.api_url,
+        &redis,
+        &prefix,
+        &[
+            "--max",
+            "1",
+            "--claim-idle-ms",
+            "0",
+            "--consumer",
+            "rescuer",
+        ],
+    );
+    let message = client.recv().await;
+    assert_eq!(
+        message,
+        json!({"type": "message", "channel": "room:r",
+               "data": {"from": client.connection, "text": "later"}}),
+        "{}",
+        rescuer.log_text()
+    );
+    let status = rescuer.exited().await;
+    let log = rescuer.log_text();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("reclaimed 1 entries"), "{log}");
+    assert!(log.contains(&format!("{entry} chat room:r")), "{log}");
+    assert_eq!(pending_count(&redis, &prefix).await, 0);
+}
+
+#[tokio::test]
+async fn python_backend_chat_round_trip() {
+    chat_round_trip(Lang::Python).await;
+}
+
+#[tokio::test]
+async fn rust_backend_chat_round_trip() {
+    chat_round_trip(Lang::Rust).await;
+}
+
+#[tokio::test]
+async fn python_backend_retries_and_is_reclaimed() {
+    retry_and_reclaim(Lang::Python).await;
+}
+
+#[tokio::test]
+async fn rust_backend_retries_and_is_reclaimed() {
+    retry_and_reclaim(Lang::Rust).await;
+}
