@@ -4,7 +4,8 @@
 #[test]
 fn reference_config_loads() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/wsbridge.toml");
-    let config = wsbridge::config::Config::load(Some(&path)).expect("config/wsbridge.toml must load");
+    let config =
+        wsbridge::config::Config::load(Some(&path)).expect("config/wsbridge.toml must load");
     assert_eq!(config.inbound.streams, ["chat"]);
     assert_eq!(config.server.listen, "127.0.0.1:8080");
 }

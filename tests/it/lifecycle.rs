@@ -135,7 +135,11 @@ async fn silent_peers_are_closed_after_the_idle_timeout() {
     // A well-behaved client on the same replica keeps reading, so it answers pings, and stays.
     let mut good = Client::connect(&gw).await;
     let id = good.connection.clone();
-    let good_reader = tokio::spawn(async move { good.recv().await });
+    // The task hands the client back, so it stays connected until the end of the test.
+    let good_reader = tokio::spawn(async move {
+        let frame = good.recv().await;
+        (frame, good)
+    });
     eventually("silent peer closed for idleness", || async {
         gw.metric("wsbridge_connections_closed_total{reason=\"idle_timeout\"}")
             .await
@@ -144,9 +148,10 @@ async fn silent_peers_are_closed_after_the_idle_timeout() {
     .await;
     gw.send(json!({"to": {"connection": id}, "data": "alive"}))
         .await;
-    assert_eq!(good_reader.await.unwrap()["data"], "alive");
+    let (frame, good) = good_reader.await.unwrap();
+    assert_eq!(frame["data"], "alive");
     assert_eq!(gw.metric("wsbridge_connections").await, 1.0);
-    drop(tcp);
+    drop((tcp, good));
 }
 
 #[tokio::test]
