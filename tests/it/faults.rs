@@ -117,3 +117,30 @@ async fn a_replica_started_before_redis_becomes_ready_when_redis_appears() {
         .await;
     assert_eq!(c.recv().await["data"], "hello");
 }
+
+#[tokio::test]
+async fn a_pubsub_round_trip_failure_alone_makes_the_replica_unready() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("pausewrite");
+    let gw = Gateway::start(&redis, &prefix).await;
+    let mut conn = redis.conn().await;
+    // CLIENT PAUSE WRITE holds PUBLISH but lets PING through: the command link looks healthy,
+    // only the round trip through pub/sub can notice that nothing is being delivered.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("readyz 503 from the pub/sub round trip", || async {
+        let (status, reason) = gw.readyz().await;
+        status == 503 && reason.contains("pub/sub")
+    })
+    .await;
+    assert_eq!(gw.metric("wsbridge_redis_up").await, 1.0);
+    eventually("ready after the pause", || async {
+        gw.readyz().await.0 == 200
+    })
+    .await;
+}

@@ -271,3 +271,86 @@ async fn origins_outside_the_allow_list_get_403() {
         101
     );
 }
+
+#[tokio::test]
+async fn a_frame_over_the_size_limit_closes_with_1009_and_others_are_unaffected() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("toobig");
+    let gw = Gateway::start_with(
+        &redis,
+        &prefix,
+        &[("WSBRIDGE__SERVER__MAX_FRAME_BYTES", "1024")],
+    )
+    .await;
+    let mut big = Client::connect(&gw).await;
+    let mut other = Client::connect(&gw).await;
+    big.send(json!({"type": "send", "stream": "chat", "data": "y".repeat(2000), "id": "big"}))
+        .await;
+    assert_eq!(big.closed().await, Some(1009));
+    gw.send(json!({"to": {"connection": other.connection}, "data": "fine"}))
+        .await;
+    assert_eq!(other.recv().await["data"], "fine");
+    eventually("closed as a protocol violation", || async {
+        gw.metric("wsbridge_connections_closed_total{reason=\"protocol\"}")
+            .await
+            == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_contract_metric_is_exported_with_its_type() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("metricnames");
+    let gw = Gateway::start(&redis, &prefix).await;
+    // Exercise every path once so that histograms have samples.
+    let mut c = Client::connect(&gw).await;
+    c.subscribe("m").await;
+    gw.send(json!({"to": {"channel": "m"}, "data": 1})).await;
+    assert_eq!(c.recv().await["data"], 1);
+    c.send(json!({"type": "send", "stream": "chat", "data": 1, "id": "a"}))
+        .await;
+    assert_eq!(c.recv().await["type"], "ack");
+    eventually("delivery counted", || async {
+        gw.metric("wsbridge_deliveries_total").await >= 1.0
+    })
+    .await;
+    let (_, text) = http("GET", &format!("{}/metrics", gw.api_url), None, None).await;
+    let expected = [
+        ("wsbridge_connections", "gauge"),
+        ("wsbridge_connections_opened_total", "counter"),
+        ("wsbridge_connections_closed_total", "counter"),
+        ("wsbridge_inbound_messages_total", "counter"),
+        ("wsbridge_inbound_rejected_total", "counter"),
+        ("wsbridge_stream_append_seconds", "histogram"),
+        ("wsbridge_outbound_published_total", "counter"),
+        ("wsbridge_pubsub_received_total", "counter"),
+        ("wsbridge_pubsub_filtered_total", "counter"),
+        ("wsbridge_fanout_recipients", "histogram"),
+        ("wsbridge_filter_seconds", "histogram"),
+        ("wsbridge_deliveries_total", "counter"),
+        ("wsbridge_delivery_dropped_total", "counter"),
+        ("wsbridge_delivery_latency_seconds", "histogram"),
+    ];
+    for (name, kind) in expected {
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}")),
+            "{name} as {kind} missing:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{name} has no help text"
+        );
+    }
+    for labelled in [
+        "wsbridge_connections_closed_total{reason=",
+        "wsbridge_inbound_messages_total{stream=\"chat\"}",
+        "wsbridge_inbound_rejected_total{code=",
+        "wsbridge_delivery_dropped_total{reason=",
+    ] {
+        assert!(text.contains(labelled), "{labelled} missing");
+    }
+    assert!(gw.metric("wsbridge_stream_append_seconds_count").await >= 1.0);
+    assert!(gw.metric("wsbridge_filter_seconds_count").await >= 1.0);
+    assert!(gw.metric("wsbridge_delivery_latency_seconds_count").await >= 1.0);
+}
