@@ -59,9 +59,11 @@ impl RedisFailure {
         match self {
             RedisFailure::Timeout(_) => true,
             RedisFailure::Redis(e) => {
-                e.is_timeout()
-                    || e.is_connection_dropped()
-                    || (e.is_io_error() && !e.is_connection_refusal())
+                // The connection manager hands every waiting command a clone of its reconnect
+                // error, and cloning drops the io::Error, so a refusal is only visible in the text.
+                let refused =
+                    e.is_connection_refusal() || e.to_string().contains("Connection refused");
+                !refused && (e.is_timeout() || e.is_connection_dropped() || e.is_io_error())
             }
         }
     }

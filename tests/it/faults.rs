@@ -36,6 +36,9 @@ async fn redis_outage_is_reported_and_everything_recovers_without_restarts() {
         (503, Some("redis_unavailable")),
         "{v}"
     );
+    // Redis refuses connections by now, so the gateway knows nothing was sent, and says so.
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("nothing was sent"), "{v}");
     // A client learns its message was not stored.
     on_a.send(json!({"type": "send", "stream": "chat", "data": 1, "id": "during-outage"}))
         .await;
@@ -47,6 +50,10 @@ async fn redis_outage_is_reported_and_everything_recovers_without_restarts() {
             Some("redis_unavailable"),
             Some("during-outage")
         ),
+        "{e}"
+    );
+    assert!(
+        e["message"].as_str().unwrap().starts_with("not stored"),
         "{e}"
     );
 
