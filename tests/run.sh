@@ -19,5 +19,7 @@ if [ -f examples/requirements.txt ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r examples/requirements.txt
 fi
 
+echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
+cargo build --examples
 echo "==> cargo test"
 cargo test --all-targets "$@"
