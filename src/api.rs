@@ -94,7 +94,13 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
         }
         "/metrics" => {
             only(&req, Method::GET)?;
-            let mut response = text(200, state.prometheus.render());
+            state
+                .metrics
+                .pubsub_roundtrip_age_seconds
+                .set(state.health.pubsub_age_seconds());
+            let mut body = state.prometheus.render();
+            body.push_str(&crate::metrics::process::render());
+            let mut response = text(200, body);
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),

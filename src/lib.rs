@@ -64,7 +64,8 @@ pub async fn run(
     };
     let metrics = Metrics::new(&config.inbound.streams);
     let keys = Keys::new(&config.redis.prefix, &replica_id);
-    let backplane = Backplane::new(&config.redis).context("config key `redis.url`")?;
+    let backplane =
+        Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;
     let health = Arc::new(Health::new(config.redis.unhealthy_after_ms));
     let registry = Arc::new(Registry::new(&replica_id, random_u32()));
     let (appender, append_rx) = Appender::new(config.inbound.append_queue_capacity);
@@ -136,12 +137,20 @@ pub async fn run(
     ));
     tasks.spawn({
         let background = background.clone();
+        let registry = registry.clone();
+        let metrics = metrics.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = background.cancelled() => return,
-                    _ = tick.tick() => prometheus.run_upkeep(),
+                    _ = tick.tick() => {}
+                }
+                prometheus.run_upkeep();
+                // The queue-depth distribution is sampled here rather than on every enqueue,
+                // which keeps the delivery path free of histogram updates.
+                for conn in registry.all() {
+                    metrics.send_queue_depth.record(conn.queue_depth() as f64);
                 }
             }
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{Config, RedisConfig};
+use crate::metrics::{Metrics, RedisErrorKind};
 
 /// Key and channel names under `redis.prefix`.
 #[derive(Debug, Clone)]
@@ -53,6 +54,16 @@ pub enum RedisFailure {
 }
 
 impl RedisFailure {
+    /// The metric label for this failure.
+    pub fn kind(&self) -> RedisErrorKind {
+        match self {
+            RedisFailure::Timeout(_) => RedisErrorKind::Timeout,
+            RedisFailure::Redis(e) if e.is_timeout() => RedisErrorKind::Timeout,
+            RedisFailure::Redis(e) if e.code().is_some() => RedisErrorKind::Server,
+            RedisFailure::Redis(_) => RedisErrorKind::Connection,
+        }
+    }
+
     /// Whether Redis may have applied the command anyway: a timeout or a connection lost after
     /// sending leaves it unknown; a refused connection or an error reply means it was not applied.
     pub fn maybe_applied(&self) -> bool {
@@ -107,6 +118,14 @@ impl Health {
         self.pubsub_ok_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Seconds since the last pub/sub round trip, or since start when there was none.
+    pub fn pubsub_age_seconds(&self) -> f64 {
+        let ms = self
+            .pubsub_age_ms()
+            .unwrap_or_else(|| self.epoch.elapsed().as_millis() as u64);
+        ms as f64 / 1000.0
+    }
+
     /// Milliseconds since the last pub/sub round trip, if any.
     pub fn pubsub_age_ms(&self) -> Option<u64> {
         let at = self.pubsub_ok_ms.load(Ordering::Relaxed);
@@ -153,6 +172,7 @@ impl Health {
 pub struct Backplane {
     conn: ConnectionManager,
     timeout: Duration,
+    metrics: Metrics,
 }
 
 impl Backplane {
@@ -161,7 +181,7 @@ impl Backplane {
     ///
     /// # Errors
     /// When the URL cannot be used (validated earlier, so rare).
-    pub fn new(cfg: &RedisConfig) -> Result<Self, RedisFailure> {
+    pub fn new(cfg: &RedisConfig, metrics: Metrics) -> Result<Self, RedisFailure> {
         let client = redis::Client::open(cfg.url.as_str())?;
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
@@ -175,6 +195,7 @@ impl Backplane {
         Ok(Self {
             conn,
             timeout: Duration::from_millis(cfg.command_timeout_ms),
+            metrics,
         })
     }
 
@@ -187,10 +208,23 @@ impl Backplane {
         cmd: &redis::Cmd,
     ) -> Result<T, RedisFailure> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
-            Ok(result) => Ok(result?),
+        let result = match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(result) => result.map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        };
+        self.count(result)
+    }
+
+    /// Counts a failure in `wsbridge_redis_errors_total`; expected replies (an existing
+    /// consumer group) are not failures.
+    fn count<T>(&self, result: Result<T, RedisFailure>) -> Result<T, RedisFailure> {
+        if let Err(e) = &result {
+            let expected = matches!(e, RedisFailure::Redis(r) if r.code() == Some("BUSYGROUP"));
+            if !expected {
+                self.metrics.redis_error(e.kind()).increment(1);
+            }
         }
+        result
     }
 
     /// Runs a pipeline with the configured timeout.
@@ -202,10 +236,16 @@ impl Backplane {
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisFailure> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
-            Ok(result) => Ok(result?),
+        let result = match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+            Ok(result) => result.map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-        }
+        };
+        self.count(result)
+    }
+
+    /// The metric handles, for callers that see per-command failures inside a pipeline.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Publishes one payload on `channel`.

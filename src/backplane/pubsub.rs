@@ -95,6 +95,9 @@ pub async fn run(
             }
             Err(e) => {
                 metrics.pubsub_up.set(0.0);
+                metrics
+                    .redis_error(super::RedisFailure::from(e.clone()).kind())
+                    .increment(1);
                 health.failed(format!("pub/sub link: {e}"));
                 if first {
                     tracing::warn!(error = %e, "pub/sub link cannot connect; retrying with backoff");
@@ -127,8 +130,18 @@ pub async fn run(
                 .to_owned();
             match tokio::time::timeout(interval * 2, publish.query_async::<i64>(&mut conn)).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => break format!("health publish failed: {e}"),
-                Err(_) => break "health publish timed out".to_string(),
+                Ok(Err(e)) => {
+                    metrics
+                        .redis_error(super::RedisFailure::from(e.clone()).kind())
+                        .increment(1);
+                    break format!("health publish failed: {e}");
+                }
+                Err(_) => {
+                    metrics
+                        .redis_error(crate::metrics::RedisErrorKind::Timeout)
+                        .increment(1);
+                    break "health publish timed out".to_string();
+                }
             }
             match health.pubsub_age_ms() {
                 Some(age) if age <= cfg.unhealthy_after_ms => metrics.pubsub_up.set(1.0),

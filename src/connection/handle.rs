@@ -31,6 +31,21 @@ pub enum Reply {
     Pong(Vec<u8>),
 }
 
+impl Reply {
+    /// Payload length.
+    pub fn len(&self) -> usize {
+        match self {
+            Reply::Frame(bytes) => bytes.len(),
+            Reply::Pong(payload) => payload.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// How and why the connection is being closed.
 #[derive(Debug, Clone)]
 pub struct Closing {
@@ -142,6 +157,11 @@ impl ConnHandle {
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
         }
+    }
+
+    /// Messages waiting in the send queue.
+    pub fn queue_depth(&self) -> usize {
+        self.data_tx.max_capacity() - self.data_tx.capacity()
     }
 
     /// Queues a reply frame. A client that lets its replies pile up is closed with 1013.

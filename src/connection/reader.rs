@@ -69,6 +69,12 @@ pub async fn run<S: AsyncRead + Unpin>(
             // Closing: only the client's close frame matters now.
             continue;
         }
+        if matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
+            state
+                .metrics
+                .received_bytes
+                .increment(frame.payload.len() as u64);
+        }
         match frame.opcode {
             OpCode::Text => on_frame(protocol::decode_json(&frame.payload), handle, state),
             OpCode::Binary => on_frame(protocol::decode_msgpack(&frame.payload), handle, state),

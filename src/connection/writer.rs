@@ -39,6 +39,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
     // Created once: a fresh `cancelled()` future per wake-up would lock the token and register
     // a waiter every time.
     let mut closed = std::pin::pin!(handle.closed());
+    let mut sent_bytes = 0usize;
     loop {
         let result = tokio::select! {
             biased;
@@ -48,9 +49,13 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 let _ = ws.flush().await;
                 return;
             }
-            Some(reply) = queues.replies.recv() => write_reply(&mut ws, opcode, reply).await,
+            Some(reply) = queues.replies.recv() => {
+                sent_bytes += reply.len();
+                write_reply(&mut ws, opcode, reply).await
+            }
             Some(out) = queues.data.recv() => {
                 accepted.push(out.accepted_us);
+                sent_bytes += out.frame.len();
                 write_message(&mut ws, opcode, &out).await
             }
             _ = ping.tick() => {
@@ -70,9 +75,11 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 break;
             }
             if let Ok(reply) = queues.replies.try_recv() {
+                sent_bytes += reply.len();
                 result = write_reply(&mut ws, opcode, reply).await;
             } else if let Ok(out) = queues.data.try_recv() {
                 accepted.push(out.accepted_us);
+                sent_bytes += out.frame.len();
                 result = write_message(&mut ws, opcode, &out).await;
             } else {
                 break;
@@ -85,6 +92,8 @@ pub async fn run<S: AsyncWrite + Unpin>(
             handle.close(1000, &e.to_string(), CloseReason::Error);
             return;
         }
+        state.metrics.sent_bytes.increment(sent_bytes as u64);
+        sent_bytes = 0;
         if !accepted.is_empty() {
             state.metrics.deliveries.increment(accepted.len() as u64);
             let now = unix_us();

@@ -109,7 +109,11 @@ pub async fn run(
         match results {
             Ok(results) => {
                 for (request, result) in batch.drain(..).zip(results) {
-                    finish(request, result.map_err(RedisFailure::from), &metrics);
+                    let result = result.map_err(RedisFailure::from);
+                    if let Err(e) = &result {
+                        metrics.redis_error(e.kind()).increment(1);
+                    }
+                    finish(request, result, &metrics);
                 }
             }
             Err(e) => {

@@ -57,6 +57,13 @@ async fn redis_outage_is_reported_and_everything_recovers_without_restarts() {
         "{e}"
     );
 
+    assert!(
+        a.metric("wsbridge_redis_errors_total{kind=\"connection\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(a.metric("wsbridge_redis_up").await, 0.0);
+
     redis.restart();
 
     eventually("both replicas ready again", || async {

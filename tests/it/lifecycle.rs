@@ -331,6 +331,23 @@ async fn every_contract_metric_is_exported_with_its_type() {
         ("wsbridge_deliveries_total", "counter"),
         ("wsbridge_delivery_dropped_total", "counter"),
         ("wsbridge_delivery_latency_seconds", "histogram"),
+        // Beyond the contract, for operators.
+        ("wsbridge_redis_up", "gauge"),
+        ("wsbridge_pubsub_up", "gauge"),
+        ("wsbridge_pubsub_roundtrip_age_seconds", "gauge"),
+        ("wsbridge_pubsub_reconnects_total", "counter"),
+        ("wsbridge_redis_errors_total", "counter"),
+        ("wsbridge_events_failed_total", "counter"),
+        ("wsbridge_send_queue_depth", "histogram"),
+        ("wsbridge_received_bytes_total", "counter"),
+        ("wsbridge_sent_bytes_total", "counter"),
+        ("wsbridge_build_info", "gauge"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_threads", "gauge"),
+        ("process_start_time_seconds", "gauge"),
     ];
     for (name, kind) in expected {
         assert!(
@@ -351,6 +368,45 @@ async fn every_contract_metric_is_exported_with_its_type() {
         assert!(text.contains(labelled), "{labelled} missing");
     }
     assert!(gw.metric("wsbridge_stream_append_seconds_count").await >= 1.0);
+    assert!(text.contains(&format!(
+        "wsbridge_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(gw.metric("wsbridge_received_bytes_total").await > 0.0);
+    assert!(gw.metric("wsbridge_sent_bytes_total").await > 0.0);
+    assert!(gw.metric("process_resident_memory_bytes").await > 1e6);
+    let age = gw.metric("wsbridge_pubsub_roundtrip_age_seconds").await;
+    assert!((0.0..2.0).contains(&age), "round trip age {age}");
     assert!(gw.metric("wsbridge_filter_seconds_count").await >= 1.0);
     assert!(gw.metric("wsbridge_delivery_latency_seconds_count").await >= 1.0);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead;
+    let empty = std::env::temp_dir().join(format!("{}.toml", unique_prefix("empty")));
+    std::fs::write(&empty, "").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .arg("--config")
+        .arg(&empty)
+        .env("WSBRIDGE__LOG__FORMAT", "json")
+        .env("WSBRIDGE__SERVER__LISTEN", "127.0.0.1:0")
+        .env("WSBRIDGE__SERVER__API_LISTEN", "127.0.0.1:0")
+        .env(
+            "WSBRIDGE__REDIS__URL",
+            format!("redis://127.0.0.1:{}", free_port()),
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&empty);
+    let event: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(event["message"], "listening");
+    assert_eq!(event["level"], "INFO");
+    assert!(event["public"].as_str().unwrap().starts_with("127.0.0.1:"));
 }

@@ -1,7 +1,10 @@
 //! Every metric the gateway exports: names, help texts, buckets and pre-registered handles.
+//! Process metrics (`process_*`) are rendered by [`process`].
 //!
 //! Handles are registered once at start-up and cloned into the places that update them, so the
 //! hot path does an atomic add, never a registry lookup or a lock shared between connections.
+
+pub mod process;
 
 use std::collections::HashMap;
 
@@ -33,6 +36,12 @@ pub mod names {
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
     pub const PUBSUB_RECONNECTS: &str = "wsbridge_pubsub_reconnects_total";
+    pub const PUBSUB_ROUNDTRIP_AGE_SECONDS: &str = "wsbridge_pubsub_roundtrip_age_seconds";
+    pub const REDIS_ERRORS: &str = "wsbridge_redis_errors_total";
+    pub const SEND_QUEUE_DEPTH: &str = "wsbridge_send_queue_depth";
+    pub const RECEIVED_BYTES: &str = "wsbridge_received_bytes_total";
+    pub const SENT_BYTES: &str = "wsbridge_sent_bytes_total";
+    pub const BUILD_INFO: &str = "wsbridge_build_info";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -117,6 +126,31 @@ impl DropReason {
     }
 }
 
+/// What kind of Redis failure (label `kind` of `wsbridge_redis_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RedisErrorKind {
+    /// No answer in time.
+    Timeout,
+    /// Connecting failed or the connection broke.
+    Connection,
+    /// Redis answered with an error reply.
+    Server,
+}
+
+impl RedisErrorKind {
+    /// Every kind, for pre-registration.
+    pub const ALL: [RedisErrorKind; 3] = [Self::Timeout, Self::Connection, Self::Server];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connection => "connection",
+            Self::Server => "server",
+        }
+    }
+}
+
 /// Pre-registered handles for everything updated at run time.
 #[derive(Clone)]
 pub struct Metrics {
@@ -153,12 +187,22 @@ pub struct Metrics {
     pub pubsub_up: Gauge,
     /// Pub/sub link reconnections.
     pub pubsub_reconnects: Counter,
+    /// Seconds since the last pub/sub round trip (set at scrape time).
+    pub pubsub_roundtrip_age_seconds: Gauge,
+    redis_errors: HashMap<RedisErrorKind, Counter>,
+    /// Per-connection send-queue depth, sampled periodically for every connection.
+    pub send_queue_depth: Histogram,
+    /// Payload bytes of client frames read.
+    pub received_bytes: Counter,
+    /// Payload bytes of frames written to clients.
+    pub sent_bytes: Counter,
 }
 
 impl Metrics {
     /// Registers every metric with the installed recorder (streams are pre-registered by name).
     pub fn new(streams: &[String]) -> Self {
         describe();
+        metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Self {
             connections: metrics::gauge!(names::CONNECTIONS),
             connections_opened: metrics::counter!(names::CONNECTIONS_OPENED),
@@ -211,6 +255,19 @@ impl Metrics {
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
             pubsub_reconnects: metrics::counter!(names::PUBSUB_RECONNECTS),
+            pubsub_roundtrip_age_seconds: metrics::gauge!(names::PUBSUB_ROUNDTRIP_AGE_SECONDS),
+            redis_errors: RedisErrorKind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        *k,
+                        metrics::counter!(names::REDIS_ERRORS, "kind" => k.as_str()),
+                    )
+                })
+                .collect(),
+            send_queue_depth: metrics::histogram!(names::SEND_QUEUE_DEPTH),
+            received_bytes: metrics::counter!(names::RECEIVED_BYTES),
+            sent_bytes: metrics::counter!(names::SENT_BYTES),
         }
     }
 
@@ -222,6 +279,11 @@ impl Metrics {
     /// The dropped-deliveries counter for `reason`.
     pub fn dropped(&self, reason: DropReason) -> &Counter {
         &self.dropped[&reason]
+    }
+
+    /// The Redis-errors counter for `kind`.
+    pub fn redis_error(&self, kind: RedisErrorKind) -> &Counter {
+        &self.redis_errors[&kind]
     }
 
     /// The inbound counter for a configured stream.
@@ -251,6 +313,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let fanout = [
         0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0,
     ];
+    let depth = [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(names::FILTER_SECONDS.into()),
@@ -262,6 +325,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             &latency,
         )?
         .set_buckets_for_metric(Matcher::Full(names::FANOUT_RECIPIENTS.into()), &fanout)?
+        .set_buckets_for_metric(Matcher::Full(names::SEND_QUEUE_DEPTH.into()), &depth)?
         .install_recorder()?;
     Ok(handle)
 }
@@ -325,4 +389,31 @@ fn describe() {
         "1 while pub/sub round trips through Redis succeed, else 0."
     );
     describe_counter!(PUBSUB_RECONNECTS, "Reconnections of the pub/sub link.");
+    describe_gauge!(
+        PUBSUB_ROUNDTRIP_AGE_SECONDS,
+        Unit::Seconds,
+        "Seconds since the last health token came back through pub/sub (since start if none yet)."
+    );
+    describe_counter!(
+        REDIS_ERRORS,
+        "Failed Redis commands, by kind: timeout, connection, server."
+    );
+    describe_histogram!(
+        SEND_QUEUE_DEPTH,
+        "Messages waiting in a connection's send queue, sampled every 5 s for every connection."
+    );
+    describe_counter!(
+        RECEIVED_BYTES,
+        Unit::Bytes,
+        "Payload bytes of data frames read from clients."
+    );
+    describe_counter!(
+        SENT_BYTES,
+        Unit::Bytes,
+        "Payload bytes of frames written to clients."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label tells which build runs."
+    );
 }
