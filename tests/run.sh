@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # The one command that runs every test, on a fresh machine with only the Rust toolchain:
-# installs redis-server (Debian package) and the Python example's packages when missing,
+# installs redis-server and prometheus (Debian packages) and the Python example's packages
+# when missing,
 # then builds everything (examples included) and runs all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> installing redis-server"
+# Debian packages the tests run for real: Redis (the backplane) and Prometheus (the dashboard
+# test evaluates every panel's query against it).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 redis-server --version
+prometheus --version 2>&1 | head -1
 
 if [ -f examples/requirements.txt ]; then
   echo "==> installing the Python example's packages"
