@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::http::{error, json, text, HttpResponse};
 use crate::inbound::unix_us;
+use crate::metrics::Limit;
 use crate::outbound::envelope::{Batch, Item, Op, To};
 use crate::state::AppState;
 
@@ -37,6 +38,9 @@ pub enum ApiError {
     /// Body over `api.max_body_bytes`.
     #[error("request body is larger than api.max_body_bytes ({0} bytes)")]
     TooLarge(usize),
+    /// More messages in one call than `limits.max_batch_messages`.
+    #[error("the array holds more than limits.max_batch_messages ({0}) messages; split it")]
+    BatchTooLong(usize),
     /// Not JSON.
     #[error("request body is not valid JSON: {0}")]
     BadJson(String),
@@ -55,6 +59,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(..) => (405, "method_not_allowed"),
             ApiError::Unauthorized => (401, "unauthorized"),
             ApiError::TooLarge(_) => (413, "payload_too_large"),
+            ApiError::BatchTooLong(_) => (413, "batch_too_long"),
             ApiError::BadJson(_) => (400, "bad_json"),
             ApiError::BadRequest(_) => (400, "bad_request"),
             ApiError::Unavailable(_) => (503, "redis_unavailable"),
@@ -110,11 +115,23 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
         "/send" | "/subscribe" | "/unsubscribe" | "/disconnect" => {
             only(&req, Method::POST)?;
             authorize(&req, state)?;
-            let body = read_body(req, state.config.api.max_body_bytes).await?;
+            let body = read_body(req, state.config.api.max_body_bytes)
+                .await
+                .inspect_err(|e| {
+                    if matches!(e, ApiError::TooLarge(_)) {
+                        state.metrics.refused(Limit::BodySize).increment(1);
+                    }
+                })?;
             let raw: &RawValue =
                 serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
             let items = match path.as_str() {
-                "/send" => send_items(raw)?,
+                "/send" => {
+                    send_items(raw, state.config.limits.max_batch_messages).inspect_err(|e| {
+                        if matches!(e, ApiError::BatchTooLong(_)) {
+                            state.metrics.refused(Limit::Batch).increment(1);
+                        }
+                    })?
+                }
                 "/subscribe" => vec![membership_item(raw, Op::Subscribe)?],
                 "/unsubscribe" => vec![membership_item(raw, Op::Unsubscribe)?],
                 _ => vec![disconnect_item(raw)?],
@@ -198,7 +215,7 @@ struct SendMessage<'a> {
 }
 
 /// Parses a `/send` body: one message or a non-empty array of them.
-fn send_items(raw: &RawValue) -> Result<Vec<Item<'_>>, ApiError> {
+fn send_items(raw: &RawValue, max_batch: usize) -> Result<Vec<Item<'_>>, ApiError> {
     let text = raw.get();
     let messages: Vec<SendMessage> = if text.trim_start().starts_with('[') {
         serde_json::from_str(text)
@@ -209,6 +226,9 @@ fn send_items(raw: &RawValue) -> Result<Vec<Item<'_>>, ApiError> {
     };
     if messages.is_empty() {
         return Err(ApiError::BadRequest("the array holds no messages".into()));
+    }
+    if messages.len() > max_batch {
+        return Err(ApiError::BatchTooLong(max_batch));
     }
     let many = messages.len() > 1;
     messages

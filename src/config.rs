@@ -54,6 +54,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Client authentication.
     pub auth: AuthConfig,
+    /// Limits that protect a replica from clients and backends.
+    pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
     /// Per-channel-pattern settings.
@@ -78,8 +80,6 @@ pub struct ServerConfig {
     pub idle_timeout_seconds: u64,
     /// How long shutdown waits for connections to close before exiting anyway.
     pub shutdown_drain_seconds: u64,
-    /// Largest client frame accepted; a larger one closes the connection with 1009.
-    pub max_frame_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -92,7 +92,41 @@ impl Default for ServerConfig {
             ping_interval_seconds: 25,
             idle_timeout_seconds: 60,
             shutdown_drain_seconds: 10,
-            max_frame_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[limits]`: every refusal is answered (close code, error frame or HTTP status) and counted in
+/// `wsbridge_limit_refusals_total{limit}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest client message (a frame, or all fragments of a message together): 1009 beyond.
+    pub max_message_bytes: usize,
+    /// Open WebSocket connections per replica; upgrades beyond get HTTP 503.
+    pub max_connections: usize,
+    /// Channels one connection may be in; `too_many_subscriptions` beyond.
+    pub max_subscriptions_per_connection: usize,
+    /// Sustained client frames per second per connection (token bucket); `rate_limited` beyond.
+    pub client_messages_per_second: u32,
+    /// Frames a connection may send in a burst above the sustained rate.
+    pub client_burst_messages: u32,
+    /// Time a client has to send its upgrade request headers.
+    pub handshake_timeout_seconds: u64,
+    /// Messages in one `POST /send` array; 413 beyond.
+    pub max_batch_messages: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            max_connections: 100_000,
+            max_subscriptions_per_connection: 1000,
+            client_messages_per_second: 100,
+            client_burst_messages: 200,
+            handshake_timeout_seconds: 10,
+            max_batch_messages: 10_000,
         }
     }
 }
@@ -372,7 +406,31 @@ impl Config {
             "server.idle_timeout_seconds",
             self.server.idle_timeout_seconds,
         )?;
-        positive("server.max_frame_bytes", self.server.max_frame_bytes as u64)?;
+        positive(
+            "limits.max_message_bytes",
+            self.limits.max_message_bytes as u64,
+        )?;
+        positive("limits.max_connections", self.limits.max_connections as u64)?;
+        positive(
+            "limits.max_subscriptions_per_connection",
+            self.limits.max_subscriptions_per_connection as u64,
+        )?;
+        positive(
+            "limits.client_messages_per_second",
+            self.limits.client_messages_per_second as u64,
+        )?;
+        positive(
+            "limits.client_burst_messages",
+            self.limits.client_burst_messages as u64,
+        )?;
+        positive(
+            "limits.handshake_timeout_seconds",
+            self.limits.handshake_timeout_seconds,
+        )?;
+        positive(
+            "limits.max_batch_messages",
+            self.limits.max_batch_messages as u64,
+        )?;
         redis::Client::open(self.redis.url.as_str()).map_err(|e| {
             ConfigError::key(
                 "redis.url",

@@ -11,20 +11,25 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::metrics::{Limit, Metrics};
 
 /// Response type of every handler.
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Accepts connections until `stop`, serving each with `handler`. In-flight requests finish;
-/// idle keep-alive connections are closed when `stop` fires.
+/// idle keep-alive connections are closed when `stop` fires. A client that does not send its
+/// request headers within `header_timeout` is disconnected and counted.
 pub async fn serve<H, F>(
     listener: TcpListener,
     stop: CancellationToken,
     tracker: TaskTracker,
+    header_timeout: Duration,
+    metrics: Metrics,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -52,9 +57,12 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let stop = stop.clone();
+        let metrics = metrics.clone();
         tracker.spawn(async move {
             let service = service_fn(move |req| handler(req, peer));
             let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
@@ -66,6 +74,9 @@ pub async fn serve<H, F>(
                 }
             };
             if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.refused(Limit::HandshakeTimeout).increment(1);
+                }
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
         });

@@ -105,6 +105,7 @@ pub async fn run(
         metrics: metrics.clone(),
         prometheus: prometheus.clone(),
         connections: TaskTracker::new(),
+        connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         stopping: stopping.clone(),
     }
     .shared();
@@ -165,10 +166,13 @@ pub async fn run(
         "listening"
     );
     let public_state = state.clone();
+    let header_timeout = Duration::from_secs(config.limits.handshake_timeout_seconds);
     tasks.spawn(http::serve(
         public_listener,
         stopping.clone(),
         http_conns.clone(),
+        header_timeout,
+        metrics.clone(),
         move |req, peer| public::handle(req, peer, public_state.clone()),
     ));
     let api_state = state.clone();
@@ -176,6 +180,8 @@ pub async fn run(
         api_listener,
         background.clone(),
         http_conns.clone(),
+        header_timeout,
+        metrics.clone(),
         move |req, peer| api::handle(req, peer, api_state.clone()),
     ));
 

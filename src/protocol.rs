@@ -99,11 +99,17 @@ pub enum ErrorCode {
     Overloaded,
     /// Redis did not store the entry.
     RedisUnavailable,
+    /// The connection sends faster than `limits.client_messages_per_second`.
+    RateLimited,
+    /// The connection is in `limits.max_subscriptions_per_connection` channels already.
+    TooManySubscriptions,
 }
 
 impl ErrorCode {
     /// Every code, for pre-registering counters.
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::RateLimited,
+        ErrorCode::TooManySubscriptions,
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::BadRequest,
@@ -123,6 +129,8 @@ impl ErrorCode {
             ErrorCode::ChannelNotAllowed => "channel_not_allowed",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::RedisUnavailable => "redis_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
         }
     }
 }

@@ -11,6 +11,7 @@ use hyper::Request;
 use crate::auth::AuthError;
 use crate::connection;
 use crate::http::{error, HttpResponse};
+use crate::metrics::Limit;
 use crate::protocol::{Encoding, MSGPACK_SUBPROTOCOL};
 use crate::state::AppState;
 
@@ -54,6 +55,15 @@ pub async fn handle(
             }
         }
     }
+    // The permit is taken before the upgrade and held by the connection until it ends.
+    let Ok(permit) = state.connection_permits.clone().try_acquire_owned() else {
+        state.metrics.refused(Limit::Connections).increment(1);
+        return Ok(error(
+            503,
+            "too_many_connections",
+            "this replica holds limits.max_connections connections; retry or connect to another",
+        ));
+    };
     let identity = match state.auth.authenticate(token(&req).as_deref()) {
         Ok(identity) => identity,
         Err(e @ (AuthError::Missing | AuthError::Invalid(_))) => {
@@ -75,6 +85,7 @@ pub async fn handle(
             Ok(ws) => connection::serve(ws.into_inner(), state2, identity, encoding).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
         }
+        drop(permit);
     });
     let (mut parts, _) = response.into_parts();
     if encoding == Encoding::Msgpack {

@@ -26,6 +26,10 @@ pub enum Target<'a> {
     All,
 }
 
+/// A connection is in as many channels as it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyChannels;
+
 type Index = DashMap<Arc<str>, HashMap<u64, Arc<ConnHandle>>>;
 
 /// The connection registry of one replica.
@@ -96,11 +100,23 @@ impl Registry {
         }
     }
 
-    /// Joins `channel`. Returns false when the connection was already in it or has been removed.
-    pub fn subscribe(&self, handle: &Arc<ConnHandle>, channel: &str) -> bool {
+    /// Joins `channel`. Returns `Ok(false)` when the connection was already in it or has been
+    /// removed.
+    ///
+    /// # Errors
+    /// [`TooManyChannels`] when the connection is in `max` channels already.
+    pub fn subscribe(
+        &self,
+        handle: &Arc<ConnHandle>,
+        channel: &str,
+        max: usize,
+    ) -> Result<bool, TooManyChannels> {
         let mut membership = handle.channels.lock().expect("channel set lock");
         if membership.removed || membership.joined.contains(channel) {
-            return false;
+            return Ok(false);
+        }
+        if membership.joined.len() >= max {
+            return Err(TooManyChannels);
         }
         let channel: Arc<str> = Arc::from(channel);
         membership.joined.insert(channel.clone());
@@ -108,7 +124,7 @@ impl Registry {
             .entry(channel)
             .or_default()
             .insert(handle.seq, handle.clone());
-        true
+        Ok(true)
     }
 
     /// Leaves `channel`. Returns false when the connection was not in it.

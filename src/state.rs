@@ -36,6 +36,8 @@ pub struct AppState {
     pub prometheus: PrometheusHandle,
     /// Every WebSocket connection task, for the drain at shutdown.
     pub connections: TaskTracker,
+    /// One permit per open WebSocket connection (`limits.max_connections`).
+    pub connection_permits: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the replica stops accepting.
     pub stopping: CancellationToken,
 }

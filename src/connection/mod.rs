@@ -5,6 +5,7 @@
 //! half and everything sent to the client goes through it — messages, replies, pongs, pings and the
 //! close frame — so frames are never interleaved.
 
+mod assembler;
 mod handle;
 mod reader;
 mod writer;

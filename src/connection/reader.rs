@@ -1,15 +1,16 @@
-//! The read side: frames from the client, decoded and acted on.
+//! The read side: frames from the client, reassembled, rate limited, decoded and acted on.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
 use tokio::io::AsyncRead;
 
+use super::assembler::{AssembleError, Assembler};
 use super::{ConnHandle, Reply};
 use crate::inbound::Event;
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, Limit};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
@@ -26,13 +27,19 @@ pub async fn run<S: AsyncRead + Unpin>(
     last_seen: &AtomicU64,
     started: Instant,
 ) {
+    let limits = &state.config.limits;
     // Close frames are validated and answered here (the writer sends the answer), not by the
     // library, which answers some invalid close frames with 1000.
     ws.set_auto_close(false);
     ws.set_auto_pong(true);
-    // A frame over the limit fails the read with FrameTooLarge, answered below with 1009.
-    ws.set_max_message_size(state.config.server.max_frame_bytes);
-    let mut ws = FragmentCollectorRead::new(ws);
+    // A single frame over the limit fails the read with FrameTooLarge (answered with 1009);
+    // the assembler applies the same limit to fragmented messages as a whole.
+    ws.set_max_message_size(limits.max_message_bytes);
+    let mut assembler = Assembler::new(limits.max_message_bytes);
+    let mut bucket = TokenBucket::new(
+        limits.client_messages_per_second,
+        limits.client_burst_messages,
+    );
     loop {
         let frame = ws
             .read_frame(&mut |pong: Frame<'_>| {
@@ -52,7 +59,10 @@ pub async fn run<S: AsyncRead + Unpin>(
             Ok(frame) => frame,
             Err(e) => {
                 let (code, why) = match e {
-                    WebSocketError::FrameTooLarge => (1009, CloseReason::Protocol),
+                    WebSocketError::FrameTooLarge => {
+                        state.metrics.refused(Limit::MessageSize).increment(1);
+                        (1009, CloseReason::Protocol)
+                    }
                     WebSocketError::InvalidUTF8 => (1007, CloseReason::Protocol),
                     WebSocketError::UnexpectedEOF
                     | WebSocketError::IoError(_)
@@ -69,21 +79,37 @@ pub async fn run<S: AsyncRead + Unpin>(
             // Closing: only the client's close frame matters now.
             continue;
         }
-        if matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
-            state
-                .metrics
-                .received_bytes
-                .increment(frame.payload.len() as u64);
-        }
-        match frame.opcode {
-            OpCode::Text => on_frame(protocol::decode_json(&frame.payload), handle, state),
-            OpCode::Binary => on_frame(protocol::decode_msgpack(&frame.payload), handle, state),
+        let message = match frame.opcode {
             OpCode::Close => {
                 let (code, reason) = close_answer(&frame.payload);
                 handle.close(code, reason, CloseReason::Client);
                 return;
             }
-            OpCode::Ping | OpCode::Pong | OpCode::Continuation => {}
+            OpCode::Ping | OpCode::Pong => continue,
+            // An unfragmented message needs no copy.
+            OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
+                on_message(frame.opcode, &frame.payload, handle, state, &mut bucket);
+                continue;
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                assembler.push(frame.fin, frame.opcode, &frame.payload)
+            }
+        };
+        match message {
+            Ok(Some((opcode, payload))) => on_message(opcode, &payload, handle, state, &mut bucket),
+            Ok(None) => {}
+            Err(e) => {
+                let (code, reason) = match e {
+                    AssembleError::TooLarge => {
+                        state.metrics.refused(Limit::MessageSize).increment(1);
+                        (1009, "message larger than limits.max_message_bytes")
+                    }
+                    AssembleError::InvalidUtf8 => (1007, "text message is not UTF-8"),
+                    AssembleError::Protocol(what) => (1002, what),
+                };
+                handle.close(code, reason, CloseReason::Protocol);
+                return;
+            }
         }
     }
 }
@@ -107,8 +133,60 @@ fn close_answer(payload: &[u8]) -> (u16, &'static str) {
     }
 }
 
-fn on_frame(decoded: Result<ClientFrame, FrameError>, handle: &Arc<ConnHandle>, state: &AppState) {
+/// A token bucket: `rate` frames per second sustained, `burst` at once.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn on_message(
+    opcode: OpCode,
+    payload: &[u8],
+    handle: &Arc<ConnHandle>,
+    state: &AppState,
+    bucket: &mut TokenBucket,
+) {
+    state.metrics.received_bytes.increment(payload.len() as u64);
+    let decoded = if opcode == OpCode::Text {
+        protocol::decode_json(payload)
+    } else {
+        protocol::decode_msgpack(payload)
+    };
     let result = match decoded {
+        Ok(_) if !bucket.take() => {
+            state.metrics.refused(Limit::Rate).increment(1);
+            Err(FrameError::new(
+                frame_id(&decoded),
+                ErrorCode::RateLimited,
+                "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
+            ))
+        }
         Ok(frame) => act(frame, handle, state),
         Err(e) => Err(e),
     };
@@ -119,6 +197,15 @@ fn on_frame(decoded: Result<ClientFrame, FrameError>, handle: &Arc<ConnHandle>, 
             code: e.code.as_str(),
             message: &e.message,
         });
+    }
+}
+
+fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::FrameId> {
+    match decoded {
+        Ok(ClientFrame::Send { id, .. })
+        | Ok(ClientFrame::Subscribe { id, .. })
+        | Ok(ClientFrame::Unsubscribe { id, .. }) => id.clone(),
+        Err(e) => e.id.clone(),
     }
 }
 
@@ -138,8 +225,18 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                     format!("the token's channels claim does not allow `{channel}`"),
                 ));
             }
-            if state.registry.subscribe(handle, &channel) {
-                state.inbound.event(handle, Event::Subscribe(&channel));
+            let max = state.config.limits.max_subscriptions_per_connection;
+            match state.registry.subscribe(handle, &channel, max) {
+                Ok(true) => state.inbound.event(handle, Event::Subscribe(&channel)),
+                Ok(false) => {}
+                Err(_) => {
+                    state.metrics.refused(Limit::Subscriptions).increment(1);
+                    return Err(FrameError::new(
+                        id,
+                        ErrorCode::TooManySubscriptions,
+                        format!("a connection may be in at most {max} channels (limits.max_subscriptions_per_connection)"),
+                    ));
+                }
             }
             // No history is kept yet, so a resume request cannot be honoured: say so.
             handle.reply(&ServerFrame::Subscribed {

@@ -42,6 +42,7 @@ pub mod names {
     pub const RECEIVED_BYTES: &str = "wsbridge_received_bytes_total";
     pub const SENT_BYTES: &str = "wsbridge_sent_bytes_total";
     pub const BUILD_INFO: &str = "wsbridge_build_info";
+    pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -126,6 +127,51 @@ impl DropReason {
     }
 }
 
+/// Which limit refused something (label `limit` of `wsbridge_limit_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// `limits.max_message_bytes`.
+    MessageSize,
+    /// `limits.max_connections`.
+    Connections,
+    /// `limits.max_subscriptions_per_connection`.
+    Subscriptions,
+    /// `limits.client_messages_per_second`.
+    Rate,
+    /// `limits.handshake_timeout_seconds`.
+    HandshakeTimeout,
+    /// `limits.max_batch_messages`.
+    Batch,
+    /// `api.max_body_bytes`.
+    BodySize,
+}
+
+impl Limit {
+    /// Every limit, for pre-registration.
+    pub const ALL: [Limit; 7] = [
+        Self::MessageSize,
+        Self::Connections,
+        Self::Subscriptions,
+        Self::Rate,
+        Self::HandshakeTimeout,
+        Self::Batch,
+        Self::BodySize,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MessageSize => "message_size",
+            Self::Connections => "connections",
+            Self::Subscriptions => "subscriptions",
+            Self::Rate => "rate",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::Batch => "batch",
+            Self::BodySize => "body_size",
+        }
+    }
+}
+
 /// What kind of Redis failure (label `kind` of `wsbridge_redis_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RedisErrorKind {
@@ -196,6 +242,7 @@ pub struct Metrics {
     pub received_bytes: Counter,
     /// Payload bytes of frames written to clients.
     pub sent_bytes: Counter,
+    limit_refusals: HashMap<Limit, Counter>,
 }
 
 impl Metrics {
@@ -268,6 +315,15 @@ impl Metrics {
             send_queue_depth: metrics::histogram!(names::SEND_QUEUE_DEPTH),
             received_bytes: metrics::counter!(names::RECEIVED_BYTES),
             sent_bytes: metrics::counter!(names::SENT_BYTES),
+            limit_refusals: Limit::ALL
+                .iter()
+                .map(|l| {
+                    (
+                        *l,
+                        metrics::counter!(names::LIMIT_REFUSALS, "limit" => l.as_str()),
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -279,6 +335,11 @@ impl Metrics {
     /// The dropped-deliveries counter for `reason`.
     pub fn dropped(&self, reason: DropReason) -> &Counter {
         &self.dropped[&reason]
+    }
+
+    /// The refusals counter for `limit`.
+    pub fn refused(&self, limit: Limit) -> &Counter {
+        &self.limit_refusals[&limit]
     }
 
     /// The Redis-errors counter for `kind`.
@@ -415,5 +476,9 @@ fn describe() {
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label tells which build runs."
+    );
+    describe_counter!(
+        LIMIT_REFUSALS,
+        "Requests, frames and connections refused by a configured limit."
     );
 }

@@ -87,7 +87,9 @@ impl Dispatcher {
                 self.registry.recipients(target, &mut self.scratch);
                 for conn in self.scratch.drain(..) {
                     if item.op == Op::Subscribe {
-                        if self.registry.subscribe(&conn, channel) {
+                        // A backend's subscribe is not bound by the per-connection limit, which
+                        // protects the replica from clients.
+                        if self.registry.subscribe(&conn, channel, usize::MAX) == Ok(true) {
                             self.inbound.event(&conn, Event::Subscribe(channel));
                         }
                         conn.reply(&ServerFrame::Subscribed {

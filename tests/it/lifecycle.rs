@@ -279,7 +279,7 @@ async fn a_frame_over_the_size_limit_closes_with_1009_and_others_are_unaffected(
     let gw = Gateway::start_with(
         &redis,
         &prefix,
-        &[("WSBRIDGE__SERVER__MAX_FRAME_BYTES", "1024")],
+        &[("WSBRIDGE__LIMITS__MAX_MESSAGE_BYTES", "1024")],
     )
     .await;
     let mut big = Client::connect(&gw).await;
