@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every test, on a fresh machine with only the Rust toolchain:
 # installs redis-server and prometheus (Debian packages) and the Python example's packages
-# when missing,
-# then builds everything (examples included) and runs all tests.
+# when missing, then builds everything (examples included), runs the Autobahn conformance
+# cases against the gateway's WebSocket layer (tests/autobahn.sh) and all Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,5 +28,8 @@ fi
 
 echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
 cargo build --examples
+echo "==> RFC 6455 conformance (Autobahn TestSuite)"
+bash tests/autobahn.sh
+
 echo "==> cargo test"
 cargo test --all-targets "$@"

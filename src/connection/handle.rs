@@ -29,6 +29,8 @@ pub enum Reply {
     Frame(Bytes),
     /// A pong answering the client's ping.
     Pong(Vec<u8>),
+    /// A data frame with its own opcode (the conformance echo only).
+    Data(fastwebsockets::OpCode, Bytes),
 }
 
 impl Reply {
@@ -37,6 +39,7 @@ impl Reply {
         match self {
             Reply::Frame(bytes) => bytes.len(),
             Reply::Pong(payload) => payload.len(),
+            Reply::Data(_, bytes) => bytes.len(),
         }
     }
 
@@ -181,6 +184,12 @@ impl ConnHandle {
             }
             Err(TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues a reply, waiting for room: backpressure for the conformance echo, which must
+    /// answer every message rather than apply a policy.
+    pub async fn reply_wait(&self, reply: Reply) {
+        let _ = self.reply_tx.send(reply).await;
     }
 
     /// Asks the connection to close. The first request wins; later ones are ignored.

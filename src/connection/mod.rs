@@ -21,9 +21,12 @@ use hyper_util::rt::TokioIo;
 
 pub use handle::{Closing, ConnHandle, Membership, Outgoing, Queues, Reply};
 
+use reader::{EchoSink, GatewaySink, MessageSink};
+
 use crate::auth::Identity;
+use crate::config::LimitsConfig;
 use crate::inbound::Event;
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
 
@@ -66,36 +69,21 @@ pub async fn serve(
     state.inbound.event(&handle, Event::Connect);
     tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), "connection opened");
 
-    let started = Instant::now();
-    let last_seen = AtomicU64::new(0);
-    let (read_half, write_half) = tokio::io::split(io);
-    let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
-        read_half,
-        tokio::io::BufWriter::new(write_half),
-        fastwebsockets::Role::Server,
-    );
-    let mut reader = pin!(reader::run(ws_read, &handle, &state, &last_seen, started).fuse());
-    let mut writer =
-        pin!(writer::run(ws_write, queues, &handle, &state, &last_seen, started).fuse());
-    let expiry = until_expiry(expires_at);
-
-    tokio::select! {
-        _ = &mut reader => {}
-        _ = &mut writer => {}
-        _ = handle.closed() => {}
-        _ = expiry => handle.close(1008, "token expired", CloseReason::TokenExpired),
-    }
-    // Whatever ended first has said why; this only fills in when nothing did.
-    handle.close(1000, "", CloseReason::Error);
-    // Let the writer send the close frame, then wait for the client's close frame, within reason.
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        if !writer.is_terminated() {
-            (&mut writer).await;
-        }
-        if !reader.is_terminated() {
-            (&mut reader).await;
-        }
-    })
+    let timing = Timing {
+        ping_every: Duration::from_secs(config.server.ping_interval_seconds),
+        idle: Duration::from_secs(config.server.idle_timeout_seconds),
+    };
+    let mut sink = GatewaySink::new(&handle, &state);
+    drive(
+        io,
+        &handle,
+        queues,
+        &config.limits,
+        timing,
+        &state.metrics,
+        &mut sink,
+        until_expiry(expires_at),
+    )
     .await;
 
     let closing = handle
@@ -118,6 +106,97 @@ pub async fn serve(
         reason = closing.why.as_str(),
         "connection closed"
     );
+}
+
+/// Ping and idle settings of the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often the writer pings.
+    pub ping_every: Duration,
+    /// How long a silent client is kept.
+    pub idle: Duration,
+}
+
+/// Runs the reader and the writer of one connection until it closes, including the closing
+/// handshake: the writer sends our close frame, then the reader waits for the client's, both
+/// within [`CLOSE_GRACE`]. `expiry` resolving closes the connection with 1008.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    io: TokioIo<Upgraded>,
+    handle: &ConnHandle,
+    queues: Queues,
+    limits: &LimitsConfig,
+    timing: Timing,
+    metrics: &Metrics,
+    sink: &mut impl MessageSink,
+    expiry: impl std::future::Future<Output = ()>,
+) {
+    let started = Instant::now();
+    let last_seen = AtomicU64::new(0);
+    let (read_half, write_half) = tokio::io::split(io);
+    let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
+        read_half,
+        tokio::io::BufWriter::new(write_half),
+        fastwebsockets::Role::Server,
+    );
+    let mut reader =
+        pin!(reader::run(ws_read, handle, limits, metrics, &last_seen, started, sink).fuse());
+    let mut writer =
+        pin!(writer::run(ws_write, queues, handle, timing, metrics, &last_seen, started).fuse());
+
+    tokio::select! {
+        _ = &mut reader => {}
+        _ = &mut writer => {}
+        _ = handle.closed() => {}
+        _ = expiry => handle.close(1008, "token expired", CloseReason::TokenExpired),
+    }
+    // Whatever ended first has said why; this only fills in when nothing did.
+    handle.close(1000, "", CloseReason::Error);
+    // Let the writer send the close frame, then wait for the client's close frame, within reason.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if !writer.is_terminated() {
+            (&mut writer).await;
+        }
+        if !reader.is_terminated() {
+            (&mut reader).await;
+        }
+    })
+    .await;
+}
+
+/// Echoes every message back on an upgraded connection, through the same socket layer the
+/// gateway uses (framing, fragment assembly, limits, close handshake, pings).
+///
+/// For RFC 6455 conformance testing only (`examples/autobahn_echo.rs` runs the Autobahn
+/// TestSuite against it). The `wsbridge` binary never routes a request here.
+pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
+    let metrics = Metrics::new(&[]);
+    let (handle, queues) = ConnHandle::new(
+        0,
+        Arc::from("echo"),
+        Identity::default(),
+        Encoding::Json,
+        16,
+        1024,
+        crate::config::QueueFullPolicy::Drop,
+        metrics.clone(),
+    );
+    let timing = Timing {
+        ping_every: Duration::from_secs(60),
+        idle: Duration::from_secs(600),
+    };
+    let mut sink = EchoSink { handle: &handle };
+    drive(
+        io,
+        &handle,
+        queues,
+        &limits,
+        timing,
+        &metrics,
+        &mut sink,
+        std::future::pending(),
+    )
+    .await;
 }
 
 async fn until_expiry(expires_at: Option<u64>) {

@@ -1,4 +1,5 @@
-//! The read side: frames from the client, reassembled, rate limited, decoded and acted on.
+//! The read side: frames from the client, reassembled within limits, handed to a
+//! [`MessageSink`] — the gateway protocol ([`GatewaySink`]) or the conformance echo.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,8 +10,9 @@ use tokio::io::AsyncRead;
 
 use super::assembler::{AssembleError, Assembler};
 use super::{ConnHandle, Reply};
+use crate::config::LimitsConfig;
 use crate::inbound::Event;
-use crate::metrics::{CloseReason, Limit};
+use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
@@ -18,16 +20,23 @@ use crate::state::AppState;
 #[error("reply queue full")]
 struct ReplyQueueFull;
 
+/// What a connection does with each complete message from its client.
+pub(crate) trait MessageSink {
+    /// Acts on one message (Text or Binary).
+    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]);
+}
+
 /// Reads until the client closes, the socket fails, or the protocol is broken; records why
 /// through [`ConnHandle::close`].
-pub async fn run<S: AsyncRead + Unpin>(
+pub(crate) async fn run<S: AsyncRead + Unpin>(
     mut ws: WebSocketRead<S>,
-    handle: &Arc<ConnHandle>,
-    state: &AppState,
+    handle: &ConnHandle,
+    limits: &LimitsConfig,
+    metrics: &Metrics,
     last_seen: &AtomicU64,
     started: Instant,
+    sink: &mut impl MessageSink,
 ) {
-    let limits = &state.config.limits;
     // Close frames are validated and answered here (the writer sends the answer), not by the
     // library, which answers some invalid close frames with 1000.
     ws.set_auto_close(false);
@@ -36,10 +45,6 @@ pub async fn run<S: AsyncRead + Unpin>(
     // the assembler applies the same limit to fragmented messages as a whole.
     ws.set_max_message_size(limits.max_message_bytes);
     let mut assembler = Assembler::new(limits.max_message_bytes);
-    let mut bucket = TokenBucket::new(
-        limits.client_messages_per_second,
-        limits.client_burst_messages,
-    );
     loop {
         let frame = ws
             .read_frame(&mut |pong: Frame<'_>| {
@@ -60,7 +65,7 @@ pub async fn run<S: AsyncRead + Unpin>(
             Err(e) => {
                 let (code, why) = match e {
                     WebSocketError::FrameTooLarge => {
-                        state.metrics.refused(Limit::MessageSize).increment(1);
+                        metrics.refused(Limit::MessageSize).increment(1);
                         (1009, CloseReason::Protocol)
                     }
                     WebSocketError::InvalidUTF8 => (1007, CloseReason::Protocol),
@@ -82,13 +87,19 @@ pub async fn run<S: AsyncRead + Unpin>(
         let message = match frame.opcode {
             OpCode::Close => {
                 let (code, reason) = close_answer(&frame.payload);
-                handle.close(code, reason, CloseReason::Client);
+                let why = if code == 1002 || code == 1007 {
+                    CloseReason::Protocol
+                } else {
+                    CloseReason::Client
+                };
+                handle.close(code, reason, why);
                 return;
             }
             OpCode::Ping | OpCode::Pong => continue,
             // An unfragmented message needs no copy.
             OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
-                on_message(frame.opcode, &frame.payload, handle, state, &mut bucket);
+                metrics.received_bytes.increment(frame.payload.len() as u64);
+                sink.on_message(frame.opcode, &frame.payload).await;
                 continue;
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -96,12 +107,15 @@ pub async fn run<S: AsyncRead + Unpin>(
             }
         };
         match message {
-            Ok(Some((opcode, payload))) => on_message(opcode, &payload, handle, state, &mut bucket),
+            Ok(Some((opcode, payload))) => {
+                metrics.received_bytes.increment(payload.len() as u64);
+                sink.on_message(opcode, &payload).await;
+            }
             Ok(None) => {}
             Err(e) => {
                 let (code, reason) = match e {
                     AssembleError::TooLarge => {
-                        state.metrics.refused(Limit::MessageSize).increment(1);
+                        metrics.refused(Limit::MessageSize).increment(1);
                         (1009, "message larger than limits.max_message_bytes")
                     }
                     AssembleError::InvalidUtf8 => (1007, "text message is not UTF-8"),
@@ -119,6 +133,8 @@ fn close_answer(payload: &[u8]) -> (u16, &'static str) {
     match payload.len() {
         0 => (1000, ""),
         1 => (1002, "close frame with a 1-byte payload"),
+        // Control frames carry at most 125 bytes (RFC 6455 §5.5); the library checks pings only.
+        126.. => (1002, "close frame longer than 125 bytes"),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
@@ -165,6 +181,47 @@ impl TokenBucket {
     }
 }
 
+/// The gateway protocol: decode, rate limit, act, answer.
+pub(crate) struct GatewaySink<'a> {
+    handle: &'a Arc<ConnHandle>,
+    state: &'a AppState,
+    bucket: TokenBucket,
+}
+
+impl<'a> GatewaySink<'a> {
+    /// A sink for one gateway connection.
+    pub(crate) fn new(handle: &'a Arc<ConnHandle>, state: &'a AppState) -> Self {
+        let limits = &state.config.limits;
+        Self {
+            handle,
+            state,
+            bucket: TokenBucket::new(
+                limits.client_messages_per_second,
+                limits.client_burst_messages,
+            ),
+        }
+    }
+}
+
+impl MessageSink for GatewaySink<'_> {
+    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        on_message(opcode, payload, self.handle, self.state, &mut self.bucket);
+    }
+}
+
+/// The conformance echo: every message goes back unchanged, with backpressure.
+pub(crate) struct EchoSink<'a> {
+    /// The connection to answer on.
+    pub(crate) handle: &'a ConnHandle,
+}
+
+impl MessageSink for EchoSink<'_> {
+    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        let bytes = bytes::Bytes::copy_from_slice(payload);
+        self.handle.reply_wait(Reply::Data(opcode, bytes)).await;
+    }
+}
+
 fn on_message(
     opcode: OpCode,
     payload: &[u8],
@@ -172,7 +229,6 @@ fn on_message(
     state: &AppState,
     bucket: &mut TokenBucket,
 ) {
-    state.metrics.received_bytes.increment(payload.len() as u64);
     let decoded = if opcode == OpCode::Text {
         protocol::decode_json(payload)
     } else {

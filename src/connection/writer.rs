@@ -4,16 +4,16 @@
 //! messages costs one socket write rather than one per frame.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
 use tokio::io::AsyncWrite;
 
+use super::Timing;
 use super::{ConnHandle, Outgoing, Queues, Reply};
 use crate::inbound::unix_us;
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::Encoding;
-use crate::state::AppState;
 
 /// Frames written per wake-up before flushing, so one busy connection cannot starve the flush.
 const BURST: usize = 64;
@@ -23,12 +23,13 @@ pub async fn run<S: AsyncWrite + Unpin>(
     mut ws: WebSocketWrite<S>,
     mut queues: Queues,
     handle: &ConnHandle,
-    state: &AppState,
+    timing: Timing,
+    metrics: &Metrics,
     last_seen: &AtomicU64,
     started: Instant,
 ) {
-    let ping_every = Duration::from_secs(state.config.server.ping_interval_seconds);
-    let idle_ms = state.config.server.idle_timeout_seconds * 1000;
+    let ping_every = timing.ping_every;
+    let idle_ms = timing.idle.as_millis() as u64;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let opcode = match handle.encoding {
@@ -92,14 +93,14 @@ pub async fn run<S: AsyncWrite + Unpin>(
             handle.close(1000, &e.to_string(), CloseReason::Error);
             return;
         }
-        state.metrics.sent_bytes.increment(sent_bytes as u64);
+        metrics.sent_bytes.increment(sent_bytes as u64);
         sent_bytes = 0;
         if !accepted.is_empty() {
-            state.metrics.deliveries.increment(accepted.len() as u64);
+            metrics.deliveries.increment(accepted.len() as u64);
             let now = unix_us();
             for at in accepted.drain(..) {
                 let seconds = now.saturating_sub(at) as f64 / 1e6;
-                state.metrics.delivery_latency_seconds.record(seconds);
+                metrics.delivery_latency_seconds.record(seconds);
             }
         }
     }
@@ -130,5 +131,9 @@ async fn write_reply<S: AsyncWrite + Unpin>(
                 .await
         }
         Reply::Pong(payload) => ws.write_frame(Frame::pong(Payload::Owned(payload))).await,
+        Reply::Data(opcode, bytes) => {
+            ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&bytes)))
+                .await
+        }
     }
 }
