@@ -2,6 +2,7 @@
 
 mod api;
 mod common;
+mod dashboard;
 mod delivery;
 mod examples;
 mod faults;
