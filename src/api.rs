@@ -137,18 +137,24 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                 _ => vec![disconnect_item(raw)?],
             };
             let accepted = items.len();
-            let batch = Batch {
+            let mut batch = Batch {
                 ts: unix_us(),
                 items,
             };
-            state.publisher.publish(&batch).await.map_err(|e| {
+            let offsets = state.publisher.publish(&mut batch).await.map_err(|e| {
                 ApiError::Unavailable(if e.maybe_applied() {
                     format!("Redis did not confirm the publish ({e}); it may have been delivered")
                 } else {
                     format!("not accepted, nothing was sent ({e}); retry")
                 })
             })?;
-            Ok(json(202, &serde_json::json!({ "accepted": accepted })))
+            // Where history is kept, the answer carries each message's offset (null elsewhere).
+            let body = if offsets.iter().any(Option::is_some) {
+                serde_json::json!({ "accepted": accepted, "offsets": offsets })
+            } else {
+                serde_json::json!({ "accepted": accepted })
+            };
+            Ok(json(202, &body))
         }
         _ => Err(ApiError::NotFound(path)),
     }
@@ -245,6 +251,7 @@ fn send_items(raw: &RawValue, max_batch: usize) -> Result<Vec<Item<'_>>, ApiErro
                 data: Some(m.data),
                 code: None,
                 reason: None,
+                history: false,
             })
         })
         .collect()
@@ -275,6 +282,7 @@ fn membership_item(raw: &RawValue, op: Op) -> Result<Item<'_>, ApiError> {
         data: None,
         code: None,
         reason: None,
+        history: false,
     })
 }
 
@@ -313,6 +321,7 @@ fn disconnect_item(raw: &RawValue) -> Result<Item<'_>, ApiError> {
         data: None,
         code: Some(code),
         reason: body.reason,
+        history: false,
     })
 }
 

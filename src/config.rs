@@ -186,6 +186,9 @@ pub struct InboundConfig {
     pub append_queue_capacity: usize,
     /// Appends sent to Redis in one pipeline at most.
     pub append_batch_max: usize,
+    /// How long a `send` id is remembered, so that a resend with the same id is acked with the
+    /// original entry instead of appending twice; 0 turns deduplication off.
+    pub dedupe_window_seconds: u64,
 }
 
 impl Default for InboundConfig {
@@ -198,6 +201,7 @@ impl Default for InboundConfig {
             events_max_len: 100_000,
             append_queue_capacity: 16_384,
             append_batch_max: 512,
+            dedupe_window_seconds: 120,
         }
     }
 }
@@ -519,6 +523,12 @@ impl Config {
                     "must not be empty",
                 ));
             }
+            if ch.history_size > 0 && ch.history_ttl_seconds == 0 {
+                return Err(ConfigError::key(
+                    &format!("channels[{i}].history_ttl_seconds"),
+                    "must be greater than 0 when history_size is set (history would never expire)",
+                ));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", format!("`{}`: {e}", self.log.level)))?;
@@ -528,6 +538,15 @@ impl Config {
     /// `redis.url` without its password, for logs.
     pub fn redis_url_redacted(&self) -> String {
         redact_url(&self.redis.url)
+    }
+
+    /// The history settings of `channel`: the first `[[channels]]` pattern that matches it, if
+    /// that pattern keeps history.
+    pub fn history_for(&self, channel: &str) -> Option<&ChannelConfig> {
+        self.channels
+            .iter()
+            .find(|c| glob_match(&c.pattern, channel))
+            .filter(|c| c.history_size > 0)
     }
 
     /// The public listener address (validated).

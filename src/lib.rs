@@ -76,7 +76,12 @@ pub async fn run(
         appender,
         metrics.clone(),
     ));
-    let publisher = Publisher::new(backplane.clone(), keys.broadcast.clone(), metrics.clone());
+    let publisher = Publisher::new(
+        backplane.clone(),
+        keys.clone(),
+        config.clone(),
+        metrics.clone(),
+    );
     let auth = auth::Authenticator::new(&config.auth)?;
 
     let public_listener = TcpListener::bind(config.listen_addr())
@@ -91,6 +96,9 @@ pub async fn run(
             )
         })?;
 
+    // Finished history reads of resuming subscribes, on their way to the dispatcher. Bounded: a
+    // resume task waits for room.
+    let (resume_tx, resume_rx) = mpsc::channel(1024);
     let stopping = CancellationToken::new();
     let background = CancellationToken::new();
     let append_stop = CancellationToken::new();
@@ -106,6 +114,9 @@ pub async fn run(
         prometheus: prometheus.clone(),
         connections: TaskTracker::new(),
         connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+        backplane: backplane.clone(),
+        keys: keys.clone(),
+        resume_tx,
         stopping: stopping.clone(),
     }
     .shared();
@@ -120,7 +131,10 @@ pub async fn run(
         metrics.clone(),
         background.clone(),
     ));
-    tasks.spawn(Dispatcher::new(registry.clone(), inbound.clone(), metrics.clone()).run(pubsub_rx));
+    tasks.spawn(
+        Dispatcher::new(registry.clone(), inbound.clone(), metrics.clone())
+            .run(pubsub_rx, resume_rx),
+    );
     tasks.spawn(backplane::health::run(
         backplane.clone(),
         health.clone(),
@@ -230,7 +244,7 @@ pub async fn run(
 
 /// A random number from the standard library's per-process hash seed, the time and the pid:
 /// enough to tell processes apart without a random-number dependency.
-fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()

@@ -361,12 +361,18 @@ impl ServerFrame<'_> {
 }
 
 /// Encodes a `message` frame as JSON without re-parsing `data`: `data` is already JSON text.
-pub fn message_json(channel: Option<&str>, data: &RawValue) -> Bytes {
-    let mut out = Vec::with_capacity(data.get().len() + 64);
+/// `offset` is present for channels that keep history.
+pub fn message_json(channel: Option<&str>, offset: Option<&str>, data: &RawValue) -> Bytes {
+    let mut out = Vec::with_capacity(data.get().len() + 96);
     out.extend_from_slice(b"{\"type\":\"message\",");
     if let Some(channel) = channel {
         out.extend_from_slice(b"\"channel\":");
         serde_json::to_writer(&mut out, channel).expect("strings serialize");
+        out.push(b',');
+    }
+    if let Some(offset) = offset {
+        out.extend_from_slice(b"\"offset\":");
+        serde_json::to_writer(&mut out, offset).expect("strings serialize");
         out.push(b',');
     }
     out.extend_from_slice(b"\"data\":");
@@ -376,13 +382,15 @@ pub fn message_json(channel: Option<&str>, data: &RawValue) -> Bytes {
 }
 
 /// Encodes a `message` frame as MessagePack, converting `data` from JSON.
-pub fn message_msgpack(channel: Option<&str>, data: &RawValue) -> Bytes {
+pub fn message_msgpack(channel: Option<&str>, offset: Option<&str>, data: &RawValue) -> Bytes {
     #[derive(Serialize)]
     struct Message<'a> {
         #[serde(rename = "type")]
         kind: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<&'a str>,
         data: serde_json::Value,
     }
     let data: serde_json::Value =
@@ -390,9 +398,23 @@ pub fn message_msgpack(channel: Option<&str>, data: &RawValue) -> Bytes {
     let frame = Message {
         kind: "message",
         channel,
+        offset,
         data,
     };
     Bytes::from(rmp_serde::to_vec_named(&frame).expect("messages serialize"))
+}
+
+/// Encodes a `message` frame in `encoding`.
+pub fn message(
+    encoding: Encoding,
+    channel: Option<&str>,
+    offset: Option<&str>,
+    data: &RawValue,
+) -> Bytes {
+    match encoding {
+        Encoding::Json => message_json(channel, offset, data),
+        Encoding::Msgpack => message_msgpack(channel, offset, data),
+    }
 }
 
 #[cfg(test)]
@@ -459,7 +481,7 @@ mod tests {
     #[test]
     fn message_json_is_valid() {
         let raw = RawValue::from_string("{\"x\":\"\\\"q\"}".into()).unwrap();
-        let b = message_json(Some("room:\"1"), &raw);
+        let b = message_json(Some("room:\"1"), None, &raw);
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["channel"], "room:\"1");
         assert_eq!(v["data"]["x"], "\"q");

@@ -7,10 +7,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::backplane::Health;
+use crate::backplane::{Backplane, Health, Keys};
 use crate::config::Config;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
+use crate::outbound::dispatch::ResumeDone;
 use crate::outbound::Publisher;
 use crate::registry::Registry;
 
@@ -38,6 +39,12 @@ pub struct AppState {
     pub connections: TaskTracker,
     /// One permit per open WebSocket connection (`limits.max_connections`).
     pub connection_permits: Arc<tokio::sync::Semaphore>,
+    /// The command link, for history reads.
+    pub backplane: Backplane,
+    /// Key names.
+    pub keys: Keys,
+    /// Finished history reads go to the dispatcher here.
+    pub resume_tx: tokio::sync::mpsc::Sender<ResumeDone>,
     /// Cancelled when the replica stops accepting.
     pub stopping: CancellationToken,
 }

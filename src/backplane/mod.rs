@@ -40,6 +40,21 @@ impl Keys {
     pub fn inbound(&self, stream: &str) -> String {
         format!("{}:in:{stream}", self.prefix)
     }
+
+    /// The history stream of `channel`.
+    pub fn history(&self, channel: &str) -> String {
+        format!("{}:history:{channel}", self.prefix)
+    }
+
+    /// The epoch of `channel`'s history: it changes whenever the history was lost.
+    pub fn epoch(&self, channel: &str) -> String {
+        format!("{}:epoch:{channel}", self.prefix)
+    }
+
+    /// The key remembering which entry a client frame id produced.
+    pub fn dedupe(&self, stream: &str, scope: &str, id: &str) -> String {
+        format!("{}:dedupe:{stream}:{scope}:{id}", self.prefix)
+    }
 }
 
 /// Why a Redis operation failed.

@@ -1,7 +1,7 @@
 //! The shared half of a connection: what the registry, the dispatcher and the appender hold to
 //! reach a connection without touching its socket.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -19,8 +19,28 @@ use crate::protocol::{Encoding, ServerFrame};
 pub struct Outgoing {
     /// Encoded `message` frame, in the connection's encoding.
     pub frame: Bytes,
-    /// Unix microseconds when `/send` accepted the message (for the latency histogram).
+    /// Unix microseconds when `/send` accepted the message (for the latency histogram); 0 for
+    /// frames with no such moment (replayed history, the `subscribed` that ends a replay).
     pub accepted_us: u64,
+}
+
+/// A live channel message held back while the connection replays that channel's history.
+pub struct Held {
+    /// Its history offset.
+    pub offset: Option<String>,
+    /// The encoded frame.
+    pub frame: Bytes,
+    /// As in [`Outgoing`].
+    pub accepted_us: u64,
+}
+
+/// The messages held for one resuming channel; bounded by the send queue's capacity.
+#[derive(Default)]
+pub struct HeldBack {
+    /// In arrival order.
+    pub messages: Vec<Held>,
+    /// More arrived than could be held: the replay cannot be made whole.
+    pub overflowed: bool,
 }
 
 /// A frame on the reply path: replies to the client's own frames and protocol obligations.
@@ -89,6 +109,10 @@ pub struct ConnHandle {
     policy: QueueFullPolicy,
     closing: CancellationToken,
     close: OnceLock<Closing>,
+    /// Set while any channel of this connection is resuming; read on every delivery, so the
+    /// common case costs one atomic load.
+    resuming_any: AtomicBool,
+    resuming: Mutex<HashMap<Arc<str>, HeldBack>>,
     warned_drop: AtomicBool,
     metrics: Metrics,
 }
@@ -129,6 +153,8 @@ impl ConnHandle {
             policy,
             closing: CancellationToken::new(),
             close: OnceLock::new(),
+            resuming_any: AtomicBool::new(false),
+            resuming: Mutex::new(HashMap::new()),
             warned_drop: AtomicBool::new(false),
             metrics,
         });
@@ -160,6 +186,73 @@ impl ConnHandle {
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
         }
+    }
+
+    /// Whether the connection is in `channel`.
+    pub fn is_in(&self, channel: &str) -> bool {
+        self.channels
+            .lock()
+            .expect("channel set lock")
+            .joined
+            .contains(channel)
+    }
+
+    /// Starts holding back live messages of `channel` (before joining it), until
+    /// [`ConnHandle::finish_resume`].
+    pub fn begin_resume(&self, channel: &str) {
+        let mut resuming = self.resuming.lock().expect("resume lock");
+        resuming.insert(Arc::from(channel), HeldBack::default());
+        self.resuming_any.store(true, Ordering::Release);
+    }
+
+    /// Stops holding back `channel` and returns what was held.
+    pub fn finish_resume(&self, channel: &str) -> HeldBack {
+        let mut resuming = self.resuming.lock().expect("resume lock");
+        let held = resuming.remove(channel).unwrap_or_default();
+        if resuming.is_empty() {
+            self.resuming_any.store(false, Ordering::Release);
+        }
+        held
+    }
+
+    /// Delivers a channel message, or holds it back while that channel is resuming.
+    pub fn deliver_channel(
+        &self,
+        channel: &str,
+        offset: Option<&str>,
+        frame: Bytes,
+        accepted_us: u64,
+    ) {
+        if self.resuming_any.load(Ordering::Acquire) {
+            let mut resuming = self.resuming.lock().expect("resume lock");
+            if let Some(held) = resuming.get_mut(channel) {
+                if held.messages.len() >= self.data_tx.max_capacity() {
+                    held.overflowed = true;
+                } else {
+                    held.messages.push(Held {
+                        offset: offset.map(str::to_owned),
+                        frame,
+                        accepted_us,
+                    });
+                }
+                return;
+            }
+        }
+        self.deliver(frame, accepted_us);
+    }
+
+    /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.
+    pub fn deliver_all(&self, frames: Vec<Outgoing>) -> bool {
+        if frames.len() > self.data_tx.capacity() {
+            return false;
+        }
+        // Only the dispatcher adds to this queue, and it is the caller: the room stays.
+        for out in frames {
+            if self.data_tx.try_send(out).is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Messages waiting in the send queue.

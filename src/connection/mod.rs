@@ -19,7 +19,7 @@ use futures_util::future::{FusedFuture, FutureExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
-pub use handle::{Closing, ConnHandle, Membership, Outgoing, Queues, Reply};
+pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Queues, Reply};
 
 use reader::{EchoSink, GatewaySink, MessageSink};
 

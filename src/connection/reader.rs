@@ -13,6 +13,8 @@ use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
 use crate::inbound::Event;
 use crate::metrics::{CloseReason, Limit, Metrics};
+use crate::outbound::dispatch::ResumeDone;
+use crate::outbound::history::{self, Offset, Replay};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
@@ -282,7 +284,34 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                 ));
             }
             let max = state.config.limits.max_subscriptions_per_connection;
-            match state.registry.subscribe(handle, &channel, max) {
+            // A resume on a channel with history: hold back live messages, join, then read
+            // what was missed; the dispatcher queues replay, `subscribed` and live in order.
+            let resume = match (&since, state.config.history_for(&channel)) {
+                (Some(since), Some(settings)) if !handle.is_in(&channel) => {
+                    let Some(since) = Offset::parse(since) else {
+                        return Err(FrameError::new(
+                            id,
+                            ErrorCode::BadRequest,
+                            format!("`since` must be an offset this gateway gave, not `{since}`"),
+                        ));
+                    };
+                    handle.begin_resume(&channel);
+                    Some((since, settings.history_size))
+                }
+                _ => None,
+            };
+            let joined = state.registry.subscribe(handle, &channel, max);
+            if joined.is_err() && resume.is_some() {
+                handle.finish_resume(&channel);
+            }
+            if let (Ok(_), Some((since, limit))) = (&joined, resume) {
+                if joined == Ok(true) {
+                    state.inbound.event(handle, Event::Subscribe(&channel));
+                }
+                spawn_resume(handle.clone(), state, channel, id, since, limit);
+                return Ok(());
+            }
+            match joined {
                 Ok(true) => state.inbound.event(handle, Event::Subscribe(&channel)),
                 Ok(false) => {}
                 Err(_) => {
@@ -294,7 +323,8 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                     ));
                 }
             }
-            // No history is kept yet, so a resume request cannot be honoured: say so.
+            // A `since` on a channel without history (or one already joined) cannot be honoured:
+            // say so rather than pretend.
             handle.reply(&ServerFrame::Subscribed {
                 channel: &channel,
                 id: id.as_ref(),
@@ -313,4 +343,37 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
             Ok(())
         }
     }
+}
+
+/// Reads what the client missed and hands it to the dispatcher. A failed read is a resume that
+/// could not be made whole, and the client is told so.
+fn spawn_resume(
+    conn: Arc<ConnHandle>,
+    state: &AppState,
+    channel: String,
+    id: Option<protocol::FrameId>,
+    since: Offset,
+    limit: u64,
+) {
+    let backplane = state.backplane.clone();
+    let keys = state.keys.clone();
+    let resume_tx = state.resume_tx.clone();
+    tokio::spawn(async move {
+        let replay = match history::read_since(&backplane, &keys, &channel, &since, limit).await {
+            Ok(Replay::Complete(entries)) => Some(entries),
+            Ok(Replay::Incomplete) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, channel = %channel, "history read failed; not recovered");
+                None
+            }
+        };
+        let done = ResumeDone {
+            conn,
+            channel,
+            id,
+            since,
+            replay,
+        };
+        let _ = resume_tx.send(done).await;
+    });
 }

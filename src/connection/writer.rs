@@ -98,7 +98,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
         if !accepted.is_empty() {
             metrics.deliveries.increment(accepted.len() as u64);
             let now = unix_us();
-            for at in accepted.drain(..) {
+            for at in accepted.drain(..).filter(|at| *at != 0) {
                 let seconds = now.saturating_sub(at) as f64 / 1e6;
                 metrics.delivery_latency_seconds.record(seconds);
             }

@@ -39,7 +39,24 @@ pub struct AppendRequest {
     pub reply: Option<AppendReply>,
     /// When the frame was read.
     pub started: Instant,
+    /// For client frames with an id: the key remembering the entry it produced, and for how
+    /// many seconds. A resend within the window is acked with the original entry.
+    pub dedupe: Option<(String, u64)>,
 }
+
+/// Appends once per frame id: returns the entry a previous append with the same id produced,
+/// else appends and remembers the new entry for the window. One round trip, atomic.
+///
+/// KEYS: stream, dedupe key. ARGV: MAXLEN, window seconds, then field/value pairs.
+const APPEND_ONCE: &str = r#"
+local existing = redis.call('GET', KEYS[2])
+if existing then
+  return existing
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+return id
+"#;
 
 /// The sending side of the append queue.
 #[derive(Clone)]
@@ -93,13 +110,23 @@ pub async fn run(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for request in &batch {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(&*request.key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(request.max_len)
-                .arg("*");
+            let cmd = match &request.dedupe {
+                Some((key, window)) => pipe
+                    .cmd("EVAL")
+                    .arg(APPEND_ONCE)
+                    .arg(2)
+                    .arg(&*request.key)
+                    .arg(key)
+                    .arg(request.max_len)
+                    .arg(*window),
+                None => pipe
+                    .cmd("XADD")
+                    .arg(&*request.key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(request.max_len)
+                    .arg("*"),
+            };
             for (name, value) in &request.fields {
                 cmd.arg(*name).arg(&value[..]);
             }

@@ -45,6 +45,8 @@ pub struct Inbound {
     events_max_len: u64,
     replica: Bytes,
     metrics: Metrics,
+    keys: Keys,
+    dedupe_window_seconds: u64,
 }
 
 impl Inbound {
@@ -72,6 +74,8 @@ impl Inbound {
             events_max_len: config.inbound.events_max_len,
             replica: Bytes::copy_from_slice(replica.as_bytes()),
             metrics,
+            keys: keys.clone(),
+            dedupe_window_seconds: config.inbound.dedupe_window_seconds,
         }
     }
 
@@ -93,6 +97,22 @@ impl Inbound {
                 ErrorCode::StreamNotAllowed,
                 format!("stream `{stream}` is not one of the configured inbound.streams"),
             ));
+        };
+        // Ids are scoped to the user, so a resend after a reconnect (a new connection) is still
+        // recognised; anonymous clients are scoped to their connection, because their ids need
+        // not be unique across clients.
+        let dedupe = match (&id, self.dedupe_window_seconds) {
+            (Some(frame_id), window) if window > 0 => {
+                let scope = match conn.user.as_deref() {
+                    Some(user) => format!("u:{user}"),
+                    None => format!("c:{}", conn.id),
+                };
+                Some((
+                    self.keys.dedupe(&stream, &scope, &frame_id.to_field()),
+                    window,
+                ))
+            }
+            _ => None,
         };
         let fields = vec![
             ("connection", Bytes::copy_from_slice(conn.id.as_bytes())),
@@ -118,6 +138,7 @@ impl Inbound {
                 stream,
             }),
             started: Instant::now(),
+            dedupe,
         };
         self.appender.try_submit(request).map_err(|request| {
             let id = request.reply.and_then(|r| r.id);
@@ -157,6 +178,7 @@ impl Inbound {
             fields,
             reply: None,
             started: Instant::now(),
+            dedupe: None,
         };
         if self.appender.try_submit(request).is_err() {
             self.metrics.events_failed.increment(1);

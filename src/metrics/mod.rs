@@ -43,6 +43,7 @@ pub mod names {
     pub const SENT_BYTES: &str = "wsbridge_sent_bytes_total";
     pub const BUILD_INFO: &str = "wsbridge_build_info";
     pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
+    pub const RESUMES: &str = "wsbridge_resumes_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -243,6 +244,8 @@ pub struct Metrics {
     /// Payload bytes of frames written to clients.
     pub sent_bytes: Counter,
     limit_refusals: HashMap<Limit, Counter>,
+    resumes_recovered: Counter,
+    resumes_not_recovered: Counter,
 }
 
 impl Metrics {
@@ -315,6 +318,8 @@ impl Metrics {
             send_queue_depth: metrics::histogram!(names::SEND_QUEUE_DEPTH),
             received_bytes: metrics::counter!(names::RECEIVED_BYTES),
             sent_bytes: metrics::counter!(names::SENT_BYTES),
+            resumes_recovered: metrics::counter!(names::RESUMES, "recovered" => "true"),
+            resumes_not_recovered: metrics::counter!(names::RESUMES, "recovered" => "false"),
             limit_refusals: Limit::ALL
                 .iter()
                 .map(|l| {
@@ -335,6 +340,15 @@ impl Metrics {
     /// The dropped-deliveries counter for `reason`.
     pub fn dropped(&self, reason: DropReason) -> &Counter {
         &self.dropped[&reason]
+    }
+
+    /// The resumes counter, by whether the client was made whole.
+    pub fn resumes(&self, recovered: bool) -> &Counter {
+        if recovered {
+            &self.resumes_recovered
+        } else {
+            &self.resumes_not_recovered
+        }
     }
 
     /// The refusals counter for `limit`.
@@ -480,5 +494,9 @@ fn describe() {
     describe_counter!(
         LIMIT_REFUSALS,
         "Requests, frames and connections refused by a configured limit."
+    );
+    describe_counter!(
+        RESUMES,
+        "Subscribes with `since` on channels with history, by whether the replay was complete."
     );
 }

@@ -10,12 +10,30 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::envelope::{Batch, Item, Op};
-use crate::connection::ConnHandle;
+use super::envelope::{split_payload, Batch, Item, Op};
+use super::history::Offset;
+use crate::connection::{ConnHandle, Outgoing};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
-use crate::protocol::{message_json, message_msgpack, Encoding, ServerFrame};
+use crate::protocol::{message, message_json, message_msgpack, Encoding, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
+
+/// A resume's history read, handed to the dispatcher so that the replay, the `subscribed`
+/// reply and the live messages held meanwhile are queued in order by the one task that also
+/// delivers live messages.
+pub struct ResumeDone {
+    /// The resuming connection.
+    pub conn: Arc<ConnHandle>,
+    /// The channel.
+    pub channel: String,
+    /// The `subscribe` frame's id.
+    pub id: Option<FrameId>,
+    /// The client's offset.
+    pub since: Offset,
+    /// The missed entries (offset, data JSON), or `None` when the history cannot make the
+    /// client whole.
+    pub replay: Option<Vec<(String, String)>>,
+}
 
 /// Routes received payloads to local connections.
 pub struct Dispatcher {
@@ -37,29 +55,47 @@ impl Dispatcher {
         }
     }
 
-    /// Handles payloads until the pub/sub link's sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Bytes>) {
-        while let Some(payload) = rx.recv().await {
-            self.dispatch(&payload);
+    /// Handles payloads and finished resumes until the pub/sub link's sender is gone.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Bytes>,
+        mut resumes: mpsc::Receiver<ResumeDone>,
+    ) {
+        loop {
+            tokio::select! {
+                payload = rx.recv() => match payload {
+                    Some(payload) => self.dispatch(&payload),
+                    None => return,
+                },
+                Some(done) = resumes.recv() => self.finish_resume(done),
+            }
         }
     }
 
     /// Handles one pub/sub payload.
     pub fn dispatch(&mut self, payload: &[u8]) {
-        let batch: Batch = match serde_json::from_slice(payload) {
-            Ok(batch) => batch,
+        let decoded = split_payload(payload)
+            .and_then(|(offsets, json)| Ok((offsets, serde_json::from_slice::<Batch>(json)?)));
+        let (offsets, batch) = match decoded {
+            Ok(decoded) => decoded,
             Err(e) => {
                 self.metrics.dropped(DropReason::BadPayload).increment(1);
                 tracing::warn!(error = %e, "undecodable pub/sub payload dropped");
                 return;
             }
         };
+        let mut offsets = offsets.iter();
         for item in &batch.items {
-            self.apply(item, batch.ts);
+            let offset = if item.history {
+                offsets.next().map(String::as_str)
+            } else {
+                None
+            };
+            self.apply(item, offset, batch.ts);
         }
     }
 
-    fn apply(&mut self, item: &Item<'_>, ts: u64) {
+    fn apply(&mut self, item: &Item<'_>, offset: Option<&str>, ts: u64) {
         let target = match item.to.target() {
             Ok(target) => target,
             Err(e) => {
@@ -78,7 +114,7 @@ impl Dispatcher {
                     Target::Channel(c) => Some(c),
                     _ => None,
                 };
-                self.deliver(target, channel, data, ts);
+                self.deliver(target, channel, offset, data, ts);
             }
             Op::Subscribe | Op::Unsubscribe => {
                 let Some(channel) = item.channel.as_deref() else {
@@ -116,7 +152,14 @@ impl Dispatcher {
         }
     }
 
-    fn deliver(&mut self, target: Target<'_>, channel: Option<&str>, data: &RawValue, ts: u64) {
+    fn deliver(
+        &mut self,
+        target: Target<'_>,
+        channel: Option<&str>,
+        offset: Option<&str>,
+        data: &RawValue,
+        ts: u64,
+    ) {
         self.metrics.pubsub_received.increment(1);
         let started = Instant::now();
         self.registry.recipients(target, &mut self.scratch);
@@ -132,10 +175,87 @@ impl Dispatcher {
         let (mut json, mut msgpack) = (None, None);
         for conn in self.scratch.drain(..) {
             let frame = match conn.encoding {
-                Encoding::Json => json.get_or_insert_with(|| message_json(channel, data)),
-                Encoding::Msgpack => msgpack.get_or_insert_with(|| message_msgpack(channel, data)),
+                Encoding::Json => json.get_or_insert_with(|| message_json(channel, offset, data)),
+                Encoding::Msgpack => {
+                    msgpack.get_or_insert_with(|| message_msgpack(channel, offset, data))
+                }
             };
-            conn.deliver(frame.clone(), ts);
+            match channel {
+                Some(channel) => conn.deliver_channel(channel, offset, frame.clone(), ts),
+                None => conn.deliver(frame.clone(), ts),
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Queues, in order: the replayed history, the `subscribed` reply that ends it, and the live
+    /// messages held meanwhile that the replay did not already cover. When they do not fit the
+    /// send queue the replay is given up and the client is told (`recovered: false`); when even
+    /// the live messages do not fit, the connection is closed with 1013 rather than lose any.
+    fn finish_resume(&mut self, done: ResumeDone) {
+        let conn = &done.conn;
+        let held = conn.finish_resume(&done.channel);
+        if held.overflowed {
+            conn.close(
+                1013,
+                "too many messages arrived while resuming",
+                CloseReason::SlowConsumer,
+            );
+            return;
+        }
+        let subscribed = |recovered: bool| Outgoing {
+            frame: ServerFrame::Subscribed {
+                channel: &done.channel,
+                id: done.id.as_ref(),
+                recovered: Some(recovered),
+            }
+            .encode(conn.encoding),
+            accepted_us: 0,
+        };
+        if let Some(entries) = &done.replay {
+            let mut last = done.since.clone();
+            let mut frames = Vec::with_capacity(entries.len() + 1 + held.messages.len());
+            for (offset, data) in entries {
+                let raw = RawValue::from_string(data.clone()).unwrap_or_else(|_| null().to_owned());
+                frames.push(Outgoing {
+                    frame: message(conn.encoding, Some(&done.channel), Some(offset), &raw),
+                    accepted_us: 0,
+                });
+                if let Some(parsed) = Offset::parse(offset) {
+                    last = parsed;
+                }
+            }
+            frames.push(subscribed(true));
+            for live in &held.messages {
+                let newer = match live.offset.as_deref().and_then(Offset::parse) {
+                    Some(offset) => offset.is_after(&last) || offset.epoch != last.epoch,
+                    None => true,
+                };
+                if newer {
+                    frames.push(Outgoing {
+                        frame: live.frame.clone(),
+                        accepted_us: live.accepted_us,
+                    });
+                }
+            }
+            if conn.deliver_all(frames) {
+                self.metrics.resumes(true).increment(1);
+                return;
+            }
+        }
+        self.metrics.resumes(false).increment(1);
+        let mut frames = vec![subscribed(false)];
+        frames.extend(held.messages.into_iter().map(|live| Outgoing {
+            frame: live.frame,
+            accepted_us: live.accepted_us,
+        }));
+        if !conn.deliver_all(frames) {
+            conn.close(
+                1013,
+                "send queue full while resuming",
+                CloseReason::SlowConsumer,
+            );
         }
     }
 }

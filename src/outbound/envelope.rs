@@ -56,6 +56,28 @@ pub struct Item<'a> {
     /// Close reason for disconnect.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Cow<'a, str>>,
+    /// Whether this send was appended to its channel's history; such items take, in order, the
+    /// offsets that prefix the payload.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub history: bool,
+}
+
+/// Splits a pub/sub payload into the history offsets (`["<offset>",...]` and a newline in
+/// front, written by the publish script) and the batch JSON.
+///
+/// # Errors
+/// When the offsets line is not a JSON array of strings.
+pub fn split_payload(payload: &[u8]) -> Result<(Vec<String>, &[u8]), serde_json::Error> {
+    if payload.first() != Some(&b'[') {
+        return Ok((Vec::new(), payload));
+    }
+    // Compact JSON never holds a raw newline, so the first one ends the offsets.
+    let end = payload
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(payload.len());
+    let offsets = serde_json::from_slice(&payload[..end])?;
+    Ok((offsets, payload.get(end + 1..).unwrap_or_default()))
 }
 
 /// A recipient as written in API bodies: exactly one of the fields.

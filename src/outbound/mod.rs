@@ -3,38 +3,119 @@
 
 pub mod dispatch;
 pub mod envelope;
+pub mod history;
 
-use crate::backplane::{Backplane, RedisFailure};
+use std::sync::Arc;
+
+use crate::backplane::{Backplane, Keys, RedisFailure};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use envelope::{Batch, Op};
 
-/// Publishes batches on the broadcast channel.
+/// Appends every history item to its channel's history stream and publishes the batch, in one
+/// atomic step: offsets then increase in publish order per channel, whichever replica or
+/// backend published, and a message is never in the history without having been published (or
+/// the reverse).
+///
+/// KEYS: the broadcast channel, then per history item its stream and epoch keys.
+/// ARGV: the batch JSON, an epoch to use where a channel has none, then per history item its
+/// data, `MAXLEN` and TTL in seconds. Publishes `["<offset>",...]` + newline + batch, and returns
+/// the offsets (`<epoch>:<entry id>`).
+const PUBLISH_WITH_HISTORY: &str = r#"
+local n = (#KEYS - 1) / 2
+local offsets = {}
+for i = 1, n do
+  local stream, epoch_key = KEYS[2 * i], KEYS[2 * i + 1]
+  local data, maxlen, ttl = ARGV[3 * i], ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = ARGV[2]
+    redis.call('SET', epoch_key, epoch)
+  end
+  local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'data', data)
+  redis.call('EXPIRE', stream, ttl)
+  redis.call('EXPIRE', epoch_key, ttl)
+  offsets[i] = epoch .. ':' .. id
+end
+redis.call('PUBLISH', KEYS[1], cjson.encode(offsets) .. '\n' .. ARGV[1])
+return offsets
+"#;
+
+/// Publishes batches on the broadcast channel, keeping channel history where configured.
 #[derive(Clone)]
 pub struct Publisher {
     backplane: Backplane,
-    channel: String,
+    keys: Keys,
+    config: Arc<Config>,
     metrics: Metrics,
 }
 
 impl Publisher {
-    /// A publisher on `channel`.
-    pub fn new(backplane: Backplane, channel: String, metrics: Metrics) -> Self {
+    /// A publisher on the broadcast channel of `keys`.
+    pub fn new(backplane: Backplane, keys: Keys, config: Arc<Config>, metrics: Metrics) -> Self {
         Self {
             backplane,
-            channel,
+            keys,
+            config,
             metrics,
         }
     }
 
-    /// Serializes the batch once and publishes it.
+    /// Serializes the batch once and publishes it; sends to channels with history are appended
+    /// to it in the same atomic step. Returns each item's history offset, if any.
     ///
     /// # Errors
-    /// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent.
-    pub async fn publish(&self, batch: &Batch<'_>) -> Result<(), RedisFailure> {
-        let payload = serde_json::to_vec(batch).expect("batches serialize");
-        self.backplane.publish(&self.channel, &payload).await?;
+    /// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
+    pub async fn publish(
+        &self,
+        batch: &mut Batch<'_>,
+    ) -> Result<Vec<Option<String>>, RedisFailure> {
+        let mut history = Vec::new();
+        for (index, item) in batch.items.iter_mut().enumerate() {
+            if item.op != Op::Send {
+                continue;
+            }
+            let Some(channel) = item.to.channel.as_deref() else {
+                continue;
+            };
+            if let Some(settings) = self.config.history_for(channel) {
+                item.history = true;
+                history.push((
+                    index,
+                    channel.to_owned(),
+                    settings.history_size,
+                    settings.history_ttl_seconds,
+                ));
+            }
+        }
+        let payload = serde_json::to_vec(&*batch).expect("batches serialize");
+        let mut offsets = vec![None; batch.items.len()];
+        if history.is_empty() {
+            self.backplane
+                .publish(&self.keys.broadcast, &payload)
+                .await?;
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(PUBLISH_WITH_HISTORY)
+                .arg(1 + 2 * history.len())
+                .arg(&self.keys.broadcast);
+            for (_, channel, _, _) in &history {
+                cmd.arg(self.keys.history(channel))
+                    .arg(self.keys.epoch(channel));
+            }
+            cmd.arg(&payload)
+                .arg(format!("{:08x}", crate::random_u32()));
+            for (index, _, size, ttl) in &history {
+                let data = batch.items[*index].data.map(|d| d.get()).unwrap_or("null");
+                cmd.arg(data).arg(*size).arg(*ttl);
+            }
+            let got: Vec<String> = self.backplane.query(&cmd).await?;
+            for ((index, ..), offset) in history.iter().zip(got) {
+                offsets[*index] = Some(offset);
+            }
+        }
         let sends = batch.items.iter().filter(|i| i.op == Op::Send).count();
         self.metrics.outbound_published.increment(sends as u64);
-        Ok(())
+        Ok(offsets)
     }
 }

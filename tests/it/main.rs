@@ -6,6 +6,8 @@ mod dashboard;
 mod delivery;
 mod examples;
 mod faults;
+mod history;
 mod inbound;
 mod lifecycle;
+mod limits;
 mod queue;

@@ -1,0 +1,297 @@
+//! Channel history, resume and exactly-once inbound: a client that reconnects gets exactly what
+//! it missed, in order, or is told it was not recovered; a resent `send` is stored once.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// A replica config with `room:*` keeping `size` messages of history.
+fn with_history(redis: &Redis, prefix: &str, size: u64) -> String {
+    format!(
+        "{}\n[[channels]]\npattern = \"room:*\"\nhistory_size = {size}\nhistory_ttl_seconds = 600\n",
+        base_config(&redis.url(), prefix)
+    )
+}
+
+async fn start(redis: &Redis, prefix: &str, size: u64, env: &[(&str, &str)]) -> Gateway {
+    let gw = Gateway::spawn(&with_history(redis, prefix, size), prefix, env);
+    gw.wait_ready().await;
+    gw
+}
+
+async fn subscribe_since(c: &mut Client, channel: &str, since: &str) -> (Vec<Value>, Value) {
+    c.send(json!({"type": "subscribe", "channel": channel, "since": since, "id": "resume"}))
+        .await;
+    let mut replayed = Vec::new();
+    loop {
+        let frame = c.recv().await;
+        if frame["type"] == "subscribed" {
+            return (replayed, frame);
+        }
+        assert_eq!(frame["type"], "message", "{frame}");
+        replayed.push(frame);
+    }
+}
+
+#[tokio::test]
+async fn channel_messages_carry_increasing_offsets_and_send_returns_them() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("offsets");
+    let a = start(&redis, &prefix, 100, &[]).await;
+    let b = start(&redis, &prefix, 100, &[]).await;
+    let mut c = Client::connect(&a).await;
+    c.subscribe("room:1").await;
+    c.subscribe("other").await;
+    let (status, answer) = b
+        .post(
+            "/send",
+            &json!([
+                {"to": {"channel": "room:1"}, "data": 1},
+                {"to": {"channel": "other"}, "data": 2},
+                {"to": {"channel": "room:1"}, "data": 3}
+            ]),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let offsets = answer["offsets"].as_array().unwrap();
+    assert_eq!(offsets.len(), 3);
+    assert!(offsets[1].is_null());
+    let m1 = c.recv().await;
+    let m2 = c.recv().await;
+    let m3 = c.recv().await;
+    assert_eq!(
+        (m1["data"].as_i64(), m1["offset"].clone()),
+        (Some(1), offsets[0].clone())
+    );
+    assert_eq!(m2["data"], 2);
+    assert!(m2.get("offset").is_none(), "no history, no offset: {m2}");
+    assert_eq!(
+        (m3["data"].as_i64(), m3["offset"].clone()),
+        (Some(3), offsets[2].clone())
+    );
+    let id = |o: &Value| -> (u64, u64) {
+        let (_, id) = o.as_str().unwrap().rsplit_once(':').unwrap();
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse().unwrap(), seq.parse().unwrap())
+    };
+    assert!(
+        id(&offsets[2]) > id(&offsets[0]),
+        "offsets must increase: {offsets:?}"
+    );
+    // Stored, and expiring.
+    let mut conn = redis.conn().await;
+    let key = format!("{prefix}:history:room:1");
+    assert_eq!(xrange(&mut conn, &key).await.len(), 2);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 600, "{ttl}");
+}
+
+#[tokio::test]
+async fn a_reconnecting_client_gets_exactly_what_it_missed_then_live() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("resume");
+    let a = start(&redis, &prefix, 1000, &[]).await;
+    let b = start(&redis, &prefix, 1000, &[]).await;
+    let mut c = Client::connect_msgpack(&a).await;
+    c.subscribe("room:r").await;
+    b.send(json!({"to": {"channel": "room:r"}, "data": 0}))
+        .await;
+    let last = c.recv().await["offset"].as_str().unwrap().to_string();
+    drop(c);
+    for i in 1..=5 {
+        b.send(json!({"to": {"channel": "room:r"}, "data": i}))
+            .await;
+    }
+    // Reconnect to the other replica and resume.
+    let mut c = Client::connect(&b).await;
+    let (replayed, subscribed) = subscribe_since(&mut c, "room:r", &last).await;
+    let data: Vec<i64> = replayed
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(data, [1, 2, 3, 4, 5]);
+    assert_eq!(
+        subscribed,
+        json!({"type": "subscribed", "channel": "room:r", "id": "resume", "recovered": true})
+    );
+    a.send(json!({"to": {"channel": "room:r"}, "data": 6}))
+        .await;
+    assert_eq!(c.recv().await["data"], 6);
+    assert_eq!(
+        b.metric("wsbridge_resumes_total{recovered=\"true\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn no_gap_and_no_duplicate_while_messages_keep_coming_during_the_resume() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("resume-race");
+    let gw = start(&redis, &prefix, 10_000, &[]).await;
+    let publisher = start(&redis, &prefix, 10_000, &[]).await;
+    let mut first = Client::connect(&gw).await;
+    first.subscribe("room:busy").await;
+    publisher
+        .send(json!({"to": {"channel": "room:busy"}, "data": 0}))
+        .await;
+    let since = first.recv().await["offset"].as_str().unwrap().to_string();
+    drop(first);
+    // A publisher keeps sending while clients resume.
+    let api = publisher.api_url.clone();
+    let sender = tokio::spawn(async move {
+        for i in 1..=300 {
+            let body = json!({"to": {"channel": "room:busy"}, "data": i}).to_string();
+            let (status, _) = http("POST", &format!("{api}/send"), Some(&body), None).await;
+            assert_eq!(status, 202);
+        }
+    });
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut c = Client::connect(&gw).await;
+        let (replayed, subscribed) = subscribe_since(&mut c, "room:busy", &since).await;
+        assert_eq!(subscribed["recovered"], true);
+        clients.push((c, replayed));
+    }
+    sender.await.unwrap();
+    for (mut c, replayed) in clients {
+        let mut seen: Vec<i64> = replayed
+            .iter()
+            .map(|m| m["data"].as_i64().unwrap())
+            .collect();
+        while seen.last() != Some(&300) {
+            seen.push(c.recv().await["data"].as_i64().unwrap());
+        }
+        assert_eq!(
+            seen,
+            (1..=300).collect::<Vec<_>>(),
+            "gap or duplicate across the switch"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_trimmed_history_says_not_recovered_and_replays_nothing() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("trimmed");
+    let gw = start(&redis, &prefix, 3, &[]).await;
+    let mut c = Client::connect(&gw).await;
+    c.subscribe("room:t").await;
+    gw.send(json!({"to": {"channel": "room:t"}, "data": 0}))
+        .await;
+    let since = c.recv().await["offset"].as_str().unwrap().to_string();
+    drop(c);
+    for i in 1..=10 {
+        gw.send(json!({"to": {"channel": "room:t"}, "data": i}))
+            .await;
+    }
+    let mut c = Client::connect(&gw).await;
+    let (replayed, subscribed) = subscribe_since(&mut c, "room:t", &since).await;
+    assert!(replayed.is_empty(), "{replayed:?}");
+    assert_eq!(subscribed["recovered"], false);
+    gw.send(json!({"to": {"channel": "room:t"}, "data": "live"}))
+        .await;
+    assert_eq!(c.recv().await["data"], "live");
+    assert_eq!(
+        gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_history_lost_with_redis_is_detected_by_its_epoch() {
+    let mut redis = Redis::start();
+    let prefix = unique_prefix("epoch");
+    let gw = start(&redis, &prefix, 100, &[]).await;
+    let mut c = Client::connect(&gw).await;
+    c.subscribe("room:e").await;
+    gw.send(json!({"to": {"channel": "room:e"}, "data": 0}))
+        .await;
+    let since = c.recv().await["offset"].as_str().unwrap().to_string();
+    drop(c);
+    // Redis restarts without persistence: the history is gone; new messages start a new epoch.
+    redis.restart();
+    gw.wait_ready().await;
+    gw.send(json!({"to": {"channel": "room:e"}, "data": 1}))
+        .await;
+    let mut c = Client::connect(&gw).await;
+    let (replayed, subscribed) = subscribe_since(&mut c, "room:e", &since).await;
+    assert!(
+        replayed.is_empty(),
+        "entries of another epoch are not a replay: {replayed:?}"
+    );
+    assert_eq!(subscribed["recovered"], false);
+}
+
+#[tokio::test]
+async fn a_bad_since_is_refused_and_since_on_a_channel_without_history_is_not_recovered() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("badsince");
+    let gw = start(&redis, &prefix, 100, &[]).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(json!({"type": "subscribe", "channel": "room:x", "since": "garbage", "id": "g"}))
+        .await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("bad_request"), Some("g"))
+    );
+    let (replayed, subscribed) = subscribe_since(&mut c, "plain", "e:1-0").await;
+    assert!(replayed.is_empty());
+    assert_eq!(subscribed["recovered"], false);
+}
+
+#[tokio::test]
+async fn a_resent_send_is_stored_once_even_after_a_reconnect() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("dedupe");
+    let secret = "dd";
+    let gw = start(
+        &redis,
+        &prefix,
+        100,
+        &[("WSBRIDGE__AUTH__JWT_SECRET", secret)],
+    )
+    .await;
+    let url = format!(
+        "{}?token={}",
+        gw.ws_url,
+        token(secret, json!({"sub": "u1"}))
+    );
+    let mut c = Client::connect_url(&url, false).await.unwrap();
+    let frame = json!({"type": "send", "stream": "chat", "data": {"n": 1}, "id": "once"});
+    c.send(frame.clone()).await;
+    let first = c.recv().await;
+    c.send(frame.clone()).await;
+    let second = c.recv().await;
+    drop(c);
+    let mut c = Client::connect_url(&url, false).await.unwrap();
+    c.send(frame.clone()).await;
+    let third = c.recv().await;
+    for ack in [&first, &second, &third] {
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    assert_eq!(first["entry"], second["entry"]);
+    assert_eq!(first["entry"], third["entry"]);
+    // Another id is another entry; the same id from another user is theirs.
+    c.send(json!({"type": "send", "stream": "chat", "data": 2, "id": "twice"}))
+        .await;
+    assert_ne!(c.recv().await["entry"], first["entry"]);
+    let other = format!(
+        "{}?token={}",
+        gw.ws_url,
+        token(secret, json!({"sub": "u2"}))
+    );
+    let mut o = Client::connect_url(&other, false).await.unwrap();
+    o.send(frame).await;
+    assert_ne!(o.recv().await["entry"], first["entry"]);
+    let mut conn = redis.conn().await;
+    assert_eq!(
+        xrange(&mut conn, &format!("{prefix}:in:chat")).await.len(),
+        3
+    );
+}
