@@ -98,7 +98,8 @@ pub async fn run(
 
     // Finished history reads of resuming subscribes, on their way to the dispatcher. Bounded: a
     // resume task waits for room.
-    let (resume_tx, resume_rx) = mpsc::channel(1024);
+    let (control_tx, control_rx) = mpsc::channel(1024);
+    let (resubscribed_tx, resubscribed_rx) = mpsc::channel(1);
     let stopping = CancellationToken::new();
     let background = CancellationToken::new();
     let append_stop = CancellationToken::new();
@@ -116,7 +117,7 @@ pub async fn run(
         connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         backplane: backplane.clone(),
         keys: keys.clone(),
-        resume_tx,
+        control_tx: control_tx.clone(),
         stopping: stopping.clone(),
     }
     .shared();
@@ -129,12 +130,19 @@ pub async fn run(
         pubsub_tx,
         health.clone(),
         metrics.clone(),
+        resubscribed_tx,
         background.clone(),
     ));
-    tasks.spawn(
-        Dispatcher::new(registry.clone(), inbound.clone(), metrics.clone())
-            .run(pubsub_rx, resume_rx),
+    let dispatcher = Dispatcher::new(
+        registry.clone(),
+        inbound.clone(),
+        metrics.clone(),
+        backplane.clone(),
+        keys.clone(),
+        config.clone(),
+        control_tx,
     );
+    tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
     tasks.spawn(backplane::health::run(
         backplane.clone(),
         health.clone(),

@@ -137,6 +137,11 @@ impl Registry {
         true
     }
 
+    /// Whether any local connection is in `channel`.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
+
     /// Looks up one local connection by its cluster-unique id.
     pub fn get(&self, id: &str) -> Option<Arc<ConnHandle>> {
         let seq = id.strip_prefix(self.id_prefix.as_str())?;

@@ -11,7 +11,7 @@ use crate::backplane::{Backplane, Health, Keys};
 use crate::config::Config;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
-use crate::outbound::dispatch::ResumeDone;
+use crate::outbound::dispatch::Control;
 use crate::outbound::Publisher;
 use crate::registry::Registry;
 
@@ -44,7 +44,7 @@ pub struct AppState {
     /// Key names.
     pub keys: Keys,
     /// Finished history reads go to the dispatcher here.
-    pub resume_tx: tokio::sync::mpsc::Sender<ResumeDone>,
+    pub control_tx: tokio::sync::mpsc::Sender<Control>,
     /// Cancelled when the replica stops accepting.
     pub stopping: CancellationToken,
 }

@@ -8,6 +8,9 @@ fn reference_config_loads() {
         wsbridge::config::Config::load(Some(&path)).expect("config/wsbridge.toml must load");
     assert_eq!(config.inbound.streams, ["chat"]);
     assert_eq!(config.server.listen, "127.0.0.1:8080");
-    assert_eq!(config.history_for("room:lobby").map(|c| c.history_size), Some(1000));
+    assert_eq!(
+        config.history_for("room:lobby").map(|c| c.history_size),
+        Some(1000)
+    );
     assert!(config.history_for("lobby").is_none());
 }

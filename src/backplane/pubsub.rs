@@ -67,12 +67,14 @@ pub async fn run(
     tx: mpsc::Sender<Bytes>,
     health: Arc<Health>,
     metrics: Metrics,
+    resubscribed: mpsc::Sender<()>,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(cfg.health_interval_ms);
     let max_backoff = Duration::from_millis(cfg.reconnect_max_backoff_ms);
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
+    let mut connected_before = false;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -90,6 +92,12 @@ pub async fn run(
         let mut conn = match conn {
             Ok(conn) => {
                 tracing::info!(channel = %keys.broadcast, "pub/sub link up");
+                // Messages published while the link was down never reached this replica; the
+                // dispatcher catches up the channels that keep history.
+                if connected_before {
+                    let _ = resubscribed.try_send(());
+                }
+                connected_before = true;
                 backoff = Duration::from_millis(100);
                 conn
             }

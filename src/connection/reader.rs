@@ -13,7 +13,7 @@ use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
 use crate::inbound::Event;
 use crate::metrics::{CloseReason, Limit, Metrics};
-use crate::outbound::dispatch::ResumeDone;
+use crate::outbound::dispatch::{Control, ResumeDone};
 use crate::outbound::history::{self, Offset, Replay};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
@@ -357,7 +357,7 @@ fn spawn_resume(
 ) {
     let backplane = state.backplane.clone();
     let keys = state.keys.clone();
-    let resume_tx = state.resume_tx.clone();
+    let control_tx = state.control_tx.clone();
     tokio::spawn(async move {
         let replay = match history::read_since(&backplane, &keys, &channel, &since, limit).await {
             Ok(Replay::Complete(entries)) => Some(entries),
@@ -374,6 +374,6 @@ fn spawn_resume(
             since,
             replay,
         };
-        let _ = resume_tx.send(done).await;
+        let _ = control_tx.send(Control::Resume(done)).await;
     });
 }

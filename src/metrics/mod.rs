@@ -44,6 +44,7 @@ pub mod names {
     pub const BUILD_INFO: &str = "wsbridge_build_info";
     pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
     pub const RESUMES: &str = "wsbridge_resumes_total";
+    pub const CATCH_UPS: &str = "wsbridge_catch_ups_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -246,6 +247,8 @@ pub struct Metrics {
     limit_refusals: HashMap<Limit, Counter>,
     resumes_recovered: Counter,
     resumes_not_recovered: Counter,
+    catch_ups_recovered: Counter,
+    catch_ups_not_recovered: Counter,
 }
 
 impl Metrics {
@@ -320,6 +323,8 @@ impl Metrics {
             sent_bytes: metrics::counter!(names::SENT_BYTES),
             resumes_recovered: metrics::counter!(names::RESUMES, "recovered" => "true"),
             resumes_not_recovered: metrics::counter!(names::RESUMES, "recovered" => "false"),
+            catch_ups_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "true"),
+            catch_ups_not_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "false"),
             limit_refusals: Limit::ALL
                 .iter()
                 .map(|l| {
@@ -348,6 +353,16 @@ impl Metrics {
             &self.resumes_recovered
         } else {
             &self.resumes_not_recovered
+        }
+    }
+
+    /// The catch-ups counter (history channels replayed after a pub/sub reconnect), by whether
+    /// the gap could be filled.
+    pub fn catch_ups(&self, recovered: bool) -> &Counter {
+        if recovered {
+            &self.catch_ups_recovered
+        } else {
+            &self.catch_ups_not_recovered
         }
     }
 
@@ -498,5 +513,9 @@ fn describe() {
     describe_counter!(
         RESUMES,
         "Subscribes with `since` on channels with history, by whether the replay was complete."
+    );
+    describe_counter!(
+        CATCH_UPS,
+        "History channels caught up after a pub/sub reconnect, by whether the gap could be filled."
     );
 }

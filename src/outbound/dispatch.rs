@@ -3,6 +3,7 @@
 //! One task handles payloads in arrival order, so messages of one call reach a connection in call
 //! order. Each message is encoded at most once per encoding; all recipients share the bytes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,12 +12,39 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::envelope::{split_payload, Batch, Item, Op};
-use super::history::Offset;
+use super::history::{self, Offset, Replay};
+use crate::backplane::{Backplane, Keys};
+use crate::config::Config;
 use crate::connection::{ConnHandle, Outgoing};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{message, message_json, message_msgpack, Encoding, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
+
+/// Work handed back to the dispatcher by the tasks that read history for it.
+pub enum Control {
+    /// A connection's `subscribe` with `since` has its history.
+    Resume(ResumeDone),
+    /// A channel's history after the pub/sub link came back.
+    CatchUp(CatchUp),
+}
+
+/// What a channel missed while this replica's pub/sub link was down.
+pub struct CatchUp {
+    /// The channel.
+    pub channel: String,
+    /// The last offset this replica delivered on it.
+    pub since: Offset,
+    /// The entries published since, or `None` when the history cannot fill the gap.
+    pub replay: Option<Vec<(String, String)>>,
+}
+
+/// Live messages of a catching-up channel, held until its history read is queued.
+#[derive(Default)]
+struct Hold {
+    messages: Vec<(String, String, u64)>,
+    overflowed: bool,
+}
 
 /// A resume's history read, handed to the dispatcher so that the replay, the `subscribed`
 /// reply and the live messages held meanwhile are queued in order by the one task that also
@@ -40,26 +68,51 @@ pub struct Dispatcher {
     registry: Arc<Registry>,
     inbound: Arc<Inbound>,
     metrics: Metrics,
+    backplane: Backplane,
+    keys: Keys,
+    config: Arc<Config>,
+    control: mpsc::Sender<Control>,
+    /// The last offset delivered on each history channel that has local subscribers, for
+    /// catching up after a pub/sub reconnect.
+    last_offsets: HashMap<String, String>,
+    /// Channels catching up now, with the live messages held meanwhile.
+    catching_up: HashMap<String, Hold>,
     /// Reused for every message, so finding recipients does not allocate.
     scratch: Vec<Arc<ConnHandle>>,
 }
 
 impl Dispatcher {
     /// A dispatcher over this replica's registry.
-    pub fn new(registry: Arc<Registry>, inbound: Arc<Inbound>, metrics: Metrics) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        inbound: Arc<Inbound>,
+        metrics: Metrics,
+        backplane: Backplane,
+        keys: Keys,
+        config: Arc<Config>,
+        control: mpsc::Sender<Control>,
+    ) -> Self {
         Self {
             registry,
             inbound,
             metrics,
+            backplane,
+            keys,
+            config,
+            control,
+            last_offsets: HashMap::new(),
+            catching_up: HashMap::new(),
             scratch: Vec::new(),
         }
     }
 
-    /// Handles payloads and finished resumes until the pub/sub link's sender is gone.
+    /// Handles payloads, finished history reads and pub/sub reconnections until the pub/sub
+    /// link's sender is gone.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Bytes>,
-        mut resumes: mpsc::Receiver<ResumeDone>,
+        mut control: mpsc::Receiver<Control>,
+        mut resubscribed: mpsc::Receiver<()>,
     ) {
         loop {
             tokio::select! {
@@ -67,7 +120,11 @@ impl Dispatcher {
                     Some(payload) => self.dispatch(&payload),
                     None => return,
                 },
-                Some(done) = resumes.recv() => self.finish_resume(done),
+                Some(work) = control.recv() => match work {
+                    Control::Resume(done) => self.finish_resume(done),
+                    Control::CatchUp(caught) => self.finish_catch_up(caught),
+                },
+                Some(()) = resubscribed.recv() => self.start_catch_up(),
             }
         }
     }
@@ -160,6 +217,17 @@ impl Dispatcher {
         data: &RawValue,
         ts: u64,
     ) {
+        if let (Some(channel), Some(offset)) = (channel, offset) {
+            if let Some(hold) = self.catching_up.get_mut(channel) {
+                if hold.messages.len() >= self.config.redis.pubsub_buffer_messages {
+                    hold.overflowed = true;
+                } else {
+                    hold.messages
+                        .push((offset.to_owned(), data.get().to_owned(), ts));
+                }
+                return;
+            }
+        }
         self.metrics.pubsub_received.increment(1);
         let started = Instant::now();
         self.registry.recipients(target, &mut self.scratch);
@@ -171,6 +239,18 @@ impl Dispatcher {
         if recipients == 0 {
             self.metrics.pubsub_filtered.increment(1);
             return;
+        }
+        if let (Some(channel), Some(offset)) = (channel, offset) {
+            match self.last_offsets.get_mut(channel) {
+                Some(last) => {
+                    last.clear();
+                    last.push_str(offset);
+                }
+                None => {
+                    self.last_offsets
+                        .insert(channel.to_owned(), offset.to_owned());
+                }
+            }
         }
         let (mut json, mut msgpack) = (None, None);
         for conn in self.scratch.drain(..) {
@@ -256,6 +336,105 @@ impl Dispatcher {
                 "send queue full while resuming",
                 CloseReason::SlowConsumer,
             );
+        }
+    }
+}
+
+impl Dispatcher {
+    /// After a pub/sub reconnect: for every history channel with local subscribers, hold its live
+    /// messages and read what was published since the last offset delivered here.
+    fn start_catch_up(&mut self) {
+        let registry = &self.registry;
+        self.last_offsets
+            .retain(|channel, _| registry.has_channel(channel));
+        for (channel, last) in &self.last_offsets {
+            if self.catching_up.contains_key(channel) {
+                continue;
+            }
+            let (Some(since), Some(settings)) =
+                (Offset::parse(last), self.config.history_for(channel))
+            else {
+                continue;
+            };
+            self.catching_up.insert(channel.clone(), Hold::default());
+            let backplane = self.backplane.clone();
+            let keys = self.keys.clone();
+            let control = self.control.clone();
+            let (channel, limit) = (channel.clone(), settings.history_size);
+            tokio::spawn(async move {
+                let read = history::read_since(&backplane, &keys, &channel, &since, limit).await;
+                let replay = match read {
+                    Ok(Replay::Complete(entries)) => Some(entries),
+                    Ok(Replay::Incomplete) | Err(_) => None,
+                };
+                let caught = CatchUp {
+                    channel,
+                    since,
+                    replay,
+                };
+                let _ = control.send(Control::CatchUp(caught)).await;
+            });
+        }
+        if !self.catching_up.is_empty() {
+            tracing::info!(
+                channels = self.catching_up.len(),
+                "pub/sub link back: catching up history channels"
+            );
+        }
+    }
+
+    /// Delivers what a channel missed, then the live messages held meanwhile that are newer.
+    /// When the gap cannot be filled, every local subscriber gets `subscribed` with
+    /// `recovered: false` first, so it knows to reload.
+    fn finish_catch_up(&mut self, caught: CatchUp) {
+        let Some(hold) = self.catching_up.remove(&caught.channel) else {
+            return;
+        };
+        let channel = caught.channel.as_str();
+        let mut last = caught.since.clone();
+        let recovered = caught.replay.is_some() && !hold.overflowed;
+        if let (true, Some(entries)) = (recovered, &caught.replay) {
+            for (offset, data) in entries {
+                let raw = RawValue::from_string(data.clone()).unwrap_or_else(|_| null().to_owned());
+                self.deliver(
+                    Target::Channel(channel),
+                    Some(channel),
+                    Some(offset),
+                    &raw,
+                    0,
+                );
+                if let Some(parsed) = Offset::parse(offset) {
+                    last = parsed;
+                }
+            }
+        } else {
+            self.registry
+                .recipients(Target::Channel(channel), &mut self.scratch);
+            for conn in self.scratch.drain(..) {
+                let notice = ServerFrame::Subscribed {
+                    channel,
+                    id: None,
+                    recovered: Some(false),
+                };
+                conn.deliver(notice.encode(conn.encoding), 0);
+            }
+        }
+        self.metrics.catch_ups(recovered).increment(1);
+        for (offset, data, ts) in hold.messages {
+            let newer = match Offset::parse(&offset) {
+                Some(parsed) => !recovered || parsed.is_after(&last) || parsed.epoch != last.epoch,
+                None => true,
+            };
+            if newer {
+                let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+                self.deliver(
+                    Target::Channel(channel),
+                    Some(channel),
+                    Some(&offset),
+                    &raw,
+                    ts,
+                );
+            }
         }
     }
 }

@@ -295,3 +295,128 @@ async fn a_resent_send_is_stored_once_even_after_a_reconnect() {
         3
     );
 }
+
+/// Cuts every pub/sub link and keeps them from reconnecting (Redis refuses new connections)
+/// until the returned guard's `restore` runs; command links stay up, so publishing works.
+async fn cut_pubsub_links(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let connected: i64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pubsub = list.lines().count() as i64;
+    assert!(pubsub >= 1, "no pub/sub links to cut");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(connected - pubsub)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
+async fn restore_connections(conn: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(10000)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_catches_up_what_its_pubsub_link_missed() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("catchup");
+    let a = start(&redis, &prefix, 1000, &[]).await;
+    let b = start(&redis, &prefix, 1000, &[]).await;
+    let mut c = Client::connect(&a).await;
+    c.subscribe("room:c").await;
+    b.send(json!({"to": {"channel": "room:c"}, "data": 0}))
+        .await;
+    assert_eq!(c.recv().await["data"], 0);
+
+    let mut conn = cut_pubsub_links(&redis).await;
+    // Published while replica A cannot hear pub/sub at all.
+    for i in 1..=20 {
+        b.send(json!({"to": {"channel": "room:c"}, "data": i}))
+            .await;
+    }
+    restore_connections(&mut conn).await;
+    eventually("A caught up", || async {
+        a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    b.send(json!({"to": {"channel": "room:c"}, "data": 21}))
+        .await;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&21) {
+        let m = c.recv().await;
+        assert_eq!(m["type"], "message", "{m}");
+        seen.push(m["data"].as_i64().unwrap());
+    }
+    assert_eq!(
+        seen,
+        (1..=21).collect::<Vec<_>>(),
+        "the gap must be filled exactly once, in order"
+    );
+}
+
+#[tokio::test]
+async fn a_gap_the_history_cannot_fill_is_announced() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("catchup-lost");
+    let a = start(&redis, &prefix, 3, &[]).await;
+    let b = start(&redis, &prefix, 3, &[]).await;
+    let mut c = Client::connect(&a).await;
+    c.subscribe("room:l").await;
+    b.send(json!({"to": {"channel": "room:l"}, "data": 0}))
+        .await;
+    assert_eq!(c.recv().await["data"], 0);
+    let mut conn = cut_pubsub_links(&redis).await;
+    for i in 1..=10 {
+        b.send(json!({"to": {"channel": "room:l"}, "data": i}))
+            .await;
+    }
+    restore_connections(&mut conn).await;
+    // Only 3 of the 10 are kept: the subscriber is told instead of getting a partial stream.
+    let notice = c.recv().await;
+    assert_eq!(
+        notice,
+        json!({"type": "subscribed", "channel": "room:l", "recovered": false})
+    );
+    b.send(json!({"to": {"channel": "room:l"}, "data": "live"}))
+        .await;
+    assert_eq!(c.recv().await["data"], "live");
+    assert_eq!(
+        a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
+            .await,
+        1.0
+    );
+}
