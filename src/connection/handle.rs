@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Identity;
 use crate::config::QueueFullPolicy;
 use crate::metrics::{CloseReason, DropReason, Metrics};
+use crate::outbound::history::Offset;
 use crate::protocol::{Encoding, ServerFrame};
 
 /// A message frame waiting in a connection's send queue. `frame` is shared by all recipients.
@@ -32,6 +33,16 @@ pub struct Held {
     pub frame: Bytes,
     /// As in [`Outgoing`].
     pub accepted_us: u64,
+}
+
+/// A channel's state around a resume.
+enum Resume {
+    /// The history is being read: live messages are held.
+    Holding(HeldBack),
+    /// The replay was queued up to this offset: live messages not after it were replayed
+    /// already (their payload was still on its way when the replay was queued) and are dropped.
+    /// Cleared by the first newer message.
+    Floor(Offset),
 }
 
 /// The messages held for one resuming channel; bounded by the send queue's capacity.
@@ -112,7 +123,7 @@ pub struct ConnHandle {
     /// Set while any channel of this connection is resuming; read on every delivery, so the
     /// common case costs one atomic load.
     resuming_any: AtomicBool,
-    resuming: Mutex<HashMap<Arc<str>, HeldBack>>,
+    resuming: Mutex<HashMap<Arc<str>, Resume>>,
     warned_drop: AtomicBool,
     metrics: Metrics,
 }
@@ -201,14 +212,24 @@ impl ConnHandle {
     /// [`ConnHandle::finish_resume`].
     pub fn begin_resume(&self, channel: &str) {
         let mut resuming = self.resuming.lock().expect("resume lock");
-        resuming.insert(Arc::from(channel), HeldBack::default());
+        resuming.insert(Arc::from(channel), Resume::Holding(HeldBack::default()));
+        self.resuming_any.store(true, Ordering::Release);
+    }
+
+    /// After a replay up to `last`: drop live messages of `channel` that are not newer.
+    pub fn set_floor(&self, channel: &str, last: Offset) {
+        let mut resuming = self.resuming.lock().expect("resume lock");
+        resuming.insert(Arc::from(channel), Resume::Floor(last));
         self.resuming_any.store(true, Ordering::Release);
     }
 
     /// Stops holding back `channel` and returns what was held.
     pub fn finish_resume(&self, channel: &str) -> HeldBack {
         let mut resuming = self.resuming.lock().expect("resume lock");
-        let held = resuming.remove(channel).unwrap_or_default();
+        let held = match resuming.remove(channel) {
+            Some(Resume::Holding(held)) => held,
+            _ => HeldBack::default(),
+        };
         if resuming.is_empty() {
             self.resuming_any.store(false, Ordering::Release);
         }
@@ -225,17 +246,30 @@ impl ConnHandle {
     ) {
         if self.resuming_any.load(Ordering::Acquire) {
             let mut resuming = self.resuming.lock().expect("resume lock");
-            if let Some(held) = resuming.get_mut(channel) {
-                if held.messages.len() >= self.data_tx.max_capacity() {
-                    held.overflowed = true;
-                } else {
-                    held.messages.push(Held {
-                        offset: offset.map(str::to_owned),
-                        frame,
-                        accepted_us,
-                    });
+            match resuming.get_mut(channel) {
+                Some(Resume::Holding(held)) => {
+                    if held.messages.len() >= self.data_tx.max_capacity() {
+                        held.overflowed = true;
+                    } else {
+                        held.messages.push(Held {
+                            offset: offset.map(str::to_owned),
+                            frame,
+                            accepted_us,
+                        });
+                    }
+                    return;
                 }
-                return;
+                Some(Resume::Floor(floor)) => {
+                    let parsed = offset.and_then(Offset::parse);
+                    if parsed.is_some_and(|o| o.epoch == floor.epoch && !o.is_after(floor)) {
+                        return;
+                    }
+                    resuming.remove(channel);
+                    if resuming.is_empty() {
+                        self.resuming_any.store(false, Ordering::Release);
+                    }
+                }
+                None => {}
             }
         }
         self.deliver(frame, accepted_us);

@@ -77,6 +77,9 @@ pub struct Dispatcher {
     last_offsets: HashMap<String, String>,
     /// Channels catching up now, with the live messages held meanwhile.
     catching_up: HashMap<String, Hold>,
+    /// After a catch-up, the last offset it delivered per channel: live messages not after it
+    /// were caught up already (their payload was still on its way) and are dropped.
+    floors: HashMap<String, Offset>,
     /// Reused for every message, so finding recipients does not allocate.
     scratch: Vec<Arc<ConnHandle>>,
 }
@@ -102,6 +105,7 @@ impl Dispatcher {
             control,
             last_offsets: HashMap::new(),
             catching_up: HashMap::new(),
+            floors: HashMap::new(),
             scratch: Vec::new(),
         }
     }
@@ -218,6 +222,13 @@ impl Dispatcher {
         ts: u64,
     ) {
         if let (Some(channel), Some(offset)) = (channel, offset) {
+            if let Some(floor) = self.floors.get(channel) {
+                let parsed = Offset::parse(offset);
+                if parsed.is_some_and(|o| o.epoch == floor.epoch && !o.is_after(floor)) {
+                    return;
+                }
+                self.floors.remove(channel);
+            }
             if let Some(hold) = self.catching_up.get_mut(channel) {
                 if hold.messages.len() >= self.config.redis.pubsub_buffer_messages {
                     hold.overflowed = true;
@@ -320,6 +331,7 @@ impl Dispatcher {
                 }
             }
             if conn.deliver_all(frames) {
+                conn.set_floor(&done.channel, last);
                 self.metrics.resumes(true).increment(1);
                 return;
             }
@@ -420,6 +432,9 @@ impl Dispatcher {
             }
         }
         self.metrics.catch_ups(recovered).increment(1);
+        if recovered {
+            self.floors.insert(caught.channel.clone(), last.clone());
+        }
         for (offset, data, ts) in hold.messages {
             let newer = match Offset::parse(&offset) {
                 Some(parsed) => !recovered || parsed.is_after(&last) || parsed.epoch != last.epoch,

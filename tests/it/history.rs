@@ -150,7 +150,7 @@ async fn no_gap_and_no_duplicate_while_messages_keep_coming_during_the_resume() 
         }
     });
     let mut clients = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..10 {
         let mut c = Client::connect(&gw).await;
         let (replayed, subscribed) = subscribe_since(&mut c, "room:busy", &since).await;
         assert_eq!(subscribed["recovered"], true);
