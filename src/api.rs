@@ -345,3 +345,302 @@ fn who<'a>(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the `/send` body parser: whatever a backend posts is either taken
+    //! whole or refused with a typed error, never a panic.
+
+    use super::*;
+    use crate::registry::Target;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    const MAX_BATCH: usize = 8;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            // Failures are reported in the test output; nothing is written into src/.
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// What the API does with a body, from the outside: `raw` is what hyper handed over.
+    fn parse(body: &[u8]) -> Result<usize, ApiError> {
+        let raw: &RawValue =
+            serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+        send_items(raw, MAX_BATCH).map(|items| items.len())
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |f| {
+                serde_json::Number::from_f64(f).map(Value::Number)
+            }),
+            "\\PC{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,5}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// One recipient key of `to`, well typed: absent, null, empty, or a name.
+    fn name_field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            4 => Just(None),
+            1 => Just(Some(Value::Null)),
+            1 => Just(Some(Value::from(""))),
+            3 => "\\PC{1,8}".prop_map(|s| Some(Value::String(s))),
+        ]
+    }
+
+    fn all_field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            4 => Just(None),
+            1 => Just(Some(Value::Null)),
+            3 => Just(Some(Value::Bool(true))),
+            1 => Just(Some(Value::Bool(false))),
+        ]
+    }
+
+    /// A `to` object with a random, well-typed subset of the recipient keys.
+    fn to_object() -> impl Strategy<Value = Map<String, Value>> {
+        (name_field(), name_field(), name_field(), all_field()).prop_map(|(c, u, ch, all)| {
+            let mut m = Map::new();
+            for (k, v) in [
+                ("connection", c),
+                ("user", u),
+                ("channel", ch),
+                ("all", all),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.to_string(), v);
+                }
+            }
+            m
+        })
+    }
+
+    /// A `to` object naming exactly one recipient, sometimes with other keys set to null.
+    fn valid_to() -> impl Strategy<Value = Map<String, Value>> {
+        (
+            prop::sample::select(&["connection", "user", "channel", "all"][..]),
+            "\\PC{1,8}",
+            prop::sample::subsequence(&["connection", "user", "channel", "all"][..], 0..=2),
+        )
+            .prop_map(|(key, name, nulls)| {
+                let mut m = Map::new();
+                for k in nulls {
+                    m.insert(k.to_string(), Value::Null);
+                }
+                let v = if key == "all" {
+                    Value::Bool(true)
+                } else {
+                    Value::String(name)
+                };
+                m.insert(key.to_string(), v);
+                m
+            })
+    }
+
+    /// The target a `to` object names when it names exactly one recipient, as the README says.
+    fn expected_target(to: &Map<String, Value>) -> Option<Target<'_>> {
+        let given: Vec<(&String, &Value)> = to.iter().filter(|(_, v)| !v.is_null()).collect();
+        match given.as_slice() {
+            [(k, Value::String(s))] if !s.is_empty() => Some(match k.as_str() {
+                "connection" => Target::Connection(s),
+                "user" => Target::User(s),
+                _ => Target::Channel(s),
+            }),
+            [(k, Value::Bool(true))] if k.as_str() == "all" => Some(Target::All),
+            _ => None,
+        }
+    }
+
+    fn bad_request(r: Result<usize, ApiError>) -> Result<String, TestCaseError> {
+        match r {
+            Err(ApiError::BadRequest(message)) => {
+                prop_assert!(!message.is_empty());
+                Ok(message)
+            }
+            other => Err(TestCaseError::fail(format!(
+                "expected BadRequest, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Bodies worth posting: noise, and valid bodies cut short or with bytes flipped.
+    fn valid_body() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec((to_object(), json_value()), 1..4).prop_map(|ms| {
+            let ms: Vec<Value> = ms
+                .into_iter()
+                .map(|(to, data)| json!({"to": to, "data": data}))
+                .collect();
+            serde_json::to_vec(&ms).unwrap()
+        })
+    }
+
+    fn hostile_body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            (valid_body(), any::<prop::sample::Index>())
+                .prop_map(|(body, cut)| body[..cut.index(body.len() + 1)].to_vec()),
+            (
+                valid_body(),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)
+            )
+                .prop_map(|(mut body, flips)| {
+                    for (at, x) in flips {
+                        let at = at.index(body.len());
+                        body[at] ^= x;
+                    }
+                    body
+                }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_body_is_taken_or_refused_with_a_typed_error(body in hostile_body()) {
+            match parse(&body) {
+                Ok(n) => prop_assert!((1..=MAX_BATCH).contains(&n)),
+                Err(ApiError::BadJson(_) | ApiError::BadRequest(_) | ApiError::BatchTooLong(_)) => {}
+                Err(other) => prop_assert!(false, "parsing alone answered {:?}", other),
+            }
+        }
+
+        #[test]
+        fn one_message_is_taken_when_it_names_exactly_one_recipient(
+            to in prop_oneof![valid_to(), to_object()],
+            data in json_value(),
+        ) {
+            let body = json!({"to": to, "data": data}).to_string();
+            let raw: &RawValue = serde_json::from_str(&body).unwrap();
+            let result = send_items(raw, MAX_BATCH);
+            match (expected_target(&to), result) {
+                (Some(target), Ok(items)) => {
+                    prop_assert_eq!(items.len(), 1);
+                    prop_assert_eq!(items[0].op, Op::Send);
+                    prop_assert_eq!(items[0].to.target().unwrap(), target);
+                    prop_assert_eq!(items[0].data.unwrap().get(), data.to_string());
+                }
+                (None, Err(ApiError::BadRequest(message))) => {
+                    prop_assert!(!message.contains("message 0"), "{}", message);
+                }
+                (want, got) => prop_assert!(
+                    false,
+                    "{}: expected {:?}, got {:?}",
+                    body,
+                    want,
+                    got.map(|items| items.len())
+                ),
+            }
+        }
+
+        #[test]
+        fn arrays_are_taken_whole_or_refused_naming_the_first_bad_index(
+            messages in prop::collection::vec(
+                (prop_oneof![3 => valid_to(), 1 => to_object()], json_value()),
+                0..12,
+            ),
+        ) {
+            let body: Vec<Value> = messages
+                .iter()
+                .map(|(to, data)| json!({"to": to, "data": data}))
+                .collect();
+            let body = serde_json::to_string(&body).unwrap();
+            let raw: &RawValue = serde_json::from_str(&body).unwrap();
+            let result = send_items(raw, MAX_BATCH);
+            let first_bad = messages.iter().position(|(to, _)| expected_target(to).is_none());
+            if messages.is_empty() {
+                bad_request(result.map(|items| items.len()))?;
+            } else if messages.len() > MAX_BATCH {
+                prop_assert!(
+                    matches!(result, Err(ApiError::BatchTooLong(MAX_BATCH))),
+                    "{:?}",
+                    result.map(|items| items.len())
+                );
+            } else if let Some(i) = first_bad {
+                let message = bad_request(result.map(|items| items.len()))?;
+                // A one-element array is answered like a single message, without the index
+                // (reported on issue 4), so the index is checked for real batches only.
+                if messages.len() > 1 {
+                    prop_assert!(
+                        message.starts_with(&format!("message {i}: ")),
+                        "{}: {}",
+                        body,
+                        message
+                    );
+                }
+            } else {
+                let items = result.map_err(|e| TestCaseError::fail(format!("{body}: {e:?}")))?;
+                prop_assert_eq!(items.len(), messages.len());
+                for (item, (to, data)) in items.iter().zip(&messages) {
+                    prop_assert_eq!(item.op, Op::Send);
+                    prop_assert_eq!(item.to.target().unwrap(), expected_target(to).unwrap());
+                    prop_assert_eq!(item.data.unwrap().get(), data.to_string());
+                }
+            }
+        }
+
+        #[test]
+        fn malformed_messages_in_an_array_are_bad_requests(
+            good in prop::collection::vec(Just(json!({"to": {"all": true}, "data": 1})), 0..4),
+            bad in prop_oneof![
+                json_value().prop_filter("not null", |v| !v.is_null())
+                    .prop_map(|v| json!({"to": {"connection": v}, "data": 1})),
+                json_value().prop_map(|v| json!({"to": {"all": true, "extra": v}, "data": 1})),
+                json_value().prop_map(|v| json!({"to": {"all": true}, "data": 1, "extra": v})),
+                Just(json!({"to": {"user": "u"}})),
+                json_value().prop_filter("not an object", |v| !v.is_object())
+                    .prop_map(|v| json!({"to": v, "data": 1})),
+            ],
+            at in any::<prop::sample::Index>(),
+        ) {
+            // A string is a valid `connection`, so that case is not malformed.
+            prop_assume!(!bad["to"]["connection"].is_string());
+            // serde reads a struct from the array of its fields too, so an array `to` is
+            // currently taken as a recipient (reported on issue 4): not generated.
+            prop_assume!(!bad["to"].is_array());
+            let mut messages = good;
+            let at = at.index(messages.len() + 1);
+            messages.insert(at, bad);
+            let body = serde_json::to_vec(&messages).unwrap();
+            // The index of the bad message is not checked: serde's error names a line and
+            // column, not the index (reported on issue 4).
+            bad_request(parse(&body))?;
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        let deep = vec![b'['; 1_000_000];
+        assert!(matches!(parse(&deep), Err(ApiError::BadJson(_))));
+        let mut deep_data = br#"{"to":{"all":true},"data":"#.to_vec();
+        deep_data.extend(std::iter::repeat_n(b'[', 100_000));
+        assert!(matches!(parse(&deep_data), Err(ApiError::BadJson(_))));
+    }
+
+    #[test]
+    fn the_batch_limit_is_checked_before_the_messages() {
+        let body: Vec<Value> = (0..=MAX_BATCH)
+            .map(|_| json!({"to": {}, "data": 1}))
+            .collect();
+        let body = serde_json::to_vec(&body).unwrap();
+        assert!(matches!(
+            parse(&body),
+            Err(ApiError::BatchTooLong(MAX_BATCH))
+        ));
+    }
+}
