@@ -77,13 +77,17 @@ impl Authenticator {
         validation.required_spec_claims = HashSet::new();
         validation.leeway = 0;
         validation.validate_nbf = true;
+        // A configured audience or issuer must be present in the token, not only right when
+        // present.
         if cfg.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&[&cfg.audience]);
+            validation.required_spec_claims.insert("aud".into());
         }
         if !cfg.issuer.is_empty() {
             validation.set_issuer(&[&cfg.issuer]);
+            validation.required_spec_claims.insert("iss".into());
         }
         Ok(Self {
             verifier: Some((key, validation)),

@@ -506,6 +506,16 @@ impl Config {
                     format!("cannot read `{}`: {e}", self.auth.jwt_public_key),
                 )
             })?;
+            // jsonwebtoken also takes a private key here, and then no valid token verifies.
+            if !String::from_utf8_lossy(&pem).contains("PUBLIC KEY-----") {
+                return Err(ConfigError::key(
+                    "auth.jwt_public_key",
+                    format!(
+                        "`{}` is not a public key PEM (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY)",
+                        self.auth.jwt_public_key
+                    ),
+                ));
+            }
             jsonwebtoken::DecodingKey::from_rsa_pem(&pem).map_err(|e| {
                 ConfigError::key(
                     "auth.jwt_public_key",

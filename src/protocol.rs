@@ -186,11 +186,30 @@ struct IdOnly {
     id: Option<FrameId>,
 }
 
+/// Nesting allowed in a MessagePack frame. rmp-serde's default (1024) lets a small frame of
+/// nested arrays exhaust a worker thread's stack in an unoptimised build; JSON's parser stops at
+/// 128 levels.
+const MSGPACK_MAX_DEPTH: usize = 128;
+
+fn from_msgpack<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MSGPACK_MAX_DEPTH);
+    T::deserialize(&mut de)
+}
+
 /// Decodes a text frame (JSON).
 ///
 /// # Errors
 /// A [`FrameError`] with the frame's id when it could be read.
 pub fn decode_json(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
+    // serde reads a struct from an array of its fields too; the protocol is objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(FrameError::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be a JSON object",
+        ));
+    }
     let frame: JsonFrame = serde_json::from_slice(bytes).map_err(|e| {
         let id = serde_json::from_slice::<IdOnly>(bytes)
             .ok()
@@ -221,10 +240,16 @@ pub fn decode_json(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
 /// # Errors
 /// A [`FrameError`] with the frame's id when it could be read.
 pub fn decode_msgpack(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
-    let frame: MsgpackFrame = rmp_serde::from_slice(bytes).map_err(|e| {
-        let id = rmp_serde::from_slice::<IdOnly>(bytes)
-            .ok()
-            .and_then(|f| f.id);
+    // A map (fixmap, map16, map32): serde would also read a struct from an array.
+    if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(FrameError::new(
+            None,
+            ErrorCode::BadFrame,
+            "a frame must be a MessagePack map",
+        ));
+    }
+    let frame: MsgpackFrame = from_msgpack(bytes).map_err(|e| {
+        let id = from_msgpack::<IdOnly>(bytes).ok().and_then(|f| f.id);
         FrameError::new(
             id,
             ErrorCode::BadFrame,
@@ -792,19 +817,23 @@ mod tests {
                 prop_assert_eq!((e.code, e.id), (ErrorCode::BadFrame, None));
             }
 
-            // Only the code is checked, and arrays stop at five elements: serde also reads a
-            // struct from the sequence of its fields, so a six-element array is currently taken
-            // as a frame, and the `id` of a refused array is read from its first element
-            // (both reported on issue 4).
+            // serde would read a struct from the sequence of its fields: arrays of any length,
+            // including the six fields of a frame, are refused, and no `id` is read from them.
             #[test]
             fn top_level_arrays_are_bad_frames(
-                v in prop::collection::vec(json_value(), 0..6).prop_map(Value::Array)
+                v in prop::collection::vec(json_value(), 0..8).prop_map(Value::Array)
             ) {
+                let e = decode_json(&to_json(&v)).unwrap_err();
+                prop_assert_eq!((e.code, e.id), (ErrorCode::BadFrame, None));
+                let e = decode_msgpack(&to_msgpack(&v)).unwrap_err();
+                prop_assert_eq!((e.code, e.id), (ErrorCode::BadFrame, None));
+            }
+
+            #[test]
+            fn a_frame_written_as_an_array_of_its_fields_is_refused(id in "[a-z0-9]{1,8}") {
+                let v = serde_json::json!(["send", id, "chat", null, null, {"a": 1}]);
                 prop_assert_eq!(decode_json(&to_json(&v)).unwrap_err().code, ErrorCode::BadFrame);
-                prop_assert_eq!(
-                    decode_msgpack(&to_msgpack(&v)).unwrap_err().code,
-                    ErrorCode::BadFrame
-                );
+                prop_assert_eq!(decode_msgpack(&to_msgpack(&v)).unwrap_err().code, ErrorCode::BadFrame);
             }
         }
 
@@ -838,6 +867,24 @@ mod tests {
             deep_data.extend(std::iter::repeat_n(0x91, 100_000));
             assert_eq!(
                 decode_msgpack(&deep_data).unwrap_err().code,
+                ErrorCode::BadFrame
+            );
+        }
+
+        /// A small MessagePack frame of nested arrays must be refused, not overflow the stack of
+        /// an unoptimised build (rmp-serde's own depth limit is 1024).
+        #[test]
+        fn deeply_nested_msgpack_is_refused() {
+            let mut frame = vec![0x82, 0xa4];
+            frame.extend_from_slice(b"type");
+            frame.extend_from_slice(&[0xa4]);
+            frame.extend_from_slice(b"send");
+            frame.extend_from_slice(&[0xa2]);
+            frame.extend_from_slice(b"id");
+            frame.extend(std::iter::repeat_n(0x91u8, 2000));
+            frame.push(0xc0);
+            assert_eq!(
+                decode_msgpack(&frame).unwrap_err().code,
                 ErrorCode::BadFrame
             );
         }

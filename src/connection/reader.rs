@@ -45,7 +45,8 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
     ws.set_auto_pong(true);
     // A single frame over the limit fails the read with FrameTooLarge (answered with 1009);
     // the assembler applies the same limit to fragmented messages as a whole.
-    ws.set_max_message_size(limits.max_message_bytes);
+    // fastwebsockets refuses a frame of exactly its limit; ours is inclusive.
+    ws.set_max_message_size(limits.max_message_bytes.saturating_add(1));
     let mut assembler = Assembler::new(limits.max_message_bytes);
     loop {
         let frame = ws

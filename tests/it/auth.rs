@@ -209,17 +209,23 @@ async fn audience_and_issuer_are_checked_when_configured() {
         claims[key] = value;
         rs256(&private, claims)
     };
+    let without = |key: &str| {
+        let mut claims = good.clone();
+        claims.as_object_mut().unwrap().remove(key);
+        rs256(&private, claims)
+    };
     let refused = [
         ("wrong aud", with("aud", json!("someone-else"))),
         ("aud list without ours", with("aud", json!(["a", "b"]))),
         ("wrong iss", with("iss", json!("https://evil.test"))),
+        ("no aud", without("aud")),
+        ("no iss", without("iss")),
+        ("numeric aud", with("aud", json!(5))),
+        ("numeric iss", with("iss", json!(5))),
     ];
     for (what, token) in &refused {
         assert_eq!(upgrade(&gw, token).await.0, 401, "{what}");
     }
-    // Not asserted: a token without `aud` or `iss`, or with a non-string one, should get 401
-    // too (the README says both are required when configured) but is accepted today; reported
-    // on issue 4.
     assert_eq!(gw.metric("wsbridge_connections_opened_total").await, 2.0);
 }
 
@@ -276,9 +282,9 @@ fn an_unusable_public_key_stops_startup_with_exit_code_2() {
             ),
         ),
         ("an empty file", keys.file("empty.pub", "")),
+        // jsonwebtoken would take it, and then no valid token would verify.
+        ("a private key", keys.pair("private").0),
     ];
-    // Not asserted: a private key PEM given as the public key should stop start-up too, but
-    // is accepted and then refuses every token; reported on issue 4.
     for (what, key) in &cases {
         let (code, stderr) = start_and_exit(&[("WSBRIDGE__AUTH__JWT_PUBLIC_KEY", path(key))]);
         assert_eq!(code, Some(2), "{what}: {stderr}");

@@ -1,12 +1,14 @@
 //! Integration tests: real redis-server, real gateway replicas, real WebSocket clients.
 
 mod api;
+mod auth;
 mod common;
 mod dashboard;
 mod delivery;
 mod examples;
 mod faults;
 mod history;
+mod hostile;
 mod inbound;
 mod lifecycle;
 mod limits;
