@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages the tests run for real: Redis (the backplane) and Prometheus (the dashboard
-# test evaluates every panel's query against it).
+# Debian packages the tests run for real: Redis (the backplane), Prometheus (the dashboard
+# test evaluates every panel's query against it) and openssl (RS256 test keys).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
