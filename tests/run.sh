@@ -2,7 +2,8 @@
 # The one command that runs every test, on a fresh machine with only the Rust toolchain:
 # installs redis-server and prometheus (Debian packages) and the Python example's packages
 # when missing, then builds everything (examples included), runs the Autobahn conformance
-# cases against the gateway's WebSocket layer (tests/autobahn.sh) and all Rust tests.
+# cases against the gateway's WebSocket layer (tests/autobahn.sh), the JavaScript client's tests
+# (tests/js, against real replicas) and all Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,13 @@ echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend exa
 cargo build --examples
 echo "==> RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
+
+echo "==> JavaScript client (examples/js) against real replicas: node --test tests/js/client.test.mjs"
+command -v node >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null; }
+cargo build # the tests run target/debug/wsbridge
+ws_flag=() # Node 22+ has a global WebSocket; Node 20/21 need the flag
+node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
+node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs
 
 echo "==> cargo test"
 cargo test --all-targets "$@"

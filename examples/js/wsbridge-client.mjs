@@ -1,0 +1,684 @@
+// wsbridge-client.mjs — a client for the wsbridge gateway, for browsers and Node.
+//
+// Plain JavaScript, one ES module, no dependencies and no build step. It speaks the JSON
+// protocol described in the README ("The client protocol", "History and resume"):
+//
+//   - connects to `ws(s)://HOST/ws` (one URL, a list tried round-robin, or a function), with an
+//     optional token sent as `?token=`;
+//   - reconnects with exponential backoff and full jitter;
+//   - remembers the last offset seen per channel and resubscribes with `since` after a
+//     reconnect, telling the app whether it was `recovered`;
+//   - keeps every `send` until its `ack` and resends it with the same id after a reconnect (the
+//     gateway stores a resent id once, per user, within its dedupe window).
+//
+// See README.md beside this file for the API.
+
+const OPEN = 1; // WebSocket.OPEN, the same in every implementation
+
+/** Error codes after which resending the same frame (same id) may succeed. */
+const RETRYABLE = new Set(['overloaded', 'redis_unavailable', 'rate_limited']);
+
+/** An error frame from the gateway, or a refusal by this library (code `queue_full`, `closed`...). */
+export class WsBridgeError extends Error {
+  constructor(code, message, id = null) {
+    super(message || code);
+    this.name = 'WsBridgeError';
+    /** snake_case code: the gateway's (`channel_not_allowed`, ...) or this library's. */
+    this.code = code;
+    /** The frame id the error answers, when there is one. */
+    this.id = id;
+    /** Whether sending the same frame again (with the same id) may succeed. */
+    this.retryable = RETRYABLE.has(code);
+  }
+}
+
+/**
+ * Compares two offsets (`<epoch>:<ms>-<seq>`). Returns a negative number, 0 or a positive
+ * number, or null when they cannot be compared (different epochs, or not offsets).
+ */
+export function compareOffsets(a, b) {
+  const pa = parseOffset(a);
+  const pb = parseOffset(b);
+  if (!pa || !pb || pa.epoch !== pb.epoch) return null;
+  if (pa.ms !== pb.ms) return pa.ms < pb.ms ? -1 : 1;
+  if (pa.seq !== pb.seq) return pa.seq < pb.seq ? -1 : 1;
+  return 0;
+}
+
+function parseOffset(offset) {
+  if (typeof offset !== 'string') return null;
+  const colon = offset.lastIndexOf(':');
+  const m = /^(\d+)-(\d+)$/.exec(offset.slice(colon + 1));
+  if (colon < 0 || !m) return null;
+  return { epoch: offset.slice(0, colon), ms: BigInt(m[1]), seq: BigInt(m[2]) };
+}
+
+/**
+ * The backoff before reconnect attempt `attempt` (1 for the first): full jitter, a delay drawn
+ * uniformly from [0, cap] where cap = min(maxDelayMs, baseDelayMs * 2^(attempt-1)).
+ */
+export function backoff(attempt, baseDelayMs, maxDelayMs, random = Math.random) {
+  const capMs = Math.min(maxDelayMs, baseDelayMs * 2 ** Math.max(0, attempt - 1));
+  return { capMs, delayMs: Math.round(random() * capMs) };
+}
+
+function randomHex(bytes) {
+  const buf = new Uint8Array(bytes);
+  const c = globalThis.crypto;
+  if (c && typeof c.getRandomValues === 'function') c.getRandomValues(buf);
+  else for (let i = 0; i < bytes; i++) buf[i] = Math.floor(Math.random() * 256);
+  return Array.from(buf, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function reportListenerError(err) {
+  // Like a browser's event dispatch: a throwing listener does not break the client, and the
+  // error still surfaces (console in browsers, uncaughtException in Node).
+  setTimeout(() => {
+    throw err;
+  }, 0);
+}
+
+function handled(promise) {
+  promise.catch(() => {});
+  return promise;
+}
+
+const DEFAULTS = {
+  baseDelayMs: 500,
+  maxDelayMs: 30_000,
+  connectTimeoutMs: 10_000,
+  stableAfterMs: 5_000,
+  maxPendingSends: 100,
+  reconnectOnBackendClose: false,
+};
+
+export class WsBridgeClient {
+  /**
+   * @param {object} options
+   * @param {string} [options.url] the gateway's `ws(s)://HOST/ws` URL, or a function
+   *   `({attempt, previous}) => string | Promise<string>` called before every connection
+   * @param {string[]} [options.urls] several URLs, tried round-robin (the next one after every
+   *   close or failed attempt)
+   * @param {string | (() => string | Promise<string>)} [options.token] a JWT, sent as `?token=`;
+   *   a function is called before every connection (to refresh an expiring token)
+   * @param {Function} [options.WebSocket] a WebSocket constructor (default globalThis.WebSocket;
+   *   pass `WebSocket` from the `ws` package on Node versions without a global one)
+   * @param {number} [options.baseDelayMs=500] first reconnect delay cap
+   * @param {number} [options.maxDelayMs=30000] largest reconnect delay cap
+   * @param {number} [options.connectTimeoutMs=10000] an attempt that got no welcome by then is
+   *   abandoned (and retried)
+   * @param {number} [options.stableAfterMs=5000] a connection that lived this long resets the
+   *   backoff
+   * @param {number} [options.maxPendingSends=100] sends waiting for an ack; beyond it `send`
+   *   rejects with `queue_full`
+   * @param {boolean | ((code: number, reason: string) => boolean)} [options.reconnectOnBackendClose=false]
+   *   whether to reconnect after a 4000–4999 close (a disconnect asked by a backend)
+   * @param {() => number} [options.random=Math.random] jitter source in [0, 1)
+   */
+  constructor(options = {}) {
+    const o = { ...DEFAULTS, ...options };
+    if (typeof o.url === 'function') this._urlFn = o.url;
+    else if (Array.isArray(o.urls) && o.urls.length > 0) this._urls = [...o.urls];
+    else if (typeof o.url === 'string') this._urls = [o.url];
+    else throw new TypeError('wsbridge: options.url (string or function) or options.urls is required');
+    this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== 'function') {
+      throw new TypeError(
+        'wsbridge: no WebSocket constructor; pass options.WebSocket (e.g. from the `ws` package), ' +
+          'or run Node >= 22 (or Node 20/21 with --experimental-websocket)'
+      );
+    }
+    this._token = o.token;
+    this._random = o.random ?? Math.random;
+    this.options = o;
+
+    this._listeners = new Map(); // event -> Set<fn>
+    this._channels = new Map(); // channel -> { offset, recovered, subscribed, waiters: [] }
+    this._sends = new Map(); // id -> { frame, resolve, reject, transmissions }
+    this._requests = new Map(); // frame id -> { type, channel, ... } on the current connection
+    this._connectWaiters = [];
+
+    this._ws = null;
+    this._state = 'idle'; // idle | connecting | open | reconnecting | closed
+    this._wanted = false; // connect() called and close() not since
+    this._gen = 0; // invalidates stale connection attempts
+    this._attempt = 0; // consecutive reconnect attempts since the last stable connection
+    this._urlIndex = 0;
+    this._timer = null;
+    this._connectTimer = null;
+    this._welcomed = false;
+    this._welcomeAt = 0;
+    this._hadWelcome = false;
+    this._idPrefix = randomHex(8);
+    this._seq = 0;
+
+    this.connectionId = null;
+    this.user = null;
+    this.url = null;
+    this.stats = { connects: 0, reconnects: 0, resends: 0, duplicatesDropped: 0 };
+  }
+
+  // ---- events ----------------------------------------------------------------------------
+
+  /** Adds a listener. Events: open, welcome, message, subscribed, unsubscribed, close,
+   * reconnecting, error. Returns the client. */
+  on(event, fn) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(fn);
+    return this;
+  }
+
+  off(event, fn) {
+    this._listeners.get(event)?.delete(fn);
+    return this;
+  }
+
+  once(event, fn) {
+    const wrapper = (...args) => {
+      this.off(event, wrapper);
+      fn(...args);
+    };
+    return this.on(event, wrapper);
+  }
+
+  _emit(event, ...args) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(...args);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    }
+  }
+
+  // ---- state -----------------------------------------------------------------------------
+
+  /** idle | connecting | open | reconnecting | closed */
+  get state() {
+    return this._state;
+  }
+
+  /** The channels this client is in (or joining), in the order they were subscribed. */
+  get channels() {
+    return [...this._channels.keys()];
+  }
+
+  /** The last offset seen on `channel`, or null. */
+  lastOffset(channel) {
+    return this._channels.get(channel)?.offset ?? null;
+  }
+
+  /**
+   * From the last `subscribed` for `channel`: true when a resume with `since` replayed
+   * everything missed, false when it could not (reload your state), null after a first
+   * subscribe (nothing to recover). Undefined when not subscribed.
+   */
+  recovered(channel) {
+    return this._channels.get(channel)?.recovered;
+  }
+
+  /** How many sends wait for their ack. */
+  get pendingSends() {
+    return this._sends.size;
+  }
+
+  /** Consecutive reconnect attempts since the last stable connection. */
+  get attempt() {
+    return this._attempt;
+  }
+
+  // ---- connection ------------------------------------------------------------------------
+
+  /**
+   * Starts connecting (and reconnecting until close()). Resolves with the next welcome
+   * `{connection, user, reconnect, url}` (at once when open); rejects with code `closed` if the client stops before that.
+   */
+  connect() {
+    const p = handled(
+      new Promise((resolve, reject) => {
+        if (this._welcomed) resolve(this._welcomeInfo);
+        else this._connectWaiters.push({ resolve, reject });
+      })
+    );
+    if (!this._wanted) {
+      this._wanted = true;
+      this._attempt = 0;
+      this._open();
+    }
+    return p;
+  }
+
+  /**
+   * Closes for good (no reconnect). Sends still waiting for an ack are rejected with code
+   * `closed`; channels and offsets are kept, so a later connect() resumes them.
+   * Resolves when the socket has closed.
+   */
+  close(code = 1000, reason = '') {
+    this._wanted = false;
+    this._gen++;
+    clearTimeout(this._timer);
+    this._timer = null;
+    const ws = this._ws;
+    if (!ws) {
+      this._stop(null, 'closed by the client');
+      return Promise.resolve();
+    }
+    this._handleClose(ws, code, reason, true);
+    return this._closeSocket(ws, code, reason);
+  }
+
+  /** Drops the current connection and connects again (e.g. after a network change). */
+  reconnect() {
+    const ws = this._ws;
+    if (!this._wanted) return this.connect();
+    if (ws) {
+      this._handleClose(ws, 1000, 'reconnect', true);
+      this._closeSocket(ws, 1000, 'reconnect');
+    } else if (this._timer) {
+      clearTimeout(this._timer);
+      this._timer = null;
+      this._open();
+    }
+    return this.connect();
+  }
+
+  // Closes a socket that _handleClose has already let go of; resolves once it is closed.
+  _closeSocket(ws, code, reason) {
+    this._detach(ws);
+    return new Promise((resolve) => {
+      if (ws.readyState === 3) return resolve();
+      const connecting = ws.readyState === 0;
+      // Do not wait forever on a socket that never reports its close.
+      const timer = setTimeout(resolve, 2000);
+      ws.onclose = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      ws.onerror = () => {};
+      try {
+        ws.close(code, reason);
+      } catch {
+        try {
+          ws.close();
+        } catch {}
+      }
+      if (connecting) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  }
+
+  async _nextUrl() {
+    let url;
+    if (this._urlFn) {
+      url = await this._urlFn({ attempt: this._attempt, previous: this.url });
+    } else {
+      url = this._urls[this._urlIndex % this._urls.length];
+    }
+    let token = this._token;
+    if (typeof token === 'function') token = await token();
+    if (token) url += (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
+    return url;
+  }
+
+  async _open() {
+    const gen = ++this._gen;
+    this._state = 'connecting';
+    let url;
+    try {
+      url = await this._nextUrl();
+    } catch (err) {
+      if (gen !== this._gen || !this._wanted) return;
+      this._emit('error', err);
+      this._scheduleReconnect(null);
+      return;
+    }
+    if (gen !== this._gen || !this._wanted) return;
+    let ws;
+    try {
+      ws = new this._WebSocket(url);
+    } catch (err) {
+      this._emit('error', err);
+      this._urlIndex++;
+      this._scheduleReconnect(null);
+      return;
+    }
+    this._ws = ws;
+    this.url = url;
+    this._welcomed = false;
+    this._connectTimer = setTimeout(() => {
+      if (this._ws !== ws || this._welcomed) return;
+      this._emit('error', new WsBridgeError('connect_timeout', `no welcome within ${this.options.connectTimeoutMs} ms`));
+      this._handleClose(ws, 1006, 'connect timeout', false);
+      this._closeSocket(ws, 1000, 'connect timeout');
+    }, this.options.connectTimeoutMs);
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      if (this._ws === ws) this._emit('open', { url });
+    };
+    ws.onerror = (ev) => {
+      if (this._ws !== ws) return;
+      const message = ev?.message || ev?.error?.message || 'WebSocket error';
+      this._emit('error', new WsBridgeError('socket_error', message));
+      // A failed connection attempt: browsers follow the error with a close event, but some
+      // implementations (Node 20's) never do. Treat it as closed (1006) if no close came.
+      if (!opened) {
+        setTimeout(() => {
+          if (this._ws !== ws) return;
+          this._handleClose(ws, 1006, 'connection failed', false);
+          this._closeSocket(ws, 1000, 'connection failed');
+        }, 0);
+      }
+    };
+    ws.onclose = (ev) => this._handleClose(ws, ev?.code ?? 1006, ev?.reason ?? '', false);
+    ws.onmessage = (ev) => {
+      if (this._ws !== ws) return;
+      let frame;
+      try {
+        if (typeof ev.data !== 'string') throw new Error('binary frame (this client speaks JSON)');
+        frame = JSON.parse(ev.data);
+      } catch (err) {
+        this._emit('error', new WsBridgeError('bad_frame', `unreadable frame from the gateway: ${err.message}`));
+        return;
+      }
+      this._onFrame(frame);
+    };
+  }
+
+  _handleClose(ws, code, reason, byClient) {
+    if (this._ws !== ws) return;
+    this._detach(ws);
+    this._ws = null;
+    clearTimeout(this._connectTimer);
+    const wasWelcomed = this._welcomed;
+    this._welcomed = false;
+    this.connectionId = null;
+    // Replies for this connection will never come; unsubscribes are done (it is gone).
+    for (const req of this._requests.values()) if (req.type === 'unsubscribe') req.resolve();
+    this._requests.clear();
+    for (const ch of this._channels.values()) ch.subscribed = false;
+    this._urlIndex++;
+
+    let willReconnect;
+    if (!this._wanted) willReconnect = false;
+    else if (code >= 4000 && code <= 4999 && !byClient) {
+      const opt = this.options.reconnectOnBackendClose;
+      willReconnect = typeof opt === 'function' ? !!opt(code, reason) : !!opt;
+    } else willReconnect = true;
+
+    // Backoff: a connection that lived long enough was healthy, so start over; 1012 means the
+    // replica is going away, not that anything failed. 1013 (overloaded) keeps growing it.
+    const stable = wasWelcomed && Date.now() - this._welcomeAt >= this.options.stableAfterMs;
+    if ((stable || (wasWelcomed && code === 1012) || byClient) && code !== 1013) this._attempt = 0;
+
+    this._emit('close', { code, reason, byClient, willReconnect });
+    if (willReconnect && this._wanted) {
+      if (byClient) this._open();
+      else this._scheduleReconnect(code);
+    } else {
+      this._wanted = false;
+      const why = byClient ? 'closed by the client' : `closed by the gateway (${code}${reason ? ' ' + reason : ''})`;
+      this._stop(code, why);
+    }
+  }
+
+  _stop(code, why) {
+    this._state = 'closed';
+    const err = new WsBridgeError('closed', why);
+    for (const s of this._sends.values()) s.reject(err);
+    this._sends.clear();
+    for (const ch of this._channels.values()) {
+      for (const w of ch.waiters) w.reject(err);
+      ch.waiters = [];
+    }
+    for (const w of this._connectWaiters) w.reject(err);
+    this._connectWaiters = [];
+  }
+
+  _scheduleReconnect(code) {
+    this._attempt++;
+    const { capMs, delayMs } = backoff(this._attempt, this.options.baseDelayMs, this.options.maxDelayMs, this._random);
+    this._state = 'reconnecting';
+    this._emit('reconnecting', { attempt: this._attempt, delayMs, capMs, code });
+    clearTimeout(this._timer);
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      if (this._wanted) this._open();
+    }, delayMs);
+  }
+
+  _write(text) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== OPEN || !this._welcomed) return false;
+    ws.send(text);
+    return true;
+  }
+
+  _nextId() {
+    this._seq += 1;
+    return `${this._idPrefix}-${this._seq}`;
+  }
+
+  // ---- frames from the gateway -----------------------------------------------------------
+
+  _onFrame(f) {
+    switch (f?.type) {
+      case 'welcome':
+        return this._onWelcome(f);
+      case 'message':
+        return this._onMessage(f);
+      case 'ack': {
+        const s = this._sends.get(f.id);
+        if (!s) return; // not ours, or already resolved
+        this._sends.delete(f.id);
+        s.resolve(f.entry);
+        return;
+      }
+      case 'subscribed':
+        return this._onSubscribed(f);
+      case 'unsubscribed':
+        return this._onUnsubscribed(f);
+      case 'error':
+        return this._onError(f);
+      default:
+        return; // a newer gateway's frame: ignore
+    }
+  }
+
+  _onWelcome(f) {
+    clearTimeout(this._connectTimer);
+    const reconnect = this._hadWelcome;
+    this._hadWelcome = true;
+    this._welcomed = true;
+    this._welcomeAt = Date.now();
+    this._state = 'open';
+    this.connectionId = f.connection;
+    this.user = f.user ?? null;
+    this.stats.connects++;
+    if (reconnect) this.stats.reconnects++;
+    // Rejoin every channel (with `since` where an offset was seen), then resend every send
+    // still waiting for its ack, in the order they were made, with the same ids.
+    for (const [channel, ch] of this._channels) this._sendSubscribe(channel, ch);
+    for (const s of this._sends.values()) {
+      if (s.transmissions > 0) this.stats.resends++;
+      s.transmissions++;
+      this._write(s.frame);
+    }
+    const info = { connection: this.connectionId, user: this.user, reconnect, url: this.url };
+    this._welcomeInfo = info;
+    for (const w of this._connectWaiters) w.resolve(info);
+    this._connectWaiters = [];
+    this._emit('welcome', info);
+  }
+
+  _sendSubscribe(channel, ch) {
+    const id = this._nextId();
+    const frame = { type: 'subscribe', channel, id };
+    if (ch.offset != null) frame.since = ch.offset;
+    // `afterReconnect`: this channel was joined on an earlier connection (so it may have missed
+    // something), as opposed to a first subscribe made while offline.
+    this._requests.set(id, { type: 'subscribe', channel, since: ch.offset != null, afterReconnect: ch.joined });
+    ch.pendingId = id;
+    this._write(JSON.stringify(frame));
+  }
+
+  _onMessage(f) {
+    const channel = f.channel ?? null;
+    const offset = f.offset ?? null;
+    if (channel !== null && offset !== null) {
+      const ch = this._channels.get(channel);
+      if (ch) {
+        if (ch.offset != null) {
+          const cmp = compareOffsets(offset, ch.offset);
+          if (cmp !== null && cmp <= 0) {
+            this.stats.duplicatesDropped++;
+            return;
+          }
+        }
+        ch.offset = offset;
+      }
+    }
+    this._emit('message', channel, f.data, offset);
+  }
+
+  _onSubscribed(f) {
+    const req = f.id != null ? this._requests.get(f.id) : undefined;
+    if (req) this._requests.delete(f.id);
+    let ch = this._channels.get(f.channel);
+    if (!ch) {
+      if (req) return; // unsubscribed meanwhile; its unsubscribe follows
+      ch = { offset: null, recovered: null, subscribed: false, joined: false, waiters: [] }; // a backend subscribed us
+      this._channels.set(f.channel, ch);
+    }
+    let recovered;
+    if (typeof f.recovered === 'boolean') recovered = f.recovered;
+    else if (req?.afterReconnect) recovered = false; // no offset to resume from: a gap cannot be ruled out
+    else recovered = null;
+    ch.recovered = recovered;
+    ch.subscribed = true;
+    ch.joined = true;
+    const info = {
+      channel: f.channel,
+      recovered,
+      resumed: !!req?.since,
+      reconnect: !!req?.afterReconnect,
+      byServer: !req,
+    };
+    for (const w of ch.waiters) w.resolve(info);
+    ch.waiters = [];
+    this._emit('subscribed', info);
+  }
+
+  _onUnsubscribed(f) {
+    const req = f.id != null ? this._requests.get(f.id) : undefined;
+    if (req) {
+      this._requests.delete(f.id);
+      req.resolve();
+    } else {
+      this._channels.delete(f.channel); // a backend unsubscribed us
+    }
+    this._emit('unsubscribed', { channel: f.channel, byServer: !req });
+  }
+
+  _onError(f) {
+    const err = new WsBridgeError(f.code ?? 'error', f.message ?? '', f.id ?? null);
+    const s = f.id != null ? this._sends.get(f.id) : undefined;
+    if (s) {
+      this._sends.delete(f.id);
+      s.reject(err);
+      return;
+    }
+    const req = f.id != null ? this._requests.get(f.id) : undefined;
+    if (req) {
+      this._requests.delete(f.id);
+      err.channel = req.channel;
+      if (req.type === 'subscribe') {
+        const ch = this._channels.get(req.channel);
+        if (ch && ch.pendingId === f.id) {
+          this._channels.delete(req.channel);
+          for (const w of ch.waiters) w.reject(err);
+        }
+      } else {
+        req.resolve();
+      }
+    }
+    this._emit('error', err);
+  }
+
+  // ---- what the app calls ----------------------------------------------------------------
+
+  /**
+   * Joins `channel` (now, or on the next connection) and keeps it joined across reconnects.
+   * `since`: an offset to resume from (e.g. saved before a page reload). Resolves with
+   * `{channel, recovered, ...}` on `subscribed`; rejects on an error frame (e.g.
+   * `channel_not_allowed`), which also drops the channel.
+   */
+  subscribe(channel, { since } = {}) {
+    let ch = this._channels.get(channel);
+    if (ch && ch.subscribed) {
+      return Promise.resolve({ channel, recovered: ch.recovered, resumed: false, reconnect: false, byServer: false });
+    }
+    const fresh = !ch;
+    if (fresh) {
+      ch = { offset: since ?? null, recovered: null, subscribed: false, joined: false, waiters: [] };
+      this._channels.set(channel, ch);
+    }
+    // While offline (or closed) the subscribe is made on the next connection.
+    const p = handled(new Promise((resolve, reject) => ch.waiters.push({ resolve, reject })));
+    if (fresh && this._welcomed) this._sendSubscribe(channel, ch);
+    return p;
+  }
+
+  /** Leaves `channel` and forgets its offset. Resolves on `unsubscribed` (or at once offline). */
+  unsubscribe(channel) {
+    const ch = this._channels.get(channel);
+    if (!ch) return Promise.resolve();
+    this._channels.delete(channel);
+    const err = new WsBridgeError('unsubscribed', `unsubscribed from ${channel}`);
+    for (const w of ch.waiters) w.reject(err);
+    if (!this._welcomed) return Promise.resolve();
+    const id = this._nextId();
+    return new Promise((resolve) => {
+      this._requests.set(id, { type: 'unsubscribe', channel, resolve });
+      this._write(JSON.stringify({ type: 'unsubscribe', channel, id }));
+    });
+  }
+
+  /**
+   * Sends `data` to the backend stream `stream`. Resolves with the stream entry id on `ack`;
+   * rejects with a WsBridgeError on an `error` frame (`err.retryable` tells whether sending
+   * again with `{id: err.id}` may succeed), with `queue_full` when maxPendingSends sends are
+   * already waiting, or with `closed` when the client stops. Until the ack it is resent, with
+   * the same id, after every reconnect.
+   */
+  send(stream, data, { id } = {}) {
+    if (this._state === 'closed') {
+      return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
+    }
+    if (this._sends.size >= this.options.maxPendingSends) {
+      return Promise.reject(
+        new WsBridgeError('queue_full', `${this._sends.size} sends are already waiting for an ack (maxPendingSends)`)
+      );
+    }
+    id = id ?? this._nextId();
+    if (this._sends.has(id)) {
+      return Promise.reject(new WsBridgeError('duplicate_id', `a send with id ${id} is already waiting`, id));
+    }
+    const frame = JSON.stringify({ type: 'send', stream, data, id });
+    return new Promise((resolve, reject) => {
+      const s = { frame, resolve, reject, transmissions: 0 };
+      this._sends.set(id, s);
+      if (this._write(frame)) s.transmissions = 1;
+    });
+  }
+}
+
+export default WsBridgeClient;
