@@ -7,6 +7,7 @@
 
 mod assembler;
 mod handle;
+mod mask_check;
 mod reader;
 mod writer;
 
@@ -134,13 +135,17 @@ async fn drive(
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
     let (read_half, write_half) = tokio::io::split(io);
+    let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let read_half = mask_check::MaskCheck::new(read_half, unmasked.clone());
     let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
         read_half,
         tokio::io::BufWriter::new(write_half),
         fastwebsockets::Role::Server,
     );
-    let mut reader =
-        pin!(reader::run(ws_read, handle, limits, metrics, &last_seen, started, sink).fuse());
+    let mut reader = pin!(reader::run(
+        ws_read, handle, limits, metrics, &last_seen, started, sink, &unmasked
+    )
+    .fuse());
     let mut writer =
         pin!(writer::run(ws_write, queues, handle, timing, metrics, &last_seen, started).fuse());
 

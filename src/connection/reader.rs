@@ -1,7 +1,7 @@
 //! The read side: frames from the client, reassembled within limits, handed to a
 //! [`MessageSink`] — the gateway protocol ([`GatewaySink`]) or the conformance echo.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +30,7 @@ pub(crate) trait MessageSink {
 
 /// Reads until the client closes, the socket fails, or the protocol is broken; records why
 /// through [`ConnHandle::close`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<S: AsyncRead + Unpin>(
     mut ws: WebSocketRead<S>,
     handle: &ConnHandle,
@@ -38,6 +39,7 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
     last_seen: &AtomicU64,
     started: Instant,
     sink: &mut impl MessageSink,
+    unmasked: &AtomicBool,
 ) {
     // Close frames are validated and answered here (the writer sends the answer), not by the
     // library, which answers some invalid close frames with 1000.
@@ -83,6 +85,11 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
             }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        // Client frames must be masked (RFC 6455 §5.1); the header was seen on its way in.
+        if unmasked.load(Ordering::Acquire) {
+            handle.close(1002, "client frames must be masked", CloseReason::Protocol);
+            return;
+        }
         if handle.closing().is_some() && frame.opcode != OpCode::Close {
             // Closing: only the client's close frame matters now.
             continue;

@@ -375,14 +375,21 @@ async fn garbage_from_many_clients_gets_error_frames_or_protocol_closes() {
     assert_eq!(gw.metric(&closed("client")).await, 0.0);
     assert_eq!(gw.metric(&closed("error")).await, 0.0);
 
-    // Known gap, not asserted: an unmasked client frame should fail the connection with 1002
-    // (RFC 6455 §5.1), but fastwebsockets 0.10 neither checks nor exposes whether a frame was
-    // masked, so it is read and acted on. It must at least not disturb anyone else.
+    // An unmasked client frame fails the connection with 1002 (RFC 6455 §5.1) and is not
+    // acted on: no ack, nothing stored.
     let mut unmasked = Raw::connect(&gw).await;
     let body = json!({"type": "send", "stream": "chat", "data": 1, "id": "unmasked"});
     unmasked
         .write(&frame(TEXT, body.to_string().as_bytes(), None))
         .await;
+    let (code, frames) = unmasked.closed().await;
+    assert_eq!(code, Some(1002), "{frames:?}");
+    assert!(frames.iter().all(|f| f["type"] != "ack"), "{frames:?}");
+    eventually(
+        "the unmasked client counted as a protocol close",
+        || async { gw.metric(&closed("protocol")).await == (RAW_CLIENTS + 1) as f64 },
+    )
+    .await;
     still_serves(&gw, &mut fine, 0).await;
     drop(unmasked);
 
