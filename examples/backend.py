@@ -13,9 +13,26 @@ answers 5xx (503: Redis did not take it) or 429, or cannot be reached, the entry
 is retried after a backoff, before any newer entry. A 400 or 413 means the reply itself can never
 be taken: it is logged and acknowledged (dropped). Any other answer (401 wrong key, 404 wrong URL)
 is a misconfiguration: the backend exits with status 1 without acknowledging, leaving the entry
-to a correctly configured instance. At start, entries that a dead consumer left pending for more
-than --claim-idle-ms (60 s) are taken over with XAUTOCLAIM. A group this backend creates starts
-at the beginning of the stream, as the gateway's own groups do, so no stored entry is skipped.
+to a correctly configured instance. A group this backend creates starts at the beginning of the
+stream, as the gateway's own groups do, so no stored entry is skipped.
+
+Backends that crash. Run as many instances as you like, each with its own consumer name (the
+default is unique per process). An entry that an instance read but did not acknowledge stays in
+the group's pending list under its name. At start, and then every --reclaim-every-ms (half of
+--claim-idle-ms by default), each instance takes over (XAUTOCLAIM) the entries that have been
+pending for more than --claim-idle-ms (60 s) -- those of an instance that died or hangs -- and
+handles them before newer entries. On the same tick a live instance refreshes the idle time of
+the entries it still holds (XCLAIM to itself), so that nobody takes over work it is retrying.
+
+Entries that can never be handled. Redis counts every delivery of a pending entry (XPENDING shows
+the count). An entry whose handler raised is delivered again after a backoff; an entry that is
+still pending after --max-deliveries deliveries (5) -- its handler failed, or the instances that
+read it crashed, that many times -- is not handed to the handler again: it is moved to the
+dead-letter stream `<prefix>:dead:<stream>` with its original fields plus `original_id`,
+`deliveries` and `reason` (added and acknowledged in one MULTI, so it is never in both places or
+in neither) and logged. Retrying a reply the gateway could not take for now (503, unreachable) does
+not count as a delivery, so an outage of the gateway does not dead-letter the backlog. Nothing
+trims the dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
 
 Run it (needs `pip install -r examples/requirements.txt`):
 
@@ -24,6 +41,10 @@ Run it (needs `pip install -r examples/requirements.txt`):
 Settings come from flags, or from the environment: REDIS_URL (redis://127.0.0.1:6379),
 WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY (none), PREFIX (wsbridge), STREAM (chat),
 GROUP (backend), CONSUMER (<hostname>-<pid>). `--max N` exits after handling N entries.
+
+Two flags exist for tests and demonstrations: `--fail-on TEXT` makes the handler raise on every
+chat message whose text is TEXT (a message it can never handle), and `--work-ms MS` spends MS
+milliseconds on each entry before replying (so that a killed instance dies holding work).
 """
 
 import argparse
@@ -78,12 +99,26 @@ def settings():
     p.add_argument("--consumer", default=env("CONSUMER") or f"{socket.gethostname()}-{os.getpid()}")
     p.add_argument("--block-ms", type=int, default=5000, help="XREADGROUP BLOCK")
     p.add_argument("--claim-idle-ms", type=int, default=60000,
-                   help="at start, take over entries pending longer than this")
+                   help="take over entries other consumers left pending longer than this")
+    p.add_argument("--reclaim-every-ms", type=int, default=None,
+                   help="how often to look for such entries (default: half of --claim-idle-ms)")
+    p.add_argument("--max-deliveries", type=int, default=5, metavar="N",
+                   help="dead-letter an entry still pending after N deliveries")
     p.add_argument("--max", type=int, default=None, metavar="N",
                    help="exit after handling N entries")
+    p.add_argument("--fail-on", default=None, metavar="TEXT",
+                   help="test hook: the handler raises on chat messages with this text")
+    p.add_argument("--work-ms", type=int, default=0, metavar="MS",
+                   help="test hook: simulated work per entry, before replying")
     a = p.parse_args()
+    if a.max_deliveries < 1:
+        p.error("--max-deliveries must be at least 1")
+    if a.reclaim_every_ms is None:
+        a.reclaim_every_ms = a.claim_idle_ms // 2
+    a.reclaim_every_ms = max(a.reclaim_every_ms, 100)
     a.api = a.api.rstrip("/")
     a.key = f"{a.prefix}:in:{a.stream}"
+    a.dead_key = f"{a.prefix}:dead:{a.stream}"
     return a
 
 
@@ -159,20 +194,31 @@ def post_send(cfg, body):
         raise Transient(f"gateway unreachable: {getattr(e, 'reason', e)}")
 
 
+def text_of(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class Backend:
     def __init__(self, cfg):
         self.cfg = cfg
         # The socket timeout outlasts the blocking read, so a silently dead link is noticed.
         self.r = redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5,
                                       socket_timeout=cfg.block_ms / 1000 + 10)
+        # XAUTOCLAIM ... JUSTID as Redis sends it: [next cursor, claimed ids, deleted ids].
+        self.r.set_response_callback("XAUTOCLAIM", lambda response, **_options: response)
         self.handled = 0
         self.stopping = False
         self.in_read = False
-        # Entries of our own pending list to (re)process: at start (XAUTOCLAIM may have given us
-        # some) and after a failed delivery.
+        # Whether our own pending list may hold entries to (re)process: at start, after taking
+        # over entries, and after a failed delivery.
         self.pending = True
         self.retry_at = 0.0
         self.backoff = 0.5  # seconds before retrying a failed delivery, doubled up to 30
+        self.next_tick = 0.0  # when to refresh our entries and look for abandoned ones
+        # The entry whose reply the gateway could not take for now: it is retried without being
+        # delivered again, so that the retries do not count towards --max-deliveries.
+        self.transient_id = None
+        self.errors = {}  # entry id -> the last handler error, for the dead-letter `reason`
 
     def on_signal(self, signum, _frame):
         log(f"{signal.Signals(signum).name}: stopping")
@@ -189,23 +235,50 @@ class Backend:
                 raise
 
     def reclaim(self):
-        """Takes over entries that other (dead) consumers left pending too long."""
-        start, total = "0-0", 0
+        """Takes over entries that other (dead) consumers left pending too long.
+
+        JUSTID: taking an entry over is not a delivery; reading it from our pending list is."""
+        start, total, deleted = "0-0", 0, 0
         while True:
             reply = self.r.xautoclaim(self.cfg.key, self.cfg.group, self.cfg.consumer,
-                                      self.cfg.claim_idle_ms, start_id=start, count=100)
-            start, claimed = reply[0], reply[1]
-            total += len(claimed)
+                                      self.cfg.claim_idle_ms, start_id=start, count=100,
+                                      justid=True)
+            start = reply[0]
+            total += len(reply[1])
+            deleted += len(reply[2]) if len(reply) > 2 else 0
             if start in (b"0-0", "0-0"):
                 break
         if total:
             log(f"reclaimed {total} entries idle for more than {self.cfg.claim_idle_ms} ms")
+            self.pending = True
+        if deleted:
+            log(f"{deleted} abandoned entries were deleted from the stream; dropped")
+
+    def keep_fresh(self):
+        """Resets the idle time of the entries we hold, so no other consumer takes them over
+        while we work on them. The min-idle guard leaves alone an entry another consumer has
+        just taken (its idle time is near 0)."""
+        guard = self.cfg.reclaim_every_ms // 2
+        mine = self.r.xpending_range(self.cfg.key, self.cfg.group, "-", "+", 100,
+                                     consumername=self.cfg.consumer, idle=guard)
+        if mine:
+            self.r.xclaim(self.cfg.key, self.cfg.group, self.cfg.consumer, guard,
+                          [p["message_id"] for p in mine], justid=True)
+
+    def tick(self):
+        """Every --reclaim-every-ms: keep our entries fresh, then take over abandoned ones."""
+        now = time.monotonic()
+        if now < self.next_tick:
+            return
+        self.next_tick = now + self.cfg.reclaim_every_ms / 1000
+        self.keep_fresh()
+        self.reclaim()
 
     def remaining(self):
         return None if self.cfg.max is None else self.cfg.max - self.handled
 
-    def read(self, start, block):
-        count = min(100, self.remaining() or 100)
+    def read(self, start, block, count=None):
+        count = count or min(100, self.remaining() or 100)
         self.in_read = True
         try:
             if self.stopping:
@@ -221,52 +294,129 @@ class Backend:
             return [e for entries in reply.values() for batch in entries for e in batch]
         return [e for _key, entries in reply for e in entries]
 
+    def check_fail_on(self, body):
+        data = body.get("data")
+        if self.cfg.fail_on is not None and isinstance(data, dict) \
+                and data.get("text") == self.cfg.fail_on:
+            raise RuntimeError(f"--fail-on {self.cfg.fail_on!r}: this handler cannot take it")
+
     def handle(self, entry_id, fields):
         """Returns True when the entry is done (acknowledged), False to keep it pending."""
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        eid = text_of(entry_id)
         if fields is None:  # trimmed away while it was pending: nothing left to do
             self.r.xack(self.cfg.key, self.cfg.group, entry_id)
             log(f"{eid} was deleted from the stream; acknowledged")
+            self.done(entry_id)
             return True
-        body, what = reply_for(fields)
+        what = "entry"
         try:
+            body, what = reply_for(fields)
+            self.check_fail_on(body)
+            if self.cfg.work_ms:
+                time.sleep(self.cfg.work_ms / 1000)
             status = post_send(self.cfg, body)
         except Transient as e:
             log(f"{eid} {what}: not delivered ({e}); left pending, retry in {self.backoff:.1f} s")
+            self.transient_id = entry_id
+            return False
+        except Stop:
+            raise
+        except Exception as e:  # a bug, or an entry this handler cannot take: retry, then give up
+            log(f"{eid} {what}: handler failed ({e!r}); left pending, retry in {self.backoff:.1f} s")
+            self.errors[entry_id] = f"handler failed: {e!r}"
+            if self.transient_id == entry_id:
+                self.transient_id = None
             return False
         self.r.xack(self.cfg.key, self.cfg.group, entry_id)
-        self.handled += 1
+        self.done(entry_id)
         if status == 202:
             log(f"{eid} {what}: sent, acknowledged")
         else:
             log(f"{eid} {what}: the gateway refused the reply ({status}); dropped, acknowledged")
         return True
 
+    def done(self, entry_id):
+        self.handled += 1
+        self.errors.pop(entry_id, None)
+        if self.transient_id == entry_id:
+            self.transient_id = None
+
+    def dead_letter(self, entry_id, deliveries):
+        """Moves a pending entry to the dead-letter stream, atomically with its XACK."""
+        eid = text_of(entry_id)
+        found = self.r.xrange(self.cfg.key, entry_id, entry_id)
+        if not found:
+            self.r.xack(self.cfg.key, self.cfg.group, entry_id)
+            log(f"{eid} was deleted from the stream; acknowledged")
+            self.done(entry_id)
+            return
+        reason = self.errors.get(entry_id) or \
+            f"still pending after {deliveries} deliveries (its consumers crashed or gave up)"
+        fields = dict(found[0][1])
+        fields.update({b"original_id": eid, b"deliveries": str(deliveries), b"reason": reason})
+        tx = self.r.pipeline(transaction=True)
+        tx.xadd(self.cfg.dead_key, fields)
+        tx.xack(self.cfg.key, self.cfg.group, entry_id)
+        tx.execute()
+        self.done(entry_id)
+        self.backoff = 0.5  # the entry that kept failing is gone
+        log(f"{eid} moved to {self.cfg.dead_key} after {deliveries} deliveries: {reason}")
+
+    def failed(self):
+        self.pending = True
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, 30.0)
+
     def process(self, entries):
-        """Handles entries in order; stops at the first that must be retried."""
+        """Handles new entries in order; stops at the first that must be retried."""
         for entry_id, fields in entries:
             if not self.handle(entry_id, fields):
-                self.pending = True
-                self.retry_at = time.monotonic() + self.backoff
-                self.backoff = min(self.backoff * 2, 30.0)
+                self.failed()
                 return
             self.backoff = 0.5
             if self.remaining() == 0:
                 return
+            self.tick()
+
+    def process_pending(self):
+        """Handles our own pending entries, oldest first, one at a time so that each delivery
+        Redis counts is one attempt; stops at the first that must be retried."""
+        while not self.stopping and self.remaining() != 0:
+            self.tick()
+            head = self.r.xpending_range(self.cfg.key, self.cfg.group, "-", "+", 1,
+                                         consumername=self.cfg.consumer)
+            if not head:
+                self.pending = False
+                return
+            entry_id, deliveries = head[0]["message_id"], head[0]["times_delivered"]
+            if entry_id == self.transient_id:  # the gateway failed: not another delivery
+                found = self.r.xrange(self.cfg.key, entry_id, entry_id)
+                fields = found[0][1] if found else None
+            elif deliveries >= self.cfg.max_deliveries:
+                self.dead_letter(entry_id, deliveries)
+                continue
+            else:
+                entries = self.read("0", None, count=1)
+                if not entries:
+                    continue
+                entry_id, fields = entries[0]
+            if not self.handle(entry_id, fields):
+                self.failed()
+                return
+            self.backoff = 0.5
 
     def step(self):
+        self.tick()
         if self.pending:
             wait = self.retry_at - time.monotonic()
             if wait > 0:
                 time.sleep(min(wait, 0.5))  # short naps, so a signal stops us promptly
                 return
-            entries = self.read("0", None)  # our own pending entries, oldest first
-            if not entries:
-                self.pending = False
-                return
-            self.process(entries)
+            self.process_pending()
         else:
-            self.process(self.read(">", self.cfg.block_ms))
+            # Wake up for the next tick even when nothing arrives.
+            until_tick = int((self.next_tick - time.monotonic()) * 1000)
+            self.process(self.read(">", max(1, min(self.cfg.block_ms, until_tick))))
 
     def cleanup(self):
         """Removes this consumer from the group when it holds nothing, so names do not pile up."""
@@ -286,7 +436,8 @@ class Backend:
             try:
                 if not ready:
                     self.ensure_group()
-                    self.reclaim()
+                    self.next_tick = 0.0  # take over abandoned entries now
+                    self.tick()
                     ready = True
                     self.pending, self.retry_at = True, 0.0  # (re)read our own pending list
                 self.step()

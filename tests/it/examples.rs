@@ -331,3 +331,267 @@ async fn python_backend_retries_and_is_reclaimed() {
 async fn rust_backend_retries_and_is_reclaimed() {
     retry_and_reclaim(Lang::Rust).await;
 }
+
+/// The entries of group `backend` pending for `consumer`: (entry id, times delivered).
+async fn pending_of(redis: &Redis, prefix: &str, consumer: &str) -> Vec<(String, i64)> {
+    let mut conn = redis.conn().await;
+    let reply: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(format!("{prefix}:in:chat"))
+        .arg("backend")
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .arg(consumer)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply
+        .into_iter()
+        .map(|(id, _, _, deliveries)| (id, deliveries))
+        .collect()
+}
+
+/// The chat text of stream entry `id` of `<prefix>:in:chat`.
+async fn entry_text(redis: &Redis, prefix: &str, id: &str) -> String {
+    let mut conn = redis.conn().await;
+    let entries = xrange(&mut conn, &format!("{prefix}:in:chat")).await;
+    let (_, fields) = entries
+        .iter()
+        .find(|(entry, _)| entry == id)
+        .unwrap_or_else(|| panic!("no entry {id}"));
+    let data: Value = serde_json::from_slice(&fields["data"]).unwrap();
+    data["text"].as_str().unwrap().to_string()
+}
+
+/// Two Python backends (consumers b1 and b2 of one group, each taking over entries idle for
+/// 500 ms) handle a stream of 200 chat messages from clients on two replicas. b1 is killed with
+/// SIGKILL while it holds entries it has read but not acknowledged; b2 takes them over by
+/// itself (its periodic XAUTOCLAIM, not a restart) and every message is answered on the channel,
+/// on both replicas. Only an entry b1 held may be answered twice (b1 may have replied before
+/// dying unacknowledged); nothing is left pending and nothing is dead-lettered.
+#[tokio::test]
+async fn python_backends_take_over_from_a_killed_instance() {
+    const PER_SENDER: usize = 100;
+    let redis = Redis::start();
+    let prefix = unique_prefix("example-crash");
+    let a = Gateway::start(&redis, &prefix).await;
+    let b = Gateway::start(&redis, &prefix).await;
+    let flags = |name: &'static str| {
+        [
+            "--consumer",
+            name,
+            "--claim-idle-ms",
+            "500",
+            "--work-ms",
+            "10",
+            "--block-ms",
+            "500",
+        ]
+    };
+    let b1 = Backend::spawn(Lang::Python, &a.api_url, &redis, &prefix, &flags("b1"));
+    let b2 = Backend::spawn(Lang::Python, &b.api_url, &redis, &prefix, &flags("b2"));
+    let mut listeners = Vec::new();
+    for gw in [&a, &b] {
+        let mut c = Client::connect(gw).await;
+        c.subscribe("room:crash").await;
+        listeners.push(c);
+    }
+    // Two senders, one per replica, spread over about 2.5 s.
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        let mut c = Client::connect(gw).await;
+        let sent = sent.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER_SENDER {
+                c.send(
+                    json!({"type": "send", "stream": "chat", "id": format!("{name}{i}"),
+                              "data": {"channel": "room:crash", "text": format!("{name}{i}")}}),
+                )
+                .await;
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            for i in 0..PER_SENDER {
+                let ack = c.recv().await;
+                assert_eq!(
+                    (ack["type"].as_str(), ack["id"].as_str()),
+                    (Some("ack"), Some(format!("{name}{i}").as_str())),
+                    "{ack}"
+                );
+            }
+        }));
+    }
+
+    // Mid-stream, freeze b1 while it holds work, look at what it holds, and kill it: what Redis
+    // says b1 held is then exactly what it held when it died.
+    let mut held = Vec::new();
+    while held.is_empty() {
+        eventually("b1 holding unacknowledged entries mid-stream", || async {
+            sent.load(std::sync::atomic::Ordering::Relaxed) >= 40
+                && !pending_of(&redis, &prefix, "b1").await.is_empty()
+        })
+        .await;
+        b1.signal("-STOP");
+        held = pending_of(&redis, &prefix, "b1").await;
+        if held.is_empty() {
+            b1.signal("-CONT"); // it acknowledged in between: try again
+        }
+    }
+    b1.signal("-KILL");
+    assert!(
+        sent.load(std::sync::atomic::Ordering::Relaxed) < 2 * PER_SENDER,
+        "b1 must die mid-stream"
+    );
+    let mut held_texts = std::collections::HashSet::new();
+    for (id, _) in &held {
+        held_texts.insert(entry_text(&redis, &prefix, id).await);
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+
+    // Every message is answered on the channel, on both replicas.
+    for (replica, listener) in listeners.iter_mut().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        let mut twice = Vec::new();
+        while seen.len() < 2 * PER_SENDER {
+            let frame = listener.recv().await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            let text = frame["data"]["text"].as_str().unwrap().to_string();
+            if !seen.insert(text.clone()) {
+                twice.push(text);
+            }
+        }
+        for text in &twice {
+            assert!(
+                held_texts.contains(text),
+                "replica {replica}: {text} answered twice but b1 did not hold it ({held_texts:?})"
+            );
+        }
+    }
+    eventually("nothing left pending", || async {
+        pending_count(&redis, &prefix).await == 0
+    })
+    .await;
+    let log = b2.log_text();
+    assert!(log.contains("reclaimed "), "{log}");
+    for (id, _) in &held {
+        assert!(
+            log.contains(&format!("{id} chat room:crash from ")),
+            "b2 did not handle {id}, which b1 held:\n{log}"
+        );
+    }
+    let mut conn = redis.conn().await;
+    assert!(xrange(&mut conn, &format!("{prefix}:dead:chat"))
+        .await
+        .is_empty());
+}
+
+/// An entry the handler can never take (`--fail-on`, the backend's test hook: its handler raises
+/// for that text) is delivered `--max-deliveries` times, then moved to `<prefix>:dead:chat` with
+/// every original field plus `original_id`, `deliveries` and `reason`, and acknowledged; the
+/// message behind it, held up meanwhile (entries are handled in order), then goes through.
+#[tokio::test]
+async fn python_backend_dead_letters_an_entry_it_can_never_handle() {
+    let redis = Redis::start();
+    let prefix = unique_prefix("example-dead");
+    let gw = Gateway::start(&redis, &prefix).await;
+    let backend = Backend::spawn(
+        Lang::Python,
+        &gw.api_url,
+        &redis,
+        &prefix,
+        &[
+            "--fail-on",
+            "poison",
+            "--max-deliveries",
+            "3",
+            "--block-ms",
+            "500",
+        ],
+    );
+    let mut c = Client::connect(&gw).await;
+    c.subscribe("room:d").await;
+    c.send(json!({"type": "send", "stream": "chat", "id": "p1",
+                  "data": {"channel": "room:d", "text": "poison"}}))
+        .await;
+    c.send(json!({"type": "send", "stream": "chat", "id": "f1",
+                  "data": {"channel": "room:d", "text": "fine"}}))
+        .await;
+    let mut acks = std::collections::HashMap::new();
+    loop {
+        let frame = c.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => {
+                acks.insert(
+                    frame["id"].as_str().unwrap().to_string(),
+                    frame["entry"].clone(),
+                );
+            }
+            Some("message") => {
+                assert_eq!(
+                    frame["data"]["text"], "fine",
+                    "only the good message is answered: {frame}"
+                );
+                break;
+            }
+            _ => panic!("{frame}"),
+        }
+    }
+    while acks.len() < 2 {
+        let ack = c.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acks.insert(
+            ack["id"].as_str().unwrap().to_string(),
+            ack["entry"].clone(),
+        );
+    }
+    let poison = acks["p1"].as_str().unwrap().to_string();
+
+    let log = backend.log_text();
+    let dead_key = format!("{prefix}:dead:chat");
+    assert_eq!(
+        log.matches(&format!(
+            "{poison} chat room:d from {}: handler failed",
+            c.connection
+        ))
+        .count(),
+        3,
+        "three deliveries, each failing:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("{poison} moved to {dead_key} after 3 deliveries")),
+        "{log}"
+    );
+    let mut conn = redis.conn().await;
+    let dead = xrange(&mut conn, &dead_key).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let original = xrange(&mut conn, &format!("{prefix}:in:chat"))
+        .await
+        .into_iter()
+        .find(|(id, _)| *id == poison)
+        .expect("the original entry stays in the stream")
+        .1;
+    let (_, fields) = &dead[0];
+    for (name, value) in &original {
+        assert_eq!(fields.get(name), Some(value), "field {name} changed");
+    }
+    assert_eq!(text(&fields["original_id"]), poison);
+    assert_eq!(text(&fields["deliveries"]), "3");
+    assert!(
+        text(&fields["reason"]).contains("handler failed")
+            && text(&fields["reason"]).contains("--fail-on"),
+        "{}",
+        text(&fields["reason"])
+    );
+    assert_eq!(fields.len(), original.len() + 3, "{fields:?}");
+    assert_eq!(text(&original["id"]), "p1");
+    assert_eq!(text(&original["connection"]), c.connection);
+    let data: Value = serde_json::from_slice(&original["data"]).unwrap();
+    assert_eq!(data, json!({"channel": "room:d", "text": "poison"}));
+    eventually("nothing left pending", || async {
+        pending_count(&redis, &prefix).await == 0
+    })
+    .await;
+}

@@ -6,6 +6,7 @@ mod common;
 mod dashboard;
 mod delivery;
 mod examples;
+mod failover;
 mod faults;
 mod history;
 mod hostile;

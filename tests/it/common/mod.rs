@@ -58,6 +58,8 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
+    /// Started with an append-only file fsynced on every write: a restart keeps the data.
+    aof: bool,
 }
 
 impl Redis {
@@ -66,12 +68,32 @@ impl Redis {
             port: free_port(),
             child: None,
             dir: scratch_dir(),
+            aof: false,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts a redis-server that persists every write before answering it (`--appendonly yes
+    /// --appendfsync always`, in its own directory), so that [`Redis::restart`] after a SIGKILL
+    /// comes back with everything it acknowledged.
+    pub fn start_with_aof() -> Self {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: scratch_dir(),
+            aof: true,
         };
         redis.spawn();
         redis
     }
 
     fn spawn(&mut self) {
+        let persistence: &[&str] = if self.aof {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -80,9 +102,8 @@ impl Redis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(persistence)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -119,7 +140,8 @@ impl Redis {
         }
     }
 
-    /// Starts again on the same port (empty: no persistence).
+    /// Starts again on the same port: empty, or with its data when started with
+    /// [`Redis::start_with_aof`]. After [`Redis::kill`], starts it again.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
