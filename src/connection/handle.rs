@@ -175,22 +175,25 @@ impl ConnHandle {
     /// Queues a message frame. When the queue is full the configured policy applies and the
     /// drop is counted; the caller never waits.
     pub fn deliver(&self, frame: Bytes, accepted_us: u64) {
+        self.enqueue(frame, accepted_us, false);
+    }
+
+    /// Queues a message; `resumable` when it carries a history offset. Dropping such a message
+    /// would leave a gap the client cannot see (offsets are not consecutive), so under either
+    /// policy the connection is closed with 1013 instead: the client resumes from its last
+    /// offset and gets the message from the history.
+    fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) {
         match self.data_tx.try_send(Outgoing { frame, accepted_us }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics.dropped(DropReason::QueueFull).increment(1);
-                match self.policy {
-                    QueueFullPolicy::Drop => {
-                        if !self.warned_drop.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(
-                                connection = %self.id,
-                                "send queue full: dropping messages for this slow client (counted in wsbridge_delivery_dropped_total{{reason=\"queue_full\"}})"
-                            );
-                        }
-                    }
-                    QueueFullPolicy::Close => {
-                        self.close(1013, "send queue full", CloseReason::SlowConsumer);
-                    }
+                if self.policy == QueueFullPolicy::Close || resumable {
+                    self.close(1013, "send queue full", CloseReason::SlowConsumer);
+                } else if !self.warned_drop.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        connection = %self.id,
+                        "send queue full: dropping messages for this slow client (counted in wsbridge_delivery_dropped_total{{reason=\"queue_full\"}})"
+                    );
                 }
             }
             Err(TrySendError::Closed(_)) => {
@@ -272,7 +275,7 @@ impl ConnHandle {
                 None => {}
             }
         }
-        self.deliver(frame, accepted_us);
+        self.enqueue(frame, accepted_us, offset.is_some());
     }
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.

@@ -420,3 +420,90 @@ async fn a_gap_the_history_cannot_fill_is_announced() {
         1.0
     );
 }
+
+/// A client that stops reading a history channel is not silently given a gap, even under the
+/// `drop` policy: when its send queue is full it is closed with 1013 (a dropped message would
+/// be a gap it cannot see, offsets not being consecutive). It keeps every message it was sent
+/// before the close, resumes on another replica from the last one, and ends with every message
+/// exactly once, in order. Clients on the same replica that keep up lose nothing.
+#[tokio::test]
+async fn a_slow_client_on_a_history_channel_is_closed_not_given_a_gap_and_resumes() {
+    const PAD: usize = 32 * 1024;
+    let redis = Redis::start();
+    let prefix = unique_prefix("slow-history");
+    let a = start(
+        &redis,
+        &prefix,
+        100_000,
+        &[
+            ("WSBRIDGE__OUTBOUND__QUEUE_CAPACITY_MESSAGES", "16"),
+            ("WSBRIDGE__OUTBOUND__QUEUE_FULL_POLICY", "drop"),
+        ],
+    )
+    .await;
+    let b = start(&redis, &prefix, 100_000, &[]).await;
+    let mut slow = Client::connect(&a).await;
+    slow.subscribe("room:firehose").await;
+    let mut fine = Client::connect(&a).await;
+    fine.subscribe("room:firehose").await;
+
+    // Publish in batches of 10 until A gives up on the slow client; the fine one keeps up.
+    let pad = "x".repeat(PAD);
+    let mut published = 0u64;
+    let slow_closed = "wsbridge_connections_closed_total{reason=\"slow_consumer\"}";
+    while a.metric(slow_closed).await == 0.0 {
+        assert!(published < 20_000, "the slow client was never closed");
+        let batch: Vec<Value> = (published..published + 10)
+            .map(|n| json!({"to": {"channel": "room:firehose"}, "data": {"n": n, "pad": pad}}))
+            .collect();
+        b.send(json!(batch)).await;
+        for n in published..published + 10 {
+            assert_eq!(
+                fine.recv().await["data"]["n"],
+                n,
+                "the fine client gets all"
+            );
+        }
+        published += 10;
+    }
+    assert_eq!(a.metric(slow_closed).await, 1.0);
+    assert_eq!(
+        a.metric("wsbridge_connections").await,
+        1.0,
+        "only the slow client was closed"
+    );
+
+    // What the slow client got before the close: a prefix of the stream, then 1013 (or the
+    // connection simply ends, when the writer was cut off in the middle of a frame).
+    let mut got = Vec::new();
+    let mut last_offset = None;
+    let code = loop {
+        match slow.next_frame().await {
+            Some(Ok(frame)) => {
+                assert_eq!(frame["type"], "message", "{frame}");
+                got.push(frame["data"]["n"].as_u64().unwrap());
+                last_offset = Some(frame["offset"].as_str().unwrap().to_string());
+            }
+            Some(Err(close)) => break close.map(|c| u16::from(c.code)),
+            None => break None,
+        }
+    };
+    assert!(matches!(code, Some(1013) | None), "closed with {code:?}");
+    let kept = got.len() as u64;
+    assert!(kept > 0 && kept < published, "{kept} of {published}");
+    assert_eq!(got, (0..kept).collect::<Vec<_>>(), "a prefix, in order");
+
+    // Resume on B from the last message kept: the rest, exactly once, then live.
+    let mut again = Client::connect(&b).await;
+    let (replayed, subscribed) =
+        subscribe_since(&mut again, "room:firehose", &last_offset.unwrap()).await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    let rest: Vec<u64> = replayed
+        .iter()
+        .map(|m| m["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rest, (kept..published).collect::<Vec<_>>());
+    b.send(json!({"to": {"channel": "room:firehose"}, "data": {"n": published}}))
+        .await;
+    assert_eq!(again.recv().await["data"]["n"], published);
+}
