@@ -33,12 +33,12 @@ cargo build --examples
 echo "==> RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
 
-echo "==> JavaScript client (examples/js) against real replicas: node --test tests/js/client.test.mjs"
+echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 command -v node >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null; }
 cargo build # the tests run target/debug/wsbridge
 ws_flag=() # Node 22+ has a global WebSocket; Node 20/21 need the flag
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
-node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs
+node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs tests/js/chat.test.mjs
 
 echo "==> cargo test"
 cargo test --all-targets "$@"

@@ -296,3 +296,43 @@ export function record(client) {
   client.on('unsubscribed', (info) => push('unsubscribed', null, info));
   return rec;
 }
+
+/**
+ * Starts a child process (killed at the end like the others) whose stdout is read line by line:
+ * `lines` holds them, `until(predicate, what)` waits for the lines to satisfy `predicate`
+ * (re-checked on every new line), `write(line)` types a line on its stdin. stderr is kept in
+ * `stderr` for failure messages.
+ */
+export function startProcess(cmd, args, { env = {}, cwd = ROOT } = {}) {
+  const child = track(spawn(cmd, args, { cwd, stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, ...env } }));
+  const proc = {
+    child,
+    lines: [],
+    stderr: [],
+    waiters: new Set(),
+    write(line) {
+      child.stdin.write(`${line}\n`);
+    },
+    until(predicate, what, ms = PATIENCE) {
+      if (predicate(proc.lines)) return Promise.resolve();
+      let waiter;
+      const p = new Promise((resolve) => {
+        waiter = () => {
+          if (predicate(proc.lines)) resolve();
+        };
+        proc.waiters.add(waiter);
+      });
+      return deadline(p, what, ms)
+        .catch((err) => {
+          throw new Error(`${err.message}\n${cmd} stdout:\n${proc.lines.join('\n')}\nstderr:\n${proc.stderr.join('\n')}`);
+        })
+        .finally(() => proc.waiters.delete(waiter));
+    },
+  };
+  createInterface({ input: child.stdout }).on('line', (line) => {
+    proc.lines.push(line);
+    for (const w of [...proc.waiters]) w();
+  });
+  createInterface({ input: child.stderr }).on('line', (line) => proc.stderr.push(line));
+  return proc;
+}
