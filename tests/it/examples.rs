@@ -20,7 +20,9 @@ enum Lang {
     Rust,
 }
 
-fn rust_example(name: &str) -> PathBuf {
+/// The built example `name` (from `examples/<name>.rs` or `examples/<name>/main.rs`), checked
+/// to be newer than its source.
+pub(crate) fn rust_example(name: &str) -> PathBuf {
     // Cargo puts examples in `examples/` next to the package's binaries.
     let bin = Path::new(env!("CARGO_BIN_EXE_wsbridge"));
     let path = bin
@@ -28,7 +30,13 @@ fn rust_example(name: &str) -> PathBuf {
         .unwrap()
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let single = dir.join(format!("{name}.rs"));
+    let source = if single.exists() {
+        single
+    } else {
+        dir.join(name).join("main.rs")
+    };
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let (built, written) = (modified(&path), modified(&source));
     assert!(

@@ -13,4 +13,5 @@ mod hostile;
 mod inbound;
 mod lifecycle;
 mod limits;
+mod loadgen;
 mod queue;

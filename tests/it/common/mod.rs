@@ -43,7 +43,8 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
-fn scratch_dir() -> PathBuf {
+/// A fresh directory under the system temp dir.
+pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "wsbridge-it-{}-{}",
         std::process::id(),

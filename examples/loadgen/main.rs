@@ -1,0 +1,762 @@
+//! wsbridge's load generator: many real WebSocket clients against one or more gateway replicas
+//! (wsbridge, or socket.io and nchan for comparison), a publisher at a fixed rate or in a
+//! burst, and exact accounting of what every client got.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --target wsbridge --scenario fanout \
+//!     --ws ws://127.0.0.1:8080/ws,ws://127.0.0.1:8090/ws --api http://127.0.0.1:8091 \
+//!     --clients 1000 --messages 400 --rate 20 --pids 1234,1235 --json out.json
+//! ```
+//!
+//! Scenarios (`--scenario`):
+//! - `fanout`: every client joins `--channel`; `--messages` messages are published to it at
+//!   `--rate` messages/s (0: as fast as the publisher goes), `--batch` per call.
+//! - `direct`: `--messages` rounds, each one message to every connection by its id (wsbridge,
+//!   socket.io), `--batch` per call, `--rate` rounds/s.
+//! - `user`: as `direct`, addressed to users (wsbridge; needs `--jwt-secret`).
+//!
+//! With `--jwt-secret` (the gateway's `auth.jwt_secret`), client n authenticates as user `u<n>`
+//! with an HS256 token.
+//! - `inbound`: every client sends `--messages` frames to the stream `--stream` (chat), at most
+//!   `--window` unacknowledged at a time; counts acks (an error frame fails the run).
+//! - `idle`: clients connect and join, then sit for `--settle-ms`; reports RSS per connection.
+//!
+//! Every client must receive exactly what was addressed to it: the report has delivered and
+//! expected counts, the number of clients short or over, latency from the publish call to the
+//! frame read by the client (HDR histogram: p50/p99/p99.9), and, with `--pids` (the gateway
+//! processes, in the order of `--ws`), their CPU time per delivery and RSS per connection from
+//! /proc. Exit status 0 when every count is exact, 1 otherwise, 2 on bad arguments.
+//!
+//! Connections bind to source addresses 127.0.0.1, .2, ... rotating every `--per-source`
+//! connections, so more than one address's ~28k ephemeral ports can be used; raise
+//! `ulimit -n` for large runs.
+
+mod proto;
+mod publish;
+
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+use proto::{Incoming, Kind, Ws};
+use publish::{Publisher, To};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Fanout,
+    Direct,
+    User,
+    Inbound,
+    Idle,
+}
+
+struct Args {
+    target: Kind,
+    scenario: Scenario,
+    ws: Vec<String>,
+    api: String,
+    api_key: Option<String>,
+    clients: usize,
+    messages: u64,
+    rate: f64,
+    batch: usize,
+    channel: String,
+    payload: usize,
+    window: usize,
+    stream: String,
+    pids: Vec<u32>,
+    redis_pid: Option<u32>,
+    per_source: usize,
+    connect_concurrency: usize,
+    jwt_secret: Option<String>,
+    settle_ms: u64,
+    timeout_s: u64,
+    json: Option<String>,
+    quiet: bool,
+}
+
+const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|inbound|idle \
+--ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
+[--channel C] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] \
+[--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        target: Kind::Wsbridge,
+        scenario: Scenario::Fanout,
+        ws: vec!["ws://127.0.0.1:8080/ws".into()],
+        api: "http://127.0.0.1:8081".into(),
+        api_key: None,
+        clients: 100,
+        messages: 100,
+        rate: 0.0,
+        batch: 1,
+        channel: "bench".into(),
+        payload: 32,
+        window: 16,
+        stream: "chat".into(),
+        pids: Vec::new(),
+        redis_pid: None,
+        per_source: 20_000,
+        connect_concurrency: 256,
+        jwt_secret: None,
+        settle_ms: 2000,
+        timeout_s: 120,
+        json: None,
+        quiet: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--quiet" {
+            a.quiet = true;
+            continue;
+        }
+        if flag == "-h" || flag == "--help" {
+            return Err(USAGE.into());
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| -> Result<u64, String> {
+            v.parse()
+                .map_err(|_| format!("{flag} {v:?}: expected a whole number"))
+        };
+        match flag.as_str() {
+            "--target" => a.target = Kind::parse(&value)?,
+            "--scenario" => {
+                a.scenario = match value.as_str() {
+                    "fanout" => Scenario::Fanout,
+                    "direct" => Scenario::Direct,
+                    "user" => Scenario::User,
+                    "inbound" => Scenario::Inbound,
+                    "idle" => Scenario::Idle,
+                    other => return Err(format!("--scenario {other:?}: unknown")),
+                }
+            }
+            "--ws" => a.ws = value.split(',').map(str::to_owned).collect(),
+            "--api" => a.api = value,
+            "--api-key" => a.api_key = Some(value),
+            "--clients" => a.clients = num(&value)? as usize,
+            "--messages" => a.messages = num(&value)?,
+            "--rate" => {
+                a.rate = value
+                    .parse()
+                    .map_err(|_| format!("--rate {value:?}: expected a number"))?
+            }
+            "--batch" => a.batch = num(&value)?.max(1) as usize,
+            "--channel" => a.channel = value,
+            "--payload" => a.payload = num(&value)? as usize,
+            "--stream" => a.stream = value,
+            "--window" => a.window = num(&value)?.max(1) as usize,
+            "--pids" => {
+                a.pids = value
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| num(p).map(|p| p as u32))
+                    .collect::<Result<_, _>>()?
+            }
+            "--redis-pid" => a.redis_pid = Some(num(&value)? as u32),
+            "--per-source" => a.per_source = num(&value)?.max(1) as usize,
+            "--connect-concurrency" => a.connect_concurrency = num(&value)?.max(1) as usize,
+            "--jwt-secret" => a.jwt_secret = Some(value),
+            "--settle-ms" => a.settle_ms = num(&value)?,
+            "--timeout-s" => a.timeout_s = num(&value)?,
+            "--json" => a.json = Some(value),
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if a.ws.is_empty() || a.clients == 0 {
+        return Err("--ws and --clients must not be empty".into());
+    }
+    match (a.scenario, a.target) {
+        (Scenario::Direct, Kind::Nchan) => {
+            return Err("--scenario direct: nchan has no connection ids".into())
+        }
+        (Scenario::User, Kind::Socketio | Kind::Nchan) => {
+            return Err("--scenario user is wsbridge only".into())
+        }
+        (Scenario::User, _) if a.jwt_secret.is_none() => {
+            return Err("--scenario user needs --jwt-secret (the gateway's auth.jwt_secret)".into())
+        }
+        (Scenario::Inbound, Kind::Nchan) => {
+            return Err("--scenario inbound: nchan has no client-to-server messages".into())
+        }
+        _ => {}
+    }
+    Ok(a)
+}
+
+/// utime + stime of a process in seconds (10 ms resolution), or None when it is gone.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn cpu_of(pids: &[u32]) -> Vec<f64> {
+    pids.iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// What all clients share with the orchestrator.
+struct Shared {
+    started: Instant,
+    /// Measured messages each client received.
+    counts: Vec<AtomicU64>,
+    /// Messages (or acks) each client must receive.
+    expected: AtomicU64,
+    /// Clients that reached `expected`.
+    complete: AtomicUsize,
+    /// Clients that have seen a warm-up message.
+    warmed: AtomicUsize,
+    warm: Vec<AtomicBool>,
+    /// Messages that arrived with a sequence number not above the client's previous one.
+    out_of_order: AtomicU64,
+    /// Connections that ended before the run did.
+    lost: AtomicUsize,
+    acks: AtomicU64,
+    /// Error frames received.
+    errors: AtomicU64,
+    warned: AtomicBool,
+    hist: Vec<Mutex<Histogram<u64>>>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+}
+
+const SHARDS: usize = 16;
+
+type Sink = Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>;
+
+/// Reads one client's frames until the connection ends.
+async fn read_client(
+    kind: Kind,
+    n: usize,
+    mut stream: SplitStream<Ws>,
+    sink: Sink,
+    shared: Arc<Shared>,
+    window: Arc<Semaphore>,
+) {
+    let mut last_seq = None;
+    let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    let mut unflushed = 0u32;
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        match kind.incoming(&text) {
+            Incoming::Message(p) if p.w == 1 => {
+                if !shared.warm[n].swap(true, Ordering::Relaxed) {
+                    shared.warmed.fetch_add(1, Ordering::Relaxed);
+                    shared.changed.notify_one();
+                }
+            }
+            Incoming::Message(p) => {
+                local.saturating_record(shared.now_us().saturating_sub(p.t).max(1));
+                unflushed += 1;
+                if last_seq.is_some_and(|l| p.seq <= l) {
+                    shared.out_of_order.fetch_add(1, Ordering::Relaxed);
+                }
+                last_seq = Some(p.seq);
+                let got = shared.counts[n].fetch_add(1, Ordering::Relaxed) + 1;
+                if got == shared.expected.load(Ordering::Relaxed) {
+                    shared.complete.fetch_add(1, Ordering::Relaxed);
+                    shared.changed.notify_one();
+                }
+                if unflushed >= 64 || got == shared.expected.load(Ordering::Relaxed) {
+                    shared.hist[n % SHARDS].lock().unwrap().add(&local).ok();
+                    local.reset();
+                    unflushed = 0;
+                }
+            }
+            Incoming::Ack => {
+                window.add_permits(1);
+                shared.acks.fetch_add(1, Ordering::Relaxed);
+                let got = shared.counts[n].fetch_add(1, Ordering::Relaxed) + 1;
+                if got == shared.expected.load(Ordering::Relaxed) {
+                    shared.complete.fetch_add(1, Ordering::Relaxed);
+                    shared.changed.notify_one();
+                }
+            }
+            Incoming::Error => {
+                window.add_permits(1);
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                shared.changed.notify_one();
+                if !shared.warned.swap(true, Ordering::Relaxed) {
+                    eprintln!("loadgen: client {n} got an error frame: {text}");
+                }
+            }
+            Incoming::Answer(text) => {
+                let _ = sink.lock().await.send(Message::Text(text.into())).await;
+            }
+            Incoming::Other => {}
+        }
+    }
+    if unflushed > 0 {
+        shared.hist[n % SHARDS].lock().unwrap().add(&local).ok();
+    }
+    shared.lost.fetch_add(1, Ordering::Relaxed);
+    shared.changed.notify_one();
+}
+
+/// Inbound: sends `messages` frames, at most `window` unacknowledged.
+async fn write_client(
+    kind: Kind,
+    stream: String,
+    messages: u64,
+    sink: Sink,
+    shared: Arc<Shared>,
+    window: Arc<Semaphore>,
+    payload: String,
+) {
+    for id in 0..messages {
+        let Ok(permit) = window.acquire().await else {
+            return;
+        };
+        permit.forget(); // given back by the reader on the ack
+        let data = format!(
+            r#"{{"seq":{id},"t":{},"pad":"{payload}"}}"#,
+            shared.now_us()
+        );
+        let Some(text) = kind.client_send(&stream, id, &data) else {
+            return;
+        };
+        if sink
+            .lock()
+            .await
+            .send(Message::Text(text.into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn token(secret: &str, user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 24 * 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
+}
+
+/// Waits until `done()` or the deadline; false on the deadline.
+async fn wait_until(shared: &Shared, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    while !done() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // Notifications can be coalesced; poll at least every 50 ms.
+        let _ = tokio::time::timeout(
+            left.min(Duration::from_millis(50)),
+            shared.changed.notified(),
+        )
+        .await;
+    }
+    true
+}
+
+fn log(a: &Args, msg: &str) {
+    if !a.quiet {
+        eprintln!("loadgen: {msg}");
+    }
+}
+
+async fn run(a: Args) -> Result<bool, String> {
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        counts: (0..a.clients).map(|_| AtomicU64::new(0)).collect(),
+        expected: AtomicU64::new(u64::MAX),
+        complete: AtomicUsize::new(0),
+        warmed: AtomicUsize::new(0),
+        warm: (0..a.clients).map(|_| AtomicBool::new(false)).collect(),
+        out_of_order: AtomicU64::new(0),
+        lost: AtomicUsize::new(0),
+        acks: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        warned: AtomicBool::new(false),
+        hist: (0..SHARDS)
+            .map(|_| Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()))
+            .collect(),
+        changed: Notify::new(),
+    });
+    let rss_before: Vec<Option<u64>> = a.pids.iter().map(|p| rss_kib(*p)).collect();
+    let pad: String = "x".repeat(a.payload);
+
+    // Connect and join, `connect_concurrency` at a time.
+    log(&a, &format!("connecting {} clients", a.clients));
+    let connect_started = Instant::now();
+    let gate = Arc::new(Semaphore::new(a.connect_concurrency));
+    let mut joins = Vec::with_capacity(a.clients);
+    for n in 0..a.clients {
+        let endpoint = a.ws[n % a.ws.len()].clone();
+        let source = Ipv4Addr::new(127, 0, 0, 1 + (n / a.per_source) as u8);
+        let token = a
+            .jwt_secret
+            .as_ref()
+            .map(|secret| token(secret, &format!("u{n}")));
+        let (kind, channel, gate) = (a.target, a.channel.clone(), gate.clone());
+        joins.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.expect("gate");
+            let url = kind.url(&endpoint, &channel, token.as_deref());
+            let ws = proto::open(&url, source).await?;
+            kind.join(ws, &channel, true).await
+        }));
+    }
+    let mut ids = Vec::with_capacity(a.clients);
+    let mut sinks = Vec::with_capacity(a.clients);
+    let mut windows = Vec::with_capacity(a.clients);
+    for (n, join) in joins.into_iter().enumerate() {
+        let joined = join
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("client {n}: {e}"))?;
+        ids.push(joined.id);
+        let (sink, stream) = joined.ws.split();
+        let sink: Sink = Arc::new(tokio::sync::Mutex::new(sink));
+        let window = Arc::new(Semaphore::new(a.window));
+        tokio::spawn(read_client(
+            a.target,
+            n,
+            stream,
+            sink.clone(),
+            shared.clone(),
+            window.clone(),
+        ));
+        sinks.push(sink);
+        windows.push(window);
+    }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    log(
+        &a,
+        &format!("{} clients joined in {connect_s:.1} s", a.clients),
+    );
+
+    let mut publisher = Publisher::new(a.target, &a.api, a.api_key.clone())?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    // Warm-up: until every client has seen a message on the channel, all replicas route it.
+    if a.scenario != Scenario::Inbound && a.scenario != Scenario::Idle {
+        let warm = r#"{"seq":0,"t":0,"w":1}"#.to_string();
+        loop {
+            publisher
+                .publish(&[(To::Channel(&a.channel), warm.clone())])
+                .await?;
+            let all = wait_until(&shared, Instant::now() + Duration::from_millis(200), || {
+                shared.warmed.load(Ordering::Relaxed) == a.clients
+            })
+            .await;
+            if all {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "warm-up: only {} of {} clients got a message",
+                    shared.warmed.load(Ordering::Relaxed),
+                    a.clients
+                ));
+            }
+        }
+        log(&a, "every client receives: measuring");
+    }
+
+    let per_client = match a.scenario {
+        Scenario::Idle => 0,
+        _ => a.messages,
+    };
+    shared.expected.store(per_client, Ordering::Relaxed);
+    let cpu0 = cpu_of(&a.pids);
+    let redis_cpu0 = a.redis_pid.and_then(cpu_seconds);
+    let own_cpu0 = cpu_seconds(std::process::id());
+    let t0 = Instant::now();
+    let mut publish_s = 0.0;
+    let mut calls = 0u64;
+
+    match a.scenario {
+        Scenario::Idle => {
+            tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+        }
+        Scenario::Inbound => {
+            for (sink, window) in sinks.iter().zip(&windows) {
+                tokio::spawn(write_client(
+                    a.target,
+                    a.stream.clone(),
+                    a.messages,
+                    sink.clone(),
+                    shared.clone(),
+                    window.clone(),
+                    pad.clone(),
+                ));
+            }
+        }
+        Scenario::Fanout | Scenario::Direct | Scenario::User => {
+            let users: Vec<String> = (0..a.clients).map(|n| format!("u{n}")).collect();
+            let per_round: Vec<To> = match a.scenario {
+                Scenario::Fanout => vec![To::Channel(&a.channel)],
+                Scenario::Direct => ids
+                    .iter()
+                    .map(|id| To::Connection(id.as_deref().unwrap_or("")))
+                    .collect(),
+                _ => users.iter().map(|u| To::User(u)).collect(),
+            };
+            // A call carries `batch` messages; in fanout each is one message, in direct/user a
+            // round is one message per client, split into calls of `batch`.
+            let mut ticker = (a.rate > 0.0).then(|| {
+                let every = match a.scenario {
+                    Scenario::Fanout => a.batch as f64 / a.rate,
+                    _ => 1.0 / a.rate,
+                };
+                let mut t = tokio::time::interval(Duration::from_secs_f64(every));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut seq = 0u64;
+            let rounds = match a.scenario {
+                Scenario::Fanout => a.messages.div_ceil(a.batch as u64),
+                _ => a.messages,
+            };
+            for _ in 0..rounds {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let items: Vec<(To, String)> = match a.scenario {
+                    Scenario::Fanout => {
+                        let n = (a.batch as u64).min(a.messages - seq);
+                        let now = shared.now_us();
+                        let items = (seq..seq + n)
+                            .map(|s| {
+                                (
+                                    To::Channel(&a.channel),
+                                    format!(r#"{{"seq":{s},"t":{now},"pad":"{pad}"}}"#),
+                                )
+                            })
+                            .collect();
+                        seq += n;
+                        items
+                    }
+                    _ => {
+                        let now = shared.now_us();
+                        let data = format!(r#"{{"seq":{seq},"t":{now},"pad":"{pad}"}}"#);
+                        seq += 1;
+                        per_round
+                            .iter()
+                            .map(|to| (to.clone(), data.clone()))
+                            .collect()
+                    }
+                };
+                let p0 = Instant::now();
+                for chunk in items.chunks(a.batch) {
+                    publisher.publish(chunk).await?;
+                    calls += 1;
+                }
+                publish_s += p0.elapsed().as_secs_f64();
+            }
+        }
+    }
+
+    let expected_total = per_client * a.clients as u64;
+    let all_done = a.scenario == Scenario::Idle
+        || wait_until(&shared, deadline, || {
+            shared.complete.load(Ordering::Relaxed) == a.clients
+                || shared.lost.load(Ordering::Relaxed) > 0
+                || shared.errors.load(Ordering::Relaxed) > 0
+        })
+        .await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_of(&a.pids);
+    let redis_cpu = a
+        .redis_pid
+        .and_then(cpu_seconds)
+        .zip(redis_cpu0)
+        .map(|(b, a)| b - a);
+    let own_cpu = cpu_seconds(std::process::id())
+        .zip(own_cpu0)
+        .map(|(b, a)| b - a);
+    let rss_after: Vec<Option<u64>> = a.pids.iter().map(|p| rss_kib(*p)).collect();
+    // Anything beyond what was expected arrives soon after: wait a little, then count.
+    if a.scenario != Scenario::Idle {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let counts: Vec<u64> = shared
+        .counts
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
+    let delivered: u64 = counts.iter().sum();
+    let short = counts.iter().filter(|c| **c < per_client).count();
+    let over = counts.iter().filter(|c| **c > per_client).count();
+    let min = counts.iter().min().copied().unwrap_or(0);
+    let max = counts.iter().max().copied().unwrap_or(0);
+    let out_of_order = shared.out_of_order.load(Ordering::Relaxed);
+    let lost = shared.lost.load(Ordering::Relaxed);
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+    for shard in &shared.hist {
+        hist.add(&*shard.lock().unwrap()).ok();
+    }
+    let q = |p: f64| (!hist.is_empty()).then(|| hist.value_at_quantile(p) as f64 / 1000.0);
+
+    // Connections per endpoint, for RSS per connection.
+    let per_endpoint: Vec<usize> = (0..a.ws.len())
+        .map(|e| (0..a.clients).filter(|n| n % a.ws.len() == e).count())
+        .collect();
+    let gateway_cpu: f64 = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).sum();
+    let processes: Vec<_> = a
+        .pids
+        .iter()
+        .enumerate()
+        .map(|(i, pid)| {
+            let conns = per_endpoint.get(i).copied().unwrap_or(0);
+            let rss_per_conn = match (rss_before[i], rss_after[i]) {
+                (Some(b), Some(a)) if conns > 0 => Some((a as f64 - b as f64) / conns as f64),
+                _ => None,
+            };
+            json!({
+                "pid": pid,
+                "cpu_s": cpu1[i] - cpu0[i],
+                "rss_kib_before": rss_before[i],
+                "rss_kib_after": rss_after[i],
+                "connections": conns,
+                "rss_kib_per_connection": rss_per_conn,
+            })
+        })
+        .collect();
+    let rss_growth: Option<f64> = rss_before
+        .iter()
+        .zip(&rss_after)
+        .map(|(b, a)| Some(a.as_ref()? - b.as_ref()?))
+        .sum::<Option<u64>>()
+        .map(|kib| kib as f64 / a.clients as f64);
+    let exact = a.scenario == Scenario::Idle
+        || (all_done && short == 0 && over == 0 && lost == 0 && out_of_order == 0 && errors == 0);
+    let report = json!({
+        "target": a.target.name(),
+        "scenario": format!("{:?}", a.scenario).to_lowercase(),
+        "clients": a.clients,
+        "replicas": a.ws.len(),
+        "messages": a.messages,
+        "rate": a.rate,
+        "batch": a.batch,
+        "payload_bytes": a.payload,
+        "connect_s": connect_s,
+        "expected_per_client": per_client,
+        "expected_total": expected_total,
+        "delivered_total": delivered,
+        "clients_short": short,
+        "clients_over": over,
+        "min_per_client": min,
+        "max_per_client": max,
+        "out_of_order": out_of_order,
+        "connections_lost": lost,
+        "error_frames": errors,
+        "exact": exact,
+        "elapsed_s": elapsed,
+        "publish_calls": calls,
+        "publish_s": publish_s,
+        "deliveries_per_s": delivered as f64 / elapsed,
+        "latency_ms": {"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": (!hist.is_empty()).then(|| hist.max() as f64 / 1000.0)},
+        "gateway_cpu_s": gateway_cpu,
+        "gateway_cpu_us_per_delivery": (delivered > 0 && !a.pids.is_empty()).then(|| gateway_cpu / delivered as f64 * 1e6),
+        "rss_kib_per_connection": rss_growth,
+        "redis_cpu_s": redis_cpu,
+        "loadgen_cpu_s": own_cpu,
+        "processes": processes,
+    });
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report).unwrap())
+            .map_err(|e| format!("--json {path}: {e}"))?;
+    }
+    print_table(&report);
+    Ok(exact)
+}
+
+/// Prints the report as an aligned two-column table.
+fn print_table(report: &serde_json::Value) {
+    let fmt = |v: &serde_json::Value| match v {
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.3}"),
+            _ => n.to_string(),
+        },
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    for (k, v) in report.as_object().unwrap() {
+        match v {
+            serde_json::Value::Object(inner) => {
+                let parts: Vec<String> = inner
+                    .iter()
+                    .map(|(k2, v2)| format!("{k2}={}", fmt(v2)))
+                    .collect();
+                println!("{k:<30} {}", parts.join(" "));
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    let parts: Vec<String> = item
+                        .as_object()
+                        .map(|o| {
+                            o.iter()
+                                .map(|(k2, v2)| format!("{k2}={}", fmt(v2)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    println!("{k:<30} {}", parts.join(" "));
+                }
+            }
+            _ => println!("{k:<30} {}", fmt(v)),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("loadgen: counts are not exact (see clients_short, clients_over, out_of_order, connections_lost)");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
