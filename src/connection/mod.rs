@@ -7,6 +7,7 @@
 
 mod assembler;
 mod handle;
+mod lazy_buf;
 mod mask_check;
 mod reader;
 mod writer;
@@ -139,7 +140,7 @@ async fn drive(
     let read_half = mask_check::MaskCheck::new(read_half, unmasked.clone());
     let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
         read_half,
-        tokio::io::BufWriter::new(write_half),
+        lazy_buf::LazyBufWriter::new(write_half),
         fastwebsockets::Role::Server,
     );
     let mut reader = pin!(reader::run(

@@ -7,6 +7,7 @@
 pub mod process;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use metrics::{
     describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
@@ -199,9 +200,21 @@ impl RedisErrorKind {
     }
 }
 
-/// Pre-registered handles for everything updated at run time.
+/// Pre-registered handles for everything updated at run time. Cloning shares them: every
+/// connection holds one, so a clone is one reference count, not a copy of the handle maps.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricsInner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricsInner;
+
+    fn deref(&self) -> &MetricsInner {
+        &self.0
+    }
+}
+
+/// The handles behind [`Metrics`].
+pub struct MetricsInner {
     /// Open connections.
     pub connections: Gauge,
     /// Connections opened.
@@ -256,7 +269,7 @@ impl Metrics {
     pub fn new(streams: &[String]) -> Self {
         describe();
         metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        Self {
+        Self(Arc::new(MetricsInner {
             connections: metrics::gauge!(names::CONNECTIONS),
             connections_opened: metrics::counter!(names::CONNECTIONS_OPENED),
             closed: CloseReason::ALL
@@ -334,7 +347,7 @@ impl Metrics {
                     )
                 })
                 .collect(),
-        }
+        }))
     }
 
     /// The closed-connections counter for `reason`.
