@@ -27,8 +27,9 @@
 //! processes, in the order of `--ws`), their CPU time per delivery and RSS per connection from
 //! /proc. Exit status 0 when every count is exact, 1 otherwise, 2 on bad arguments.
 //!
-//! Connections bind to source addresses 127.0.0.1, .2, ... rotating every `--per-source`
-//! connections, so more than one address's ~28k ephemeral ports can be used; raise
+//! Connections bind to source addresses 127.0.0.F, F+1, ... (F = `--first-source`, 1) rotating
+//! every `--per-source` (20,000) connections, so more than one address's ~28k ephemeral ports
+//! can be used; give load generators running side by side different `--first-source`. Raise
 //! `ulimit -n` for large runs.
 
 mod proto;
@@ -76,6 +77,7 @@ struct Args {
     pids: Vec<u32>,
     redis_pid: Option<u32>,
     per_source: usize,
+    first_source: u8,
     connect_concurrency: usize,
     jwt_secret: Option<String>,
     settle_ms: u64,
@@ -86,7 +88,7 @@ struct Args {
 
 const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|inbound|idle \
 --ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
-[--channel C] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] \
+[--channel C] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
 [--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet]";
 
 fn parse_args() -> Result<Args, String> {
@@ -107,6 +109,7 @@ fn parse_args() -> Result<Args, String> {
         pids: Vec::new(),
         redis_pid: None,
         per_source: 20_000,
+        first_source: 1,
         connect_concurrency: 256,
         jwt_secret: None,
         settle_ms: 2000,
@@ -163,6 +166,7 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--redis-pid" => a.redis_pid = Some(num(&value)? as u32),
+            "--first-source" => a.first_source = num(&value)?.clamp(1, 250) as u8,
             "--per-source" => a.per_source = num(&value)?.max(1) as usize,
             "--connect-concurrency" => a.connect_concurrency = num(&value)?.max(1) as usize,
             "--jwt-secret" => a.jwt_secret = Some(value),
@@ -422,7 +426,7 @@ async fn run(a: Args) -> Result<bool, String> {
     let mut joins = Vec::with_capacity(a.clients);
     for n in 0..a.clients {
         let endpoint = a.ws[n % a.ws.len()].clone();
-        let source = Ipv4Addr::new(127, 0, 0, 1 + (n / a.per_source) as u8);
+        let source = Ipv4Addr::new(127, 0, 0, a.first_source + (n / a.per_source) as u8);
         let token = a
             .jwt_secret
             .as_ref()

@@ -113,9 +113,11 @@ mod tests {
         let mut w = LazyBufWriter::new(a);
         assert_eq!(w.buf.capacity(), 0);
         w.write_all(b"hello ").await.unwrap();
-        w.write_vectored(&[io::IoSlice::new(b"wor"), io::IoSlice::new(b"ld")])
+        let n = w
+            .write_vectored(&[io::IoSlice::new(b"wor"), io::IoSlice::new(b"ld")])
             .await
             .unwrap();
+        assert_eq!(n, 5, "a vectored write is taken whole");
         assert!(w.buf.capacity() > 0);
         // Nothing reached the peer before the flush; the duplex buffer is smaller than what
         // follows, so the flush has to wait for the reader in between.

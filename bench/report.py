@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Turns a bench/run.sh output folder (loadgen JSON reports) into Markdown tables with ratios.
+
+    python3 bench/report.py DIR
+"""
+
+import csv
+import glob
+import json
+import os
+import sys
+
+TARGETS = ["wsbridge", "socketio", "nchan"]
+
+
+def load(folder, name):
+    path = os.path.join(folder, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def num(value, digits=1):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def ratio(value, base):
+    if value is None or base in (None, 0):
+        return "–"
+    return f"{value / base:.1f}×"
+
+
+def exact(r):
+    if r is None:
+        return "–"
+    mark = "yes" if r["exact"] else "**NO**"
+    return f"{mark} ({r['delivered_total']:,}/{r['expected_total']:,})"
+
+
+def main(folder):
+    out = []
+    machine = os.path.join(folder, "machine.txt")
+    if os.path.exists(machine):
+        out.append("Machine: " + "; ".join(open(machine).read().strip().splitlines()) + "\n")
+
+    def cpu(r):
+        return r and r.get("gateway_cpu_us_per_delivery")
+
+    def lat(r, q):
+        return r and r["latency_ms"].get(q)
+
+    base = {s: load(folder, f"wsbridge-{s}") for s in ["paced", "burst", "direct", "user", "inbound"]}
+
+    out.append("### Paced fan-out: 1,000 clients on 2 replicas, one channel, 20 msgs/s (20k deliveries/s)\n")
+    out.append("| target | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p50 ms | p99 ms | p99.9 ms |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for t in TARGETS:
+        r = load(folder, f"{t}-paced")
+        if r:
+            out.append(f"| {t} | {exact(r)} | {num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | "
+                       f"{ratio(cpu(r), cpu(base['paced']))} | {num(lat(r, 'p50'), 2)} | "
+                       f"{num(lat(r, 'p99'), 2)} | {num(lat(r, 'p999'), 2)} |")
+
+    out.append("\n### Burst: messages × 1,000 clients as fast as the publisher goes, default settings\n")
+    out.append("| target | messages | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p99 ms |")
+    out.append("|---|---|---|---|---|---|---|")
+    for t in TARGETS:
+        r = load(folder, f"{t}-burst")
+        if r:
+            out.append(f"| {t} | {r['messages']:,} (batch {r['batch'] if t != 'nchan' else 1}) | {exact(r)} | "
+                       f"{num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | "
+                       f"{ratio(cpu(r), cpu(base['burst']))} | {num(lat(r, 'p99'), 1)} |")
+
+    out.append("\n### 1:1 and user-targeted: rounds of one message to each of 1,000 connections (100 per call)\n")
+    out.append("| target | addressed to | exact | deliveries/s | gateway CPU µs/delivery | p50 ms | p99 ms |")
+    out.append("|---|---|---|---|---|---|---|")
+    for t, s, what in [("wsbridge", "direct", "connection"), ("wsbridge", "user", "user"),
+                       ("socketio", "direct", "connection (socket id)")]:
+        r = load(folder, f"{t}-{s}")
+        if r:
+            out.append(f"| {t} | {what} | {exact(r)} | {num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | "
+                       f"{num(lat(r, 'p50'), 2)} | {num(lat(r, 'p99'), 2)} |")
+
+    r = base["inbound"]
+    xadd = None
+    bench = os.path.join(folder, "redis-benchmark-xadd.csv")
+    if os.path.exists(bench):
+        rows = list(csv.reader(open(bench)))
+        if len(rows) > 1:
+            xadd = float(rows[1][1])
+    if r:
+        out.append("\n### Inbound: client `send` → stream entry (acked), 1,000 clients, 16 in flight each\n")
+        out.append("| | per second | gateway CPU µs/entry | ratio |")
+        out.append("|---|---|---|---|")
+        share = f"{r['deliveries_per_s'] / xadd * 100:.0f}% of XADD" if xadd else "–"
+        out.append(f"| wsbridge acks ({exact(r)}) | {num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | {share} |")
+        if xadd:
+            out.append(f"| redis-benchmark XADD, pipelined (-P 16, 50 clients) | {num(xadd, 0)} | | 100% |")
+
+    out.append("\n### Idle connections: RSS per connection (fresh processes, growth over the empty process)\n")
+    out.append("| target | connections | replicas | KiB per connection | × wsbridge |")
+    out.append("|---|---|---|---|---|")
+    base_idle = {}
+    for t in TARGETS:
+        for label in ["10k", "50k"]:
+            if label == "10k":
+                rs = [load(folder, f"{t}-idle10k")]
+            else:
+                rs = [load(folder, f"{t}-idle50k-{i}") for i in range(3)]
+            rs = [r for r in rs if r]
+            if not rs:
+                continue
+            conns = sum(r["clients"] for r in rs)
+            per = [p["rss_kib_per_connection"] for r in rs for p in r["processes"]
+                   if p.get("rss_kib_per_connection") is not None]
+            kib = sum(per) / len(per) if per else None
+            if t == "wsbridge":
+                base_idle[label] = kib
+            out.append(f"| {t} | {conns:,} | {len(per)} | {num(kib, 2)} | {ratio(kib, base_idle.get(label))} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob("target/bench/*"))[-1])
