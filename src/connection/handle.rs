@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+
+use super::direct::{Direct, DirectWrite};
+use crate::inbound::unix_us;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
@@ -126,6 +129,8 @@ pub struct ConnHandle {
     resuming: Mutex<HashMap<Arc<str>, Resume>>,
     warned_drop: AtomicBool,
     metrics: Metrics,
+    /// Writes that skip the queue when nothing is waiting (see `direct.rs`).
+    pub direct: DirectWrite,
 }
 
 /// The receiving ends of a connection's queues, owned by its writer.
@@ -168,6 +173,7 @@ impl ConnHandle {
             resuming: Mutex::new(HashMap::new()),
             warned_drop: AtomicBool::new(false),
             metrics,
+            direct: DirectWrite::default(),
         });
         (handle, Queues { data, replies })
     }
@@ -178,14 +184,50 @@ impl ConnHandle {
         self.enqueue(frame, accepted_us, false);
     }
 
+    /// Delivers a message: written straight to the socket when nothing else is waiting there
+    /// (`whole`, when given, is the same message as a complete WebSocket frame, shared by all
+    /// recipients),
+    /// else queued as [`ConnHandle::deliver`] does.
+    pub fn deliver_now(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) {
+        if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {
+            return;
+        }
+        self.enqueue(frame.clone(), accepted_us, false);
+    }
+
+    /// Tries a direct write; true when the message is delivered (or the connection failed).
+    fn direct_write(&self, payload_len: usize, whole: &Bytes, accepted_us: u64) -> bool {
+        if self.close.get().is_some() {
+            return false;
+        }
+        match self.direct.try_write(whole) {
+            Direct::Written => {
+                self.metrics.deliveries.increment(1);
+                self.metrics.sent_bytes.increment(payload_len as u64);
+                if accepted_us != 0 {
+                    let seconds = unix_us().saturating_sub(accepted_us) as f64 / 1e6;
+                    self.metrics.delivery_latency_seconds.record(seconds);
+                }
+                true
+            }
+            Direct::Busy => false,
+            Direct::Failed(e) => {
+                self.close(1000, &e.to_string(), CloseReason::Error);
+                true
+            }
+        }
+    }
+
     /// Queues a message; `resumable` when it carries a history offset. Dropping such a message
     /// would leave a gap the client cannot see (offsets are not consecutive), so under either
     /// policy the connection is closed with 1013 instead: the client resumes from its last
     /// offset and gets the message from the history.
     fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) {
+        self.direct.handed(1);
         match self.data_tx.try_send(Outgoing { frame, accepted_us }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
+                self.direct.done(1);
                 self.metrics.dropped(DropReason::QueueFull).increment(1);
                 if self.policy == QueueFullPolicy::Close || resumable {
                     self.close(1013, "send queue full", CloseReason::SlowConsumer);
@@ -197,6 +239,7 @@ impl ConnHandle {
                 }
             }
             Err(TrySendError::Closed(_)) => {
+                self.direct.done(1);
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
         }
@@ -240,11 +283,15 @@ impl ConnHandle {
     }
 
     /// Delivers a channel message, or holds it back while that channel is resuming.
+    ///
+    /// `whole` is the same message as a complete WebSocket frame, when a direct write may be
+    /// tried.
     pub fn deliver_channel(
         &self,
         channel: &str,
         offset: Option<&str>,
-        frame: Bytes,
+        frame: &Bytes,
+        whole: Option<&Bytes>,
         accepted_us: u64,
     ) {
         if self.resuming_any.load(Ordering::Acquire) {
@@ -256,7 +303,7 @@ impl ConnHandle {
                     } else {
                         held.messages.push(Held {
                             offset: offset.map(str::to_owned),
-                            frame,
+                            frame: frame.clone(),
                             accepted_us,
                         });
                     }
@@ -275,7 +322,10 @@ impl ConnHandle {
                 None => {}
             }
         }
-        self.enqueue(frame, accepted_us, offset.is_some());
+        if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {
+            return;
+        }
+        self.enqueue(frame.clone(), accepted_us, offset.is_some());
     }
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.
@@ -284,10 +334,14 @@ impl ConnHandle {
             return false;
         }
         // Only the dispatcher adds to this queue, and it is the caller: the room stays.
+        let mut left = frames.len();
+        self.direct.handed(left);
         for out in frames {
             if self.data_tx.try_send(out).is_err() {
+                self.direct.done(left);
                 return false;
             }
+            left -= 1;
         }
         true
     }
@@ -306,20 +360,28 @@ impl ConnHandle {
     ///
     /// Returns false when the reply could not be queued.
     pub fn reply_raw(&self, reply: Reply) -> bool {
+        self.direct.handed(1);
         match self.reply_tx.try_send(reply) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
+                self.direct.done(1);
                 self.close(1013, "reply queue full", CloseReason::SlowConsumer);
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed(_)) => {
+                self.direct.done(1);
+                false
+            }
         }
     }
 
     /// Queues a reply, waiting for room: backpressure for the conformance echo, which must
     /// answer every message rather than apply a policy.
     pub async fn reply_wait(&self, reply: Reply) {
-        let _ = self.reply_tx.send(reply).await;
+        self.direct.handed(1);
+        if self.reply_tx.send(reply).await.is_err() {
+            self.direct.done(1);
+        }
     }
 
     /// Asks the connection to close. The first request wins; later ones are ignored.

@@ -6,6 +6,7 @@
 //! close frame — so frames are never interleaved.
 
 mod assembler;
+mod direct;
 mod handle;
 mod lazy_buf;
 mod mask_check;
@@ -20,7 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::future::{FusedFuture, FutureExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
+pub use direct::{server_frame, OPCODE_BINARY, OPCODE_TEXT};
 pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Queues, Reply};
 
 use reader::{EchoSink, GatewaySink, MessageSink};
@@ -135,12 +139,25 @@ async fn drive(
 ) {
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
-    let (read_half, write_half) = tokio::io::split(io);
+    // The listener serves plain TCP (http.rs), so the upgraded connection is a TcpStream: take
+    // it back, with whatever hyper read past the handshake, for direct writes (direct.rs).
+    let parts = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream; closing it");
+            handle.close(1011, "", CloseReason::Error);
+            return;
+        }
+    };
+    let (read_half, write_half) = parts.io.into_inner().into_split();
+    let read_half = std::io::Cursor::new(parts.read_buf).chain(read_half);
+    let write_half = Arc::new(write_half);
+    handle.direct.attach(write_half.clone());
     let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let read_half = mask_check::MaskCheck::new(read_half, unmasked.clone());
     let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
         read_half,
-        lazy_buf::LazyBufWriter::new(write_half),
+        lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct)),
         fastwebsockets::Role::Server,
     );
     let mut reader = pin!(reader::run(
@@ -168,6 +185,8 @@ async fn drive(
         }
     })
     .await;
+    // The socket closes when the writer (dropped on return) and the handle let go of it.
+    handle.direct.detach();
 }
 
 /// Echoes every message back on an upgraded connection, through the same socket layer the

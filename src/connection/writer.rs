@@ -1,7 +1,8 @@
 //! The write side: everything the client receives, in one place.
 //!
 //! Frames go into a buffered writer and are flushed once per wake-up, so a burst of queued
-//! messages costs one socket write rather than one per frame.
+//! messages costs one socket write rather than one per frame. A message for a connection with
+//! nothing waiting skips this task: the dispatcher writes it directly (`direct.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -41,24 +42,33 @@ pub async fn run<S: AsyncWrite + Unpin>(
     // a waiter every time.
     let mut closed = std::pin::pin!(handle.closed());
     let mut sent_bytes = 0usize;
+    // Frames taken for writing since the last flush: once flushed, they are off the books of
+    // direct writes (`direct.rs`), which wait while any is pending. Frames this task makes itself
+    // (pings, the close frame) are put on the books before they are written.
+    let mut taken = 0usize;
     loop {
         let result = tokio::select! {
             biased;
             _ = &mut closed => {
                 let closing = handle.closing().expect("closed implies a reason");
+                handle.direct.handed(1);
                 let _ = ws.write_frame(Frame::close(closing.code, closing.reason.as_bytes())).await;
                 let _ = ws.flush().await;
                 return;
             }
             Some(reply) = queues.replies.recv() => {
+                taken += 1;
                 sent_bytes += reply.len();
                 write_reply(&mut ws, opcode, reply).await
             }
             Some(out) = queues.data.recv() => {
+                taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
                 write_message(&mut ws, opcode, &out).await
             }
+            // The rest of a direct write waits: the flush below writes it.
+            _ = handle.direct.kick.notified() => Ok(()),
             _ = ping.tick() => {
                 let seen = last_seen.load(Ordering::Relaxed);
                 let now = started.elapsed().as_millis() as u64;
@@ -66,6 +76,8 @@ pub async fn run<S: AsyncWrite + Unpin>(
                     handle.close(1001, "idle timeout", CloseReason::IdleTimeout);
                     continue;
                 }
+                handle.direct.handed(1);
+                taken += 1;
                 ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await
             }
         };
@@ -76,9 +88,11 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 break;
             }
             if let Ok(reply) = queues.replies.try_recv() {
+                taken += 1;
                 sent_bytes += reply.len();
                 result = write_reply(&mut ws, opcode, reply).await;
             } else if let Ok(out) = queues.data.try_recv() {
+                taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
                 result = write_message(&mut ws, opcode, &out).await;
@@ -93,6 +107,8 @@ pub async fn run<S: AsyncWrite + Unpin>(
             handle.close(1000, &e.to_string(), CloseReason::Error);
             return;
         }
+        handle.direct.done(taken);
+        taken = 0;
         metrics.sent_bytes.increment(sent_bytes as u64);
         sent_bytes = 0;
         if !accepted.is_empty() {

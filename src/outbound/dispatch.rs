@@ -15,7 +15,7 @@ use super::envelope::{split_payload, Batch, Item, Op};
 use super::history::{self, Offset, Replay};
 use crate::backplane::{Backplane, Keys};
 use crate::config::Config;
-use crate::connection::{ConnHandle, Outgoing};
+use crate::connection::{server_frame, ConnHandle, Outgoing, OPCODE_BINARY, OPCODE_TEXT};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{message, message_json, message_msgpack, Encoding, FrameId, ServerFrame};
@@ -82,7 +82,20 @@ pub struct Dispatcher {
     floors: HashMap<String, Offset>,
     /// Reused for every message, so finding recipients does not allocate.
     scratch: Vec<Arc<ConnHandle>>,
+    /// Direct writes left for the payload being dispatched (see [`DIRECT_BUDGET`]); 0 when the
+    /// payload must go through the queues.
+    direct_budget: usize,
 }
+
+/// How many recipients of one pub/sub payload the dispatcher may write to directly.
+///
+/// A direct write (`connection/direct.rs`) saves the recipient's writer task a wake-up, but it
+/// is one `write` per message. It pays when messages come one at a time. When more payloads
+/// wait behind this one, or the payload carries several messages, queueing lets each writer
+/// send a whole burst in one `write`, so the dispatcher then queues only. The budget also keeps
+/// one payload for a huge audience from holding the dispatcher in syscalls: past it, the writer
+/// tasks (on every worker thread) take over.
+const DIRECT_BUDGET: usize = 2048;
 
 impl Dispatcher {
     /// A dispatcher over this replica's registry.
@@ -107,6 +120,7 @@ impl Dispatcher {
             catching_up: HashMap::new(),
             floors: HashMap::new(),
             scratch: Vec::new(),
+            direct_budget: 0,
         }
     }
 
@@ -121,7 +135,10 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 payload = rx.recv() => match payload {
-                    Some(payload) => self.dispatch(&payload),
+                    Some(payload) => {
+                        let alone = rx.is_empty();
+                        self.dispatch(&payload, alone);
+                    }
                     None => return,
                 },
                 Some(work) = control.recv() => match work {
@@ -133,8 +150,8 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one pub/sub payload.
-    pub fn dispatch(&mut self, payload: &[u8]) {
+    /// Handles one pub/sub payload; `alone` when no other payload waits behind it.
+    pub fn dispatch(&mut self, payload: &[u8], alone: bool) {
         let decoded = split_payload(payload)
             .and_then(|(offsets, json)| Ok((offsets, serde_json::from_slice::<Batch>(json)?)));
         let (offsets, batch) = match decoded {
@@ -146,6 +163,11 @@ impl Dispatcher {
             }
         };
         let mut offsets = offsets.iter();
+        self.direct_budget = if alone && batch.items.len() == 1 {
+            DIRECT_BUDGET
+        } else {
+            0
+        };
         for item in &batch.items {
             let offset = if item.history {
                 offsets.next().map(String::as_str)
@@ -263,17 +285,33 @@ impl Dispatcher {
                 }
             }
         }
+        // Serialized once per encoding, as a payload (for the queue) and as a whole WebSocket
+        // frame (for direct writes); every recipient shares the same bytes.
         let (mut json, mut msgpack) = (None, None);
+        let direct = self.direct_budget > 0;
         for conn in self.scratch.drain(..) {
-            let frame = match conn.encoding {
-                Encoding::Json => json.get_or_insert_with(|| message_json(channel, offset, data)),
-                Encoding::Msgpack => {
-                    msgpack.get_or_insert_with(|| message_msgpack(channel, offset, data))
+            let (frame, whole) = match conn.encoding {
+                Encoding::Json => json.get_or_insert_with(|| {
+                    let payload = message_json(channel, offset, data);
+                    let whole = direct.then(|| server_frame(OPCODE_TEXT, &payload));
+                    (payload, whole)
+                }),
+                Encoding::Msgpack => msgpack.get_or_insert_with(|| {
+                    let payload = message_msgpack(channel, offset, data);
+                    let whole = direct.then(|| server_frame(OPCODE_BINARY, &payload));
+                    (payload, whole)
+                }),
+            };
+            let whole = match whole {
+                Some(whole) if self.direct_budget > 0 => {
+                    self.direct_budget -= 1;
+                    Some(&*whole)
                 }
+                _ => None,
             };
             match channel {
-                Some(channel) => conn.deliver_channel(channel, offset, frame.clone(), ts),
-                None => conn.deliver(frame.clone(), ts),
+                Some(channel) => conn.deliver_channel(channel, offset, frame, whole, ts),
+                None => conn.deliver_now(frame, whole, ts),
             }
         }
     }

@@ -143,3 +143,62 @@ async fn server_side_subscribe_unsubscribe_and_disconnect() {
     assert_eq!(status, 202);
     assert_eq!(client.closed().await, Some(4001));
 }
+
+/// Messages sent one per call are written straight to an idle client's socket (a direct write,
+/// skipping its writer task). When the client stops reading, its socket fills in the middle of
+/// such a write; the rest must follow before anything else. Here a reader that pauses gets
+/// 48 large messages (12 MB, far more than the socket buffers) one call each, interleaved with
+/// replies to its own frames and messages to another connection; when it reads again, every
+/// frame is whole and in order, and the other connection got everything meanwhile.
+#[tokio::test]
+async fn large_messages_to_a_paused_reader_arrive_whole_and_in_order() {
+    const MESSAGES: usize = 48;
+    const PAD: usize = 256 * 1024;
+    let redis = Redis::start();
+    let prefix = unique_prefix("direct-partial");
+    let a = Gateway::start(&redis, &prefix).await;
+    let mut paused = Client::connect(&a).await;
+    paused.subscribe("big").await;
+    let mut other = Client::connect(&a).await;
+    other.subscribe("small").await;
+
+    let pad = "p".repeat(PAD);
+    for n in 0..MESSAGES {
+        a.send(json!({"to": {"channel": "big"}, "data": {"n": n, "pad": pad}}))
+            .await;
+        a.send(json!({"to": {"channel": "small"}, "data": {"n": n}}))
+            .await;
+        assert_eq!(other.recv().await["data"]["n"], n);
+        if n % 8 == 0 {
+            // A reply queued for the paused client while its socket is full.
+            paused
+                .send(
+                    json!({"type": "subscribe", "channel": format!("c{n}"), "id": format!("s{n}")}),
+                )
+                .await;
+        }
+    }
+    let mut replies = 0;
+    let mut next = 0;
+    while next < MESSAGES || replies < MESSAGES / 8 {
+        let frame = paused.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => {
+                assert_eq!(frame["data"]["n"], next, "in order");
+                assert_eq!(
+                    frame["data"]["pad"].as_str().map(str::len),
+                    Some(PAD),
+                    "whole"
+                );
+                next += 1;
+            }
+            Some("subscribed") => replies += 1,
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(
+        a.metric("wsbridge_delivery_dropped_total{reason=\"queue_full\"}")
+            .await,
+        0.0
+    );
+}
