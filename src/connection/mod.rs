@@ -141,16 +141,13 @@ async fn drive(
     let last_seen = AtomicU64::new(0);
     // The listener serves plain TCP (http.rs), so the upgraded connection is a TcpStream: take
     // it back, with whatever hyper read past the handshake, for direct writes (direct.rs).
-    let parts = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => parts,
-        Err(_) => {
-            tracing::error!("upgraded connection is not a TCP stream; closing it");
-            handle.close(1011, "", CloseReason::Error);
-            return;
-        }
+    let Some((stream, pre)) = take_tcp(io) else {
+        tracing::error!("upgraded connection is not a TCP stream; closing it");
+        handle.close(1011, "", CloseReason::Error);
+        return;
     };
-    let (read_half, write_half) = parts.io.into_inner().into_split();
-    let read_half = std::io::Cursor::new(parts.read_buf).chain(read_half);
+    let (read_half, write_half) = stream.into_split();
+    let read_half = std::io::Cursor::new(pre).chain(read_half);
     let write_half = Arc::new(write_half);
     handle.direct.attach(write_half.clone());
     let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -187,6 +184,15 @@ async fn drive(
     .await;
     // The socket closes when the writer (dropped on return) and the handle let go of it.
     handle.direct.detach();
+}
+
+/// The TCP stream under an upgraded connection, and a copy of the bytes hyper read past the
+/// handshake. A copy, because hyper's `read_buf` shares its whole read buffer (kilobytes) for as
+/// long as it lives; hyper's parts are dropped here, not kept for the life of the connection.
+fn take_tcp(io: TokioIo<Upgraded>) -> Option<(TcpStream, bytes::Bytes)> {
+    let parts = io.into_inner().downcast::<TokioIo<TcpStream>>().ok()?;
+    let pre = bytes::Bytes::copy_from_slice(&parts.read_buf);
+    Some((parts.io.into_inner(), pre))
 }
 
 /// Echoes every message back on an upgraded connection, through the same socket layer the

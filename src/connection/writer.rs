@@ -37,7 +37,8 @@ pub async fn run<S: AsyncWrite + Unpin>(
         Encoding::Json => OpCode::Text,
         Encoding::Msgpack => OpCode::Binary,
     };
-    let mut accepted = Vec::with_capacity(BURST);
+    // Grows on the first burst; an idle connection never allocates it.
+    let mut accepted = Vec::new();
     // Created once: a fresh `cancelled()` future per wake-up would lock the token and register
     // a waiter every time.
     let mut closed = std::pin::pin!(handle.closed());
