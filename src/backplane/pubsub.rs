@@ -28,6 +28,21 @@ struct PushSender {
     disconnected: Arc<Notify>,
     metrics: Metrics,
     warned_full: AtomicBool,
+    /// Tells the dispatcher to catch up its history channels: messages were missed.
+    catch_up: mpsc::Sender<()>,
+    /// On a reconnection: the catch-up signal is still to be sent for this connection.
+    reconnected: AtomicBool,
+}
+
+impl PushSender {
+    /// Signals a reconnection once, before the first message of the new connection reaches the
+    /// dispatcher (the dispatcher takes signals before payloads): its last delivered offsets are
+    /// then still those from before the gap.
+    fn announce_reconnection(&self) {
+        if self.reconnected.swap(false, Ordering::AcqRel) {
+            let _ = self.catch_up.try_send(());
+        }
+    }
 }
 
 impl AsyncPushSender for PushSender {
@@ -44,15 +59,19 @@ impl AsyncPushSender for PushSender {
                     self.health.pubsub_ok();
                     return Ok(());
                 }
+                self.announce_reconnection();
                 if self.tx.try_send(Bytes::from(payload)).is_err() {
                     self.metrics.dropped(DropReason::PubsubBacklog).increment(1);
+                    // History channels get what was dropped back from their history.
+                    let _ = self.catch_up.try_send(());
                     if !self.warned_full.swap(true, Ordering::Relaxed) {
-                        tracing::warn!("pub/sub buffer full: dropping messages (raise redis.pubsub_buffer_messages?)");
+                        tracing::warn!("pub/sub buffer full: dropping messages (raise redis.pubsub_buffer_messages?); history channels will catch up");
                     }
                 } else {
                     self.warned_full.store(false, Ordering::Relaxed);
                 }
             }
+            PushKind::Subscribe => self.announce_reconnection(),
             PushKind::Disconnection => self.disconnected.notify_one(),
             _ => {}
         }
@@ -87,16 +106,16 @@ pub async fn run(
             disconnected: disconnected.clone(),
             metrics: metrics.clone(),
             warned_full: AtomicBool::new(false),
+            catch_up: resubscribed.clone(),
+            reconnected: AtomicBool::new(connected_before),
         };
         let conn = connect(&cfg, &keys, sender).await;
         let mut conn = match conn {
             Ok(conn) => {
                 tracing::info!(channel = %keys.broadcast, "pub/sub link up");
                 // Messages published while the link was down never reached this replica; the
-                // dispatcher catches up the channels that keep history.
-                if connected_before {
-                    let _ = resubscribed.try_send(());
-                }
+                // dispatcher catches up the channels that keep history. The push sender has
+                // signalled it already, at the subscription, before any message.
                 connected_before = true;
                 backoff = Duration::from_millis(100);
                 conn

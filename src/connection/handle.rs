@@ -2,7 +2,7 @@
 //! reach a connection without touching its socket.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -131,6 +131,8 @@ pub struct ConnHandle {
     metrics: Metrics,
     /// Writes that skip the queue when nothing is waiting (see `direct.rs`).
     pub direct: DirectWrite,
+    /// The dispatcher's number of the last payload that wrote to this connection directly.
+    direct_payload: AtomicU64,
 }
 
 /// The receiving ends of a connection's queues, owned by its writer.
@@ -174,6 +176,7 @@ impl ConnHandle {
             warned_drop: AtomicBool::new(false),
             metrics,
             direct: DirectWrite::default(),
+            direct_payload: AtomicU64::new(0),
         });
         (handle, Queues { data, replies })
     }
@@ -193,6 +196,13 @@ impl ConnHandle {
             return;
         }
         self.enqueue(frame.clone(), accepted_us, false);
+    }
+
+    /// True the first time it is asked for payload `seq` (payload numbers only grow): the
+    /// dispatcher writes to a connection directly at most once per payload and queues the rest,
+    /// which its writer then sends in one `write`.
+    pub fn first_direct_in(&self, seq: u64) -> bool {
+        self.direct_payload.swap(seq, Ordering::Relaxed) != seq
     }
 
     /// Tries a direct write; true when the message is delivered (or the connection failed).

@@ -85,16 +85,22 @@ pub struct Dispatcher {
     /// Direct writes left for the payload being dispatched (see [`DIRECT_BUDGET`]); 0 when the
     /// payload must go through the queues.
     direct_budget: usize,
+    /// Whether the payload being dispatched carries several messages.
+    multi: bool,
+    /// Numbers the payloads, so a connection gets at most one direct write per payload.
+    payload_seq: u64,
 }
 
 /// How many recipients of one pub/sub payload the dispatcher may write to directly.
 ///
 /// A direct write (`connection/direct.rs`) saves the recipient's writer task a wake-up, but it
-/// is one `write` per message. It pays when messages come one at a time. When more payloads
-/// wait behind this one, or the payload carries several messages, queueing lets each writer
-/// send a whole burst in one `write`, so the dispatcher then queues only. The budget also keeps
-/// one payload for a huge audience from holding the dispatcher in syscalls: past it, the writer
-/// tasks (on every worker thread) take over.
+/// is one `write` per message. It pays when a connection gets one message at a time. When more
+/// payloads wait behind this one, queueing lets each writer send a whole burst in one `write`,
+/// so the dispatcher then queues only. In a payload of several messages, channel and broadcast
+/// messages are queued (their recipients usually get all of them: one `write` for the lot),
+/// and connection and user messages (usually one per recipient) are written directly, at most
+/// one per connection. The budget also keeps one payload for a huge audience from holding the
+/// dispatcher in syscalls: past it, the writer tasks (on every worker thread) take over.
 const DIRECT_BUDGET: usize = 2048;
 
 impl Dispatcher {
@@ -121,6 +127,8 @@ impl Dispatcher {
             floors: HashMap::new(),
             scratch: Vec::new(),
             direct_budget: 0,
+            multi: false,
+            payload_seq: 0,
         }
     }
 
@@ -134,6 +142,17 @@ impl Dispatcher {
     ) {
         loop {
             tokio::select! {
+                // Biased: the pub/sub link signals a reconnection before it forwards anything it
+                // received after it, so the catch-up starts (and holds the channel) before the
+                // first live payload of the new link is dispatched. Taken in the other order,
+                // that payload would move the channel's last offset past the gap, and the
+                // catch-up would read from after it.
+                biased;
+                Some(()) = resubscribed.recv() => self.start_catch_up(),
+                Some(work) = control.recv() => match work {
+                    Control::Resume(done) => self.finish_resume(done),
+                    Control::CatchUp(caught) => self.finish_catch_up(caught),
+                },
                 payload = rx.recv() => match payload {
                     Some(payload) => {
                         let alone = rx.is_empty();
@@ -141,11 +160,6 @@ impl Dispatcher {
                     }
                     None => return,
                 },
-                Some(work) = control.recv() => match work {
-                    Control::Resume(done) => self.finish_resume(done),
-                    Control::CatchUp(caught) => self.finish_catch_up(caught),
-                },
-                Some(()) = resubscribed.recv() => self.start_catch_up(),
             }
         }
     }
@@ -163,11 +177,9 @@ impl Dispatcher {
             }
         };
         let mut offsets = offsets.iter();
-        self.direct_budget = if alone && batch.items.len() == 1 {
-            DIRECT_BUDGET
-        } else {
-            0
-        };
+        self.direct_budget = if alone { DIRECT_BUDGET } else { 0 };
+        self.multi = batch.items.len() > 1;
+        self.payload_seq += 1;
         for item in &batch.items {
             let offset = if item.history {
                 offsets.next().map(String::as_str)
@@ -243,6 +255,7 @@ impl Dispatcher {
         data: &RawValue,
         ts: u64,
     ) {
+        let per_recipient = matches!(target, Target::Connection(_) | Target::User(_));
         if let (Some(channel), Some(offset)) = (channel, offset) {
             if let Some(floor) = self.floors.get(channel) {
                 let parsed = Offset::parse(offset);
@@ -288,7 +301,8 @@ impl Dispatcher {
         // Serialized once per encoding, as a payload (for the queue) and as a whole WebSocket
         // frame (for direct writes); every recipient shares the same bytes.
         let (mut json, mut msgpack) = (None, None);
-        let direct = self.direct_budget > 0;
+        let direct = self.direct_budget > 0 && (!self.multi || per_recipient);
+        let once_per_conn = self.multi;
         for conn in self.scratch.drain(..) {
             let (frame, whole) = match conn.encoding {
                 Encoding::Json => json.get_or_insert_with(|| {
@@ -303,7 +317,10 @@ impl Dispatcher {
                 }),
             };
             let whole = match whole {
-                Some(whole) if self.direct_budget > 0 => {
+                Some(whole)
+                    if self.direct_budget > 0
+                        && (!once_per_conn || conn.first_direct_in(self.payload_seq)) =>
+                {
                     self.direct_budget -= 1;
                     Some(&*whole)
                 }

@@ -215,9 +215,13 @@ async fn a_history_lost_with_redis_is_detected_by_its_epoch() {
     drop(c);
     // Redis restarts without persistence: the history is gone; new messages start a new epoch.
     redis.restart();
-    gw.wait_ready().await;
-    gw.send(json!({"to": {"channel": "room:e"}, "data": 1}))
-        .await;
+    // The replica may not have seen the restart yet: its first publish can fail with 503
+    // ("may have been delivered"), and a backend would send it again.
+    let body = json!({"to": {"channel": "room:e"}, "data": 1});
+    eventually("a publish accepted after the restart", || async {
+        gw.post("/send", &body).await.0 == 202
+    })
+    .await;
     let mut c = Client::connect(&gw).await;
     let (replayed, subscribed) = subscribe_since(&mut c, "room:e", &since).await;
     assert!(
