@@ -347,20 +347,6 @@ fn assert_whole(client: usize, seqs: &[u64]) {
     );
 }
 
-/// Polls `check` until it holds, failing after `limit`: for steps whose duration depends on how
-/// fast this machine moves a million frames, where [`eventually`]'s patience is too short.
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// Two replicas on one Redis, 200 clients on `a` joined to the channel, and the sequence
 /// number each client has taken last (for the lag report).
 struct Setup {
@@ -378,13 +364,13 @@ async fn publish_half_way(
     retry: Option<(String, String)>,
 ) -> (tokio::task::JoinHandle<Publication>, Arc<AtomicU64>, u64) {
     let crowd = &setup.crowd;
-    wait_for("every client joined", Duration::from_secs(30), || async {
+    eventually_within("every client joined", Duration::from_secs(30), || async {
         crowd.joined.load(Ordering::Relaxed) == CLIENTS
     })
     .await;
     let sent = Arc::new(AtomicU64::new(0));
     let publisher = tokio::spawn(publish(setup.b.api_url.clone(), sent.clone(), retry));
-    wait_for(
+    eventually_within(
         "half the messages out, every client receiving",
         Duration::from_secs(40),
         || async {
