@@ -179,7 +179,7 @@ for target in ${TARGETS//,/ }; do
       auth=(); [ "$target" = wsbridge ] && auth=(--jwt-secret "$SECRET")
       taskset -c 1 "$LOADGEN" --target "$target" --scenario idle --clients 16667 --settle-ms 5000 \
         --ws "${ws_all[$i]}" --api "${api_all[$i]}" --pids "${pid_all[$i]}" "${auth[@]}" \
-        --first-source $((1 + 10 * i)) --connect-concurrency 128 \
+        --first-source $((1 + 20 * i)) --connect-concurrency 128 \
         --json "$OUT/$target-idle50k-$i.json" --quiet >>"$LOG" 2>&1 &
       lg+=($!)
     done

@@ -28,9 +28,11 @@
 //! /proc. Exit status 0 when every count is exact, 1 otherwise, 2 on bad arguments.
 //!
 //! Connections bind to source addresses 127.0.0.F, F+1, ... (F = `--first-source`, 1) rotating
-//! every `--per-source` (20,000) connections, so more than one address's ~28k ephemeral ports
-//! can be used; give load generators running side by side different `--first-source`. Raise
-//! `ulimit -n` for large runs.
+//! every `--per-source` (4,000) connections. Binding before connecting takes a port from the
+//! address's ~28k ephemeral ports, and the kernel's search for a free one slows down as they fill:
+//! with 16,667 connections on one address, connecting took 49 s instead of 7 s, and the stalled
+//! load generator let gateways time out its handshakes. Give load generators running side by
+//! side distinct `--first-source` ranges. Raise `ulimit -n` for large runs.
 
 mod proto;
 mod publish;
@@ -108,7 +110,7 @@ fn parse_args() -> Result<Args, String> {
         stream: "chat".into(),
         pids: Vec::new(),
         redis_pid: None,
-        per_source: 20_000,
+        per_source: 4_000,
         first_source: 1,
         connect_concurrency: 256,
         jwt_secret: None,
@@ -251,6 +253,9 @@ impl Shared {
 }
 
 const SHARDS: usize = 16;
+
+/// Attempts after the first before a client's connection failure fails the run.
+const CONNECT_ATTEMPTS: u64 = 3;
 
 type Sink = Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>;
 
@@ -423,6 +428,7 @@ async fn run(a: Args) -> Result<bool, String> {
     log(&a, &format!("connecting {} clients", a.clients));
     let connect_started = Instant::now();
     let gate = Arc::new(Semaphore::new(a.connect_concurrency));
+    let retries = Arc::new(AtomicU64::new(0));
     let mut joins = Vec::with_capacity(a.clients);
     for n in 0..a.clients {
         let endpoint = a.ws[n % a.ws.len()].clone();
@@ -432,11 +438,30 @@ async fn run(a: Args) -> Result<bool, String> {
             .as_ref()
             .map(|secret| token(secret, &format!("u{n}")));
         let (kind, channel, gate) = (a.target, a.channel.clone(), gate.clone());
+        let retries = retries.clone();
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.expect("gate");
             let url = kind.url(&endpoint, &channel, token.as_deref());
-            let ws = proto::open(&url, source).await?;
-            kind.join(ws, &channel, true).await
+            // A connection storm can fail an attempt (a full accept queue, a handshake cut
+            // short); try again a few times, and count it.
+            let mut attempt = 0;
+            loop {
+                let joined = match proto::open(&url, source).await {
+                    Ok(ws) => kind.join(ws, &channel, true).await,
+                    Err(e) => Err(e),
+                };
+                match joined {
+                    Err(e) if attempt < CONNECT_ATTEMPTS => {
+                        attempt += 1;
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        if attempt == 1 {
+                            eprintln!("loadgen: client {n}: {e}; retrying");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                    }
+                    other => return other,
+                }
+            }
         }));
     }
     let mut ids = Vec::with_capacity(a.clients);
@@ -660,9 +685,9 @@ async fn run(a: Args) -> Result<bool, String> {
     let rss_growth: Option<f64> = rss_before
         .iter()
         .zip(&rss_after)
-        .map(|(b, a)| Some(a.as_ref()? - b.as_ref()?))
-        .sum::<Option<u64>>()
-        .map(|kib| kib as f64 / a.clients as f64);
+        .map(|(b, a)| Some(*a.as_ref()? as f64 - *b.as_ref()? as f64))
+        .sum::<Option<f64>>()
+        .map(|kib| kib / a.clients as f64);
     let exact = a.scenario == Scenario::Idle
         || (all_done && short == 0 && over == 0 && lost == 0 && out_of_order == 0 && errors == 0);
     let report = json!({
@@ -675,6 +700,7 @@ async fn run(a: Args) -> Result<bool, String> {
         "batch": a.batch,
         "payload_bytes": a.payload,
         "connect_s": connect_s,
+        "connect_retries": retries.load(Ordering::Relaxed),
         "expected_per_client": per_client,
         "expected_total": expected_total,
         "delivered_total": delivered,
