@@ -111,6 +111,18 @@ impl Registry {
         channel: &str,
         max: usize,
     ) -> Result<bool, TooManyChannels> {
+        self.subscribe_announced(handle, channel, max, || {})
+    }
+
+    /// As [`Registry::subscribe`]; `announce` runs when the connection does join, before any
+    /// message of the channel can reach it (the client's `subscribed` goes first that way).
+    pub fn subscribe_announced(
+        &self,
+        handle: &Arc<ConnHandle>,
+        channel: &str,
+        max: usize,
+        announce: impl FnOnce(),
+    ) -> Result<bool, TooManyChannels> {
         let mut membership = handle.channels.lock().expect("channel set lock");
         if membership.removed || membership.joined.contains(channel) {
             return Ok(false);
@@ -118,6 +130,7 @@ impl Registry {
         if membership.joined.len() >= max {
             return Err(TooManyChannels);
         }
+        announce();
         let channel: Arc<str> = Arc::from(channel);
         membership.joined.insert(channel.clone());
         self.channels

@@ -308,20 +308,34 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                 }
                 _ => None,
             };
-            let joined = state.registry.subscribe(handle, &channel, max);
-            if joined.is_err() && resume.is_some() {
+            if let Some((since, limit)) = resume {
+                let joined = state.registry.subscribe(handle, &channel, max);
+                if joined.is_ok() {
+                    if joined == Ok(true) {
+                        state.inbound.event(handle, Event::Subscribe(&channel));
+                    }
+                    spawn_resume(handle.clone(), state, channel, id, since, limit);
+                    return Ok(());
+                }
                 handle.finish_resume(&channel);
             }
-            if let (Ok(_), Some((since, limit))) = (&joined, resume) {
-                if joined == Ok(true) {
-                    state.inbound.event(handle, Event::Subscribe(&channel));
-                }
-                spawn_resume(handle.clone(), state, channel, id, since, limit);
-                return Ok(());
-            }
-            match joined {
+            // A `since` on a channel without history (or one already joined) cannot be honoured:
+            // say so rather than pretend.
+            let subscribed = || {
+                handle.reply(&ServerFrame::Subscribed {
+                    channel: &channel,
+                    id: id.as_ref(),
+                    recovered: since.as_ref().map(|_| false),
+                })
+            };
+            // `subscribed` is queued as the connection joins, before the channel's messages can
+            // reach it: a message published at that moment cannot overtake it.
+            match state
+                .registry
+                .subscribe_announced(handle, &channel, max, subscribed)
+            {
                 Ok(true) => state.inbound.event(handle, Event::Subscribe(&channel)),
-                Ok(false) => {}
+                Ok(false) => subscribed(),
                 Err(_) => {
                     state.metrics.refused(Limit::Subscriptions).increment(1);
                     return Err(FrameError::new(
@@ -331,13 +345,6 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                     ));
                 }
             }
-            // A `since` on a channel without history (or one already joined) cannot be honoured:
-            // say so rather than pretend.
-            handle.reply(&ServerFrame::Subscribed {
-                channel: &channel,
-                id: id.as_ref(),
-                recovered: since.map(|_| false),
-            });
             Ok(())
         }
         ClientFrame::Unsubscribe { channel, id } => {
