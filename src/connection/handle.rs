@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::direct::{Direct, DirectWrite};
+use super::replies::{PushError, ReplyQueue};
 use crate::inbound::unix_us;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -119,7 +120,8 @@ pub struct ConnHandle {
     /// Channels joined; guarded by a per-connection lock never held across `.await`.
     pub channels: Mutex<Membership>,
     data_tx: mpsc::Sender<Outgoing>,
-    reply_tx: mpsc::Sender<Reply>,
+    /// Replies, read by the writer (`replies.rs`).
+    pub(crate) replies: ReplyQueue,
     policy: QueueFullPolicy,
     closing: CancellationToken,
     close: OnceLock<Closing>,
@@ -139,8 +141,6 @@ pub struct ConnHandle {
 pub struct Queues {
     /// Message frames.
     pub data: mpsc::Receiver<Outgoing>,
-    /// Replies.
-    pub replies: mpsc::Receiver<Reply>,
 }
 
 impl ConnHandle {
@@ -157,7 +157,6 @@ impl ConnHandle {
         metrics: Metrics,
     ) -> (Arc<Self>, Queues) {
         let (data_tx, data) = mpsc::channel(queue_capacity);
-        let (reply_tx, replies) = mpsc::channel(reply_capacity);
         let user = identity.user.as_deref().map(Arc::from);
         let handle = Arc::new(Self {
             seq,
@@ -167,7 +166,7 @@ impl ConnHandle {
             encoding,
             channels: Mutex::new(Membership::default()),
             data_tx,
-            reply_tx,
+            replies: ReplyQueue::new(reply_capacity),
             policy,
             closing: CancellationToken::new(),
             close: OnceLock::new(),
@@ -178,7 +177,7 @@ impl ConnHandle {
             direct: DirectWrite::default(),
             direct_payload: AtomicU64::new(0),
         });
-        (handle, Queues { data, replies })
+        (handle, Queues { data })
     }
 
     /// Queues a message frame. When the queue is full the configured policy applies and the
@@ -371,14 +370,14 @@ impl ConnHandle {
     /// Returns false when the reply could not be queued.
     pub fn reply_raw(&self, reply: Reply) -> bool {
         self.direct.handed(1);
-        match self.reply_tx.try_send(reply) {
+        match self.replies.try_push(reply) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+            Err(PushError::Full(_)) => {
                 self.direct.done(1);
                 self.close(1013, "reply queue full", CloseReason::SlowConsumer);
                 false
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(PushError::Closed(_)) => {
                 self.direct.done(1);
                 false
             }
@@ -389,7 +388,7 @@ impl ConnHandle {
     /// answer every message rather than apply a policy.
     pub async fn reply_wait(&self, reply: Reply) {
         self.direct.handed(1);
-        if self.reply_tx.send(reply).await.is_err() {
+        if self.replies.push(reply).await.is_err() {
             self.direct.done(1);
         }
     }

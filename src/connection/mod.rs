@@ -11,6 +11,7 @@ mod handle;
 mod lazy_buf;
 mod mask_check;
 mod reader;
+mod replies;
 mod writer;
 
 use std::pin::pin;
@@ -184,6 +185,7 @@ async fn drive(
     .await;
     // The socket closes when the writer (dropped on return) and the handle let go of it.
     handle.direct.detach();
+    handle.replies.close();
 }
 
 /// The TCP stream under an upgraded connection, and a copy of the bytes hyper read past the

@@ -57,7 +57,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 let _ = ws.flush().await;
                 return;
             }
-            Some(reply) = queues.replies.recv() => {
+            Some(reply) = handle.replies.pop() => {
                 taken += 1;
                 sent_bytes += reply.len();
                 write_reply(&mut ws, opcode, reply).await
@@ -88,7 +88,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
             if result.is_err() || handle.closing().is_some() {
                 break;
             }
-            if let Ok(reply) = queues.replies.try_recv() {
+            if let Some(reply) = handle.replies.try_pop() {
                 taken += 1;
                 sent_bytes += reply.len();
                 result = write_reply(&mut ws, opcode, reply).await;
