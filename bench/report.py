@@ -42,6 +42,13 @@ def exact(r):
     return f"{mark} ({r['delivered_total']:,}/{r['expected_total']:,})"
 
 
+def heading(out, title, header):
+    """A table's title, header row and separator row."""
+    out.append(title)
+    out.append(header)
+    out.append("|" + "---|" * (header.count("|") - 1))
+
+
 def main(folder):
     out = []
     machine = os.path.join(folder, "machine.txt")
@@ -56,9 +63,7 @@ def main(folder):
 
     base = {s: load(folder, f"wsbridge-{s}") for s in ["paced", "burst", "direct", "user", "inbound"]}
 
-    out.append("### Paced fan-out: 1,000 clients on 2 replicas, one channel, 20 msgs/s (20k deliveries/s)\n")
-    out.append("| target | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p50 ms | p99 ms | p99.9 ms |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    heading(out, "### Paced fan-out: 1,000 clients on 2 replicas, one channel, 20 msgs/s (20k deliveries/s)\n", "| target | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p50 ms | p99 ms | p99.9 ms |")
     for t in TARGETS:
         r = load(folder, f"{t}-paced")
         if r:
@@ -66,9 +71,7 @@ def main(folder):
                        f"{ratio(cpu(r), cpu(base['paced']))} | {num(lat(r, 'p50'), 2)} | "
                        f"{num(lat(r, 'p99'), 2)} | {num(lat(r, 'p999'), 2)} |")
 
-    out.append("\n### Burst: messages × 1,000 clients as fast as the publisher goes, default settings\n")
-    out.append("| target | messages | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p99 ms |")
-    out.append("|---|---|---|---|---|---|---|")
+    heading(out, "\n### Burst: messages × 1,000 clients as fast as the publisher goes, default settings\n", "| target | messages | exact (delivered/expected) | deliveries/s | gateway CPU µs/delivery | × wsbridge | p99 ms |")
     for t in TARGETS:
         r = load(folder, f"{t}-burst")
         if r:
@@ -76,9 +79,7 @@ def main(folder):
                        f"{num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | "
                        f"{ratio(cpu(r), cpu(base['burst']))} | {num(lat(r, 'p99'), 1)} |")
 
-    out.append("\n### 1:1 and user-targeted: rounds of one message to each of 1,000 connections (100 per call)\n")
-    out.append("| target | addressed to | exact | deliveries/s | gateway CPU µs/delivery | p50 ms | p99 ms |")
-    out.append("|---|---|---|---|---|---|---|")
+    heading(out, "\n### 1:1 and user-targeted: rounds of one message to each of 1,000 connections (100 per call)\n", "| target | addressed to | exact | deliveries/s | gateway CPU µs/delivery | p50 ms | p99 ms |")
     for t, s, what in [("wsbridge", "direct", "connection"), ("wsbridge", "user", "user"),
                        ("socketio", "direct", "connection (socket id)")]:
         r = load(folder, f"{t}-{s}")
@@ -94,17 +95,14 @@ def main(folder):
         if len(rows) > 1:
             xadd = float(rows[1][1])
     if r:
-        out.append("\n### Inbound: client `send` → stream entry (acked), 1,000 clients, 16 in flight each\n")
-        out.append("| | per second | gateway CPU µs/entry | ratio |")
-        out.append("|---|---|---|---|")
+        heading(out, "\n### Inbound: client `send` → stream entry (acked), 1,000 clients, 16 in flight each\n",
+                "| | per second | gateway CPU µs/entry | ratio |")
         share = f"{r['deliveries_per_s'] / xadd * 100:.0f}% of XADD" if xadd else "–"
         out.append(f"| wsbridge acks ({exact(r)}) | {num(r['deliveries_per_s'], 0)} | {num(cpu(r), 2)} | {share} |")
         if xadd:
             out.append(f"| redis-benchmark XADD, pipelined (-P 16, 50 clients) | {num(xadd, 0)} | | 100% |")
 
-    out.append("\n### Idle connections: RSS per connection (fresh processes, growth over the empty process)\n")
-    out.append("| target | connections | replicas | KiB per connection | × wsbridge |")
-    out.append("|---|---|---|---|---|")
+    heading(out, "\n### Idle connections: RSS per connection (fresh processes, growth over the empty process)\n", "| target | connections | replicas | KiB per connection | × wsbridge |")
     base_idle = {}
     for t in TARGETS:
         for label in ["10k", "50k"]:

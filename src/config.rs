@@ -402,39 +402,43 @@ impl Config {
                 format!("`{id}` must be at most 64 characters of letters, digits, `-` or `_`"),
             ));
         }
-        positive(
-            "server.ping_interval_seconds",
-            self.server.ping_interval_seconds,
-        )?;
-        positive(
-            "server.idle_timeout_seconds",
-            self.server.idle_timeout_seconds,
-        )?;
-        positive(
-            "limits.max_message_bytes",
-            self.limits.max_message_bytes as u64,
-        )?;
-        positive("limits.max_connections", self.limits.max_connections as u64)?;
-        positive(
-            "limits.max_subscriptions_per_connection",
-            self.limits.max_subscriptions_per_connection as u64,
-        )?;
-        positive(
-            "limits.client_messages_per_second",
-            self.limits.client_messages_per_second as u64,
-        )?;
-        positive(
-            "limits.client_burst_messages",
-            self.limits.client_burst_messages as u64,
-        )?;
-        positive(
-            "limits.handshake_timeout_seconds",
-            self.limits.handshake_timeout_seconds,
-        )?;
-        positive(
-            "limits.max_batch_messages",
-            self.limits.max_batch_messages as u64,
-        )?;
+        for (key, value) in [
+            (
+                "server.ping_interval_seconds",
+                self.server.ping_interval_seconds,
+            ),
+            (
+                "server.idle_timeout_seconds",
+                self.server.idle_timeout_seconds,
+            ),
+            (
+                "limits.max_message_bytes",
+                self.limits.max_message_bytes as u64,
+            ),
+            ("limits.max_connections", self.limits.max_connections as u64),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.limits.max_subscriptions_per_connection as u64,
+            ),
+            (
+                "limits.client_messages_per_second",
+                self.limits.client_messages_per_second as u64,
+            ),
+            (
+                "limits.client_burst_messages",
+                self.limits.client_burst_messages as u64,
+            ),
+            (
+                "limits.handshake_timeout_seconds",
+                self.limits.handshake_timeout_seconds,
+            ),
+            (
+                "limits.max_batch_messages",
+                self.limits.max_batch_messages as u64,
+            ),
+        ] {
+            positive(key, value)?;
+        }
         redis::Client::open(self.redis.url.as_str()).map_err(|e| {
             ConfigError::key(
                 "redis.url",
@@ -444,9 +448,13 @@ impl Config {
         if self.redis.prefix.is_empty() {
             return Err(ConfigError::key("redis.prefix", "must not be empty"));
         }
-        positive("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
-        positive("redis.command_timeout_ms", self.redis.command_timeout_ms)?;
-        positive("redis.health_interval_ms", self.redis.health_interval_ms)?;
+        for (key, value) in [
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.health_interval_ms", self.redis.health_interval_ms),
+        ] {
+            positive(key, value)?;
+        }
         if self.redis.unhealthy_after_ms <= self.redis.health_interval_ms {
             return Err(ConfigError::key(
                 "redis.unhealthy_after_ms",
@@ -470,23 +478,27 @@ impl Config {
                 }
             }
         }
-        positive(
-            "inbound.append_queue_capacity",
-            self.inbound.append_queue_capacity as u64,
-        )?;
-        positive(
-            "inbound.append_batch_max",
-            self.inbound.append_batch_max as u64,
-        )?;
-        positive(
-            "outbound.queue_capacity_messages",
-            self.outbound.queue_capacity_messages as u64,
-        )?;
-        positive(
-            "outbound.reply_queue_capacity",
-            self.outbound.reply_queue_capacity as u64,
-        )?;
-        positive("api.max_body_bytes", self.api.max_body_bytes as u64)?;
+        for (key, value) in [
+            (
+                "inbound.append_queue_capacity",
+                self.inbound.append_queue_capacity as u64,
+            ),
+            (
+                "inbound.append_batch_max",
+                self.inbound.append_batch_max as u64,
+            ),
+            (
+                "outbound.queue_capacity_messages",
+                self.outbound.queue_capacity_messages as u64,
+            ),
+            (
+                "outbound.reply_queue_capacity",
+                self.outbound.reply_queue_capacity as u64,
+            ),
+            ("api.max_body_bytes", self.api.max_body_bytes as u64),
+        ] {
+            positive(key, value)?;
+        }
         if self.api.keys.iter().any(String::is_empty) {
             return Err(ConfigError::key(
                 "api.keys",

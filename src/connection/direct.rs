@@ -24,6 +24,8 @@ use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use crate::protocol::Encoding;
+
 /// The shared half of a connection's write path.
 #[derive(Default)]
 pub struct DirectWrite {
@@ -168,13 +170,13 @@ impl AsyncWrite for SocketWrite<'_> {
     }
 }
 
-/// The text frame opcode (RFC 6455 §5.2).
-pub const OPCODE_TEXT: u8 = 1;
-/// The binary frame opcode.
-pub const OPCODE_BINARY: u8 = 2;
-
-/// Encodes a whole unmasked server frame (FIN set): header, then `payload`.
-pub fn server_frame(opcode: u8, payload: &[u8]) -> Bytes {
+/// Encodes a whole unmasked server frame (FIN set) in the frame type of `encoding` (text for
+/// JSON, binary for MessagePack; RFC 6455 §5.2): header, then `payload`.
+pub fn server_frame(encoding: Encoding, payload: &[u8]) -> Bytes {
+    let opcode = match encoding {
+        Encoding::Json => 0x1,
+        Encoding::Msgpack => 0x2,
+    };
     let mut out = Vec::with_capacity(payload.len() + 10);
     out.push(0x80 | opcode);
     match payload.len() {
@@ -198,11 +200,11 @@ mod tests {
 
     #[test]
     fn server_frames_have_the_rfc_6455_header() {
-        assert_eq!(&server_frame(1, b"hi")[..], b"\x81\x02hi");
-        let f = server_frame(2, &[0u8; 300]);
+        assert_eq!(&server_frame(Encoding::Json, b"hi")[..], b"\x81\x02hi");
+        let f = server_frame(Encoding::Msgpack, &[0u8; 300]);
         assert_eq!(&f[..4], &[0x82, 126, 1, 44]);
         assert_eq!(f.len(), 304);
-        let f = server_frame(1, &vec![b'x'; 70_000]);
+        let f = server_frame(Encoding::Json, &vec![b'x'; 70_000]);
         assert_eq!(&f[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
 }

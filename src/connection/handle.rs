@@ -137,14 +137,8 @@ pub struct ConnHandle {
     direct_payload: AtomicU64,
 }
 
-/// The receiving ends of a connection's queues, owned by its writer.
-pub struct Queues {
-    /// Message frames.
-    pub data: mpsc::Receiver<Outgoing>,
-}
-
 impl ConnHandle {
-    /// Creates a handle and its queues.
+    /// Creates a handle and the receiving end of its message queue, for its writer.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         seq: u64,
@@ -155,7 +149,7 @@ impl ConnHandle {
         reply_capacity: usize,
         policy: QueueFullPolicy,
         metrics: Metrics,
-    ) -> (Arc<Self>, Queues) {
+    ) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
         let (data_tx, data) = mpsc::channel(queue_capacity);
         let user = identity.user.as_deref().map(Arc::from);
         let handle = Arc::new(Self {
@@ -177,20 +171,14 @@ impl ConnHandle {
             direct: DirectWrite::default(),
             direct_payload: AtomicU64::new(0),
         });
-        (handle, Queues { data })
+        (handle, data)
     }
 
-    /// Queues a message frame. When the queue is full the configured policy applies and the
+    /// Delivers a message frame: written straight to the socket when `whole` (the same message
+    /// as a complete WebSocket frame, shared by all recipients) is given and nothing else is
+    /// waiting there; else queued. When the queue is full the configured policy applies and the
     /// drop is counted; the caller never waits.
-    pub fn deliver(&self, frame: Bytes, accepted_us: u64) {
-        self.enqueue(frame, accepted_us, false);
-    }
-
-    /// Delivers a message: written straight to the socket when nothing else is waiting there
-    /// (`whole`, when given, is the same message as a complete WebSocket frame, shared by all
-    /// recipients),
-    /// else queued as [`ConnHandle::deliver`] does.
-    pub fn deliver_now(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) {
+    pub fn deliver(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) {
         if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {
             return;
         }
@@ -213,10 +201,7 @@ impl ConnHandle {
             Direct::Written => {
                 self.metrics.deliveries.increment(1);
                 self.metrics.sent_bytes.increment(payload_len as u64);
-                if accepted_us != 0 {
-                    let seconds = unix_us().saturating_sub(accepted_us) as f64 / 1e6;
-                    self.metrics.delivery_latency_seconds.record(seconds);
-                }
+                self.metrics.delivered_after(accepted_us, unix_us());
                 true
             }
             Direct::Busy => false,

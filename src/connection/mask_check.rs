@@ -27,7 +27,6 @@ enum State {
 pub struct MaskCheck<R> {
     inner: R,
     state: State,
-    second: u8,
     unmasked: Arc<AtomicBool>,
 }
 
@@ -37,7 +36,6 @@ impl<R> MaskCheck<R> {
         Self {
             inner,
             state: State::Fixed(0),
-            second: 0,
             unmasked,
         }
     }
@@ -50,13 +48,13 @@ impl<R> MaskCheck<R> {
                     bytes = &bytes[1..];
                 }
                 State::Fixed(_) => {
-                    self.second = bytes[0];
+                    let second = bytes[0];
                     bytes = &bytes[1..];
-                    let masked = self.second & 0x80 != 0;
+                    let masked = second & 0x80 != 0;
                     if !masked {
                         self.unmasked.store(true, Ordering::Release);
                     }
-                    self.state = match self.second & 0x7f {
+                    self.state = match second & 0x7f {
                         126 => State::Length {
                             left: 2,
                             len: 0,

@@ -24,9 +24,10 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
-pub use direct::{server_frame, OPCODE_BINARY, OPCODE_TEXT};
-pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Queues, Reply};
+pub use direct::server_frame;
+pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Reply};
 
 use reader::{EchoSink, GatewaySink, MessageSink};
 
@@ -50,7 +51,7 @@ pub async fn serve(
     let config = &state.config;
     let (seq, id) = state.registry.next_id();
     let expires_at = identity.expires_at;
-    let (handle, queues) = ConnHandle::new(
+    let (handle, messages) = ConnHandle::new(
         seq,
         id,
         identity,
@@ -84,7 +85,7 @@ pub async fn serve(
     drive(
         io,
         &handle,
-        queues,
+        messages,
         &config.limits,
         timing,
         &state.metrics,
@@ -131,7 +132,7 @@ pub struct Timing {
 async fn drive(
     io: TokioIo<Upgraded>,
     handle: &ConnHandle,
-    queues: Queues,
+    messages: mpsc::Receiver<Outgoing>,
     limits: &LimitsConfig,
     timing: Timing,
     metrics: &Metrics,
@@ -163,7 +164,7 @@ async fn drive(
     )
     .fuse());
     let mut writer =
-        pin!(writer::run(ws_write, queues, handle, timing, metrics, &last_seen, started).fuse());
+        pin!(writer::run(ws_write, messages, handle, timing, metrics, &last_seen, started).fuse());
 
     tokio::select! {
         _ = &mut reader => {}
@@ -204,7 +205,7 @@ fn take_tcp(io: TokioIo<Upgraded>) -> Option<(TcpStream, bytes::Bytes)> {
 /// TestSuite against it). The `wsbridge` binary never routes a request here.
 pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
     let metrics = Metrics::new(&[]);
-    let (handle, queues) = ConnHandle::new(
+    let (handle, messages) = ConnHandle::new(
         0,
         Arc::from("echo"),
         Identity::default(),
@@ -222,7 +223,7 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
     drive(
         io,
         &handle,
-        queues,
+        messages,
         &limits,
         timing,
         &metrics,

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
 use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
 
 use super::Timing;
-use super::{ConnHandle, Outgoing, Queues, Reply};
+use super::{ConnHandle, Outgoing, Reply};
 use crate::inbound::unix_us;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::Encoding;
@@ -22,7 +23,7 @@ const BURST: usize = 64;
 /// Writes until the connection is closing (after sending the close frame) or the socket fails.
 pub async fn run<S: AsyncWrite + Unpin>(
     mut ws: WebSocketWrite<S>,
-    mut queues: Queues,
+    mut data: mpsc::Receiver<Outgoing>,
     handle: &ConnHandle,
     timing: Timing,
     metrics: &Metrics,
@@ -62,7 +63,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 sent_bytes += reply.len();
                 write_reply(&mut ws, opcode, reply).await
             }
-            Some(out) = queues.data.recv() => {
+            Some(out) = data.recv() => {
                 taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
@@ -92,7 +93,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 taken += 1;
                 sent_bytes += reply.len();
                 result = write_reply(&mut ws, opcode, reply).await;
-            } else if let Ok(out) = queues.data.try_recv() {
+            } else if let Ok(out) = data.try_recv() {
                 taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
@@ -115,9 +116,8 @@ pub async fn run<S: AsyncWrite + Unpin>(
         if !accepted.is_empty() {
             metrics.deliveries.increment(accepted.len() as u64);
             let now = unix_us();
-            for at in accepted.drain(..).filter(|at| *at != 0) {
-                let seconds = now.saturating_sub(at) as f64 / 1e6;
-                metrics.delivery_latency_seconds.record(seconds);
+            for at in accepted.drain(..) {
+                metrics.delivered_after(at, now);
             }
         }
     }

@@ -265,6 +265,15 @@ pub struct MetricsInner {
 }
 
 impl Metrics {
+    /// Records the latency of a frame written at `now_us` whose message `/send` accepted at
+    /// `accepted_us` (unix microseconds); 0 means the frame had no such moment (a replay).
+    pub fn delivered_after(&self, accepted_us: u64, now_us: u64) {
+        if accepted_us != 0 {
+            let seconds = now_us.saturating_sub(accepted_us) as f64 / 1e6;
+            self.delivery_latency_seconds.record(seconds);
+        }
+    }
+
     /// Registers every metric with the installed recorder (streams are pre-registered by name).
     pub fn new(streams: &[String]) -> Self {
         describe();

@@ -15,10 +15,10 @@ use super::envelope::{split_payload, Batch, Item, Op};
 use super::history::{self, Offset, Replay};
 use crate::backplane::{Backplane, Keys};
 use crate::config::Config;
-use crate::connection::{server_frame, ConnHandle, Outgoing, OPCODE_BINARY, OPCODE_TEXT};
+use crate::connection::{server_frame, ConnHandle, Outgoing};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
-use crate::protocol::{message, message_json, message_msgpack, Encoding, FrameId, ServerFrame};
+use crate::protocol::{message, Encoding, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
 
 /// Work handed back to the dispatcher by the tasks that read history for it.
@@ -303,18 +303,15 @@ impl Dispatcher {
         let (mut json, mut msgpack) = (None, None);
         let direct = self.direct_budget > 0 && (!self.multi || per_recipient);
         let once_per_conn = self.multi;
+        let encode = |encoding| {
+            let payload = message(encoding, channel, offset, data);
+            let whole = direct.then(|| server_frame(encoding, &payload));
+            (payload, whole)
+        };
         for conn in self.scratch.drain(..) {
             let (frame, whole) = match conn.encoding {
-                Encoding::Json => json.get_or_insert_with(|| {
-                    let payload = message_json(channel, offset, data);
-                    let whole = direct.then(|| server_frame(OPCODE_TEXT, &payload));
-                    (payload, whole)
-                }),
-                Encoding::Msgpack => msgpack.get_or_insert_with(|| {
-                    let payload = message_msgpack(channel, offset, data);
-                    let whole = direct.then(|| server_frame(OPCODE_BINARY, &payload));
-                    (payload, whole)
-                }),
+                Encoding::Json => json.get_or_insert_with(|| encode(Encoding::Json)),
+                Encoding::Msgpack => msgpack.get_or_insert_with(|| encode(Encoding::Msgpack)),
             };
             let whole = match whole {
                 Some(whole)
@@ -328,7 +325,7 @@ impl Dispatcher {
             };
             match channel {
                 Some(channel) => conn.deliver_channel(channel, offset, frame, whole, ts),
-                None => conn.deliver_now(frame, whole, ts),
+                None => conn.deliver(frame, whole, ts),
             }
         }
     }
@@ -483,7 +480,7 @@ impl Dispatcher {
                     id: None,
                     recovered: Some(false),
                 };
-                conn.deliver(notice.encode(conn.encoding), 0);
+                conn.deliver(&notice.encode(conn.encoding), None, 0);
             }
         }
         self.metrics.catch_ups(recovered).increment(1);

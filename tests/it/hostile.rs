@@ -754,31 +754,36 @@ async fn depth_samples(gw: &Gateway, connections: f64, le: &str) -> (f64, f64) {
     (gw.metric(&at_most).await, total)
 }
 
-#[tokio::test]
-async fn readers_that_never_read_lose_messages_under_the_drop_policy() {
-    const SLOW: usize = 3;
+/// A replica with small send queues under `policy`, `slow` clients on "firehose" that will
+/// never read, and one that does. The Redis is returned to keep it running.
+async fn never_readers(policy: &str, slow: usize) -> (Redis, Gateway, Vec<Client>, Client) {
     let redis = Redis::start();
-    let prefix = unique_prefix("neverread-drop");
+    let prefix = unique_prefix(&format!("neverread-{policy}"));
+    let capacity = CAPACITY.to_string();
     let gw = Gateway::start_with(
         &redis,
         &prefix,
         &[
-            (
-                "WSBRIDGE__OUTBOUND__QUEUE_CAPACITY_MESSAGES",
-                &CAPACITY.to_string(),
-            ),
-            ("WSBRIDGE__OUTBOUND__QUEUE_FULL_POLICY", "drop"),
+            ("WSBRIDGE__OUTBOUND__QUEUE_CAPACITY_MESSAGES", &capacity),
+            ("WSBRIDGE__OUTBOUND__QUEUE_FULL_POLICY", policy),
         ],
     )
     .await;
-    let mut slow = Vec::new();
-    for _ in 0..SLOW {
+    let mut slow_clients = Vec::new();
+    for _ in 0..slow {
         let mut c = Client::connect(&gw).await;
         c.subscribe("firehose").await;
-        slow.push(c);
+        slow_clients.push(c);
     }
     let mut fine = Client::connect(&gw).await;
     fine.subscribe("firehose").await;
+    (redis, gw, slow_clients, fine)
+}
+
+#[tokio::test]
+async fn readers_that_never_read_lose_messages_under_the_drop_policy() {
+    const SLOW: usize = 3;
+    let (_redis, gw, slow, mut fine) = never_readers("drop", SLOW).await;
 
     // Until a batch is dropped whole for every slow client: all their queues are full.
     let before = std::cell::Cell::new(0.0);
@@ -811,28 +816,7 @@ async fn readers_that_never_read_lose_messages_under_the_drop_policy() {
 #[tokio::test]
 async fn readers_that_never_read_are_closed_under_the_close_policy() {
     const SLOW: usize = 3;
-    let redis = Redis::start();
-    let prefix = unique_prefix("neverread-close");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[
-            (
-                "WSBRIDGE__OUTBOUND__QUEUE_CAPACITY_MESSAGES",
-                &CAPACITY.to_string(),
-            ),
-            ("WSBRIDGE__OUTBOUND__QUEUE_FULL_POLICY", "close"),
-        ],
-    )
-    .await;
-    let mut slow = Vec::new();
-    for _ in 0..SLOW {
-        let mut c = Client::connect(&gw).await;
-        c.subscribe("firehose").await;
-        slow.push(c);
-    }
-    let mut fine = Client::connect(&gw).await;
-    fine.subscribe("firehose").await;
+    let (_redis, gw, mut slow, mut fine) = never_readers("close", SLOW).await;
 
     flood_until(&gw, &mut fine, "firehose", 200, || async {
         gw.metric(&closed("slow_consumer")).await == SLOW as f64
