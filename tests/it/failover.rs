@@ -26,19 +26,6 @@ const BATCH: u64 = 10;
 const PACE: Duration = Duration::from_millis(10);
 const CHANNEL: &str = "room:failover";
 
-fn config(redis: &Redis, prefix: &str) -> String {
-    // 200 clients resuming at once read up to thousands of history entries each through one
-    // Redis link; on a loaded 2-core machine running debug builds that can take longer than
-    // the harness's 1 s command timeout, and a resume whose read timed out is (truthfully)
-    // not recovered. This test is about what failover delivers, so Redis gets time.
-    let base = base_config(&redis.url(), prefix)
-        .replace("command_timeout_ms = 1000", "command_timeout_ms = 10000");
-    assert!(base.contains("command_timeout_ms = 10000"));
-    format!(
-        "{base}\n[[channels]]\npattern = \"room:*\"\nhistory_size = 10000\nhistory_ttl_seconds = 600\n"
-    )
-}
-
 /// An offset as `(epoch, entry id)`, to check the order (README: `<epoch>:<stream entry id>`).
 fn parse_offset(offset: &str) -> (String, (u64, u64)) {
     let (epoch, id) = offset.rsplit_once(':').expect("offset");
@@ -389,9 +376,15 @@ async fn publish_half_way(
     (publisher, sent, out.saturating_sub(slowest + 1))
 }
 
-async fn start_replicas(redis: &Redis, prefix: &str, a_env: &[(&str, &str)]) -> Setup {
-    let a = Gateway::spawn(&config(redis, prefix), prefix, a_env);
-    let b = Gateway::spawn(&config(redis, prefix), prefix, &[]);
+async fn start_replicas(redis: &Redis, prefix: &str) -> Setup {
+    let config = with_history(redis, prefix, 10_000);
+    // 200 clients resuming at once read up to thousands of history entries each through one
+    // Redis link; on a loaded 2-core machine running debug builds that can take longer than
+    // the harness's 1 s command timeout, and a resume whose read timed out is (truthfully)
+    // not recovered. This test is about what failover delivers, so Redis gets time.
+    let env = [("WSBRIDGE__REDIS__COMMAND_TIMEOUT_MS", "10000")];
+    let a = Gateway::spawn(&config, prefix, &env);
+    let b = Gateway::spawn(&config, prefix, &env);
     a.wait_ready().await;
     b.wait_ready().await;
     Setup {
@@ -427,7 +420,7 @@ async fn clients_of_a_killed_replica_resume_on_another_without_gap_or_duplicate(
     let started_at = Instant::now();
     let redis = Redis::start();
     let prefix = unique_prefix("failover-kill");
-    let setup = start_replicas(&redis, &prefix, &[]).await;
+    let setup = start_replicas(&redis, &prefix).await;
 
     let mut clients = Vec::new();
     for n in 0..CLIENTS {
@@ -510,7 +503,7 @@ async fn clients_stay_connected_through_a_redis_restart_and_miss_nothing() {
     let started_at = Instant::now();
     let mut redis = Redis::start_with_aof();
     let prefix = unique_prefix("failover-redis");
-    let setup = start_replicas(&redis, &prefix, &[]).await;
+    let setup = start_replicas(&redis, &prefix).await;
     let notices = Arc::new(AtomicUsize::new(0));
 
     let mut clients = Vec::new();

@@ -5,14 +5,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// A replica config with `room:*` keeping `size` messages of history.
-fn with_history(redis: &Redis, prefix: &str, size: u64) -> String {
-    format!(
-        "{}\n[[channels]]\npattern = \"room:*\"\nhistory_size = {size}\nhistory_ttl_seconds = 600\n",
-        base_config(&redis.url(), prefix)
-    )
-}
-
 async fn start(redis: &Redis, prefix: &str, size: u64, env: &[(&str, &str)]) -> Gateway {
     let gw = Gateway::spawn(&with_history(redis, prefix, size), prefix, env);
     gw.wait_ready().await;

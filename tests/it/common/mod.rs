@@ -43,6 +43,14 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// A replica config with `room:*` keeping `size` messages of history.
+pub fn with_history(redis: &Redis, prefix: &str, size: u64) -> String {
+    format!(
+        "{}\n[[channels]]\npattern = \"room:*\"\nhistory_size = {size}\nhistory_ttl_seconds = 600\n",
+        base_config(&redis.url(), prefix)
+    )
+}
+
 /// A fresh directory under the system temp dir.
 pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
