@@ -264,6 +264,18 @@ pub struct MetricsInner {
     catch_ups_not_recovered: Counter,
 }
 
+/// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
+fn by_label<K: Copy + Eq + std::hash::Hash>(
+    name: &'static str,
+    label: &'static str,
+    all: &[K],
+    as_str: fn(K) -> &'static str,
+) -> HashMap<K, Counter> {
+    all.iter()
+        .map(|k| (*k, metrics::counter!(name, label => as_str(*k))))
+        .collect()
+}
+
 impl Metrics {
     /// Records the latency of a frame written at `now_us` whose message `/send` accepted at
     /// `accepted_us` (unix microseconds); 0 means the frame had no such moment (a replay).
@@ -281,15 +293,12 @@ impl Metrics {
         Self(Arc::new(MetricsInner {
             connections: metrics::gauge!(names::CONNECTIONS),
             connections_opened: metrics::counter!(names::CONNECTIONS_OPENED),
-            closed: CloseReason::ALL
-                .iter()
-                .map(|r| {
-                    (
-                        *r,
-                        metrics::counter!(names::CONNECTIONS_CLOSED, "reason" => r.as_str()),
-                    )
-                })
-                .collect(),
+            closed: by_label(
+                names::CONNECTIONS_CLOSED,
+                "reason",
+                &CloseReason::ALL,
+                CloseReason::as_str,
+            ),
             inbound: streams
                 .iter()
                 .map(|s| {
@@ -300,15 +309,12 @@ impl Metrics {
                 })
                 .collect(),
             inbound_other: metrics::counter!(names::INBOUND_MESSAGES, "stream" => "other"),
-            rejected: ErrorCode::ALL
-                .iter()
-                .map(|c| {
-                    (
-                        *c,
-                        metrics::counter!(names::INBOUND_REJECTED, "code" => c.as_str()),
-                    )
-                })
-                .collect(),
+            rejected: by_label(
+                names::INBOUND_REJECTED,
+                "code",
+                &ErrorCode::ALL,
+                ErrorCode::as_str,
+            ),
             stream_append_seconds: metrics::histogram!(names::STREAM_APPEND_SECONDS),
             outbound_published: metrics::counter!(names::OUTBOUND_PUBLISHED),
             pubsub_received: metrics::counter!(names::PUBSUB_RECEIVED),
@@ -316,30 +322,24 @@ impl Metrics {
             fanout_recipients: metrics::histogram!(names::FANOUT_RECIPIENTS),
             filter_seconds: metrics::histogram!(names::FILTER_SECONDS),
             deliveries: metrics::counter!(names::DELIVERIES),
-            dropped: DropReason::ALL
-                .iter()
-                .map(|r| {
-                    (
-                        *r,
-                        metrics::counter!(names::DELIVERY_DROPPED, "reason" => r.as_str()),
-                    )
-                })
-                .collect(),
+            dropped: by_label(
+                names::DELIVERY_DROPPED,
+                "reason",
+                &DropReason::ALL,
+                DropReason::as_str,
+            ),
             delivery_latency_seconds: metrics::histogram!(names::DELIVERY_LATENCY_SECONDS),
             events_failed: metrics::counter!(names::EVENTS_FAILED),
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
             pubsub_reconnects: metrics::counter!(names::PUBSUB_RECONNECTS),
             pubsub_roundtrip_age_seconds: metrics::gauge!(names::PUBSUB_ROUNDTRIP_AGE_SECONDS),
-            redis_errors: RedisErrorKind::ALL
-                .iter()
-                .map(|k| {
-                    (
-                        *k,
-                        metrics::counter!(names::REDIS_ERRORS, "kind" => k.as_str()),
-                    )
-                })
-                .collect(),
+            redis_errors: by_label(
+                names::REDIS_ERRORS,
+                "kind",
+                &RedisErrorKind::ALL,
+                RedisErrorKind::as_str,
+            ),
             send_queue_depth: metrics::histogram!(names::SEND_QUEUE_DEPTH),
             received_bytes: metrics::counter!(names::RECEIVED_BYTES),
             sent_bytes: metrics::counter!(names::SENT_BYTES),
@@ -347,15 +347,7 @@ impl Metrics {
             resumes_not_recovered: metrics::counter!(names::RESUMES, "recovered" => "false"),
             catch_ups_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "true"),
             catch_ups_not_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "false"),
-            limit_refusals: Limit::ALL
-                .iter()
-                .map(|l| {
-                    (
-                        *l,
-                        metrics::counter!(names::LIMIT_REFUSALS, "limit" => l.as_str()),
-                    )
-                })
-                .collect(),
+            limit_refusals: by_label(names::LIMIT_REFUSALS, "limit", &Limit::ALL, Limit::as_str),
         }))
     }
 
