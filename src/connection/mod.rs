@@ -1,15 +1,15 @@
 //! One WebSocket connection: a reader task body and a writer task body joined by a supervisor.
 //!
-//! fastwebsockets reads are not cancel-safe, so the reader is never raced against anything it
-//! must survive: it is only dropped once the connection is closing. The writer owns the write
+//! The reader parses frames itself (`frames.rs`); fastwebsockets frames what the writer sends.
+//! The reader is only dropped once the connection is closing. The writer owns the write
 //! half and everything sent to the client goes through it — messages, replies, pongs, pings and the
 //! close frame — so frames are never interleaved.
 
 mod assembler;
 mod direct;
+mod frames;
 mod handle;
 mod lazy_buf;
-mod mask_check;
 mod reader;
 mod replies;
 mod writer;
@@ -152,17 +152,16 @@ async fn drive(
     let read_half = std::io::Cursor::new(pre).chain(read_half);
     let write_half = Arc::new(write_half);
     handle.direct.attach(write_half.clone());
-    let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let read_half = mask_check::MaskCheck::new(read_half, unmasked.clone());
-    let (ws_read, ws_write) = fastwebsockets::after_handshake_split(
-        read_half,
+    let frames = frames::FrameReader::new(read_half, limits.max_message_bytes);
+    // Only fastwebsockets' write half is used; its read half (and the 8 KiB buffer it holds)
+    // is dropped at once.
+    let (_, ws_write) = fastwebsockets::after_handshake_split(
+        tokio::io::empty(),
         lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct)),
         fastwebsockets::Role::Server,
     );
-    let mut reader = pin!(reader::run(
-        ws_read, handle, limits, metrics, &last_seen, started, sink, &unmasked
-    )
-    .fuse());
+    let mut reader =
+        pin!(reader::run(frames, handle, limits, metrics, &last_seen, started, sink).fuse());
     let mut writer =
         pin!(writer::run(ws_write, messages, handle, timing, metrics, &last_seen, started).fuse());
 

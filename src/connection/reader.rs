@@ -1,14 +1,15 @@
 //! The read side: frames from the client, reassembled within limits, handed to a
 //! [`MessageSink`] — the gateway protocol ([`GatewaySink`]) or the conformance echo.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
+use fastwebsockets::OpCode;
 use tokio::io::AsyncRead;
 
 use super::assembler::{AssembleError, Assembler};
+use super::frames::{FrameReader, ReadError};
 use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
 use crate::inbound::Event;
@@ -18,10 +19,6 @@ use crate::outbound::history::{self, Offset, Replay};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
-#[derive(Debug, thiserror::Error)]
-#[error("reply queue full")]
-struct ReplyQueueFull;
-
 /// What a connection does with each complete message from its client.
 pub(crate) trait MessageSink {
     /// Acts on one message (Text or Binary).
@@ -30,73 +27,42 @@ pub(crate) trait MessageSink {
 
 /// Reads until the client closes, the socket fails, or the protocol is broken; records why
 /// through [`ConnHandle::close`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run<S: AsyncRead + Unpin>(
-    mut ws: WebSocketRead<S>,
+    mut frames: FrameReader<S>,
     handle: &ConnHandle,
     limits: &LimitsConfig,
     metrics: &Metrics,
     last_seen: &AtomicU64,
     started: Instant,
     sink: &mut impl MessageSink,
-    unmasked: &AtomicBool,
 ) {
-    // Close frames are validated and answered here (the writer sends the answer), not by the
-    // library, which answers some invalid close frames with 1000.
-    ws.set_auto_close(false);
-    ws.set_auto_pong(true);
-    // A single frame over the limit fails the read with FrameTooLarge (answered with 1009);
-    // the assembler applies the same limit to fragmented messages as a whole.
-    // fastwebsockets refuses a frame of exactly its limit; ours is inclusive.
-    ws.set_max_message_size(limits.max_message_bytes.saturating_add(1));
+    // A single frame over the limit fails in the frame reader; the assembler applies the same
+    // limit to fragmented messages as a whole.
     let mut assembler = Assembler::new(limits.max_message_bytes);
     loop {
-        let frame = ws
-            .read_frame(&mut |pong: Frame<'_>| {
-                // The library answers pings itself; a ping still proves the client is alive.
-                last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                let queued = handle.reply_raw(Reply::Pong(pong.payload.to_vec()));
-                async move {
-                    if queued {
-                        Ok(())
-                    } else {
-                        Err(ReplyQueueFull)
-                    }
-                }
-            })
-            .await;
-        let frame = match frame {
+        let frame = match frames.next().await {
             Ok(frame) => frame,
             Err(e) => {
                 let (code, why) = match e {
-                    WebSocketError::FrameTooLarge => {
+                    ReadError::TooLarge => {
                         metrics.refused(Limit::MessageSize).increment(1);
                         (1009, CloseReason::Protocol)
                     }
-                    WebSocketError::InvalidUTF8 => (1007, CloseReason::Protocol),
-                    WebSocketError::UnexpectedEOF
-                    | WebSocketError::IoError(_)
-                    | WebSocketError::ConnectionClosed => (1000, CloseReason::Error),
-                    WebSocketError::SendError(_) => (1013, CloseReason::SlowConsumer),
-                    _ => (1002, CloseReason::Protocol),
+                    ReadError::Protocol(_) => (1002, CloseReason::Protocol),
+                    ReadError::Eof | ReadError::Io(_) => (1000, CloseReason::Error),
                 };
                 handle.close(code, &e.to_string(), why);
                 return;
             }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        // Client frames must be masked (RFC 6455 §5.1); the header was seen on its way in.
-        if unmasked.load(Ordering::Acquire) {
-            handle.close(1002, "client frames must be masked", CloseReason::Protocol);
-            return;
-        }
         if handle.closing().is_some() && frame.opcode != OpCode::Close {
             // Closing: only the client's close frame matters now.
             continue;
         }
         let message = match frame.opcode {
             OpCode::Close => {
-                let (code, reason) = close_answer(&frame.payload);
+                let (code, reason) = close_answer(frame.payload);
                 let why = if code == 1002 || code == 1007 {
                     CloseReason::Protocol
                 } else {
@@ -105,15 +71,26 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 handle.close(code, reason, why);
                 return;
             }
-            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Ping => {
+                if !handle.reply_raw(Reply::Pong(frame.payload.to_vec())) {
+                    handle.close(1013, "reply queue full", CloseReason::SlowConsumer);
+                    return;
+                }
+                continue;
+            }
+            OpCode::Pong => continue,
             // An unfragmented message needs no copy.
             OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
+                if frame.opcode == OpCode::Text && std::str::from_utf8(frame.payload).is_err() {
+                    handle.close(1007, "text message is not UTF-8", CloseReason::Protocol);
+                    return;
+                }
                 metrics.received_bytes.increment(frame.payload.len() as u64);
-                sink.on_message(frame.opcode, &frame.payload).await;
+                sink.on_message(frame.opcode, frame.payload).await;
                 continue;
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                assembler.push(frame.fin, frame.opcode, &frame.payload)
+                assembler.push(frame.fin, frame.opcode, frame.payload)
             }
         };
         match message {
@@ -143,8 +120,6 @@ fn close_answer(payload: &[u8]) -> (u16, &'static str) {
     match payload.len() {
         0 => (1000, ""),
         1 => (1002, "close frame with a 1-byte payload"),
-        // Control frames carry at most 125 bytes (RFC 6455 §5.5); the library checks pings only.
-        126.. => (1002, "close frame longer than 125 bytes"),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
