@@ -6,12 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use super::direct::{Direct, DirectWrite};
-use super::replies::{PushError, ReplyQueue};
+use super::queue::{PushError, Queue};
 use crate::inbound::unix_us;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
@@ -119,9 +117,10 @@ pub struct ConnHandle {
     pub encoding: Encoding,
     /// Channels joined; guarded by a per-connection lock never held across `.await`.
     pub channels: Mutex<Membership>,
-    data_tx: mpsc::Sender<Outgoing>,
-    /// Replies, read by the writer (`replies.rs`).
-    pub(crate) replies: ReplyQueue,
+    /// Messages, read by the writer (`queue.rs`).
+    pub(crate) messages: Queue<Outgoing>,
+    /// Replies, read by the writer before messages (`queue.rs`).
+    pub(crate) replies: Queue<Reply>,
     policy: QueueFullPolicy,
     closing: CancellationToken,
     close: OnceLock<Closing>,
@@ -138,7 +137,7 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// Creates a handle and the receiving end of its message queue, for its writer.
+    /// Creates a handle; its writer reads `messages` and `replies`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         seq: u64,
@@ -149,18 +148,17 @@ impl ConnHandle {
         reply_capacity: usize,
         policy: QueueFullPolicy,
         metrics: Metrics,
-    ) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
-        let (data_tx, data) = mpsc::channel(queue_capacity);
+    ) -> Arc<Self> {
         let user = identity.user.as_deref().map(Arc::from);
-        let handle = Arc::new(Self {
+        Arc::new(Self {
             seq,
             id,
             identity,
             user,
             encoding,
             channels: Mutex::new(Membership::default()),
-            data_tx,
-            replies: ReplyQueue::new(reply_capacity),
+            messages: Queue::new(queue_capacity),
+            replies: Queue::new(reply_capacity),
             policy,
             closing: CancellationToken::new(),
             close: OnceLock::new(),
@@ -170,8 +168,7 @@ impl ConnHandle {
             metrics,
             direct: DirectWrite::default(),
             direct_payload: AtomicU64::new(0),
-        });
-        (handle, data)
+        })
     }
 
     /// Delivers a message frame: written straight to the socket when `whole` (the same message
@@ -218,9 +215,9 @@ impl ConnHandle {
     /// offset and gets the message from the history.
     fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) {
         self.direct.handed(1);
-        match self.data_tx.try_send(Outgoing { frame, accepted_us }) {
+        match self.messages.try_push(Outgoing { frame, accepted_us }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(PushError::Full(_)) => {
                 self.direct.done(1);
                 self.metrics.dropped(DropReason::QueueFull).increment(1);
                 if self.policy == QueueFullPolicy::Close || resumable {
@@ -232,7 +229,7 @@ impl ConnHandle {
                     );
                 }
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(PushError::Closed(_)) => {
                 self.direct.done(1);
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
@@ -292,7 +289,7 @@ impl ConnHandle {
             let mut resuming = self.resuming.lock().expect("resume lock");
             match resuming.get_mut(channel) {
                 Some(Resume::Holding(held)) => {
-                    if held.messages.len() >= self.data_tx.max_capacity() {
+                    if held.messages.len() >= self.messages.capacity() {
                         held.overflowed = true;
                     } else {
                         held.messages.push(Held {
@@ -324,25 +321,18 @@ impl ConnHandle {
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.
     pub fn deliver_all(&self, frames: Vec<Outgoing>) -> bool {
-        if frames.len() > self.data_tx.capacity() {
+        let count = frames.len();
+        self.direct.handed(count);
+        if self.messages.try_push_all(frames).is_err() {
+            self.direct.done(count);
             return false;
-        }
-        // Only the dispatcher adds to this queue, and it is the caller: the room stays.
-        let mut left = frames.len();
-        self.direct.handed(left);
-        for out in frames {
-            if self.data_tx.try_send(out).is_err() {
-                self.direct.done(left);
-                return false;
-            }
-            left -= 1;
         }
         true
     }
 
     /// Messages waiting in the send queue.
     pub fn queue_depth(&self) -> usize {
-        self.data_tx.max_capacity() - self.data_tx.capacity()
+        self.messages.len()
     }
 
     /// Queues a reply frame. A client that lets its replies pile up is closed with 1013.

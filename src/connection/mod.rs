@@ -10,8 +10,8 @@ mod direct;
 mod frames;
 mod handle;
 mod lazy_buf;
+mod queue;
 mod reader;
-mod replies;
 mod writer;
 
 use std::pin::pin;
@@ -24,7 +24,6 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 pub use direct::server_frame;
 pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Reply};
@@ -34,7 +33,7 @@ use reader::{EchoSink, GatewaySink, MessageSink};
 use crate::auth::Identity;
 use crate::config::LimitsConfig;
 use crate::inbound::Event;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
 
@@ -51,7 +50,7 @@ pub async fn serve(
     let config = &state.config;
     let (seq, id) = state.registry.next_id();
     let expires_at = identity.expires_at;
-    let (handle, messages) = ConnHandle::new(
+    let handle = ConnHandle::new(
         seq,
         id,
         identity,
@@ -85,7 +84,6 @@ pub async fn serve(
     drive(
         io,
         &handle,
-        messages,
         &config.limits,
         timing,
         &state.metrics,
@@ -132,7 +130,6 @@ pub struct Timing {
 async fn drive(
     io: TokioIo<Upgraded>,
     handle: &ConnHandle,
-    messages: mpsc::Receiver<Outgoing>,
     limits: &LimitsConfig,
     timing: Timing,
     metrics: &Metrics,
@@ -163,7 +160,7 @@ async fn drive(
     let mut reader =
         pin!(reader::run(frames, handle, limits, metrics, &last_seen, started, sink).fuse());
     let mut writer =
-        pin!(writer::run(ws_write, messages, handle, timing, metrics, &last_seen, started).fuse());
+        pin!(writer::run(ws_write, handle, timing, metrics, &last_seen, started).fuse());
 
     tokio::select! {
         _ = &mut reader => {}
@@ -186,6 +183,11 @@ async fn drive(
     // The socket closes when the writer (dropped on return) and the handle let go of it.
     handle.direct.detach();
     handle.replies.close();
+    // Messages still queued when the connection ended were not delivered: counted as such.
+    let undelivered = handle.messages.close();
+    metrics
+        .dropped(DropReason::Closed)
+        .increment(undelivered as u64);
 }
 
 /// The TCP stream under an upgraded connection, and a copy of the bytes hyper read past the
@@ -204,7 +206,7 @@ fn take_tcp(io: TokioIo<Upgraded>) -> Option<(TcpStream, bytes::Bytes)> {
 /// TestSuite against it). The `wsbridge` binary never routes a request here.
 pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
     let metrics = Metrics::new(&[]);
-    let (handle, messages) = ConnHandle::new(
+    let handle = ConnHandle::new(
         0,
         Arc::from("echo"),
         Identity::default(),
@@ -222,7 +224,6 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
     drive(
         io,
         &handle,
-        messages,
         &limits,
         timing,
         &metrics,

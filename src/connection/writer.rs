@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
 use tokio::io::AsyncWrite;
-use tokio::sync::mpsc;
 
 use super::Timing;
 use super::{ConnHandle, Outgoing, Reply};
@@ -23,7 +22,6 @@ const BURST: usize = 64;
 /// Writes until the connection is closing (after sending the close frame) or the socket fails.
 pub async fn run<S: AsyncWrite + Unpin>(
     mut ws: WebSocketWrite<S>,
-    mut data: mpsc::Receiver<Outgoing>,
     handle: &ConnHandle,
     timing: Timing,
     metrics: &Metrics,
@@ -63,7 +61,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 sent_bytes += reply.len();
                 write_reply(&mut ws, opcode, reply).await
             }
-            Some(out) = data.recv() => {
+            Some(out) = handle.messages.pop() => {
                 taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
@@ -93,7 +91,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 taken += 1;
                 sent_bytes += reply.len();
                 result = write_reply(&mut ws, opcode, reply).await;
-            } else if let Ok(out) = data.try_recv() {
+            } else if let Some(out) = handle.messages.try_pop() {
                 taken += 1;
                 accepted.push(out.accepted_us);
                 sent_bytes += out.frame.len();
