@@ -216,6 +216,17 @@ pub enum QueueFullPolicy {
     Close,
 }
 
+/// How messages reach the replicas that hold their recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Every message goes to every replica, which keeps what is for its own connections.
+    Broadcast,
+    /// Channel messages go to the replicas with members of the channel, connection and user
+    /// messages to the replicas holding them.
+    Interest,
+}
+
 /// `[outbound]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -226,6 +237,10 @@ pub struct OutboundConfig {
     pub queue_full_policy: QueueFullPolicy,
     /// Replies (acks, errors, pongs) queued per connection; when full the client is closed (1013).
     pub reply_queue_capacity: usize,
+    /// `broadcast` or `interest`.
+    pub routing: Routing,
+    /// Interest routing: how long a replica stays listed for a user after its last refresh.
+    pub user_route_ttl_seconds: u64,
 }
 
 impl Default for OutboundConfig {
@@ -234,6 +249,8 @@ impl Default for OutboundConfig {
             queue_capacity_messages: 4096,
             queue_full_policy: QueueFullPolicy::Drop,
             reply_queue_capacity: 1024,
+            routing: Routing::Broadcast,
+            user_route_ttl_seconds: 60,
         }
     }
 }
@@ -494,6 +511,10 @@ impl Config {
             (
                 "outbound.reply_queue_capacity",
                 self.outbound.reply_queue_capacity as u64,
+            ),
+            (
+                "outbound.user_route_ttl_seconds",
+                self.outbound.user_route_ttl_seconds,
             ),
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
         ] {

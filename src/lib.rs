@@ -43,6 +43,9 @@ use outbound::Publisher;
 use registry::Registry;
 use state::AppState;
 
+/// Interest changes waiting for the pub/sub link; past it, a join goes ahead unconfirmed (logged).
+const INTEREST_CHANGES: usize = 65_536;
+
 /// Runs one replica until `shutdown` resolves, then drains and returns.
 ///
 /// On shutdown the replica stops accepting, answers `/readyz` with 503, closes every client with
@@ -68,6 +71,17 @@ pub async fn run(
         Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;
     let health = Arc::new(Health::new(config.redis.unhealthy_after_ms));
     let registry = Arc::new(Registry::new(&replica_id, random_u32()));
+    let (interest, interest_changes) = match config.outbound.routing {
+        config::Routing::Interest => {
+            let (interest, changes) = backplane::interest::Interest::new(
+                INTEREST_CHANGES,
+                Duration::from_millis(config.redis.command_timeout_ms),
+            );
+            registry.set_interest(interest.clone());
+            (Some(interest), Some(changes))
+        }
+        config::Routing::Broadcast => (None, None),
+    };
     let (appender, append_rx) = Appender::new(config.inbound.append_queue_capacity);
     let inbound = Arc::new(Inbound::new(
         &config,
@@ -119,6 +133,7 @@ pub async fn run(
         keys: keys.clone(),
         control_tx: control_tx.clone(),
         stopping: stopping.clone(),
+        interest: interest.clone(),
     }
     .shared();
 
@@ -131,17 +146,26 @@ pub async fn run(
         health.clone(),
         metrics.clone(),
         resubscribed_tx,
+        interest
+            .zip(interest_changes)
+            .map(|(interest, changes)| backplane::pubsub::InterestLink {
+                interest,
+                changes,
+                registry: registry.clone(),
+            }),
         background.clone(),
     ));
-    let dispatcher = Dispatcher::new(
-        registry.clone(),
-        inbound.clone(),
-        metrics.clone(),
-        backplane.clone(),
-        keys.clone(),
-        config.clone(),
-        control_tx,
-    );
+    if config.outbound.routing == config::Routing::Interest {
+        tasks.spawn(outbound::routes::refresh_users(
+            backplane.clone(),
+            keys.clone(),
+            replica_id.clone(),
+            registry.clone(),
+            Duration::from_secs(config.outbound.user_route_ttl_seconds),
+            background.clone(),
+        ));
+    }
+    let dispatcher = Dispatcher::new(&state);
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
     tasks.spawn(backplane::health::run(
         backplane.clone(),

@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
+use crate::backplane::interest::Interest;
 use crate::connection::ConnHandle;
 
 /// Who a message or an action is for.
@@ -40,6 +41,8 @@ pub struct Registry {
     conns: DashMap<u64, Arc<ConnHandle>>,
     users: Index,
     channels: Index,
+    /// Told when a channel loses its last local member (interest routing only).
+    interest: OnceLock<Arc<Interest>>,
 }
 
 impl Registry {
@@ -54,7 +57,23 @@ impl Registry {
             conns: DashMap::new(),
             users: DashMap::new(),
             channels: DashMap::new(),
+            interest: OnceLock::new(),
         }
+    }
+
+    /// Reports channels that lose their last local member to `interest` from now on.
+    pub fn set_interest(&self, interest: Arc<Interest>) {
+        let _ = self.interest.set(interest);
+    }
+
+    /// The channels with local members.
+    pub fn channel_names(&self) -> Vec<Arc<str>> {
+        self.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// The users with local connections.
+    pub fn user_names(&self) -> Vec<Arc<str>> {
+        self.users.iter().map(|e| e.key().clone()).collect()
     }
 
     /// Allocates a local sequence number and the cluster-unique id that goes with it.
@@ -96,7 +115,7 @@ impl Registry {
             membership.joined.drain().collect()
         };
         for channel in joined {
-            remove_from(&self.channels, &channel, handle.seq);
+            self.leave(&channel, handle.seq);
         }
     }
 
@@ -146,7 +165,7 @@ impl Registry {
         if !membership.joined.remove(channel) {
             return false;
         }
-        remove_from(&self.channels, channel, handle.seq);
+        self.leave(channel, handle.seq);
         true
     }
 
@@ -186,7 +205,20 @@ impl Registry {
     }
 }
 
-fn remove_from(index: &Index, key: &str, seq: u64) {
+impl Registry {
+    /// Takes connection `seq` out of `channel`'s index entry, and reports the channel when the
+    /// entry goes.
+    fn leave(&self, channel: &str, seq: u64) {
+        if let Some(name) = remove_from(&self.channels, channel, seq) {
+            if let Some(interest) = self.interest.get() {
+                interest.unwanted(&name);
+            }
+        }
+    }
+}
+
+/// Takes `seq` out of `key`'s entry; returns the key when that emptied and removed the entry.
+fn remove_from(index: &Index, key: &str, seq: u64) -> Option<Arc<str>> {
     let now_empty = match index.get_mut(key) {
         Some(mut set) => {
             set.remove(&seq);
@@ -195,6 +227,10 @@ fn remove_from(index: &Index, key: &str, seq: u64) {
         None => false,
     };
     if now_empty {
-        index.remove_if(key, |_, set| set.is_empty());
+        index
+            .remove_if(key, |_, set| set.is_empty())
+            .map(|(k, _)| k)
+    } else {
+        None
     }
 }

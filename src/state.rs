@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Health, Keys};
 use crate::config::Config;
 use crate::inbound::Inbound;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub control_tx: tokio::sync::mpsc::Sender<Control>,
     /// Cancelled when the replica stops accepting.
     pub stopping: CancellationToken,
+    /// Interest routing: the channels this replica's pub/sub link must listen to.
+    pub interest: Option<Arc<Interest>>,
 }
 
 impl AppState {

@@ -42,3 +42,8 @@ node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs tests/
 
 echo "==> cargo test"
 cargo test --all-targets "$@"
+
+# The same integration suite again with interest routing (outbound.routing = "interest"): every
+# contract behaviour must hold under both routings. The replicas inherit the variable.
+echo "==> cargo test --test it, interest routing"
+WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@"

@@ -2,6 +2,7 @@
 //! health, and the key names everything agrees on.
 
 pub mod health;
+pub mod interest;
 pub mod pubsub;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,8 @@ pub struct Keys {
     pub events: String,
     /// This replica's pub/sub health channel.
     pub health: String,
+    /// Interest routing: this replica's own pub/sub channel (connection and user messages).
+    pub own: String,
 }
 
 impl Keys {
@@ -33,7 +36,24 @@ impl Keys {
             broadcast: format!("{prefix}:broadcast"),
             events: format!("{prefix}:events"),
             health: format!("{prefix}:health:{replica_id}"),
+            own: format!("{prefix}:replica:{replica_id}"),
         }
+    }
+
+    /// Interest routing: the pub/sub channel of `channel`.
+    pub fn channel(&self, channel: &str) -> String {
+        format!("{}:ch:{channel}", self.prefix)
+    }
+
+    /// Interest routing: the pub/sub channel of replica `replica`.
+    pub fn replica(&self, replica: &str) -> String {
+        format!("{}:replica:{replica}", self.prefix)
+    }
+
+    /// Interest routing: the replicas holding connections of `user` (a sorted set scored by
+    /// expiry, unix ms).
+    pub fn user_replicas(&self, user: &str) -> String {
+        format!("{}:user-replicas:{user}", self.prefix)
     }
 
     /// The key of inbound stream `stream`.

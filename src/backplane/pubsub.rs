@@ -16,9 +16,24 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::interest::{Change, Interest};
 use super::{Health, Keys};
 use crate::config::RedisConfig;
 use crate::metrics::{DropReason, Metrics};
+use crate::registry::Registry;
+
+/// Interest routing's part of the link: the wanted channels and their changes.
+pub struct InterestLink {
+    /// The wanted set.
+    pub interest: Arc<Interest>,
+    /// Changes to act on.
+    pub changes: mpsc::Receiver<Change>,
+    /// Local channel members.
+    pub registry: Arc<Registry>,
+}
+
+/// The most changes taken into one SUBSCRIBE / UNSUBSCRIBE pair.
+const CHANGES_PER_BATCH: usize = 1024;
 
 /// Hands pushes from the Redis connection to the dispatcher without blocking it.
 struct PushSender {
@@ -80,6 +95,7 @@ impl AsyncPushSender for PushSender {
 }
 
 /// Runs the pub/sub link until `shutdown`, feeding message payloads into `tx`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: RedisConfig,
     keys: Keys,
@@ -87,6 +103,7 @@ pub async fn run(
     health: Arc<Health>,
     metrics: Metrics,
     resubscribed: mpsc::Sender<()>,
+    mut interest: Option<InterestLink>,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(cfg.health_interval_ms);
@@ -109,7 +126,7 @@ pub async fn run(
             catch_up: resubscribed.clone(),
             reconnected: AtomicBool::new(connected_before),
         };
-        let conn = connect(&cfg, &keys, sender).await;
+        let conn = connect(&cfg, &keys, sender, interest.as_ref()).await;
         let mut conn = match conn {
             Ok(conn) => {
                 tracing::info!(channel = %keys.broadcast, "pub/sub link up");
@@ -132,9 +149,16 @@ pub async fn run(
                     tracing::debug!(error = %e, "pub/sub reconnect failed");
                 }
                 first = false;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                // Joins asked for while the link is down go ahead: the next link subscribes to
+                // every wanted channel.
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = &mut sleep => break,
+                        Some(_) = next_change(&mut interest) => {}
+                    }
                 }
                 backoff = (backoff * 2).min(max_backoff);
                 continue;
@@ -148,6 +172,21 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = disconnected.notified() => break "connection lost".to_string(),
+                Some(change) = next_change(&mut interest) => {
+                    let link = interest.as_mut().expect("a change implies interest routing");
+                    match apply_changes(change, link, &keys, &mut conn).await {
+                        Ok(()) => {
+                            metrics.pubsub_channels.set(link.interest.on_link_len() as f64);
+                            continue;
+                        }
+                        Err(e) => {
+                            metrics
+                                .redis_error(super::RedisFailure::from(e.clone()).kind())
+                                .increment(1);
+                            break format!("subscription change failed: {e}");
+                        }
+                    }
+                }
                 _ = tick.tick() => {}
             }
             // Each tick sends a token round the loop; readiness is judged on the last return.
@@ -182,6 +221,9 @@ pub async fn run(
         };
         metrics.pubsub_up.set(0.0);
         metrics.pubsub_reconnects.increment(1);
+        if let Some(link) = &interest {
+            link.interest.set_on_link([]);
+        }
         health.failed(format!("pub/sub link: {reason}"));
         tracing::warn!(reason = %reason, "pub/sub link lost; reconnecting");
     }
@@ -191,6 +233,7 @@ async fn connect(
     cfg: &RedisConfig,
     keys: &Keys,
     sender: PushSender,
+    interest: Option<&InterestLink>,
 ) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
     // Pushes on a shared multiplexed connection need RESP3.
     let sep = if cfg.url.contains('?') { '&' } else { '?' };
@@ -202,7 +245,71 @@ async fn connect(
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    conn.subscribe(&[keys.broadcast.as_str(), keys.health.as_str()])
-        .await?;
+    let mut names = vec![keys.broadcast.clone(), keys.health.clone()];
+    let wanted = match interest {
+        Some(link) => {
+            names.push(keys.own.clone());
+            let wanted = link.interest.all_wanted(&link.registry);
+            names.extend(wanted.iter().map(|c| keys.channel(c)));
+            wanted
+        }
+        None => Vec::new(),
+    };
+    // One SUBSCRIBE for everything: Redis takes it as one step, so no message falls between
+    // two channels' subscriptions, and the catch-up that the first confirmation starts reads
+    // history after all of them.
+    conn.subscribe(&names).await?;
+    if let Some(link) = interest {
+        link.interest.set_on_link(wanted);
+    }
     Ok(conn)
+}
+
+/// The next interest change, or never without interest routing.
+async fn next_change(interest: &mut Option<InterestLink>) -> Option<Change> {
+    match interest {
+        Some(link) => link.changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes `first` and whatever changes wait behind it, and brings the link's subscriptions in
+/// line with what is wanted now; then releases the joins that waited.
+async fn apply_changes(
+    first: Change,
+    link: &mut InterestLink,
+    keys: &Keys,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
+    let mut touched = std::collections::HashSet::new();
+    let mut waiters = Vec::new();
+    let mut next = Some(first);
+    while let Some(change) = next.take() {
+        match change {
+            Change::Want(channel, waiter) => {
+                touched.insert(channel);
+                waiters.extend(waiter);
+            }
+            Change::Unwant(channel) => {
+                touched.insert(channel);
+            }
+        }
+        if touched.len() < CHANGES_PER_BATCH {
+            next = link.changes.try_recv().ok();
+        }
+    }
+    let plan = link.interest.plan(touched, &link.registry);
+    if !plan.remove.is_empty() {
+        let names: Vec<String> = plan.remove.iter().map(|c| keys.channel(c)).collect();
+        conn.unsubscribe(&names).await?;
+    }
+    if !plan.add.is_empty() {
+        let names: Vec<String> = plan.add.iter().map(|c| keys.channel(c)).collect();
+        conn.subscribe(&names).await?;
+        link.interest.subscribed(&plan.add);
+    }
+    for waiter in waiters {
+        let _ = waiter.send(());
+    }
+    Ok(())
 }

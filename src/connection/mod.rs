@@ -48,6 +48,20 @@ pub async fn serve(
     encoding: Encoding,
 ) {
     let config = &state.config;
+    // Interest routing: messages to this user must reach this replica from the welcome on.
+    if let (Some(_), Some(user)) = (&state.interest, identity.user.as_deref()) {
+        let ttl = Duration::from_secs(config.outbound.user_route_ttl_seconds);
+        let listed = crate::outbound::routes::list_user(
+            &state.backplane,
+            &state.keys,
+            &state.replica_id,
+            user,
+            ttl,
+        );
+        if let Err(e) = listed.await {
+            tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
+        }
+    }
     let (seq, id) = state.registry.next_id();
     let expires_at = identity.expires_at;
     let handle = ConnHandle::new(

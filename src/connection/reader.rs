@@ -190,7 +190,22 @@ impl<'a> GatewaySink<'a> {
 
 impl MessageSink for GatewaySink<'_> {
     async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
-        on_message(opcode, payload, self.handle, self.state, &mut self.bucket);
+        let decoded = if opcode == OpCode::Text {
+            protocol::decode_json(payload)
+        } else {
+            protocol::decode_msgpack(payload)
+        };
+        // Interest routing: the replica listens to a channel before a client joins it, so
+        // `subscribed` promises every message published after it.
+        let _prepared = match (&self.state.interest, &decoded) {
+            (Some(interest), Ok(ClientFrame::Subscribe { channel, .. }))
+                if self.handle.identity.may_join(channel) && !self.handle.is_in(channel) =>
+            {
+                Some(interest.prepare(channel).await)
+            }
+            _ => None,
+        };
+        on_message(decoded, self.handle, self.state, &mut self.bucket);
     }
 }
 
@@ -208,17 +223,11 @@ impl MessageSink for EchoSink<'_> {
 }
 
 fn on_message(
-    opcode: OpCode,
-    payload: &[u8],
+    decoded: Result<ClientFrame, FrameError>,
     handle: &Arc<ConnHandle>,
     state: &AppState,
     bucket: &mut TokenBucket,
 ) {
-    let decoded = if opcode == OpCode::Text {
-        protocol::decode_json(payload)
-    } else {
-        protocol::decode_msgpack(payload)
-    };
     let result = match decoded {
         Ok(_) if !bucket.take() => {
             state.metrics.refused(Limit::Rate).increment(1);

@@ -36,6 +36,7 @@ pub mod names {
     pub const EVENTS_FAILED: &str = "wsbridge_events_failed_total";
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
+    pub const PUBSUB_CHANNELS: &str = "wsbridge_pubsub_channels";
     pub const PUBSUB_RECONNECTS: &str = "wsbridge_pubsub_reconnects_total";
     pub const PUBSUB_ROUNDTRIP_AGE_SECONDS: &str = "wsbridge_pubsub_roundtrip_age_seconds";
     pub const REDIS_ERRORS: &str = "wsbridge_redis_errors_total";
@@ -246,6 +247,8 @@ pub struct MetricsInner {
     pub redis_up: Gauge,
     /// 1 while pub/sub round trips succeed.
     pub pubsub_up: Gauge,
+    /// Interest routing: channels the pub/sub link listens to.
+    pub pubsub_channels: Gauge,
     /// Pub/sub link reconnections.
     pub pubsub_reconnects: Counter,
     /// Seconds since the last pub/sub round trip (set at scrape time).
@@ -332,6 +335,7 @@ impl Metrics {
             events_failed: metrics::counter!(names::EVENTS_FAILED),
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
+            pubsub_channels: metrics::gauge!(names::PUBSUB_CHANNELS),
             pubsub_reconnects: metrics::counter!(names::PUBSUB_RECONNECTS),
             pubsub_roundtrip_age_seconds: metrics::gauge!(names::PUBSUB_ROUNDTRIP_AGE_SECONDS),
             redis_errors: by_label(
@@ -491,6 +495,10 @@ fn describe() {
     describe_gauge!(
         PUBSUB_UP,
         "1 while pub/sub round trips through Redis succeed, else 0."
+    );
+    describe_gauge!(
+        PUBSUB_CHANNELS,
+        "Interest routing: channels this replica's pub/sub link is subscribed to (0 under broadcast)."
     );
     describe_counter!(PUBSUB_RECONNECTS, "Reconnections of the pub/sub link.");
     describe_gauge!(

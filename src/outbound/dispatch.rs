@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::envelope::{split_payload, Batch, Item, Op};
 use super::history::{self, Offset, Replay};
+use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys};
 use crate::config::Config;
 use crate::connection::{server_frame, ConnHandle, Outgoing};
@@ -20,6 +21,7 @@ use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{message, Encoding, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
+use crate::state::AppState;
 
 /// Work handed back to the dispatcher by the tasks that read history for it.
 pub enum Control {
@@ -72,6 +74,8 @@ pub struct Dispatcher {
     keys: Keys,
     config: Arc<Config>,
     control: mpsc::Sender<Control>,
+    /// Interest routing: the channels the pub/sub link listens to.
+    interest: Option<Arc<Interest>>,
     /// The last offset delivered on each history channel that has local subscribers, for
     /// catching up after a pub/sub reconnect.
     last_offsets: HashMap<String, String>,
@@ -105,23 +109,16 @@ const DIRECT_BUDGET: usize = 2048;
 
 impl Dispatcher {
     /// A dispatcher over this replica's registry.
-    pub fn new(
-        registry: Arc<Registry>,
-        inbound: Arc<Inbound>,
-        metrics: Metrics,
-        backplane: Backplane,
-        keys: Keys,
-        config: Arc<Config>,
-        control: mpsc::Sender<Control>,
-    ) -> Self {
+    pub fn new(state: &AppState) -> Self {
         Self {
-            registry,
-            inbound,
-            metrics,
-            backplane,
-            keys,
-            config,
-            control,
+            registry: state.registry.clone(),
+            inbound: state.inbound.clone(),
+            metrics: state.metrics.clone(),
+            backplane: state.backplane.clone(),
+            keys: state.keys.clone(),
+            config: state.config.clone(),
+            control: state.control_tx.clone(),
+            interest: state.interest.clone(),
             last_offsets: HashMap::new(),
             catching_up: HashMap::new(),
             floors: HashMap::new(),
@@ -211,29 +208,48 @@ impl Dispatcher {
                 };
                 self.deliver(target, channel, offset, data, ts);
             }
-            Op::Subscribe | Op::Unsubscribe => {
+            Op::Subscribe => {
+                let Some(channel) = item.channel.as_deref() else {
+                    return;
+                };
+                self.registry.recipients(target, &mut self.scratch);
+                if !self.scratch.is_empty() {
+                    match &self.interest {
+                        // Interest routing, and the link does not listen to the channel yet:
+                        // join once it does, without holding up the dispatcher.
+                        Some(interest) if !interest.listening(channel) => {
+                            let conns: Vec<_> = self.scratch.drain(..).collect();
+                            let (interest, registry, inbound) = (
+                                interest.clone(),
+                                self.registry.clone(),
+                                self.inbound.clone(),
+                            );
+                            let channel = channel.to_owned();
+                            tokio::spawn(async move {
+                                let _prepared = interest.prepare(&channel).await;
+                                for conn in conns {
+                                    server_join(&registry, &inbound, &conn, &channel);
+                                }
+                            });
+                        }
+                        _ => {
+                            for conn in self.scratch.drain(..) {
+                                server_join(&self.registry, &self.inbound, &conn, channel);
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Unsubscribe => {
                 let Some(channel) = item.channel.as_deref() else {
                     return;
                 };
                 self.registry.recipients(target, &mut self.scratch);
                 for conn in self.scratch.drain(..) {
-                    if item.op == Op::Subscribe {
-                        // A backend's subscribe is not bound by the per-connection limit, which
-                        // protects the replica from clients.
-                        if self.registry.subscribe(&conn, channel, usize::MAX) == Ok(true) {
-                            self.inbound.event(&conn, Event::Subscribe(channel));
-                        }
-                        conn.reply(&ServerFrame::Subscribed {
-                            channel,
-                            id: None,
-                            recovered: None,
-                        });
-                    } else {
-                        if self.registry.unsubscribe(&conn, channel) {
-                            self.inbound.event(&conn, Event::Unsubscribe(channel));
-                        }
-                        conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
+                    if self.registry.unsubscribe(&conn, channel) {
+                        self.inbound.event(&conn, Event::Unsubscribe(channel));
                     }
+                    conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
                 }
             }
             Op::Disconnect => {
@@ -504,6 +520,19 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A backend's subscribe, applied to one local connection. It is not bound by the
+/// per-connection limit, which protects the replica from clients.
+fn server_join(registry: &Registry, inbound: &Inbound, conn: &Arc<ConnHandle>, channel: &str) {
+    if registry.subscribe(conn, channel, usize::MAX) == Ok(true) {
+        inbound.event(conn, Event::Subscribe(channel));
+    }
+    conn.reply(&ServerFrame::Subscribed {
+        channel,
+        id: None,
+        recovered: None,
+    });
 }
 
 fn null() -> &'static RawValue {

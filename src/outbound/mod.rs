@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod envelope;
 pub mod history;
+pub mod routes;
 
 use std::sync::Arc;
 
@@ -88,6 +89,12 @@ impl Publisher {
                 ));
             }
         }
+        let sends = batch.items.iter().filter(|i| i.op == Op::Send).count();
+        if self.config.outbound.routing == crate::config::Routing::Interest {
+            let offsets = routes::publish(&self.backplane, &self.keys, &self.config, batch).await?;
+            self.metrics.outbound_published.increment(sends as u64);
+            return Ok(offsets);
+        }
         let payload = serde_json::to_vec(&*batch).expect("batches serialize");
         let mut offsets = vec![None; batch.items.len()];
         if history.is_empty() {
@@ -114,7 +121,6 @@ impl Publisher {
                 offsets[*index] = Some(offset);
             }
         }
-        let sends = batch.items.iter().filter(|i| i.op == Op::Send).count();
         self.metrics.outbound_published.increment(sends as u64);
         Ok(offsets)
     }

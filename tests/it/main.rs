@@ -15,3 +15,4 @@ mod lifecycle;
 mod limits;
 mod loadgen;
 mod queue;
+mod routing;

@@ -223,6 +223,13 @@ groups = ["backend"]
     )
 }
 
+/// Whether the suite runs under interest routing (`WSBRIDGE__OUTBOUND__ROUTING=interest` in the
+/// test's environment, which the replicas inherit); tests that measure filtering expect less of
+/// it then.
+pub fn interest_routing() -> bool {
+    std::env::var("WSBRIDGE__OUTBOUND__ROUTING").is_ok_and(|v| v == "interest")
+}
+
 impl Gateway {
     /// Starts a replica and waits until it is ready.
     pub async fn start(redis: &Redis, prefix: &str) -> Self {

@@ -1,0 +1,269 @@
+//! Interest routing's publishing side (`outbound.routing = "interest"`).
+//!
+//! A batch is split into runs of consecutive items for one destination: channel messages go to
+//! `<prefix>:ch:<channel>`, connection messages to the pub/sub channel of the replica the
+//! connection id names, user messages to every replica listed for the user, and messages to
+//! everyone to the broadcast channel. One Lua script publishes every part (and appends history),
+//! so a call is still taken whole or not at all.
+//!
+//! Replicas list themselves for their users in `<prefix>:user-replicas:<user>`, a sorted set of
+//! replica ids scored by expiry (Redis time, ms): when a user's connection opens, and for every
+//! local user each third of `outbound.user_route_ttl_seconds`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::envelope::{Batch, Item};
+use crate::backplane::{Backplane, Keys, RedisFailure};
+use crate::config::Config;
+use crate::registry::{Registry, Target};
+
+/// Lists a replica for a user until Redis time + ARGV[2] ms. KEYS[1]: the user's set. ARGV[1]:
+/// the replica id.
+const LIST_REPLICA: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// Publishes the parts of one batch. KEYS: per history part its stream and epoch keys, per user
+/// part the user's set (in part order). ARGV[1]: an epoch to use where a channel has none;
+/// ARGV[2]: the replica channel prefix (`<prefix>:replica:`); then per part: its kind, then
+/// - `p` (plain): the pub/sub channel, the payload;
+/// - `h` (history): the pub/sub channel, the payload, MAXLEN, TTL, the number of messages, and
+///   their data; published as `["<offset>",...]` + newline + payload;
+/// - `u` (user): the payload, published to every replica listed and not expired.
+///
+/// Returns the offsets of every history message, in order.
+const PUBLISH_ROUTED: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local offsets = {}
+local k, a = 1, 3
+while a <= #ARGV do
+  local kind = ARGV[a]
+  if kind == 'p' then
+    redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2])
+    a = a + 3
+  elseif kind == 'h' then
+    local channel, payload = ARGV[a + 1], ARGV[a + 2]
+    local maxlen, ttl, n = ARGV[a + 3], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local stream, epoch_key = KEYS[k], KEYS[k + 1]
+    k = k + 2
+    local epoch = redis.call('GET', epoch_key)
+    if not epoch then
+      epoch = ARGV[1]
+      redis.call('SET', epoch_key, epoch)
+    end
+    local mine = {}
+    for i = 1, n do
+      local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'data', ARGV[a + 5 + i])
+      mine[i] = epoch .. ':' .. id
+      offsets[#offsets + 1] = mine[i]
+    end
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', epoch_key, ttl)
+    redis.call('PUBLISH', channel, cjson.encode(mine) .. '\n' .. payload)
+    a = a + 6 + n
+  else
+    local payload = ARGV[a + 1]
+    local replicas = redis.call('ZRANGEBYSCORE', KEYS[k], now, '+inf')
+    k = k + 1
+    for _, replica in ipairs(replicas) do
+      redis.call('PUBLISH', ARGV[2] .. replica, payload)
+    end
+    a = a + 2
+  end
+end
+return offsets
+"#;
+
+/// Where a part of a batch goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination<'a> {
+    Channel(&'a str),
+    Replica(&'a str),
+    User(&'a str),
+    All,
+}
+
+/// Publishes `batch` by interest, in one atomic script. Returns each item's offset, if any.
+///
+/// # Errors
+/// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
+pub async fn publish(
+    backplane: &Backplane,
+    keys: &Keys,
+    config: &Config,
+    batch: &Batch<'_>,
+) -> Result<Vec<Option<String>>, RedisFailure> {
+    // Parts are runs of consecutive items for the same destination: published in call order,
+    // they reach a connection that several of them are for in call order too.
+    let mut parts: Vec<(Destination<'_>, Vec<usize>)> = Vec::new();
+    for (index, item) in batch.items.iter().enumerate() {
+        let Some(destination) = destination(item) else {
+            continue;
+        };
+        match parts.last_mut() {
+            Some((last, indexes)) if *last == destination => indexes.push(index),
+            _ => parts.push((destination, vec![index])),
+        }
+    }
+    let mut cmd = redis::cmd("EVAL");
+    let mut key_args: Vec<String> = Vec::new();
+    let mut argv: Vec<Vec<u8>> = vec![
+        format!("{:08x}", crate::random_u32()).into_bytes(),
+        keys.replica("").into_bytes(),
+    ];
+    // The offsets the script returns, in order, belong to these items.
+    let mut history_items = Vec::new();
+    for (destination, indexes) in &parts {
+        let items: Vec<&Item<'_>> = indexes.iter().map(|&i| &batch.items[i]).collect();
+        let payload = serde_json::to_vec(&Part {
+            ts: batch.ts,
+            items: &items,
+        })
+        .expect("batches serialize");
+        match destination {
+            Destination::Channel(channel) => {
+                let with_history: Vec<usize> = indexes
+                    .iter()
+                    .copied()
+                    .filter(|&i| batch.items[i].history)
+                    .collect();
+                match config.history_for(channel) {
+                    Some(settings) if !with_history.is_empty() => {
+                        key_args.push(keys.history(channel));
+                        key_args.push(keys.epoch(channel));
+                        argv.push(b"h".to_vec());
+                        argv.push(keys.channel(channel).into_bytes());
+                        argv.push(payload);
+                        argv.push(settings.history_size.to_string().into_bytes());
+                        argv.push(settings.history_ttl_seconds.to_string().into_bytes());
+                        argv.push(with_history.len().to_string().into_bytes());
+                        for &i in &with_history {
+                            let data = batch.items[i].data.map(|d| d.get()).unwrap_or("null");
+                            argv.push(data.as_bytes().to_vec());
+                        }
+                        history_items.extend(with_history);
+                    }
+                    _ => {
+                        argv.push(b"p".to_vec());
+                        argv.push(keys.channel(channel).into_bytes());
+                        argv.push(payload);
+                    }
+                }
+            }
+            Destination::Replica(replica) => {
+                argv.push(b"p".to_vec());
+                argv.push(keys.replica(replica).into_bytes());
+                argv.push(payload);
+            }
+            Destination::All => {
+                argv.push(b"p".to_vec());
+                argv.push(keys.broadcast.clone().into_bytes());
+                argv.push(payload);
+            }
+            Destination::User(user) => {
+                key_args.push(keys.user_replicas(user));
+                argv.push(b"u".to_vec());
+                argv.push(payload);
+            }
+        }
+    }
+    let mut offsets = vec![None; batch.items.len()];
+    if parts.is_empty() {
+        return Ok(offsets);
+    }
+    cmd.arg(PUBLISH_ROUTED).arg(key_args.len());
+    for key in &key_args {
+        cmd.arg(key);
+    }
+    for arg in &argv {
+        cmd.arg(arg.as_slice());
+    }
+    let got: Vec<String> = backplane.query(&cmd).await?;
+    for (index, offset) in history_items.into_iter().zip(got) {
+        offsets[index] = Some(offset);
+    }
+    Ok(offsets)
+}
+
+/// A part of a batch, serialized as a [`Batch`].
+#[derive(serde::Serialize)]
+struct Part<'a, 'b> {
+    ts: u64,
+    items: &'a [&'a Item<'b>],
+}
+
+/// Where `item` goes; `None` when no replica can hold its recipient (a connection id that
+/// names none).
+fn destination<'a>(item: &'a Item<'_>) -> Option<Destination<'a>> {
+    match item.to.target().ok()? {
+        Target::Channel(channel) => Some(Destination::Channel(channel)),
+        Target::Connection(id) => id.split_once('.').map(|(r, _)| Destination::Replica(r)),
+        Target::User(user) => Some(Destination::User(user)),
+        Target::All => Some(Destination::All),
+    }
+}
+
+/// Lists this replica for `user` (when one of its connections opens).
+///
+/// # Errors
+/// [`RedisFailure`] when Redis did not take it; the periodic refresh tries again.
+pub async fn list_user(
+    backplane: &Backplane,
+    keys: &Keys,
+    replica: &str,
+    user: &str,
+    ttl: Duration,
+) -> Result<(), RedisFailure> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(LIST_REPLICA)
+        .arg(1)
+        .arg(keys.user_replicas(user))
+        .arg(replica)
+        .arg(ttl.as_millis() as u64);
+    backplane.query::<i64>(&cmd).await.map(|_| ())
+}
+
+/// Keeps this replica listed for every user it holds, each third of `ttl`, until `stop`.
+pub async fn refresh_users(
+    backplane: Backplane,
+    keys: Keys,
+    replica: String,
+    registry: Arc<Registry>,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let users = registry.user_names();
+        for chunk in users.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("EVAL")
+                    .arg(LIST_REPLICA)
+                    .arg(1)
+                    .arg(keys.user_replicas(user))
+                    .arg(&replica)
+                    .arg(ttl.as_millis() as u64)
+                    .ignore();
+            }
+            if let Err(e) = backplane.query_pipeline::<()>(&pipe).await {
+                tracing::warn!(error = %e, "refreshing user routes failed; retrying at the next tick");
+                break;
+            }
+        }
+    }
+}
