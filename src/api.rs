@@ -267,6 +267,7 @@ fn send_items(raw: &RawValue, max_batch: usize) -> Result<Vec<Item<'_>>, ApiErro
                 code: None,
                 reason: None,
                 history: false,
+                ack: None,
             })
         })
         .collect()
@@ -297,6 +298,7 @@ fn membership_item(raw: &RawValue, op: Op) -> Result<Item<'_>, ApiError> {
         code: None,
         reason: None,
         history: false,
+        ack: None,
     })
 }
 
@@ -335,6 +337,7 @@ fn disconnect_item(raw: &RawValue) -> Result<Item<'_>, ApiError> {
         code: Some(code),
         reason: body.reason,
         history: false,
+        ack: None,
     })
 }
 

@@ -95,6 +95,7 @@ pub async fn run(
         keys.clone(),
         config.clone(),
         metrics.clone(),
+        &replica_id,
     );
     let auth = auth::Authenticator::new(&config.auth)?;
 

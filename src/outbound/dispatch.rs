@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::envelope::{split_payload, Batch, Item, Op};
 use super::history::{self, Offset, Replay};
+use super::routes::Acks;
 use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys};
 use crate::config::Config;
@@ -76,6 +77,8 @@ pub struct Dispatcher {
     control: mpsc::Sender<Control>,
     /// Interest routing: the channels the pub/sub link listens to.
     interest: Option<Arc<Interest>>,
+    /// Interest routing: acknowledgements awaited by this replica's publisher.
+    acks: Arc<Acks>,
     /// The last offset delivered on each history channel that has local subscribers, for
     /// catching up after a pub/sub reconnect.
     last_offsets: HashMap<String, String>,
@@ -119,6 +122,7 @@ impl Dispatcher {
             config: state.config.clone(),
             control: state.control_tx.clone(),
             interest: state.interest.clone(),
+            acks: state.publisher.acks().clone(),
             last_offsets: HashMap::new(),
             catching_up: HashMap::new(),
             floors: HashMap::new(),
@@ -163,6 +167,11 @@ impl Dispatcher {
 
     /// Handles one pub/sub payload; `alone` when no other payload waits behind it.
     pub fn dispatch(&mut self, payload: &[u8], alone: bool) {
+        if let Some(token) = payload.strip_prefix(b"!") {
+            // An acknowledgement of a subscribe this replica published (interest routing).
+            self.acks.arrived(&String::from_utf8_lossy(token));
+            return;
+        }
         let decoded = split_payload(payload)
             .and_then(|(offsets, json)| Ok((offsets, serde_json::from_slice::<Batch>(json)?)));
         let (offsets, batch) = match decoded {
@@ -213,29 +222,40 @@ impl Dispatcher {
                     return;
                 };
                 self.registry.recipients(target, &mut self.scratch);
-                if !self.scratch.is_empty() {
-                    match &self.interest {
-                        // Interest routing, and the link does not listen to the channel yet:
-                        // join once it does, without holding up the dispatcher.
-                        Some(interest) if !interest.listening(channel) => {
-                            let conns: Vec<_> = self.scratch.drain(..).collect();
-                            let (interest, registry, inbound) = (
-                                interest.clone(),
-                                self.registry.clone(),
-                                self.inbound.clone(),
-                            );
-                            let channel = channel.to_owned();
-                            tokio::spawn(async move {
-                                let _prepared = interest.prepare(&channel).await;
-                                for conn in conns {
-                                    server_join(&registry, &inbound, &conn, &channel);
-                                }
-                            });
-                        }
-                        _ => {
-                            for conn in self.scratch.drain(..) {
-                                server_join(&self.registry, &self.inbound, &conn, channel);
+                let ack = item.ack.as_deref().and_then(|a| a.split_once(' '));
+                let ack = ack.map(|(replica, token)| Ack {
+                    channel: self.keys.replica(replica),
+                    notice: format!("!{token}"),
+                    backplane: self.backplane.clone(),
+                });
+                match &self.interest {
+                    // Interest routing, and the link does not listen to the channel yet: join
+                    // once it does, without holding up the dispatcher.
+                    Some(interest) if !self.scratch.is_empty() && !interest.listening(channel) => {
+                        let conns: Vec<_> = self.scratch.drain(..).collect();
+                        let (interest, registry, inbound) = (
+                            interest.clone(),
+                            self.registry.clone(),
+                            self.inbound.clone(),
+                        );
+                        let channel = channel.to_owned();
+                        tokio::spawn(async move {
+                            let prepared = interest.prepare(&channel).await;
+                            for conn in conns {
+                                server_join(&registry, &inbound, &conn, &channel);
                             }
+                            drop(prepared);
+                            if let Some(ack) = ack {
+                                ack.send().await;
+                            }
+                        });
+                    }
+                    _ => {
+                        for conn in self.scratch.drain(..) {
+                            server_join(&self.registry, &self.inbound, &conn, channel);
+                        }
+                        if let Some(ack) = ack {
+                            tokio::spawn(ack.send());
                         }
                     }
                 }
@@ -518,6 +538,26 @@ impl Dispatcher {
                     ts,
                 );
             }
+        }
+    }
+}
+
+/// The acknowledgement a subscribe asked for (interest routing), sent once the join is in effect.
+struct Ack {
+    channel: String,
+    notice: String,
+    backplane: Backplane,
+}
+
+impl Ack {
+    async fn send(self) {
+        // Lost, the publishing replica answers the backend after its timeout anyway.
+        if let Err(e) = self
+            .backplane
+            .publish(&self.channel, self.notice.as_bytes())
+            .await
+        {
+            tracing::debug!(error = %e, "subscribe acknowledgement not sent");
         }
     }
 }

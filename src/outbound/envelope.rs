@@ -60,6 +60,11 @@ pub struct Item<'a> {
     /// offsets that prefix the payload.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub history: bool,
+    /// Interest routing, subscribe: `<replica> <token>`. Each replica that receives the item
+    /// publishes `!<token>` to that replica's channel once the join is in effect, and the
+    /// publishing replica answers the backend after hearing from all of them.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Cow<'a, str>>,
 }
 
 /// Splits a pub/sub payload into the history offsets (`["<offset>",...]` and a newline in

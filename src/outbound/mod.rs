@@ -49,17 +49,74 @@ pub struct Publisher {
     keys: Keys,
     config: Arc<Config>,
     metrics: Metrics,
+    replica: String,
+    acks: Arc<routes::Acks>,
 }
 
 impl Publisher {
-    /// A publisher on the broadcast channel of `keys`.
-    pub fn new(backplane: Backplane, keys: Keys, config: Arc<Config>, metrics: Metrics) -> Self {
+    /// A publisher on the broadcast channel of `keys`, for replica `replica`.
+    pub fn new(
+        backplane: Backplane,
+        keys: Keys,
+        config: Arc<Config>,
+        metrics: Metrics,
+        replica: &str,
+    ) -> Self {
         Self {
             backplane,
             keys,
             config,
             metrics,
+            replica: replica.to_owned(),
+            acks: Arc::default(),
         }
+    }
+
+    /// Acknowledgements this replica waits for (the dispatcher hands them in).
+    pub fn acks(&self) -> &Arc<routes::Acks> {
+        &self.acks
+    }
+
+    /// Interest routing. A subscribe is answered once every replica it reached has joined
+    /// (each acknowledges on this replica's channel), so a message the backend sends to the
+    /// channel after the answer reaches the new member; within `redis.command_timeout_ms`.
+    async fn publish_routed(
+        &self,
+        batch: &mut Batch<'_>,
+        sends: usize,
+    ) -> Result<Vec<Option<String>>, RedisFailure> {
+        let token = batch
+            .items
+            .iter()
+            .any(|i| i.op == Op::Subscribe)
+            .then(|| format!("{:08x}{:08x}", crate::random_u32(), crate::random_u32()));
+        let acked = token.as_ref().map(|token| {
+            let ack = format!("{} {token}", self.replica);
+            for item in batch.items.iter_mut().filter(|i| i.op == Op::Subscribe) {
+                item.ack = Some(ack.clone().into());
+            }
+            self.acks.expect(token)
+        });
+        let published = routes::publish(&self.backplane, &self.keys, &self.config, batch).await;
+        let published = match published {
+            Ok(published) => published,
+            Err(e) => {
+                if let Some(token) = &token {
+                    self.acks.forget(token);
+                }
+                return Err(e);
+            }
+        };
+        self.metrics.outbound_published.increment(sends as u64);
+        if let (Some(token), Some(acked)) = (&token, acked) {
+            self.acks.due(token, published.ack_receivers);
+            let wait = std::time::Duration::from_millis(self.config.redis.command_timeout_ms);
+            if tokio::time::timeout(wait, acked).await.is_err() {
+                self.acks.forget(token);
+                tracing::warn!("a subscribe was not acknowledged in time by every replica it reached; answering anyway");
+            }
+        }
+        Ok(published.offsets)
     }
 
     /// Serializes the batch once and publishes it; sends to channels with history are appended
@@ -91,9 +148,7 @@ impl Publisher {
         }
         let sends = batch.items.iter().filter(|i| i.op == Op::Send).count();
         if self.config.outbound.routing == crate::config::Routing::Interest {
-            let offsets = routes::publish(&self.backplane, &self.keys, &self.config, batch).await?;
-            self.metrics.outbound_published.increment(sends as u64);
-            return Ok(offsets);
+            return self.publish_routed(batch, sends).await;
         }
         let payload = serde_json::to_vec(&*batch).expect("batches serialize");
         let mut offsets = vec![None; batch.items.len()];

@@ -39,16 +39,17 @@ return 1
 ///   their data; published as `["<offset>",...]` + newline + payload;
 /// - `u` (user): the payload, published to every replica listed and not expired.
 ///
-/// Returns the offsets of every history message, in order.
+/// Returns the offsets of every history message, in order, and per part the number of
+/// replicas that received it.
 const PUBLISH_ROUTED: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local offsets = {}
+local offsets, receivers = {}, {}
 local k, a = 1, 3
 while a <= #ARGV do
   local kind = ARGV[a]
   if kind == 'p' then
-    redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2])
+    receivers[#receivers + 1] = redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2])
     a = a + 3
   elseif kind == 'h' then
     local channel, payload = ARGV[a + 1], ARGV[a + 2]
@@ -68,19 +69,21 @@ while a <= #ARGV do
     end
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', epoch_key, ttl)
-    redis.call('PUBLISH', channel, cjson.encode(mine) .. '\n' .. payload)
+    receivers[#receivers + 1] = redis.call('PUBLISH', channel, cjson.encode(mine) .. '\n' .. payload)
     a = a + 6 + n
   else
     local payload = ARGV[a + 1]
     local replicas = redis.call('ZRANGEBYSCORE', KEYS[k], now, '+inf')
     k = k + 1
+    local got = 0
     for _, replica in ipairs(replicas) do
-      redis.call('PUBLISH', ARGV[2] .. replica, payload)
+      got = got + redis.call('PUBLISH', ARGV[2] .. replica, payload)
     end
+    receivers[#receivers + 1] = got
     a = a + 2
   end
 end
-return offsets
+return {offsets, receivers}
 "#;
 
 /// Where a part of a batch goes.
@@ -92,7 +95,15 @@ enum Destination<'a> {
     All,
 }
 
-/// Publishes `batch` by interest, in one atomic script. Returns each item's offset, if any.
+/// What a routed publish did.
+pub struct Published {
+    /// Each item's history offset, if any.
+    pub offsets: Vec<Option<String>>,
+    /// How many replicas received items that ask for an acknowledgement (`Item::ack`).
+    pub ack_receivers: usize,
+}
+
+/// Publishes `batch` by interest, in one atomic script.
 ///
 /// # Errors
 /// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
@@ -101,7 +112,7 @@ pub async fn publish(
     keys: &Keys,
     config: &Config,
     batch: &Batch<'_>,
-) -> Result<Vec<Option<String>>, RedisFailure> {
+) -> Result<Published, RedisFailure> {
     // Parts are runs of consecutive items for the same destination: published in call order,
     // they reach a connection that several of them are for in call order too.
     let mut parts: Vec<(Destination<'_>, Vec<usize>)> = Vec::new();
@@ -178,7 +189,10 @@ pub async fn publish(
     }
     let mut offsets = vec![None; batch.items.len()];
     if parts.is_empty() {
-        return Ok(offsets);
+        return Ok(Published {
+            offsets,
+            ack_receivers: 0,
+        });
     }
     cmd.arg(PUBLISH_ROUTED).arg(key_args.len());
     for key in &key_args {
@@ -187,11 +201,93 @@ pub async fn publish(
     for arg in &argv {
         cmd.arg(arg.as_slice());
     }
-    let got: Vec<String> = backplane.query(&cmd).await?;
+    let (got, receivers): (Vec<String>, Vec<usize>) = backplane.query(&cmd).await?;
     for (index, offset) in history_items.into_iter().zip(got) {
         offsets[index] = Some(offset);
     }
-    Ok(offsets)
+    let ack_receivers = parts
+        .iter()
+        .zip(receivers)
+        .map(|((_, indexes), got)| {
+            let asking = indexes
+                .iter()
+                .filter(|&&i| batch.items[i].ack.is_some())
+                .count();
+            asking * got
+        })
+        .sum();
+    Ok(Published {
+        offsets,
+        ack_receivers,
+    })
+}
+
+/// Acknowledgements of items that ask for one (`Item::ack`), awaited by the replica that
+/// published them.
+#[derive(Default)]
+pub struct Acks {
+    waiting: std::sync::Mutex<std::collections::HashMap<String, Waiter>>,
+}
+
+#[derive(Default)]
+struct Waiter {
+    got: usize,
+    expected: Option<usize>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Acks {
+    /// Starts waiting for acknowledgements of `token` (before publishing: they may come back
+    /// before the publish call returns).
+    pub fn expect(&self, token: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = Waiter {
+            done: Some(tx),
+            ..Waiter::default()
+        };
+        self.lock().insert(token.to_owned(), waiter);
+        rx
+    }
+
+    /// `count` acknowledgements of `token` are due.
+    pub fn due(&self, token: &str, count: usize) {
+        let mut waiting = self.lock();
+        if let Some(w) = waiting.get_mut(token) {
+            w.expected = Some(count);
+        }
+        Self::settle(&mut waiting, token);
+    }
+
+    /// An acknowledgement of `token` arrived.
+    pub fn arrived(&self, token: &str) {
+        let mut waiting = self.lock();
+        if let Some(w) = waiting.get_mut(token) {
+            w.got += 1;
+        }
+        Self::settle(&mut waiting, token);
+    }
+
+    /// Stops waiting for `token`.
+    pub fn forget(&self, token: &str) {
+        self.lock().remove(token);
+    }
+
+    fn settle(waiting: &mut std::collections::HashMap<String, Waiter>, token: &str) {
+        let complete = waiting
+            .get(token)
+            .is_some_and(|w| w.expected.is_some_and(|e| w.got >= e));
+        if complete {
+            if let Some(mut w) = waiting.remove(token) {
+                if let Some(done) = w.done.take() {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Waiter>> {
+        self.waiting.lock().expect("acks lock")
+    }
 }
 
 /// A part of a batch, serialized as a [`Batch`].

@@ -146,3 +146,45 @@ async fn user_messages_go_to_the_replicas_listed_for_the_user() {
     assert_eq!((after_b.0 - before_b.0, after_b.1 - before_b.1), (2.0, 0.0));
     assert_eq!(pubsub(&a).await.1, 0.0);
 }
+
+#[tokio::test]
+async fn a_message_sent_right_after_a_backend_subscribe_arrives() {
+    // POST /subscribe answers once the replica holding the connection has joined it (under
+    // interest routing it acknowledges after it listens to the channel), so a send right after
+    // the 202 reaches the new member, whichever replica the calls go to.
+    let redis = Redis::start();
+    let prefix = unique_prefix("route-backend-join");
+    let secret = "s";
+    let env = [INTEREST[0], ("WSBRIDGE__AUTH__JWT_SECRET", secret)];
+    let a = Gateway::start_with(&redis, &prefix, &env).await;
+    let b = Gateway::start_with(&redis, &prefix, &env).await;
+    let carol = token(secret, json!({"sub": "carol"}));
+    let mut client = Client::connect_url(&format!("{}?token={carol}", a.ws_url), false)
+        .await
+        .unwrap();
+    for n in 0..20 {
+        let channel = format!("joined-by-backend:{n}");
+        // Alternate the two ways of naming the member.
+        let who = if n % 2 == 0 {
+            json!({"connection": client.connection.clone()})
+        } else {
+            json!({"user": "carol"})
+        };
+        let mut body = who.clone();
+        body["channel"] = json!(channel);
+        let (status, answer) = b.post("/subscribe", &body).await;
+        assert_eq!(status, 202, "{answer}");
+        b.send(json!({"to": {"channel": channel}, "data": n})).await;
+        let subscribed = client.recv().await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+        assert_eq!(client.recv().await["data"], n);
+    }
+    // A subscribe for a connection no replica holds is answered at once: its replica is gone.
+    let (status, _) = b
+        .post(
+            "/subscribe",
+            &json!({"connection": "gone.00000000.1", "channel": "x"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+}
