@@ -14,6 +14,11 @@
 //! - `direct`: `--messages` rounds, each one message to every connection by its id (wsbridge,
 //!   socket.io), `--batch` per call, `--rate` rounds/s.
 //! - `user`: as `direct`, addressed to users (wsbridge; needs `--jwt-secret`).
+//! - `rooms`: `--rooms-per-endpoint` K channels per endpoint (`<channel>:<i>:<k>` for the i-th
+//!   `--ws`), joined by the clients connected there, so each channel's members sit on one
+//!   replica; `--messages` rounds, each one message to every room, `--batch` per call, `--rate`
+//!   rounds/s (wsbridge). The case where broadcast routing makes every other replica receive and
+//!   filter each message.
 //!
 //! With `--jwt-secret` (the gateway's `auth.jwt_secret`), client n authenticates as user `u<n>`
 //! with an HS256 token.
@@ -58,6 +63,7 @@ enum Scenario {
     Fanout,
     Direct,
     User,
+    Rooms,
     Inbound,
     Idle,
 }
@@ -73,6 +79,7 @@ struct Args {
     rate: f64,
     batch: usize,
     channel: String,
+    rooms_per_endpoint: usize,
     payload: usize,
     window: usize,
     stream: String,
@@ -88,9 +95,9 @@ struct Args {
     quiet: bool,
 }
 
-const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|inbound|idle \
+const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle \
 --ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
-[--channel C] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
+[--channel C] [--rooms-per-endpoint K] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
 [--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet]";
 
 fn parse_args() -> Result<Args, String> {
@@ -105,6 +112,7 @@ fn parse_args() -> Result<Args, String> {
         rate: 0.0,
         batch: 1,
         channel: "bench".into(),
+        rooms_per_endpoint: 1,
         payload: 32,
         window: 16,
         stream: "chat".into(),
@@ -140,6 +148,7 @@ fn parse_args() -> Result<Args, String> {
                     "fanout" => Scenario::Fanout,
                     "direct" => Scenario::Direct,
                     "user" => Scenario::User,
+                    "rooms" => Scenario::Rooms,
                     "inbound" => Scenario::Inbound,
                     "idle" => Scenario::Idle,
                     other => return Err(format!("--scenario {other:?}: unknown")),
@@ -157,6 +166,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--batch" => a.batch = num(&value)?.max(1) as usize,
             "--channel" => a.channel = value,
+            "--rooms-per-endpoint" => a.rooms_per_endpoint = num(&value)?.max(1) as usize,
             "--payload" => a.payload = num(&value)? as usize,
             "--stream" => a.stream = value,
             "--window" => a.window = num(&value)?.max(1) as usize,
@@ -187,6 +197,9 @@ fn parse_args() -> Result<Args, String> {
         }
         (Scenario::User, Kind::Socketio | Kind::Nchan) => {
             return Err("--scenario user is wsbridge only".into())
+        }
+        (Scenario::Rooms, Kind::Socketio | Kind::Nchan) => {
+            return Err("--scenario rooms is wsbridge only".into())
         }
         (Scenario::User, _) if a.jwt_secret.is_none() => {
             return Err("--scenario user needs --jwt-secret (the gateway's auth.jwt_secret)".into())
@@ -366,6 +379,19 @@ async fn write_client(
     }
 }
 
+/// The `rooms` scenario's k-th channel for the clients of the i-th endpoint.
+fn room(channel: &str, i: usize, k: usize) -> String {
+    format!("{channel}:{i}:{k}")
+}
+
+/// Every room of the `rooms` scenario.
+fn all_rooms(a: &Args) -> Vec<String> {
+    (0..a.ws.len())
+        .flat_map(|i| (0..a.rooms_per_endpoint).map(move |k| (i, k)))
+        .map(|(i, k)| room(&a.channel, i, k))
+        .collect()
+}
+
 fn token(secret: &str, user: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -437,7 +463,18 @@ async fn run(a: Args) -> Result<bool, String> {
             .jwt_secret
             .as_ref()
             .map(|secret| token(secret, &format!("u{n}")));
-        let (kind, channel, gate) = (a.target, a.channel.clone(), gate.clone());
+        let channel = match a.scenario {
+            Scenario::Rooms => {
+                let endpoints = a.ws.len();
+                room(
+                    &a.channel,
+                    n % endpoints,
+                    (n / endpoints) % a.rooms_per_endpoint,
+                )
+            }
+            _ => a.channel.clone(),
+        };
+        let (kind, gate) = (a.target, gate.clone());
         let retries = retries.clone();
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.expect("gate");
@@ -498,10 +535,16 @@ async fn run(a: Args) -> Result<bool, String> {
     // Warm-up: until every client has seen a message on the channel, all replicas route it.
     if a.scenario != Scenario::Inbound && a.scenario != Scenario::Idle {
         let warm = r#"{"seq":0,"t":0,"w":1}"#.to_string();
+        let rooms: Vec<String> = match a.scenario {
+            Scenario::Rooms => all_rooms(&a),
+            _ => vec![a.channel.clone()],
+        };
         loop {
-            publisher
-                .publish(&[(To::Channel(&a.channel), warm.clone())])
-                .await?;
+            let warm_items: Vec<(To, String)> = rooms
+                .iter()
+                .map(|r| (To::Channel(r), warm.clone()))
+                .collect();
+            publisher.publish(&warm_items).await?;
             let all = wait_until(&shared, Instant::now() + Duration::from_millis(200), || {
                 shared.warmed.load(Ordering::Relaxed) == a.clients
             })
@@ -549,10 +592,12 @@ async fn run(a: Args) -> Result<bool, String> {
                 ));
             }
         }
-        Scenario::Fanout | Scenario::Direct | Scenario::User => {
+        Scenario::Fanout | Scenario::Direct | Scenario::User | Scenario::Rooms => {
             let users: Vec<String> = (0..a.clients).map(|n| format!("u{n}")).collect();
+            let rooms = all_rooms(&a);
             let per_round: Vec<To> = match a.scenario {
                 Scenario::Fanout => vec![To::Channel(&a.channel)],
+                Scenario::Rooms => rooms.iter().map(|r| To::Channel(r)).collect(),
                 Scenario::Direct => ids
                     .iter()
                     .map(|id| To::Connection(id.as_deref().unwrap_or("")))
