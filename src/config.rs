@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Keys holding lists, which environment variables give comma-separated.
-const LIST_KEYS: [&str; 4] = [
+const LIST_KEYS: [&str; 5] = [
     "server.allowed_origins",
+    "redis.cluster_urls",
     "inbound.streams",
     "inbound.groups",
     "api.keys",
@@ -137,6 +138,8 @@ impl Default for LimitsConfig {
 pub struct RedisConfig {
     /// `redis://[user:pass@]host:port[/db]`.
     pub url: String,
+    /// Redis Cluster: seed nodes (any of the cluster's nodes); when set, `url` is not used.
+    pub cluster_urls: Vec<String>,
     /// Prefix of every key and channel the gateway uses.
     pub prefix: String,
     /// Timeout of one connection attempt.
@@ -157,6 +160,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster_urls: Vec::new(),
             prefix: "wsbridge".into(),
             connect_timeout_ms: 1000,
             command_timeout_ms: 2000,
@@ -462,8 +466,29 @@ impl Config {
                 format!("`{}` is not a Redis URL: {e}", self.redis.url),
             )
         })?;
+        for url in &self.redis.cluster_urls {
+            redis::Client::open(url.as_str()).map_err(|e| {
+                ConfigError::key(
+                    "redis.cluster_urls",
+                    format!("`{}` is not a Redis URL: {e}", redact_url(url)),
+                )
+            })?;
+        }
+        if !self.redis.cluster_urls.is_empty() && self.outbound.routing != Routing::Interest {
+            return Err(ConfigError::key(
+                "redis.cluster_urls",
+                "a Redis Cluster needs outbound.routing = \"interest\" (broadcast would put every message on one shard)",
+            ));
+        }
         if self.redis.prefix.is_empty() {
             return Err(ConfigError::key("redis.prefix", "must not be empty"));
+        }
+        // Braces would change which cluster slot a key hashes to (hash tags).
+        if self.redis.prefix.contains(['{', '}']) {
+            return Err(ConfigError::key(
+                "redis.prefix",
+                "must not contain `{` or `}`",
+            ));
         }
         for (key, value) in [
             ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
@@ -487,10 +512,14 @@ impl Config {
             ("inbound.groups", &self.inbound.groups),
         ] {
             for name in names {
-                if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                if name.is_empty()
+                    || name
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+                {
                     return Err(ConfigError::key(
                         key,
-                        format!("`{name}` must be non-empty, without spaces"),
+                        format!("`{name}` must be non-empty, without spaces or braces"),
                     ));
                 }
             }

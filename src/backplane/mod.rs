@@ -6,7 +6,7 @@ pub mod interest;
 pub mod pubsub;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -42,7 +42,7 @@ impl Keys {
 
     /// Interest routing: the pub/sub channel of `channel`.
     pub fn channel(&self, channel: &str) -> String {
-        format!("{}:ch:{channel}", self.prefix)
+        format!("{}:ch:{{{channel}}}", self.prefix)
     }
 
     /// Interest routing: the pub/sub channel of replica `replica`.
@@ -61,19 +61,23 @@ impl Keys {
         format!("{}:in:{stream}", self.prefix)
     }
 
+    // Keys used together carry the same hash tag (`{...}`), so on a Redis Cluster they live in
+    // one slot: a channel's history stream, epoch and pub/sub channel are tagged with the channel,
+    // and a dedupe key with its inbound stream's key.
+
     /// The history stream of `channel`.
     pub fn history(&self, channel: &str) -> String {
-        format!("{}:history:{channel}", self.prefix)
+        format!("{}:history:{{{channel}}}", self.prefix)
     }
 
     /// The epoch of `channel`'s history: it changes whenever the history was lost.
     pub fn epoch(&self, channel: &str) -> String {
-        format!("{}:epoch:{channel}", self.prefix)
+        format!("{}:epoch:{{{channel}}}", self.prefix)
     }
 
     /// The key remembering which entry a client frame id produced.
     pub fn dedupe(&self, stream: &str, scope: &str, id: &str) -> String {
-        format!("{}:dedupe:{stream}:{scope}:{id}", self.prefix)
+        format!("{{{}}}:dedupe:{scope}:{id}", self.inbound(stream))
     }
 }
 
@@ -205,9 +209,44 @@ impl Health {
 /// are batched into shared writes by redis-rs.
 #[derive(Clone)]
 pub struct Backplane {
-    conn: ConnectionManager,
+    link: Link,
     timeout: Duration,
     metrics: Metrics,
+}
+
+/// A single Redis, or a Redis Cluster (commands are routed by key slot).
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(Arc<ClusterLink>),
+}
+
+/// A cluster connection, made on first use and again after it failed to be made.
+struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::Mutex<Option<redis::cluster_async::ClusterConnection>>,
+}
+
+impl ClusterLink {
+    async fn conn(&self) -> Result<redis::cluster_async::ClusterConnection, redis::RedisError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(conn) = conn.as_ref() {
+            return Ok(conn.clone());
+        }
+        let made = self.client.get_async_connection().await?;
+        *conn = Some(made.clone());
+        Ok(made)
+    }
+}
+
+/// A cluster client builder for `cfg.cluster_urls`, with the configured timeouts.
+pub(crate) fn cluster_builder(cfg: &RedisConfig) -> redis::cluster::ClusterClientBuilder {
+    redis::cluster::ClusterClientBuilder::new(cfg.cluster_urls.clone())
+        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .response_timeout(Duration::from_millis(cfg.command_timeout_ms))
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(cfg.reconnect_max_backoff_ms)
 }
 
 impl Backplane {
@@ -217,21 +256,38 @@ impl Backplane {
     /// # Errors
     /// When the URL cannot be used (validated earlier, so rare).
     pub fn new(cfg: &RedisConfig, metrics: Metrics) -> Result<Self, RedisFailure> {
-        let client = redis::Client::open(cfg.url.as_str())?;
-        let manager_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
-            // One quick retry: callers get an answer (often an error) fast, and the health loop
-            // keeps reconnecting in the background while Redis is away.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(cfg.reconnect_max_backoff_ms));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        let link = if cfg.cluster_urls.is_empty() {
+            let client = redis::Client::open(cfg.url.as_str())?;
+            let manager_cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+                .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
+                // One quick retry: callers get an answer (often an error) fast, and the health
+                // loop keeps reconnecting in the background while Redis is away.
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(cfg.reconnect_max_backoff_ms));
+            Link::Single(ConnectionManager::new_lazy_with_config(
+                client,
+                manager_cfg,
+            )?)
+        } else {
+            let client = cluster_builder(cfg).build()?;
+            Link::Cluster(Arc::new(ClusterLink {
+                client,
+                conn: tokio::sync::Mutex::new(None),
+            }))
+        };
         Ok(Self {
-            conn,
+            link,
             timeout: Duration::from_millis(cfg.command_timeout_ms),
             metrics,
         })
+    }
+
+    /// Whether this is a Redis Cluster: multi-key commands and pipelines must stay in one slot,
+    /// and channel traffic uses sharded pub/sub.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
     }
 
     /// Runs one command with the configured timeout.
@@ -242,8 +298,13 @@ impl Backplane {
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, RedisFailure> {
-        let mut conn = self.conn.clone();
-        let result = match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+        let run = async {
+            match &self.link {
+                Link::Single(conn) => cmd.query_async(&mut conn.clone()).await,
+                Link::Cluster(link) => cmd.query_async(&mut link.conn().await?).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
             Ok(result) => result.map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
         };
@@ -270,8 +331,13 @@ impl Backplane {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisFailure> {
-        let mut conn = self.conn.clone();
-        let result = match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+        let run = async {
+            match &self.link {
+                Link::Single(conn) => pipe.query_async(&mut conn.clone()).await,
+                Link::Cluster(link) => pipe.query_async(&mut link.conn().await?).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
             Ok(result) => result.map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
         };
@@ -288,9 +354,18 @@ impl Backplane {
     /// # Errors
     /// [`RedisFailure`] when Redis did not take it.
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), RedisFailure> {
-        self.query::<i64>(redis::cmd("PUBLISH").arg(channel).arg(payload))
+        self.query::<i64>(redis::cmd(self.publish_command()).arg(channel).arg(payload))
             .await
             .map(|_| ())
+    }
+
+    /// `SPUBLISH` on a cluster (sharded pub/sub), `PUBLISH` otherwise.
+    pub fn publish_command(&self) -> &'static str {
+        if self.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// Creates the configured consumer groups (with MKSTREAM); existing groups are kept.

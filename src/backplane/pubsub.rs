@@ -47,6 +47,25 @@ struct PushSender {
     catch_up: mpsc::Sender<()>,
     /// On a reconnection: the catch-up signal is still to be sent for this connection.
     reconnected: AtomicBool,
+    /// Holds messages back while a cluster link subscribes shard by shard (see [`Gate`]).
+    gate: Arc<Gate>,
+}
+
+/// On a cluster, channels on different shards cannot be subscribed in one command, so a new
+/// link's channels are subscribed one by one. Messages that arrive meanwhile are held here
+/// until every subscription is in place; then the catch-up signal goes out, and only then the
+/// held messages, so the catch-up reads each history channel's gap after all of them.
+#[derive(Default)]
+struct Gate {
+    held: std::sync::Mutex<Option<Vec<Bytes>>>,
+}
+
+impl Gate {
+    fn closed() -> Arc<Self> {
+        Arc::new(Gate {
+            held: std::sync::Mutex::new(Some(Vec::new())),
+        })
+    }
 }
 
 impl PushSender {
@@ -63,7 +82,7 @@ impl PushSender {
 impl AsyncPushSender for PushSender {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = info.data.into_iter();
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
                     (data.next(), data.next())
@@ -73,6 +92,17 @@ impl AsyncPushSender for PushSender {
                 if channel == self.health_channel {
                     self.health.pubsub_ok();
                     return Ok(());
+                }
+                {
+                    let mut held = self.gate.held.lock().expect("gate lock");
+                    if let Some(held) = held.as_mut() {
+                        if held.len() < self.tx.max_capacity() {
+                            held.push(Bytes::from(payload));
+                        } else {
+                            self.metrics.dropped(DropReason::PubsubBacklog).increment(1);
+                        }
+                        return Ok(());
+                    }
                 }
                 self.announce_reconnection();
                 if self.tx.try_send(Bytes::from(payload)).is_err() {
@@ -87,6 +117,8 @@ impl AsyncPushSender for PushSender {
                 }
             }
             PushKind::Subscribe => self.announce_reconnection(),
+            // A cluster link announces once all its subscriptions are in place (`open_gate`).
+            PushKind::SSubscribe => {}
             PushKind::Disconnection => self.disconnected.notify_one(),
             _ => {}
         }
@@ -116,6 +148,11 @@ pub async fn run(
             return;
         }
         let disconnected = Arc::new(Notify::new());
+        let gate = if cfg.cluster_urls.is_empty() {
+            Arc::new(Gate::default())
+        } else {
+            Gate::closed()
+        };
         let sender = PushSender {
             tx: tx.clone(),
             health_channel: keys.health.clone().into_bytes(),
@@ -124,9 +161,15 @@ pub async fn run(
             metrics: metrics.clone(),
             warned_full: AtomicBool::new(false),
             catch_up: resubscribed.clone(),
-            reconnected: AtomicBool::new(connected_before),
+            // A cluster link signals through its gate instead.
+            reconnected: AtomicBool::new(connected_before && cfg.cluster_urls.is_empty()),
+            gate: gate.clone(),
         };
+        let catch_up = connected_before.then_some(&resubscribed);
         let conn = connect(&cfg, &keys, sender, interest.as_ref()).await;
+        if conn.is_ok() {
+            open_gate(&gate, catch_up, &tx, &metrics);
+        }
         let mut conn = match conn {
             Ok(conn) => {
                 tracing::info!(channel = %keys.broadcast, "pub/sub link up");
@@ -190,11 +233,7 @@ pub async fn run(
                 _ = tick.tick() => {}
             }
             // Each tick sends a token round the loop; readiness is judged on the last return.
-            let publish = redis::cmd("PUBLISH")
-                .arg(&keys.health)
-                .arg("ping")
-                .to_owned();
-            match tokio::time::timeout(interval * 2, publish.query_async::<i64>(&mut conn)).await {
+            match tokio::time::timeout(interval * 2, conn.publish(&keys.health, "ping")).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     metrics
@@ -229,22 +268,86 @@ pub async fn run(
     }
 }
 
+/// The pub/sub connection: to a single Redis (channels), or to a cluster (shard channels).
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    async fn subscribe(&mut self, names: &[String]) -> Result<(), redis::RedisError> {
+        match self {
+            Conn::Single(conn) => conn.subscribe(names).await,
+            // Shard channels of different slots cannot share a command: one each, together.
+            Conn::Cluster(conn) => {
+                let each = names.iter().map(|name| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(name).await }
+                });
+                futures_util::future::try_join_all(each).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, names: &[String]) -> Result<(), redis::RedisError> {
+        match self {
+            Conn::Single(conn) => conn.unsubscribe(names).await,
+            Conn::Cluster(conn) => {
+                let each = names.iter().map(|name| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(name).await }
+                });
+                futures_util::future::try_join_all(each).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn publish(&mut self, channel: &str, payload: &str) -> Result<i64, redis::RedisError> {
+        match self {
+            Conn::Single(conn) => {
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(payload)
+                    .query_async(conn)
+                    .await
+            }
+            Conn::Cluster(conn) => {
+                redis::cmd("SPUBLISH")
+                    .arg(channel)
+                    .arg(payload)
+                    .query_async(conn)
+                    .await
+            }
+        }
+    }
+}
+
 async fn connect(
     cfg: &RedisConfig,
     keys: &Keys,
     sender: PushSender,
     interest: Option<&InterestLink>,
-) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
-    // Pushes on a shared multiplexed connection need RESP3.
-    let sep = if cfg.url.contains('?') { '&' } else { '?' };
-    let client = redis::Client::open(format!("{}{sep}protocol=resp3", cfg.url))?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-        .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
-        .set_push_sender(sender);
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
+) -> Result<Conn, redis::RedisError> {
+    let mut conn = if cfg.cluster_urls.is_empty() {
+        // Pushes on a shared multiplexed connection need RESP3.
+        let sep = if cfg.url.contains('?') { '&' } else { '?' };
+        let client = redis::Client::open(format!("{}{sep}protocol=resp3", cfg.url))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
+            .set_push_sender(sender);
+        Conn::Single(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        )
+    } else {
+        let client = super::cluster_builder(cfg)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(sender)
+            .build()?;
+        Conn::Cluster(client.get_async_connection().await?)
+    };
     let mut names = vec![keys.broadcast.clone(), keys.health.clone()];
     let wanted = match interest {
         Some(link) => {
@@ -257,12 +360,34 @@ async fn connect(
     };
     // One SUBSCRIBE for everything: Redis takes it as one step, so no message falls between
     // two channels' subscriptions, and the catch-up that the first confirmation starts reads
-    // history after all of them.
+    // history after all of them. (On a cluster, one SSUBSCRIBE per shard.)
     conn.subscribe(&names).await?;
     if let Some(link) = interest {
         link.interest.set_on_link(wanted);
     }
     Ok(conn)
+}
+
+/// Lets a cluster link's held messages through, after the catch-up signal when the link
+/// replaces an earlier one.
+fn open_gate(
+    gate: &Gate,
+    catch_up: Option<&mpsc::Sender<()>>,
+    tx: &mpsc::Sender<Bytes>,
+    metrics: &Metrics,
+) {
+    let mut held = gate.held.lock().expect("gate lock");
+    let Some(messages) = held.take() else {
+        return;
+    };
+    if let Some(catch_up) = catch_up {
+        let _ = catch_up.try_send(());
+    }
+    for payload in messages {
+        if tx.try_send(payload).is_err() {
+            metrics.dropped(DropReason::PubsubBacklog).increment(1);
+        }
+    }
 }
 
 /// The next interest change, or never without interest routing.
@@ -279,7 +404,7 @@ async fn apply_changes(
     first: Change,
     link: &mut InterestLink,
     keys: &Keys,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
 ) -> Result<(), redis::RedisError> {
     let mut touched = std::collections::HashSet::new();
     let mut waiters = Vec::new();

@@ -107,54 +107,74 @@ pub async fn run(
         if received == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for request in &batch {
-            let cmd = match &request.dedupe {
-                Some((key, window)) => pipe
-                    .cmd("EVAL")
-                    .arg(APPEND_ONCE)
-                    .arg(2)
-                    .arg(&*request.key)
-                    .arg(key)
-                    .arg(request.max_len)
-                    .arg(*window),
-                None => pipe
-                    .cmd("XADD")
-                    .arg(&*request.key)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(request.max_len)
-                    .arg("*"),
-            };
-            for (name, value) in &request.fields {
-                cmd.arg(*name).arg(&value[..]);
+        if backplane.is_cluster() {
+            // A pipeline must stay in one slot: one per stream (its dedupe keys share its slot),
+            // all in flight together. Each connection's entries in a stream keep their order.
+            let mut groups: Vec<Vec<AppendRequest>> = Vec::new();
+            for request in batch.drain(..) {
+                match groups.iter_mut().find(|g| g[0].key == request.key) {
+                    Some(group) => group.push(request),
+                    None => groups.push(vec![request]),
+                }
+            }
+            let appends = groups
+                .into_iter()
+                .map(|group| append(group, &backplane, &metrics));
+            futures_util::future::join_all(appends).await;
+        } else {
+            append(std::mem::take(&mut batch), &backplane, &metrics).await;
+        }
+    }
+}
+
+/// Appends `requests` in one pipeline and answers each.
+async fn append(requests: Vec<AppendRequest>, backplane: &Backplane, metrics: &Metrics) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for request in &requests {
+        let cmd = match &request.dedupe {
+            Some((key, window)) => pipe
+                .cmd("EVAL")
+                .arg(APPEND_ONCE)
+                .arg(2)
+                .arg(&*request.key)
+                .arg(key)
+                .arg(request.max_len)
+                .arg(*window),
+            None => pipe
+                .cmd("XADD")
+                .arg(&*request.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(request.max_len)
+                .arg("*"),
+        };
+        for (name, value) in &request.fields {
+            cmd.arg(*name).arg(&value[..]);
+        }
+    }
+    let results: Result<Vec<redis::RedisResult<String>>, RedisFailure> =
+        backplane.query_pipeline(&pipe).await;
+    match results {
+        Ok(results) => {
+            for (request, result) in requests.into_iter().zip(results) {
+                let result = result.map_err(RedisFailure::from);
+                if let Err(e) = &result {
+                    metrics.redis_error(e.kind()).increment(1);
+                }
+                finish(request, result, metrics);
             }
         }
-        let results: Result<Vec<redis::RedisResult<String>>, RedisFailure> =
-            backplane.query_pipeline(&pipe).await;
-        match results {
-            Ok(results) => {
-                for (request, result) in batch.drain(..).zip(results) {
-                    let result = result.map_err(RedisFailure::from);
-                    if let Err(e) = &result {
-                        metrics.redis_error(e.kind()).increment(1);
-                    }
-                    finish(request, result, &metrics);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, entries = batch.len(), "stream append failed");
-                let failure = Failure::from(e);
-                for request in batch.drain(..) {
-                    finish::<Failure>(request, Err(failure.clone()), &metrics);
-                }
+        Err(e) => {
+            tracing::debug!(error = %e, entries = requests.len(), "stream append failed");
+            let failure = Failure::from(e);
+            for request in requests {
+                finish::<Failure>(request, Err(failure.clone()), metrics);
             }
         }
     }
 }
 
-/// An append failure as told to the client: what happened, and whether the entry may exist.
 #[derive(Clone)]
 struct Failure(String);
 

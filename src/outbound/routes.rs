@@ -33,7 +33,8 @@ return 1
 
 /// Publishes the parts of one batch. KEYS: per history part its stream and epoch keys, per user
 /// part the user's set (in part order). ARGV[1]: an epoch to use where a channel has none;
-/// ARGV[2]: the replica channel prefix (`<prefix>:replica:`); then per part: its kind, then
+/// ARGV[2]: the replica channel prefix (`<prefix>:replica:`); ARGV[3]: `PUBLISH`, or `SPUBLISH`
+/// on a cluster (then with one part per call); then per part: its kind, then
 /// - `p` (plain): the pub/sub channel, the payload;
 /// - `h` (history): the pub/sub channel, the payload, MAXLEN, TTL, the number of messages, and
 ///   their data; published as `["<offset>",...]` + newline + payload;
@@ -44,12 +45,13 @@ return 1
 const PUBLISH_ROUTED: &str = r#"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local publish = ARGV[3]
 local offsets, receivers = {}, {}
-local k, a = 1, 3
+local k, a = 1, 4
 while a <= #ARGV do
   local kind = ARGV[a]
   if kind == 'p' then
-    receivers[#receivers + 1] = redis.call('PUBLISH', ARGV[a + 1], ARGV[a + 2])
+    receivers[#receivers + 1] = redis.call(publish, ARGV[a + 1], ARGV[a + 2])
     a = a + 3
   elseif kind == 'h' then
     local channel, payload = ARGV[a + 1], ARGV[a + 2]
@@ -69,7 +71,7 @@ while a <= #ARGV do
     end
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', epoch_key, ttl)
-    receivers[#receivers + 1] = redis.call('PUBLISH', channel, cjson.encode(mine) .. '\n' .. payload)
+    receivers[#receivers + 1] = redis.call(publish, channel, cjson.encode(mine) .. '\n' .. payload)
     a = a + 6 + n
   else
     local payload = ARGV[a + 1]
@@ -77,7 +79,7 @@ while a <= #ARGV do
     k = k + 1
     local got = 0
     for _, replica in ipairs(replicas) do
-      got = got + redis.call('PUBLISH', ARGV[2] .. replica, payload)
+      got = got + redis.call(publish, ARGV[2] .. replica, payload)
     end
     receivers[#receivers + 1] = got
     a = a + 2
@@ -85,6 +87,21 @@ while a <= #ARGV do
 end
 return {offsets, receivers}
 "#;
+
+/// The replicas listed for a user and not expired (Redis time). KEYS[1]: the user's set.
+const LIVE_REPLICAS: &str = r#"
+local t = redis.call('TIME')
+return redis.call('ZRANGEBYSCORE', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), '+inf')
+"#;
+
+/// One part's share of the publish script: its keys, its arguments, and the items that get
+/// history offsets.
+#[derive(Default)]
+struct Step {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    history: Vec<usize>,
+}
 
 /// Where a part of a batch goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,14 +142,7 @@ pub async fn publish(
             _ => parts.push((destination, vec![index])),
         }
     }
-    let mut cmd = redis::cmd("EVAL");
-    let mut key_args: Vec<String> = Vec::new();
-    let mut argv: Vec<Vec<u8>> = vec![
-        format!("{:08x}", crate::random_u32()).into_bytes(),
-        keys.replica("").into_bytes(),
-    ];
-    // The offsets the script returns, in order, belong to these items.
-    let mut history_items = Vec::new();
+    let mut steps = Vec::with_capacity(parts.len());
     for (destination, indexes) in &parts {
         let items: Vec<&Item<'_>> = indexes.iter().map(|&i| &batch.items[i]).collect();
         let payload = serde_json::to_vec(&Part {
@@ -140,6 +150,7 @@ pub async fn publish(
             items: &items,
         })
         .expect("batches serialize");
+        let mut step = Step::default();
         match destination {
             Destination::Channel(channel) => {
                 let with_history: Vec<usize> = indexes
@@ -149,43 +160,39 @@ pub async fn publish(
                     .collect();
                 match config.history_for(channel) {
                     Some(settings) if !with_history.is_empty() => {
-                        key_args.push(keys.history(channel));
-                        key_args.push(keys.epoch(channel));
-                        argv.push(b"h".to_vec());
-                        argv.push(keys.channel(channel).into_bytes());
-                        argv.push(payload);
-                        argv.push(settings.history_size.to_string().into_bytes());
-                        argv.push(settings.history_ttl_seconds.to_string().into_bytes());
-                        argv.push(with_history.len().to_string().into_bytes());
+                        step.keys = vec![keys.history(channel), keys.epoch(channel)];
+                        step.args = vec![
+                            b"h".to_vec(),
+                            keys.channel(channel).into_bytes(),
+                            payload,
+                            settings.history_size.to_string().into_bytes(),
+                            settings.history_ttl_seconds.to_string().into_bytes(),
+                            with_history.len().to_string().into_bytes(),
+                        ];
                         for &i in &with_history {
                             let data = batch.items[i].data.map(|d| d.get()).unwrap_or("null");
-                            argv.push(data.as_bytes().to_vec());
+                            step.args.push(data.as_bytes().to_vec());
                         }
-                        history_items.extend(with_history);
+                        step.history = with_history;
                     }
                     _ => {
-                        argv.push(b"p".to_vec());
-                        argv.push(keys.channel(channel).into_bytes());
-                        argv.push(payload);
+                        step.args =
+                            vec![b"p".to_vec(), keys.channel(channel).into_bytes(), payload];
                     }
                 }
             }
             Destination::Replica(replica) => {
-                argv.push(b"p".to_vec());
-                argv.push(keys.replica(replica).into_bytes());
-                argv.push(payload);
+                step.args = vec![b"p".to_vec(), keys.replica(replica).into_bytes(), payload];
             }
             Destination::All => {
-                argv.push(b"p".to_vec());
-                argv.push(keys.broadcast.clone().into_bytes());
-                argv.push(payload);
+                step.args = vec![b"p".to_vec(), keys.broadcast.clone().into_bytes(), payload];
             }
             Destination::User(user) => {
-                key_args.push(keys.user_replicas(user));
-                argv.push(b"u".to_vec());
-                argv.push(payload);
+                step.keys = vec![keys.user_replicas(user)];
+                step.args = vec![b"u".to_vec(), payload];
             }
         }
+        steps.push(step);
     }
     let mut offsets = vec![None; batch.items.len()];
     if parts.is_empty() {
@@ -194,15 +201,24 @@ pub async fn publish(
             ack_receivers: 0,
         });
     }
-    cmd.arg(PUBLISH_ROUTED).arg(key_args.len());
-    for key in &key_args {
-        cmd.arg(key);
-    }
-    for arg in &argv {
-        cmd.arg(arg.as_slice());
-    }
-    let (got, receivers): (Vec<String>, Vec<usize>) = backplane.query(&cmd).await?;
-    for (index, offset) in history_items.into_iter().zip(got) {
+    let epoch = format!("{:08x}", crate::random_u32());
+    let (got, receivers) = if backplane.is_cluster() {
+        publish_sharded(backplane, keys, &epoch, &steps).await?
+    } else {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUBLISH_ROUTED)
+            .arg(steps.iter().map(|s| s.keys.len()).sum::<usize>());
+        for key in steps.iter().flat_map(|s| &s.keys) {
+            cmd.arg(key);
+        }
+        cmd.arg(&epoch).arg(keys.replica("")).arg("PUBLISH");
+        for arg in steps.iter().flat_map(|s| &s.args) {
+            cmd.arg(arg.as_slice());
+        }
+        backplane.query(&cmd).await?
+    };
+    let history_items = steps.iter().flat_map(|s| s.history.iter().copied());
+    for (index, offset) in history_items.zip(got) {
         offsets[index] = Some(offset);
     }
     let ack_receivers = parts
@@ -290,6 +306,62 @@ impl Acks {
     }
 }
 
+/// On a Redis Cluster each part is published on its own shard: a channel's history part with the
+/// script (its keys and pub/sub channel share a hash tag), a user part after reading the user's
+/// replicas, the rest with SPUBLISH. Parts are published in order, but a call whose parts live
+/// on several shards is no longer one atomic step: if Redis fails part-way, the parts before
+/// the failure were published.
+async fn publish_sharded(
+    backplane: &Backplane,
+    keys: &Keys,
+    epoch: &str,
+    steps: &[Step],
+) -> Result<(Vec<String>, Vec<usize>), RedisFailure> {
+    let (mut offsets, mut receivers) = (Vec::new(), Vec::new());
+    for step in steps {
+        match step.args[0].as_slice() {
+            b"h" => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(PUBLISH_ROUTED).arg(step.keys.len());
+                for key in &step.keys {
+                    cmd.arg(key);
+                }
+                cmd.arg(epoch).arg(keys.replica("")).arg("SPUBLISH");
+                for arg in &step.args {
+                    cmd.arg(arg.as_slice());
+                }
+                let (got, counts): (Vec<String>, Vec<usize>) = backplane.query(&cmd).await?;
+                offsets.extend(got);
+                receivers.extend(counts);
+            }
+            b"u" => {
+                let live: Vec<String> = backplane
+                    .query(
+                        redis::cmd("EVAL")
+                            .arg(LIVE_REPLICAS)
+                            .arg(1)
+                            .arg(&step.keys[0]),
+                    )
+                    .await?;
+                let mut got = 0;
+                for replica in live {
+                    let mut cmd = redis::cmd("SPUBLISH");
+                    cmd.arg(keys.replica(&replica)).arg(step.args[1].as_slice());
+                    got += backplane.query::<usize>(&cmd).await?;
+                }
+                receivers.push(got);
+            }
+            _ => {
+                let mut cmd = redis::cmd("SPUBLISH");
+                cmd.arg(step.args[1].as_slice())
+                    .arg(step.args[2].as_slice());
+                receivers.push(backplane.query::<usize>(&cmd).await?);
+            }
+        }
+    }
+    Ok((offsets, receivers))
+}
+
 /// A part of a batch, serialized as a [`Batch`].
 #[derive(serde::Serialize)]
 struct Part<'a, 'b> {
@@ -319,13 +391,21 @@ pub async fn list_user(
     user: &str,
     ttl: Duration,
 ) -> Result<(), RedisFailure> {
+    backplane
+        .query::<i64>(&list_cmd(keys, replica, user, ttl))
+        .await
+        .map(|_| ())
+}
+
+/// The command listing `replica` for `user` for `ttl`.
+fn list_cmd(keys: &Keys, replica: &str, user: &str, ttl: Duration) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(LIST_REPLICA)
         .arg(1)
         .arg(keys.user_replicas(user))
         .arg(replica)
         .arg(ttl.as_millis() as u64);
-    backplane.query::<i64>(&cmd).await.map(|_| ())
+    cmd
 }
 
 /// Keeps this replica listed for every user it holds, each third of `ttl`, until `stop`.
@@ -345,18 +425,25 @@ pub async fn refresh_users(
             _ = tick.tick() => {}
         }
         let users = registry.user_names();
+        let list = |user: &Arc<str>| list_cmd(&keys, &replica, user, ttl);
         for chunk in users.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.cmd("EVAL")
-                    .arg(LIST_REPLICA)
-                    .arg(1)
-                    .arg(keys.user_replicas(user))
-                    .arg(&replica)
-                    .arg(ttl.as_millis() as u64)
-                    .ignore();
-            }
-            if let Err(e) = backplane.query_pipeline::<()>(&pipe).await {
+            let result = if backplane.is_cluster() {
+                // Users' keys live on different shards: one command each, all in flight.
+                let cmds: Vec<redis::Cmd> = chunk.iter().map(list).collect();
+                let listed = cmds.iter().map(|cmd| backplane.query::<i64>(cmd));
+                futures_util::future::join_all(listed)
+                    .await
+                    .into_iter()
+                    .find_map(Result::err)
+                    .map_or(Ok(()), Err)
+            } else {
+                let mut pipe = redis::pipe();
+                for user in chunk {
+                    pipe.add_command(list(user)).ignore();
+                }
+                backplane.query_pipeline::<()>(&pipe).await
+            };
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "refreshing user routes failed; retrying at the next tick");
                 break;
             }

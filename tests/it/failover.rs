@@ -272,7 +272,7 @@ struct Publication {
 
 /// The channel's history key, as the reference config documents it.
 fn history_key(prefix: &str) -> String {
-    format!("{prefix}:history:{CHANNEL}")
+    format!("{prefix}:history:{{{CHANNEL}}}")
 }
 
 /// Stream entries as XRANGE returns them: (entry id, [(field, value)]).

@@ -72,7 +72,7 @@ async fn channel_messages_carry_increasing_offsets_and_send_returns_them() {
     );
     // Stored, and expiring.
     let mut conn = redis.conn().await;
-    let key = format!("{prefix}:history:room:1");
+    let key = format!("{prefix}:history:{{room:1}}");
     assert_eq!(xrange(&mut conn, &key).await.len(), 2);
     let ttl: i64 = redis::cmd("TTL")
         .arg(&key)

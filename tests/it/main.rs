@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+mod cluster;
 mod common;
 mod dashboard;
 mod delivery;

@@ -659,3 +659,189 @@ fn parse_entries(reply: redis::Value) -> Vec<(String, std::collections::HashMap<
 pub fn text(field: &[u8]) -> &str {
     std::str::from_utf8(field).unwrap()
 }
+
+/// A real Redis Cluster of `masters` redis-server processes (each with `replicas` replicas),
+/// created with `redis-cli --cluster create`; killed on drop.
+pub struct Cluster {
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let count = masters * (1 + replicas);
+        let dir = scratch_dir();
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let mut cluster = Cluster {
+            ports: ports.clone(),
+            children: Vec::new(),
+            dir,
+        };
+        for i in 0..count {
+            let child = cluster.spawn(i);
+            cluster.children.push(Some(child));
+        }
+        for &port in &ports {
+            wait_for_ping(port);
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli must be installed (it comes with redis-server)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        // Every node must see every slot served before clients start.
+        let deadline = Instant::now() + PATIENCE;
+        for &port in &ports {
+            loop {
+                let info = redis_cli(port, &["cluster", "info"]);
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster did not become ok: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // A replica can take over only once it has synced with its master.
+            loop {
+                let info = redis_cli(port, &["info", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replica did not sync: {info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    fn spawn(&self, i: usize) -> Child {
+        let port = self.ports[i].to_string();
+        Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+            .args(["--cluster-node-timeout", "1000"])
+            // Replicas sync at once and may always take over: a test kills masters early.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--cluster-replica-validity-factor", "0"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)")
+    }
+
+    /// The seed list for `redis.cluster_urls`.
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node (index) serving `key` as master, if one does (not during a failover).
+    pub fn master_of(&self, key: &str) -> Option<usize> {
+        let port = self.ports[self.children.iter().position(Option::is_some).unwrap()];
+        let slot = redis_cli(port, &["cluster", "keyslot", key]);
+        let slot: u16 = slot.trim().parse().unwrap();
+        let nodes = redis_cli(port, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                let port: u16 = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                return self.ports.iter().position(|p| *p == port);
+            }
+        }
+        None
+    }
+
+    /// SIGKILL one node, as a crash.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether `port`'s node reports the cluster as serving every slot.
+    pub fn ok_on(&self, i: usize) -> bool {
+        redis_cli(self.ports[i], &["cluster", "info"]).contains("cluster_state:ok")
+    }
+
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(
+            self.ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for_ping(port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    while !redis_cli(port, &["ping"]).contains("PONG") {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Gateway {
+    /// Starts a replica on a Redis Cluster (interest routing, as a cluster needs) and waits
+    /// until it is ready.
+    pub async fn start_on_cluster(cluster: &Cluster, prefix: &str, env: &[(&str, &str)]) -> Self {
+        let mut all = vec![("WSBRIDGE__OUTBOUND__ROUTING", "interest")];
+        let urls = cluster.urls();
+        all.push(("WSBRIDGE__REDIS__CLUSTER_URLS", &urls));
+        all.extend_from_slice(env);
+        let gw = Self::spawn(&base_config("redis://127.0.0.1:1", prefix), prefix, &all);
+        gw.wait_ready().await;
+        gw
+    }
+}
