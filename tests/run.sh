@@ -47,3 +47,11 @@ cargo test --all-targets "$@"
 # contract behaviour must hold under both routings. The replicas inherit the variable.
 echo "==> cargo test --test it, interest routing"
 WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@"
+
+# And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
+# which needs interest routing. Skipped there: the example backends (examples::; they take a
+# single Redis URL), the cluster tests (cluster::; they build their own clusters and run in the
+# passes above) and the broadcast-against-interest comparison (broadcast cannot run on a cluster).
+echo "==> cargo test --test it, on a Redis Cluster"
+WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
+  --skip examples:: --skip cluster:: --skip routing::interest_routing_spares

@@ -45,6 +45,13 @@ impl Keys {
         format!("{}:ch:{{{channel}}}", self.prefix)
     }
 
+    /// The channel a pub/sub channel name from [`Keys::channel`] stands for.
+    pub fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":ch:{")?
+            .strip_suffix('}')
+    }
+
     /// Interest routing: the pub/sub channel of replica `replica`.
     pub fn replica(&self, replica: &str) -> String {
         format!("{}:replica:{replica}", self.prefix)

@@ -49,6 +49,28 @@ struct PushSender {
     reconnected: AtomicBool,
     /// Holds messages back while a cluster link subscribes shard by shard (see [`Gate`]).
     gate: Arc<Gate>,
+    /// To tell a subscription Redis dropped from one this replica let go of.
+    keys: Keys,
+    interest: Option<Arc<Interest>>,
+}
+
+impl PushSender {
+    /// Whether Redis ended a subscription this replica still wants: a cluster does that to shard
+    /// channels whose slot moved to another node. This replica's own unsubscribes are not: it
+    /// takes a channel off the link's set before unsubscribing.
+    fn dropped_by_redis(&self, data: &[Value]) -> bool {
+        let Some(Value::BulkString(name)) = data.first() else {
+            return false;
+        };
+        let name = String::from_utf8_lossy(name);
+        match self.keys.channel_of(&name) {
+            Some(channel) => self
+                .interest
+                .as_ref()
+                .is_some_and(|interest| interest.listening(channel)),
+            None => true,
+        }
+    }
 }
 
 /// On a cluster, channels on different shards cannot be subscribed in one command, so a new
@@ -119,6 +141,12 @@ impl AsyncPushSender for PushSender {
             PushKind::Subscribe => self.announce_reconnection(),
             // A cluster link announces once all its subscriptions are in place (`open_gate`).
             PushKind::SSubscribe => {}
+            // A slot moved: its channels must be subscribed again where it lives now, and what
+            // they missed caught up. A fresh link does both.
+            PushKind::SUnsubscribe if self.dropped_by_redis(&info.data) => {
+                tracing::info!("Redis ended a shard channel subscription (its slot moved); reconnecting the pub/sub link");
+                self.disconnected.notify_one();
+            }
             PushKind::Disconnection => self.disconnected.notify_one(),
             _ => {}
         }
@@ -164,6 +192,8 @@ pub async fn run(
             // A cluster link signals through its gate instead.
             reconnected: AtomicBool::new(connected_before && cfg.cluster_urls.is_empty()),
             gate: gate.clone(),
+            keys: keys.clone(),
+            interest: interest.as_ref().map(|link| link.interest.clone()),
         };
         let catch_up = connected_before.then_some(&resubscribed);
         let conn = connect(&cfg, &keys, sender, interest.as_ref()).await;

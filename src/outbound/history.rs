@@ -50,6 +50,9 @@ pub enum Replay {
     Incomplete,
 }
 
+/// How many times a failed history read is tried again (after 0.1, 0.2, ... 0.5 s).
+const READ_ATTEMPTS: u64 = 5;
+
 /// Reads, atomically, the entries of `channel`'s history after `since`, at most `limit`.
 ///
 /// # Errors
@@ -78,8 +81,20 @@ pub async fn read_since(
         .arg("+")
         .arg("COUNT")
         .arg(limit);
-    let (epoch, first, after): (Option<String>, StreamRangeReply, StreamRangeReply) =
-        backplane.query_pipeline(&pipe).await?;
+    // A read that fails while Redis (or a cluster shard) is coming back is tried again for a
+    // while: giving up means telling clients they were not made whole.
+    let mut attempt = 0;
+    let (epoch, first, after): (Option<String>, StreamRangeReply, StreamRangeReply) = loop {
+        match backplane.query_pipeline(&pipe).await {
+            Ok(read) => break read,
+            Err(e) if attempt < READ_ATTEMPTS => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, channel, "history read failed; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let Some(epoch) = epoch else {
         return Ok(Replay::Incomplete);
     };

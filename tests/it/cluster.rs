@@ -158,3 +158,45 @@ async fn a_master_fails_over_and_deliveries_resume() {
     }
     assert_eq!(a.metric("wsbridge_connections").await, 1.0);
 }
+
+#[tokio::test]
+async fn a_channel_whose_slot_moves_keeps_delivering() {
+    let cluster = Cluster::start(3, 0);
+    let prefix = unique_prefix("cluster-reshard");
+    let a = gateway(&cluster, &prefix).await;
+    let b = gateway(&cluster, &prefix).await;
+    let mut member = connect_as(&a, "dave").await;
+    member.subscribe("room:moving").await;
+    b.send(json!({"to": {"channel": "room:moving"}, "data": "before"}))
+        .await;
+    assert_eq!(member.recv().await["data"], "before");
+
+    // Move the channel's slot (its history and pub/sub channel) to another master, as
+    // resharding does. Redis tells the shard channel's subscribers it is gone.
+    let from = cluster.master_of("{room:moving}").expect("a master");
+    let to = (from + 1) % cluster.ports.len();
+    cluster.move_slot_of("{room:moving}", from, to);
+    assert_eq!(cluster.master_of("{room:moving}"), Some(to));
+
+    // Deliveries continue on the client's connection, with no message lost: what was published
+    // after the move arrives, in order (a catch-up from history may announce itself first).
+    for n in 0..5 {
+        let (status, answer) = b
+            .post(
+                "/send",
+                &json!({"to": {"channel": "room:moving"}, "data": n}),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let frame = member.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => got.push(frame["data"].clone()),
+            Some("subscribed") => assert_eq!(frame["channel"], "room:moving"),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(got, [json!(0), json!(1), json!(2), json!(3), json!(4)]);
+}

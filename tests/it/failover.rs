@@ -282,11 +282,7 @@ type Entries = Vec<(String, Vec<(String, String)>)>;
 async fn history(redis_url: &str, prefix: &str) -> Vec<(String, String)> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        if let Ok(mut conn) = redis::Client::open(redis_url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-        {
+        if let Ok(mut conn) = conn_to(redis_url).await {
             let reply: redis::RedisResult<Entries> = redis::cmd("XRANGE")
                 .arg(history_key(prefix))
                 .arg("-")

@@ -137,16 +137,18 @@ async fn a_pubsub_round_trip_failure_alone_makes_the_replica_unready() {
     let redis = Redis::start();
     let prefix = unique_prefix("pausewrite");
     let gw = Gateway::start(&redis, &prefix).await;
-    let mut conn = redis.conn().await;
     // CLIENT PAUSE WRITE holds PUBLISH but lets PING through: the command link looks healthy,
-    // only the round trip through pub/sub can notice that nothing is being delivered.
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(3000)
-        .arg("WRITE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // only the round trip through pub/sub can notice that nothing is being delivered. (On a
+    // cluster, on every node.)
+    for mut conn in redis.node_conns().await {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(3000)
+            .arg("WRITE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
     eventually("readyz 503 from the pub/sub round trip", || async {
         let (status, reason) = gw.readyz().await;
         status == 503 && reason.contains("pub/sub")

@@ -293,55 +293,62 @@ async fn a_resent_send_is_stored_once_even_after_a_reconnect() {
 }
 
 /// Cuts every pub/sub link and keeps them from reconnecting (Redis refuses new connections)
-/// until the returned guard's `restore` runs; command links stay up, so publishing works.
-async fn cut_pubsub_links(redis: &Redis) -> redis::aio::MultiplexedConnection {
-    let mut conn = redis.conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("clients")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let connected: i64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let pubsub = list.lines().count() as i64;
-    assert!(pubsub >= 1, "no pub/sub links to cut");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxclients")
-        .arg(connected - pubsub)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    conn
+/// until the returned guard's `restore` runs; command links stay up, so publishing works. On a
+/// cluster, on every node.
+async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::MultiplexedConnection> {
+    let mut nodes = redis.node_conns().await;
+    let mut cut = 0;
+    for conn in &mut nodes {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let connected: i64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let pubsub = list.lines().count() as i64;
+        cut += pubsub;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(connected - pubsub)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    assert!(cut >= 1, "no pub/sub links to cut");
+    nodes
 }
 
-async fn restore_connections(conn: &mut redis::aio::MultiplexedConnection) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxclients")
-        .arg(10000)
-        .query_async(conn)
-        .await
-        .unwrap();
+async fn restore_connections(nodes: &mut [redis::aio::MultiplexedConnection]) {
+    for conn in nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(10000)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test]

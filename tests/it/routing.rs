@@ -10,6 +10,26 @@ use crate::common::*;
 const INTEREST: [(&str, &str); 1] = [("WSBRIDGE__OUTBOUND__ROUTING", "interest")];
 const BROADCAST: [(&str, &str); 1] = [("WSBRIDGE__OUTBOUND__ROUTING", "broadcast")];
 
+/// Subscribers of pub/sub channel `name` (shard channel on a cluster), over every node.
+async fn subscribers(redis: &Redis, name: &str) -> i64 {
+    let command = if on_cluster() {
+        "SHARDNUMSUB"
+    } else {
+        "NUMSUB"
+    };
+    let mut total = 0;
+    for mut conn in redis.node_conns().await {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg(command)
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += n;
+    }
+    total
+}
+
 /// Received and filtered counts of a replica.
 async fn pubsub(gw: &Gateway) -> (f64, f64) {
     (
@@ -79,6 +99,12 @@ async fn a_message_sent_right_after_subscribed_arrives() {
     assert_eq!(client.recv().await["type"], "unsubscribed");
     eventually("the link drops the channel", || async {
         a.metric("wsbridge_pubsub_channels").await == 19.0
+    })
+    .await;
+    // And Redis has taken the unsubscription (on a cluster the confirmation may come first).
+    let key = format!("{prefix}:ch:{{fresh:0}}");
+    eventually("Redis has no subscriber for the channel", || async {
+        subscribers(&redis, &key).await == 0
     })
     .await;
     let (received, _) = pubsub(&a).await;

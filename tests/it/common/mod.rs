@@ -62,22 +62,44 @@ pub fn scratch_dir() -> PathBuf {
     dir
 }
 
-/// A real redis-server, killed on drop.
+/// Whether the suite runs against a Redis Cluster (`WSBRIDGE_TEST_REDIS=cluster`): every
+/// [`Redis`] is then a three-master cluster, and replicas use it with interest routing.
+pub fn on_cluster() -> bool {
+    std::env::var("WSBRIDGE_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
+/// A real redis-server (or, [`on_cluster`], a real Redis Cluster), killed on drop.
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: PathBuf,
     /// Started with an append-only file fsynced on every write: a restart keeps the data.
     aof: bool,
+    cluster: Option<Cluster>,
 }
 
 impl Redis {
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    fn start_inner(aof: bool) -> Self {
+        if on_cluster() {
+            let cluster = Cluster::start_with(3, 0, aof);
+            return Redis {
+                port: cluster.ports[0],
+                child: None,
+                dir: scratch_dir(),
+                aof,
+                cluster: Some(cluster),
+            };
+        }
         let mut redis = Redis {
             port: free_port(),
             child: None,
             dir: scratch_dir(),
-            aof: false,
+            aof,
+            cluster: None,
         };
         redis.spawn();
         redis
@@ -87,14 +109,7 @@ impl Redis {
     /// --appendfsync always`, in its own directory), so that [`Redis::restart`] after a SIGKILL
     /// comes back with everything it acknowledged.
     pub fn start_with_aof() -> Self {
-        let mut redis = Redis {
-            port: free_port(),
-            child: None,
-            dir: scratch_dir(),
-            aof: true,
-        };
-        redis.spawn();
-        redis
+        Self::start_inner(true)
     }
 
     fn spawn(&mut self) {
@@ -137,12 +152,21 @@ impl Redis {
         }
     }
 
+    /// The URL, or on a cluster every node's URL, comma-separated ([`base_config`] knows).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.cluster {
+            Some(cluster) => cluster.urls(),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
-    /// SIGKILL, as an outage.
+    /// SIGKILL, as an outage (every node of a cluster).
     pub fn kill(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            for i in 0..cluster.ports.len() {
+                cluster.kill(i);
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -153,26 +177,102 @@ impl Redis {
     /// [`Redis::start_with_aof`]. After [`Redis::kill`], starts it again.
     pub fn restart(&mut self) {
         self.kill();
+        if let Some(cluster) = &mut self.cluster {
+            cluster.restart_all();
+            return;
+        }
         self.spawn();
     }
 
     /// Freezes the server (connections stay open, nothing answers) or thaws it.
     pub fn freeze(&self, frozen: bool) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
+        let pids: Vec<String> = match &self.cluster {
+            Some(cluster) => cluster.pids(),
+            None => vec![self.child.as_ref().expect("running").id().to_string()],
+        };
         let sig = if frozen { "-STOP" } else { "-CONT" };
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
+        for pid in pids {
+            assert!(Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
     }
 
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+    /// One plain connection per node (one in all without a cluster), for node-level commands.
+    pub async fn node_conns(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let ports = match &self.cluster {
+            Some(cluster) => cluster.ports.clone(),
+            None => vec![self.port],
+        };
+        let mut conns = Vec::new();
+        for port in ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+            conns.push(client.get_multiplexed_async_connection().await.unwrap());
+        }
+        conns
+    }
+
+    pub async fn conn(&self) -> RedisConn {
+        match &self.cluster {
+            Some(cluster) => RedisConn::Cluster(cluster.conn().await),
+            None => RedisConn::Single(
+                redis::Client::open(self.url())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+/// A connection to [`Redis::url`]: a single Redis, or a cluster (comma-separated node URLs).
+pub async fn conn_to(url: &str) -> redis::RedisResult<RedisConn> {
+    let urls: Vec<&str> = url.split(',').collect();
+    if urls.len() > 1 {
+        let client = redis::cluster::ClusterClient::new(urls)?;
+        return Ok(RedisConn::Cluster(client.get_async_connection().await?));
+    }
+    let client = redis::Client::open(url)?;
+    Ok(RedisConn::Single(
+        client.get_multiplexed_async_connection().await?,
+    ))
+}
+
+/// A connection for tests to look at what the gateway stored: to a single Redis or a cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
     }
 }
 
@@ -182,6 +282,11 @@ impl Drop for Redis {
             let _ = Command::new("kill")
                 .args(["-CONT", &child.id().to_string()])
                 .status();
+        }
+        if let Some(cluster) = &self.cluster {
+            for pid in cluster.pids() {
+                let _ = Command::new("kill").args(["-CONT", &pid]).status();
+            }
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -199,7 +304,19 @@ pub struct Gateway {
 }
 
 /// Settings common to every test replica: fast health checks so outages show within a second.
+/// `redis_url` may be a cluster's comma-separated node URLs ([`Redis::url`]).
 pub fn base_config(redis_url: &str, prefix: &str) -> String {
+    let urls: Vec<&str> = redis_url.split(',').collect();
+    let redis = if urls.len() > 1 {
+        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "url = \"{}\"\ncluster_urls = [{}]",
+            urls[0],
+            list.join(", ")
+        )
+    } else {
+        format!("url = \"{redis_url}\"")
+    };
     format!(
         r#"
 [server]
@@ -208,7 +325,7 @@ api_listen = "127.0.0.1:0"
 shutdown_drain_seconds = 5
 
 [redis]
-url = "{redis_url}"
+{redis}
 prefix = "{prefix}"
 connect_timeout_ms = 500
 command_timeout_ms = 1000
@@ -585,7 +702,7 @@ pub fn now_secs() -> u64 {
 
 /// Reads every entry of a stream through a consumer group, as a backend would.
 pub async fn read_group(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut RedisConn,
     key: &str,
     group: &str,
     count: usize,
@@ -607,7 +724,7 @@ pub async fn read_group(
 
 /// Reads a whole stream with XRANGE.
 pub async fn xrange(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut RedisConn,
     key: &str,
 ) -> Vec<(String, std::collections::HashMap<String, Vec<u8>>)> {
     let reply: redis::Value = redis::cmd("XRANGE")
@@ -666,10 +783,16 @@ pub struct Cluster {
     pub ports: Vec<u16>,
     children: Vec<Option<Child>>,
     dir: PathBuf,
+    aof: bool,
 }
 
 impl Cluster {
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, false)
+    }
+
+    /// As [`Cluster::start`]; with `aof`, every node fsyncs every write to its append-only file.
+    pub fn start_with(masters: usize, replicas: usize, aof: bool) -> Self {
         let count = masters * (1 + replicas);
         let dir = scratch_dir();
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
@@ -677,6 +800,7 @@ impl Cluster {
             ports: ports.clone(),
             children: Vec::new(),
             dir,
+            aof,
         };
         for i in 0..count {
             let child = cluster.spawn(i);
@@ -724,17 +848,25 @@ impl Cluster {
 
     fn spawn(&self, i: usize) -> Child {
         let port = self.ports[i].to_string();
+        let persistence: &[&str] = if self.aof {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        let node_dir = self.dir.join(&port);
+        std::fs::create_dir_all(&node_dir).unwrap();
         Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+            .args(persistence)
+            .args(["--cluster-enabled", "yes"])
             .args(["--cluster-node-timeout", "1000"])
             // Replicas sync at once and may always take over: a test kills masters early.
             .args(["--repl-diskless-sync-delay", "0"])
             .args(["--cluster-replica-validity-factor", "0"])
             .arg("--cluster-config-file")
-            .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .arg(node_dir.join("nodes.conf"))
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(&node_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -774,6 +906,85 @@ impl Cluster {
             }
         }
         None
+    }
+
+    /// Starts every stopped node again on its port, with its cluster config (and its data when
+    /// started with an append-only file), and waits until the cluster serves every slot.
+    pub fn restart_all(&mut self) {
+        for i in 0..self.ports.len() {
+            if self.children[i].is_none() {
+                self.children[i] = Some(self.spawn(i));
+            }
+        }
+        let deadline = Instant::now() + PATIENCE;
+        for &port in &self.ports {
+            wait_for_ping(port);
+            while !redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster did not come back");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Moves the slot of `key` from node `from` to node `to` (both masters), keys included, the
+    /// way `redis-cli --cluster reshard` does, and waits until every node agrees.
+    pub fn move_slot_of(&self, key: &str, from: usize, to: usize) {
+        let (src, dst) = (self.ports[from], self.ports[to]);
+        let slot = redis_cli(src, &["cluster", "keyslot", key])
+            .trim()
+            .to_string();
+        let id = |port: u16| redis_cli(port, &["cluster", "myid"]).trim().to_string();
+        let (src_id, dst_id) = (id(src), id(dst));
+        redis_cli(dst, &["cluster", "setslot", &slot, "importing", &src_id]);
+        redis_cli(src, &["cluster", "setslot", &slot, "migrating", &dst_id]);
+        loop {
+            let keys = redis_cli(src, &["cluster", "getkeysinslot", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["migrate", "127.0.0.1"];
+            let dst_port = dst.to_string();
+            args.extend([dst_port.as_str(), "", "0", "5000", "KEYS"]);
+            args.extend(keys.iter().copied());
+            let out = redis_cli(src, &args);
+            assert!(out.contains("OK"), "MIGRATE failed: {out}");
+        }
+        for &port in &self.ports {
+            redis_cli(port, &["cluster", "setslot", &slot, "node", &dst_id]);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        for &port in &self.ports {
+            loop {
+                let nodes = redis_cli(port, &["cluster", "nodes"]);
+                let owner = nodes.lines().find(|l| {
+                    l.starts_with(&dst_id)
+                        && l.split_whitespace().skip(8).any(|r| {
+                            let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+                            let s: u16 = slot.parse().unwrap();
+                            lo.parse::<u16>().is_ok_and(|lo| lo <= s)
+                                && hi.parse::<u16>().is_ok_and(|hi| s <= hi)
+                        })
+                });
+                if owner.is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "slot {slot} did not move: {nodes}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The running nodes' process ids.
+    pub fn pids(&self) -> Vec<String> {
+        self.children
+            .iter()
+            .flatten()
+            .map(|c| c.id().to_string())
+            .collect()
     }
 
     /// SIGKILL one node, as a crash.
