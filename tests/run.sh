@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests run for real: Redis (the backplane), Prometheus (the dashboard
-# test evaluates every panel's query against it) and openssl (RS256 test keys).
+# test evaluates every panel's query against it), openssl (RS256 test keys) and nginx (the
+# deployment example's config, in front of real replicas).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx) # tests/it/deploy.rs: the example nginx config
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
@@ -32,6 +34,8 @@ echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend exa
 cargo build --examples
 echo "==> RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
+echo "==> deployment files (examples/deploy, Dockerfile)"
+bash tests/deploy.sh
 
 echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 command -v node >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null; }

@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod dashboard;
 mod delivery;
+mod deploy;
 mod examples;
 mod failover;
 mod faults;
