@@ -457,6 +457,34 @@ impl Config {
                 "limits.max_batch_messages",
                 self.limits.max_batch_messages as u64,
             ),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("redis.health_interval_ms", self.redis.health_interval_ms),
+            (
+                "redis.pubsub_buffer_messages",
+                self.redis.pubsub_buffer_messages as u64,
+            ),
+            (
+                "inbound.append_queue_capacity",
+                self.inbound.append_queue_capacity as u64,
+            ),
+            (
+                "inbound.append_batch_max",
+                self.inbound.append_batch_max as u64,
+            ),
+            (
+                "outbound.queue_capacity_messages",
+                self.outbound.queue_capacity_messages as u64,
+            ),
+            (
+                "outbound.reply_queue_capacity",
+                self.outbound.reply_queue_capacity as u64,
+            ),
+            (
+                "outbound.user_route_ttl_seconds",
+                self.outbound.user_route_ttl_seconds,
+            ),
+            ("api.max_body_bytes", self.api.max_body_bytes as u64),
         ] {
             positive(key, value)?;
         }
@@ -490,23 +518,12 @@ impl Config {
                 "must not contain `{` or `}`",
             ));
         }
-        for (key, value) in [
-            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
-            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
-            ("redis.health_interval_ms", self.redis.health_interval_ms),
-        ] {
-            positive(key, value)?;
-        }
         if self.redis.unhealthy_after_ms <= self.redis.health_interval_ms {
             return Err(ConfigError::key(
                 "redis.unhealthy_after_ms",
                 "must be larger than redis.health_interval_ms",
             ));
         }
-        positive(
-            "redis.pubsub_buffer_messages",
-            self.redis.pubsub_buffer_messages as u64,
-        )?;
         for (key, names) in [
             ("inbound.streams", &self.inbound.streams),
             ("inbound.groups", &self.inbound.groups),
@@ -523,31 +540,6 @@ impl Config {
                     ));
                 }
             }
-        }
-        for (key, value) in [
-            (
-                "inbound.append_queue_capacity",
-                self.inbound.append_queue_capacity as u64,
-            ),
-            (
-                "inbound.append_batch_max",
-                self.inbound.append_batch_max as u64,
-            ),
-            (
-                "outbound.queue_capacity_messages",
-                self.outbound.queue_capacity_messages as u64,
-            ),
-            (
-                "outbound.reply_queue_capacity",
-                self.outbound.reply_queue_capacity as u64,
-            ),
-            (
-                "outbound.user_route_ttl_seconds",
-                self.outbound.user_route_ttl_seconds,
-            ),
-            ("api.max_body_bytes", self.api.max_body_bytes as u64),
-        ] {
-            positive(key, value)?;
         }
         if self.api.keys.iter().any(String::is_empty) {
             return Err(ConfigError::key(

@@ -361,18 +361,15 @@ impl Backplane {
     /// # Errors
     /// [`RedisFailure`] when Redis did not take it.
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), RedisFailure> {
-        self.query::<i64>(redis::cmd(self.publish_command()).arg(channel).arg(payload))
-            .await
-            .map(|_| ())
-    }
-
-    /// `SPUBLISH` on a cluster (sharded pub/sub), `PUBLISH` otherwise.
-    pub fn publish_command(&self) -> &'static str {
-        if self.is_cluster() {
+        // SPUBLISH on a cluster: sharded pub/sub.
+        let command = if self.is_cluster() {
             "SPUBLISH"
         } else {
             "PUBLISH"
-        }
+        };
+        self.query::<i64>(redis::cmd(command).arg(channel).arg(payload))
+            .await
+            .map(|_| ())
     }
 
     /// Creates the configured consumer groups (with MKSTREAM); existing groups are kept.

@@ -45,9 +45,7 @@ struct PushSender {
     warned_full: AtomicBool,
     /// Tells the dispatcher to catch up its history channels: messages were missed.
     catch_up: mpsc::Sender<()>,
-    /// On a reconnection: the catch-up signal is still to be sent for this connection.
-    reconnected: AtomicBool,
-    /// Holds messages back while a cluster link subscribes shard by shard (see [`Gate`]).
+    /// Holds messages back until the link's subscriptions are in place (see [`Gate`]).
     gate: Arc<Gate>,
     /// To tell a subscription Redis dropped from one this replica let go of.
     keys: Keys,
@@ -73,31 +71,66 @@ impl PushSender {
     }
 }
 
-/// On a cluster, channels on different shards cannot be subscribed in one command, so a new
-/// link's channels are subscribed one by one. Messages that arrive meanwhile are held here
-/// until every subscription is in place; then the catch-up signal goes out, and only then the
-/// held messages, so the catch-up reads each history channel's gap after all of them.
-#[derive(Default)]
+/// A new link's first messages wait here until every subscription is in place (on a cluster,
+/// channels on different shards are subscribed one by one). Then, when the link replaces an
+/// earlier one, the catch-up signal goes out before them: the dispatcher takes signals before
+/// payloads, so it starts catching up each history channel from the last offset it delivered
+/// before the gap, and reads the gap after every subscription is in place.
 struct Gate {
-    held: std::sync::Mutex<Option<Vec<Bytes>>>,
+    /// Whether messages are being held: read on every message, so an open gate costs one atomic
+    /// load and no lock.
+    holding: AtomicBool,
+    held: std::sync::Mutex<Vec<Bytes>>,
 }
 
 impl Gate {
-    fn closed() -> Arc<Self> {
+    fn new(holding: bool) -> Arc<Self> {
         Arc::new(Gate {
-            held: std::sync::Mutex::new(Some(Vec::new())),
+            holding: AtomicBool::new(holding),
+            held: std::sync::Mutex::new(Vec::new()),
         })
     }
-}
 
-impl PushSender {
-    /// Signals a reconnection once, before the first message of the new connection reaches the
-    /// dispatcher (the dispatcher takes signals before payloads): its last delivered offsets are
-    /// then still those from before the gap.
-    fn announce_reconnection(&self) {
-        if self.reconnected.swap(false, Ordering::AcqRel) {
-            let _ = self.catch_up.try_send(());
+    /// Keeps `payload` while the gate is closed (up to `room` messages, past which it is
+    /// dropped and counted); gives it back when the gate is open.
+    fn hold(&self, payload: Bytes, room: usize, metrics: &Metrics) -> Option<Bytes> {
+        if !self.holding.load(Ordering::Acquire) {
+            return Some(payload);
         }
+        let mut held = self.held.lock().expect("gate lock");
+        // Opened while this waited for the lock: the held messages are through already.
+        if !self.holding.load(Ordering::Acquire) {
+            return Some(payload);
+        }
+        if held.len() < room {
+            held.push(payload);
+        } else {
+            metrics.dropped(DropReason::PubsubBacklog).increment(1);
+        }
+        None
+    }
+
+    /// Opens the gate: the catch-up signal (when the link replaces an earlier one), then the held
+    /// messages, then whatever comes next.
+    fn open(
+        &self,
+        catch_up: Option<&mpsc::Sender<()>>,
+        tx: &mpsc::Sender<Bytes>,
+        metrics: &Metrics,
+    ) {
+        let mut held = self.held.lock().expect("gate lock");
+        if !self.holding.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(catch_up) = catch_up {
+            let _ = catch_up.try_send(());
+        }
+        for payload in held.drain(..) {
+            if tx.try_send(payload).is_err() {
+                metrics.dropped(DropReason::PubsubBacklog).increment(1);
+            }
+        }
+        self.holding.store(false, Ordering::Release);
     }
 }
 
@@ -115,19 +148,12 @@ impl AsyncPushSender for PushSender {
                     self.health.pubsub_ok();
                     return Ok(());
                 }
-                {
-                    let mut held = self.gate.held.lock().expect("gate lock");
-                    if let Some(held) = held.as_mut() {
-                        if held.len() < self.tx.max_capacity() {
-                            held.push(Bytes::from(payload));
-                        } else {
-                            self.metrics.dropped(DropReason::PubsubBacklog).increment(1);
-                        }
-                        return Ok(());
-                    }
-                }
-                self.announce_reconnection();
-                if self.tx.try_send(Bytes::from(payload)).is_err() {
+                let room = self.tx.max_capacity();
+                let Some(payload) = self.gate.hold(Bytes::from(payload), room, &self.metrics)
+                else {
+                    return Ok(());
+                };
+                if self.tx.try_send(payload).is_err() {
                     self.metrics.dropped(DropReason::PubsubBacklog).increment(1);
                     // History channels get what was dropped back from their history.
                     let _ = self.catch_up.try_send(());
@@ -138,9 +164,6 @@ impl AsyncPushSender for PushSender {
                     self.warned_full.store(false, Ordering::Relaxed);
                 }
             }
-            PushKind::Subscribe => self.announce_reconnection(),
-            // A cluster link announces once all its subscriptions are in place (`open_gate`).
-            PushKind::SSubscribe => {}
             // A slot moved: its channels must be subscribed again where it lives now, and what
             // they missed caught up. A fresh link does both.
             PushKind::SUnsubscribe if self.dropped_by_redis(&info.data) => {
@@ -176,11 +199,7 @@ pub async fn run(
             return;
         }
         let disconnected = Arc::new(Notify::new());
-        let gate = if cfg.cluster_urls.is_empty() {
-            Arc::new(Gate::default())
-        } else {
-            Gate::closed()
-        };
+        let gate = Gate::new(true);
         let sender = PushSender {
             tx: tx.clone(),
             health_channel: keys.health.clone().into_bytes(),
@@ -189,8 +208,6 @@ pub async fn run(
             metrics: metrics.clone(),
             warned_full: AtomicBool::new(false),
             catch_up: resubscribed.clone(),
-            // A cluster link signals through its gate instead.
-            reconnected: AtomicBool::new(connected_before && cfg.cluster_urls.is_empty()),
             gate: gate.clone(),
             keys: keys.clone(),
             interest: interest.as_ref().map(|link| link.interest.clone()),
@@ -198,14 +215,14 @@ pub async fn run(
         let catch_up = connected_before.then_some(&resubscribed);
         let conn = connect(&cfg, &keys, sender, interest.as_ref()).await;
         if conn.is_ok() {
-            open_gate(&gate, catch_up, &tx, &metrics);
+            gate.open(catch_up, &tx, &metrics);
         }
         let mut conn = match conn {
             Ok(conn) => {
                 tracing::info!(channel = %keys.broadcast, "pub/sub link up");
                 // Messages published while the link was down never reached this replica; the
-                // dispatcher catches up the channels that keep history. The push sender has
-                // signalled it already, at the subscription, before any message.
+                // dispatcher catches up the channels that keep history. The gate has signalled
+                // it already, before any message of this link.
                 connected_before = true;
                 backoff = Duration::from_millis(100);
                 conn
@@ -305,27 +322,22 @@ enum Conn {
 }
 
 impl Conn {
-    async fn subscribe(&mut self, names: &[String]) -> Result<(), redis::RedisError> {
+    /// Subscribes to `names`, or unsubscribes from them.
+    async fn set(&mut self, names: &[String], subscribed: bool) -> Result<(), redis::RedisError> {
         match self {
-            Conn::Single(conn) => conn.subscribe(names).await,
+            Conn::Single(conn) if subscribed => conn.subscribe(names).await,
+            Conn::Single(conn) => conn.unsubscribe(names).await,
             // Shard channels of different slots cannot share a command: one each, together.
             Conn::Cluster(conn) => {
                 let each = names.iter().map(|name| {
                     let mut conn = conn.clone();
-                    async move { conn.ssubscribe(name).await }
-                });
-                futures_util::future::try_join_all(each).await.map(|_| ())
-            }
-        }
-    }
-
-    async fn unsubscribe(&mut self, names: &[String]) -> Result<(), redis::RedisError> {
-        match self {
-            Conn::Single(conn) => conn.unsubscribe(names).await,
-            Conn::Cluster(conn) => {
-                let each = names.iter().map(|name| {
-                    let mut conn = conn.clone();
-                    async move { conn.sunsubscribe(name).await }
+                    async move {
+                        if subscribed {
+                            conn.ssubscribe(name).await
+                        } else {
+                            conn.sunsubscribe(name).await
+                        }
+                    }
                 });
                 futures_util::future::try_join_all(each).await.map(|_| ())
             }
@@ -333,21 +345,14 @@ impl Conn {
     }
 
     async fn publish(&mut self, channel: &str, payload: &str) -> Result<i64, redis::RedisError> {
+        let command = match self {
+            Conn::Single(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        };
+        let cmd = redis::cmd(command).arg(channel).arg(payload).to_owned();
         match self {
-            Conn::Single(conn) => {
-                redis::cmd("PUBLISH")
-                    .arg(channel)
-                    .arg(payload)
-                    .query_async(conn)
-                    .await
-            }
-            Conn::Cluster(conn) => {
-                redis::cmd("SPUBLISH")
-                    .arg(channel)
-                    .arg(payload)
-                    .query_async(conn)
-                    .await
-            }
+            Conn::Single(conn) => cmd.query_async(conn).await,
+            Conn::Cluster(conn) => cmd.query_async(conn).await,
         }
     }
 }
@@ -388,36 +393,13 @@ async fn connect(
         }
         None => Vec::new(),
     };
-    // One SUBSCRIBE for everything: Redis takes it as one step, so no message falls between
-    // two channels' subscriptions, and the catch-up that the first confirmation starts reads
-    // history after all of them. (On a cluster, one SSUBSCRIBE per shard.)
-    conn.subscribe(&names).await?;
+    // One SUBSCRIBE for everything (on a cluster, one SSUBSCRIBE per shard channel). Messages
+    // that arrive meanwhile wait in the gate, which opens once this returns.
+    conn.set(&names, true).await?;
     if let Some(link) = interest {
         link.interest.set_on_link(wanted);
     }
     Ok(conn)
-}
-
-/// Lets a cluster link's held messages through, after the catch-up signal when the link
-/// replaces an earlier one.
-fn open_gate(
-    gate: &Gate,
-    catch_up: Option<&mpsc::Sender<()>>,
-    tx: &mpsc::Sender<Bytes>,
-    metrics: &Metrics,
-) {
-    let mut held = gate.held.lock().expect("gate lock");
-    let Some(messages) = held.take() else {
-        return;
-    };
-    if let Some(catch_up) = catch_up {
-        let _ = catch_up.try_send(());
-    }
-    for payload in messages {
-        if tx.try_send(payload).is_err() {
-            metrics.dropped(DropReason::PubsubBacklog).increment(1);
-        }
-    }
 }
 
 /// The next interest change, or never without interest routing.
@@ -456,11 +438,11 @@ async fn apply_changes(
     let plan = link.interest.plan(touched, &link.registry);
     if !plan.remove.is_empty() {
         let names: Vec<String> = plan.remove.iter().map(|c| keys.channel(c)).collect();
-        conn.unsubscribe(&names).await?;
+        conn.set(&names, false).await?;
     }
     if !plan.add.is_empty() {
         let names: Vec<String> = plan.add.iter().map(|c| keys.channel(c)).collect();
-        conn.subscribe(&names).await?;
+        conn.set(&names, true).await?;
         link.interest.subscribed(&plan.add);
     }
     for waiter in waiters {

@@ -118,20 +118,21 @@ pub async fn run(
                 }
             }
             let appends = groups
-                .into_iter()
+                .iter_mut()
                 .map(|group| append(group, &backplane, &metrics));
             futures_util::future::join_all(appends).await;
         } else {
-            append(std::mem::take(&mut batch), &backplane, &metrics).await;
+            // The batch's buffer is kept for the next round.
+            append(&mut batch, &backplane, &metrics).await;
         }
     }
 }
 
-/// Appends `requests` in one pipeline and answers each.
-async fn append(requests: Vec<AppendRequest>, backplane: &Backplane, metrics: &Metrics) {
+/// Appends `requests` in one pipeline and answers each, leaving `requests` empty.
+async fn append(requests: &mut Vec<AppendRequest>, backplane: &Backplane, metrics: &Metrics) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for request in &requests {
+    for request in requests.iter() {
         let cmd = match &request.dedupe {
             Some((key, window)) => pipe
                 .cmd("EVAL")
@@ -157,7 +158,7 @@ async fn append(requests: Vec<AppendRequest>, backplane: &Backplane, metrics: &M
         backplane.query_pipeline(&pipe).await;
     match results {
         Ok(results) => {
-            for (request, result) in requests.into_iter().zip(results) {
+            for (request, result) in requests.drain(..).zip(results) {
                 let result = result.map_err(RedisFailure::from);
                 if let Err(e) = &result {
                     metrics.redis_error(e.kind()).increment(1);
@@ -168,7 +169,7 @@ async fn append(requests: Vec<AppendRequest>, backplane: &Backplane, metrics: &M
         Err(e) => {
             tracing::debug!(error = %e, entries = requests.len(), "stream append failed");
             let failure = Failure::from(e);
-            for request in requests {
+            for request in requests.drain(..) {
                 finish::<Failure>(request, Err(failure.clone()), metrics);
             }
         }

@@ -9,7 +9,7 @@ pub mod routes;
 use std::sync::Arc;
 
 use crate::backplane::{Backplane, Keys, RedisFailure};
-use crate::config::Config;
+use crate::config::{ChannelConfig, Config};
 use crate::metrics::Metrics;
 use envelope::{Batch, Op};
 
@@ -83,6 +83,7 @@ impl Publisher {
     async fn publish_routed(
         &self,
         batch: &mut Batch<'_>,
+        history: &[(usize, &ChannelConfig)],
         sends: usize,
     ) -> Result<Vec<Option<String>>, RedisFailure> {
         let token = batch
@@ -97,7 +98,7 @@ impl Publisher {
             }
             self.acks.expect(token)
         });
-        let published = routes::publish(&self.backplane, &self.keys, &self.config, batch).await;
+        let published = routes::publish(&self.backplane, &self.keys, history, batch).await;
         let published = match published {
             Ok(published) => published,
             Err(e) => {
@@ -128,7 +129,8 @@ impl Publisher {
         &self,
         batch: &mut Batch<'_>,
     ) -> Result<Vec<Option<String>>, RedisFailure> {
-        let mut history = Vec::new();
+        // Each item bound for a channel with history, with that channel's settings.
+        let mut history: Vec<(usize, &ChannelConfig)> = Vec::new();
         for (index, item) in batch.items.iter_mut().enumerate() {
             if item.op != Op::Send {
                 continue;
@@ -138,17 +140,12 @@ impl Publisher {
             };
             if let Some(settings) = self.config.history_for(channel) {
                 item.history = true;
-                history.push((
-                    index,
-                    channel.to_owned(),
-                    settings.history_size,
-                    settings.history_ttl_seconds,
-                ));
+                history.push((index, settings));
             }
         }
         let sends = batch.items.iter().filter(|i| i.op == Op::Send).count();
         if self.config.outbound.routing == crate::config::Routing::Interest {
-            return self.publish_routed(batch, sends).await;
+            return self.publish_routed(batch, &history, sends).await;
         }
         let payload = serde_json::to_vec(&*batch).expect("batches serialize");
         let mut offsets = vec![None; batch.items.len()];
@@ -157,23 +154,26 @@ impl Publisher {
                 .publish(&self.keys.broadcast, &payload)
                 .await?;
         } else {
+            let channel = |index: usize| batch.items[index].to.channel.as_deref().unwrap_or("");
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(PUBLISH_WITH_HISTORY)
                 .arg(1 + 2 * history.len())
                 .arg(&self.keys.broadcast);
-            for (_, channel, _, _) in &history {
-                cmd.arg(self.keys.history(channel))
-                    .arg(self.keys.epoch(channel));
+            for &(index, _) in &history {
+                cmd.arg(self.keys.history(channel(index)))
+                    .arg(self.keys.epoch(channel(index)));
             }
             cmd.arg(&payload)
                 .arg(format!("{:08x}", crate::random_u32()));
-            for (index, _, size, ttl) in &history {
-                let data = batch.items[*index].data.map(|d| d.get()).unwrap_or("null");
-                cmd.arg(data).arg(*size).arg(*ttl);
+            for &(index, settings) in &history {
+                let data = batch.items[index].data.map(|d| d.get()).unwrap_or("null");
+                cmd.arg(data)
+                    .arg(settings.history_size)
+                    .arg(settings.history_ttl_seconds);
             }
             let got: Vec<String> = self.backplane.query(&cmd).await?;
-            for ((index, ..), offset) in history.iter().zip(got) {
-                offsets[*index] = Some(offset);
+            for (&(index, _), offset) in history.iter().zip(got) {
+                offsets[index] = Some(offset);
             }
         }
         self.metrics.outbound_published.increment(sends as u64);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::{Batch, Item};
 use crate::backplane::{Backplane, Keys, RedisFailure};
-use crate::config::Config;
+use crate::config::ChannelConfig;
 use crate::registry::{Registry, Target};
 
 /// Lists a replica for a user until Redis time + ARGV[2] ms. KEYS[1]: the user's set. ARGV[1]:
@@ -120,14 +120,15 @@ pub struct Published {
     pub ack_receivers: usize,
 }
 
-/// Publishes `batch` by interest, in one atomic script.
+/// Publishes `batch` by interest, in one atomic script; `history` lists the items bound for a
+/// channel with history, with its settings.
 ///
 /// # Errors
 /// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
 pub async fn publish(
     backplane: &Backplane,
     keys: &Keys,
-    config: &Config,
+    history: &[(usize, &ChannelConfig)],
     batch: &Batch<'_>,
 ) -> Result<Published, RedisFailure> {
     // Parts are runs of consecutive items for the same destination: published in call order,
@@ -158,8 +159,13 @@ pub async fn publish(
                     .copied()
                     .filter(|&i| batch.items[i].history)
                     .collect();
-                match config.history_for(channel) {
-                    Some(settings) if !with_history.is_empty() => {
+                // A part's history items are all for its one channel: they share its settings.
+                let settings = with_history
+                    .first()
+                    .and_then(|first| history.iter().find(|(i, _)| i == first))
+                    .map(|&(_, settings)| settings);
+                match settings {
+                    Some(settings) => {
                         step.keys = vec![keys.history(channel), keys.epoch(channel)];
                         step.args = vec![
                             b"h".to_vec(),

@@ -10,21 +10,17 @@ const SECRET: &str = "cluster-secret";
 
 /// A replica on `cluster` with auth and a history channel pattern (`room:*`).
 async fn gateway(cluster: &Cluster, prefix: &str) -> Gateway {
-    let urls = cluster.urls();
     let config = format!(
-        "{}\n[outbound]\nrouting = \"interest\"\n\n[auth]\njwt_secret = \"{SECRET}\"\n\n[[channels]]\npattern = \"room:*\"\nhistory_size = 100\nhistory_ttl_seconds = 600\n",
-        base_config("redis://127.0.0.1:1", prefix)
+        "{}\n[outbound]\nrouting = \"interest\"\n\n[auth]\njwt_secret = \"{SECRET}\"\n",
+        history_config(&cluster.urls(), prefix, 100)
     );
-    let gw = Gateway::spawn(&config, prefix, &[("WSBRIDGE__REDIS__CLUSTER_URLS", &urls)]);
+    let gw = Gateway::spawn(&config, prefix, &[]);
     gw.wait_ready().await;
     gw
 }
 
 async fn connect_as(gw: &Gateway, user: &str) -> Client {
-    let token = token(SECRET, json!({"sub": user}));
-    Client::connect_url(&format!("{}?token={token}", gw.ws_url), false)
-        .await
-        .unwrap()
+    Client::connect_as(gw, SECRET, user, false).await
 }
 
 #[tokio::test]

@@ -135,14 +135,8 @@ async fn user_messages_go_to_the_replicas_listed_for_the_user() {
     let a = Gateway::start_with(&redis, &prefix, &env).await;
     let env_b = [env[0], env[1], ("WSBRIDGE__SERVER__REPLICA_ID", "rb")];
     let b = Gateway::start_with(&redis, &prefix, &env_b).await;
-    let alice = token(secret, json!({"sub": "alice"}));
-    let bob = token(secret, json!({"sub": "bob"}));
-    let mut alice_a = Client::connect_url(&format!("{}?token={alice}", a.ws_url), false)
-        .await
-        .unwrap();
-    let mut bob_b = Client::connect_url(&format!("{}?token={bob}", b.ws_url), false)
-        .await
-        .unwrap();
+    let mut alice_a = Client::connect_as(&a, secret, "alice", false).await;
+    let mut bob_b = Client::connect_as(&b, secret, "bob", false).await;
     // The replica listed itself before the welcome.
     let mut conn = redis.conn().await;
     let listed: Vec<String> = conn
@@ -156,9 +150,7 @@ async fn user_messages_go_to_the_replicas_listed_for_the_user() {
         .await;
     assert_eq!(alice_a.recv().await["data"], "to alice");
     // Once alice also connects on b, both replicas get her messages.
-    let mut alice_b = Client::connect_url(&format!("{}?token={alice}", b.ws_url), true)
-        .await
-        .unwrap();
+    let mut alice_b = Client::connect_as(&b, secret, "alice", true).await;
     a.send(json!({"to": {"user": "alice"}, "data": "both"}))
         .await;
     assert_eq!(alice_a.recv().await["data"], "both");
@@ -184,10 +176,7 @@ async fn a_message_sent_right_after_a_backend_subscribe_arrives() {
     let env = [INTEREST[0], ("WSBRIDGE__AUTH__JWT_SECRET", secret)];
     let a = Gateway::start_with(&redis, &prefix, &env).await;
     let b = Gateway::start_with(&redis, &prefix, &env).await;
-    let carol = token(secret, json!({"sub": "carol"}));
-    let mut client = Client::connect_url(&format!("{}?token={carol}", a.ws_url), false)
-        .await
-        .unwrap();
+    let mut client = Client::connect_as(&a, secret, "carol", false).await;
     for n in 0..20 {
         let channel = format!("joined-by-backend:{n}");
         // Alternate the two ways of naming the member.

@@ -45,9 +45,14 @@ pub fn unique_prefix(name: &str) -> String {
 
 /// A replica config with `room:*` keeping `size` messages of history.
 pub fn with_history(redis: &Redis, prefix: &str, size: u64) -> String {
+    history_config(&redis.url(), prefix, size)
+}
+
+/// As [`with_history`], for a Redis (or cluster, comma-separated) at `redis_url`.
+pub fn history_config(redis_url: &str, prefix: &str, size: u64) -> String {
     format!(
         "{}\n[[channels]]\npattern = \"room:*\"\nhistory_size = {size}\nhistory_ttl_seconds = 600\n",
-        base_config(&redis.url(), prefix)
+        base_config(redis_url, prefix)
     )
 }
 
@@ -215,16 +220,7 @@ impl Redis {
     }
 
     pub async fn conn(&self) -> RedisConn {
-        match &self.cluster {
-            Some(cluster) => RedisConn::Cluster(cluster.conn().await),
-            None => RedisConn::Single(
-                redis::Client::open(self.url())
-                    .unwrap()
-                    .get_multiplexed_async_connection()
-                    .await
-                    .unwrap(),
-            ),
-        }
+        conn_to(&self.url()).await.unwrap()
     }
 }
 
@@ -582,6 +578,14 @@ impl Client {
     /// Connects as a MessagePack client and reads the welcome.
     pub async fn connect_msgpack(gw: &Gateway) -> Self {
         Self::connect_url(&gw.ws_url, true).await.expect("connect")
+    }
+
+    /// Connects as `user`, with an HS256 token signed with `secret`.
+    pub async fn connect_as(gw: &Gateway, secret: &str, user: &str, msgpack: bool) -> Self {
+        let token = token(secret, json!({"sub": user}));
+        Self::connect_url(&format!("{}?token={token}", gw.ws_url), msgpack)
+            .await
+            .expect("connect")
     }
 
     /// Connects to a URL (which may carry `?token=`).
@@ -1000,17 +1004,8 @@ impl Cluster {
         redis_cli(self.ports[i], &["cluster", "info"]).contains("cluster_state:ok")
     }
 
-    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
-        redis::cluster::ClusterClient::new(
-            self.ports
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{p}"))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap()
-        .get_async_connection()
-        .await
-        .unwrap()
+    pub async fn conn(&self) -> RedisConn {
+        conn_to(&self.urls()).await.unwrap()
     }
 }
 
@@ -1040,19 +1035,5 @@ fn wait_for_ping(port: u16) {
             "redis-server did not start on {port}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Gateway {
-    /// Starts a replica on a Redis Cluster (interest routing, as a cluster needs) and waits
-    /// until it is ready.
-    pub async fn start_on_cluster(cluster: &Cluster, prefix: &str, env: &[(&str, &str)]) -> Self {
-        let mut all = vec![("WSBRIDGE__OUTBOUND__ROUTING", "interest")];
-        let urls = cluster.urls();
-        all.push(("WSBRIDGE__REDIS__CLUSTER_URLS", &urls));
-        all.extend_from_slice(env);
-        let gw = Self::spawn(&base_config("redis://127.0.0.1:1", prefix), prefix, &all);
-        gw.wait_ready().await;
-        gw
     }
 }
