@@ -244,6 +244,15 @@ impl ClusterLink {
         *conn = Some(made.clone());
         Ok(made)
     }
+
+    /// Drops the connection after a failure that was not Redis answering: the next command
+    /// makes a fresh one (with a fresh view of the cluster), as the single-Redis connection
+    /// manager reconnects.
+    fn reset(&self) {
+        if let Ok(mut conn) = self.conn.try_lock() {
+            *conn = None;
+        }
+    }
 }
 
 /// A cluster client builder for `cfg.cluster_urls`, with the configured timeouts.
@@ -325,6 +334,9 @@ impl Backplane {
             let expected = matches!(e, RedisFailure::Redis(r) if r.code() == Some("BUSYGROUP"));
             if !expected {
                 self.metrics.redis_error(e.kind()).increment(1);
+            }
+            if let (Link::Cluster(link), false) = (&self.link, e.kind() == RedisErrorKind::Server) {
+                link.reset();
             }
         }
         result

@@ -785,6 +785,9 @@ pub fn text(field: &[u8]) -> &str {
 /// created with `redis-cli --cluster create`; killed on drop.
 pub struct Cluster {
     pub ports: Vec<u16>,
+    /// Each node's cluster bus port. Given explicitly: Redis's default (port + 10000) does not
+    /// exist for ports above 55535, and may be taken.
+    bus_ports: Vec<u16>,
     children: Vec<Option<Child>>,
     dir: PathBuf,
     aof: bool,
@@ -802,6 +805,7 @@ impl Cluster {
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
         let mut cluster = Cluster {
             ports: ports.clone(),
+            bus_ports: (0..count).map(|_| free_port()).collect(),
             children: Vec::new(),
             dir,
             aof,
@@ -863,6 +867,7 @@ impl Cluster {
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(persistence)
             .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-port", &self.bus_ports[i].to_string()])
             .args(["--cluster-node-timeout", "1000"])
             // Replicas sync at once and may always take over: a test kills masters early.
             .args(["--repl-diskless-sync-delay", "0"])
