@@ -1,9 +1,12 @@
-//! The example backends (`examples/backend.py`, `examples/backend.rs`) as real child processes
-//! against two real replicas: the chat round trip, the echo to a MessagePack client, XACK only
-//! after 202, retry while the API is down, XAUTOCLAIM of a dead consumer's entries, and SIGTERM.
+//! The example backends (`examples/backends/`: Python, Node, Rust) as real child processes
+//! against real replicas: the chat round trip, the echo to a MessagePack client, XACK only
+//! after 202, retry while the API is down, XAUTOCLAIM of a dead consumer's entries, SIGTERM, a
+//! killed instance's work taken over, dead letters, and the whiteboard.
 //!
-//! Needs `python3` with `pip install -r examples/requirements.txt`, and the example binaries:
-//! run with `cargo test --all-targets` (or `cargo build --examples` first).
+//! Each behaviour runs once per language (`examples::python::`, `examples::node::`,
+//! `examples::rust::`). Needs `python3` with `pip install -r
+//! examples/backends/python/requirements.txt`, `npm ci --prefix examples/backends/node`, and the
+//! example binaries: run with `tests/run.sh`, or `cargo build --examples` first.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -17,11 +20,12 @@ use crate::common::*;
 #[derive(Clone, Copy, Debug)]
 enum Lang {
     Python,
+    Node,
     Rust,
 }
 
-/// The built example `name` (from `examples/<name>.rs` or `examples/<name>/main.rs`), checked
-/// to be newer than its source.
+/// The built example `name` (from `examples/<name>.rs`, `examples/<name>/main.rs`, or for the
+/// backend `examples/backends/rust/backend.rs`), checked to be newer than its source.
 pub(crate) fn rust_example(name: &str) -> PathBuf {
     // Cargo puts examples in `examples/` next to the package's binaries.
     let bin = Path::new(env!("CARGO_BIN_EXE_wsbridge"));
@@ -32,7 +36,9 @@ pub(crate) fn rust_example(name: &str) -> PathBuf {
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let single = dir.join(format!("{name}.rs"));
-    let source = if single.exists() {
+    let source = if name == "backend" {
+        dir.join("backends/rust/backend.rs")
+    } else if single.exists() {
         single
     } else {
         dir.join(name).join("main.rs")
@@ -49,6 +55,10 @@ pub(crate) fn rust_example(name: &str) -> PathBuf {
     path
 }
 
+fn backends_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backends")
+}
+
 /// A backend example running as a child process, killed on drop; stdout and stderr collected.
 struct Backend {
     child: Option<Child>,
@@ -60,8 +70,19 @@ impl Backend {
         let mut cmd = match lang {
             Lang::Python => {
                 let mut cmd = Command::new("python3");
-                cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backend.py"))
+                cmd.arg(backends_dir().join("python/backend.py"))
                     .env("PYTHONUNBUFFERED", "1");
+                cmd
+            }
+            Lang::Node => {
+                let script = backends_dir().join("node/backend.mjs");
+                assert!(
+                    backends_dir().join("node/node_modules").exists(),
+                    "the Node backend's packages are missing: run the tests with tests/run.sh \
+                     (or `npm ci --prefix examples/backends/node` first)"
+                );
+                let mut cmd = Command::new("node");
+                cmd.arg(script);
                 cmd
             }
             Lang::Rust => Command::new(rust_example("backend")),
@@ -166,11 +187,16 @@ async fn ack_and_message(client: &mut Client, id: &str) -> (Value, Value) {
     (ack, message.unwrap())
 }
 
-/// `XPENDING key group`: how many entries the group holds unacknowledged.
+/// `XPENDING key group` on the chat stream: how many entries the group holds unacknowledged.
 async fn pending_count(redis: &Redis, prefix: &str) -> i64 {
+    pending_in(redis, prefix, "chat").await
+}
+
+/// `XPENDING <prefix>:in:<stream> backend`: the count of unacknowledged entries.
+async fn pending_in(redis: &Redis, prefix: &str, stream: &str) -> i64 {
     let mut conn = redis.conn().await;
     let reply: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(format!("{prefix}:in:chat"))
+        .arg(format!("{prefix}:in:{stream}"))
         .arg("backend")
         .query_async(&mut conn)
         .await
@@ -320,25 +346,6 @@ async fn retry_and_reclaim(lang: Lang) {
     assert_eq!(pending_count(&redis, &prefix).await, 0);
 }
 
-#[tokio::test]
-async fn python_backend_chat_round_trip() {
-    chat_round_trip(Lang::Python).await;
-}
-
-#[tokio::test]
-async fn rust_backend_chat_round_trip() {
-    chat_round_trip(Lang::Rust).await;
-}
-
-#[tokio::test]
-async fn python_backend_retries_and_is_reclaimed() {
-    retry_and_reclaim(Lang::Python).await;
-}
-
-#[tokio::test]
-async fn rust_backend_retries_and_is_reclaimed() {
-    retry_and_reclaim(Lang::Rust).await;
-}
 
 /// The entries of group `backend` pending for `consumer`: (entry id, times delivered).
 async fn pending_of(redis: &Redis, prefix: &str, consumer: &str) -> Vec<(String, i64)> {
@@ -371,14 +378,13 @@ async fn entry_text(redis: &Redis, prefix: &str, id: &str) -> String {
     data["text"].as_str().unwrap().to_string()
 }
 
-/// Two Python backends (consumers b1 and b2 of one group, each taking over entries idle for
+/// Two backends (consumers b1 and b2 of one group, each taking over entries idle for
 /// 500 ms) handle a stream of 200 chat messages from clients on two replicas. b1 is killed with
 /// SIGKILL while it holds entries it has read but not acknowledged; b2 takes them over by
 /// itself (its periodic XAUTOCLAIM, not a restart) and every message is answered on the channel,
 /// on both replicas. Only an entry b1 held may be answered twice (b1 may have replied before
 /// dying unacknowledged); nothing is left pending and nothing is dead-lettered.
-#[tokio::test]
-async fn python_backends_take_over_from_a_killed_instance() {
+async fn take_over_from_a_killed_instance(lang: Lang) {
     const PER_SENDER: usize = 100;
     let redis = Redis::start();
     let prefix = unique_prefix("example-crash");
@@ -396,8 +402,8 @@ async fn python_backends_take_over_from_a_killed_instance() {
             "500",
         ]
     };
-    let b1 = Backend::spawn(Lang::Python, &a.api_url, &redis, &prefix, &flags("b1"));
-    let b2 = Backend::spawn(Lang::Python, &b.api_url, &redis, &prefix, &flags("b2"));
+    let b1 = Backend::spawn(lang, &a.api_url, &redis, &prefix, &flags("b1"));
+    let b2 = Backend::spawn(lang, &b.api_url, &redis, &prefix, &flags("b2"));
     let mut listeners = Vec::new();
     for gw in [&a, &b] {
         let mut c = Client::connect(gw).await;
@@ -500,13 +506,12 @@ async fn python_backends_take_over_from_a_killed_instance() {
 /// for that text) is delivered `--max-deliveries` times, then moved to `<prefix>:dead:chat` with
 /// every original field plus `original_id`, `deliveries` and `reason`, and acknowledged; the
 /// message behind it, held up meanwhile (entries are handled in order), then goes through.
-#[tokio::test]
-async fn python_backend_dead_letters_an_entry_it_can_never_handle() {
+async fn dead_letter_an_entry_it_can_never_handle(lang: Lang) {
     let redis = Redis::start();
     let prefix = unique_prefix("example-dead");
     let gw = Gateway::start(&redis, &prefix).await;
     let backend = Backend::spawn(
-        Lang::Python,
+        lang,
         &gw.api_url,
         &redis,
         &prefix,
@@ -603,3 +608,191 @@ async fn python_backend_dead_letters_an_entry_it_can_never_handle() {
     })
     .await;
 }
+
+/// The next `message` frame's `data`; acks on the way are skipped (a backend's reply may overtake
+/// the gateway's ack).
+async fn next_message(client: &mut Client) -> Value {
+    loop {
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => continue,
+            Some("message") => return frame,
+            _ => panic!("unexpected frame: {frame}"),
+        }
+    }
+}
+
+fn stroke(id: &str, x: f64) -> Value {
+    json!({"id": id, "color": "#1e90ff", "width": 4, "points": [[x, 0.25], [x, 0.5], [0.75, 0.5]]})
+}
+
+/// The whiteboard (examples/whiteboard's backend side), on two replicas: a stroke sent on the
+/// `board` stream is stored in `<prefix>:whiteboard:<board>` with `seq` = its entry id and
+/// published to `board:<board>` (with an offset: the channel keeps history), to pages on both
+/// replicas; a stroke sent again is stored once; malformed strokes and board names come back to
+/// the sender as errors naming what was wrong, and are acknowledged; a page that opens late and
+/// asks for the board gets every stroke, in `seq` order, in snapshots of at most 100.
+async fn whiteboard(lang: Lang) {
+    let redis = Redis::start();
+    let prefix = unique_prefix("example-board");
+    let config = format!(
+        "{}\n[[channels]]\npattern = \"board:*\"\nhistory_size = 1000\nhistory_ttl_seconds = 600\n",
+        base_config(&redis.url(), &prefix)
+    )
+    .replace(r#"streams = ["chat", "orders"]"#, r#"streams = ["chat", "board"]"#);
+    let a = Gateway::spawn(&config, &prefix, &[]);
+    let b = Gateway::spawn(&config, &prefix, &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let backend = Backend::spawn(
+        lang,
+        &b.api_url,
+        &redis,
+        &prefix,
+        &["--stream", "board", "--block-ms", "500"],
+    );
+    let mut drawer = Client::connect(&a).await;
+    let mut watcher = Client::connect(&b).await;
+    drawer.subscribe("board:t").await;
+    watcher.subscribe("board:t").await;
+
+    drawer
+        .send(json!({"type": "send", "stream": "board", "id": "s1",
+                     "data": {"board": "t", "stroke": stroke("s1", 0.1)}}))
+        .await;
+    let (ack, message) = ack_and_message(&mut drawer, "s1").await;
+    let entry = ack["entry"].as_str().unwrap();
+    let mut expected = stroke("s1", 0.1);
+    expected["seq"] = json!(entry);
+    assert_eq!(
+        message["data"],
+        json!({"type": "stroke", "board": "t", "stroke": expected}),
+        "{message}\n{}",
+        backend.log_text()
+    );
+    assert_eq!(message["channel"], "board:t");
+    assert!(message["offset"].is_string(), "history offset: {message}");
+    assert_eq!(next_message(&mut watcher).await, message);
+
+    // The same stroke again (a page resending after the gateway's dedupe window): published
+    // again, stored once.
+    drawer
+        .send(json!({"type": "send", "stream": "board", "id": "s1-again",
+                     "data": {"board": "t", "stroke": stroke("s1", 0.1)}}))
+        .await;
+    assert_eq!(next_message(&mut drawer).await["data"]["stroke"]["id"], "s1");
+    assert_eq!(next_message(&mut watcher).await["data"]["stroke"]["id"], "s1");
+
+    // Bad input: the sender is told what was wrong; the watcher sees nothing of it.
+    for (data, what) in [
+        (json!({"board": "t", "stroke": {"id": "x", "color": "red", "width": 4,
+                                           "points": [[0.1, 0.1]]}}), "stroke.color"),
+        (json!({"board": "t", "stroke": {"id": "x", "color": "#000000", "width": 4,
+                                           "points": [[0.1, 7]]}}), "point"),
+        (json!({"board": "no spaces", "load": true}), "board"),
+        (json!({"board": "t"}), "load"),
+    ] {
+        drawer
+            .send(json!({"type": "send", "stream": "board", "data": data}))
+            .await;
+        let error = next_message(&mut drawer).await;
+        assert_eq!(error["data"]["type"], "error", "{error}");
+        assert!(error.get("channel").is_none(), "to the sender only: {error}");
+        assert!(
+            error["data"]["error"].as_str().unwrap().contains(what),
+            "{data} must be refused naming {what:?}: {error}"
+        );
+    }
+
+    // 150 more strokes from the watcher's side.
+    for i in 0..150 {
+        watcher
+            .send(json!({"type": "send", "stream": "board", "id": format!("w{i}"),
+                         "data": {"board": "t", "stroke": stroke(&format!("w{i}"), 0.5)}}))
+            .await;
+    }
+    for i in 0..150 {
+        let m = next_message(&mut drawer).await;
+        assert_eq!(m["data"]["stroke"]["id"], format!("w{i}"), "{m}");
+    }
+
+    // A page that opens late loads the board: every stroke once, in seq order, in two parts.
+    let mut late = Client::connect(&a).await;
+    late.send(json!({"type": "send", "stream": "board", "data": {"board": "t", "load": true}}))
+        .await;
+    let mut strokes = Vec::new();
+    let mut parts = Vec::new();
+    loop {
+        let m = next_message(&mut late).await;
+        assert_eq!(m["data"]["type"], "snapshot", "{m}");
+        assert_eq!(m["data"]["board"], "t");
+        let part = m["data"]["strokes"].as_array().unwrap().clone();
+        parts.push(part.len());
+        strokes.extend(part);
+        if m["data"]["last"] == json!(true) {
+            break;
+        }
+        assert_eq!(m["data"]["last"], json!(false), "{m}");
+    }
+    assert_eq!(parts, [100, 51]);
+    let ids: Vec<&str> = strokes.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    let mut want = vec!["s1".to_string()];
+    want.extend((0..150).map(|i| format!("w{i}")));
+    assert_eq!(ids, want);
+    let seqs: Vec<(u64, u64)> = strokes
+        .iter()
+        .map(|s| {
+            let (ms, n) = s["seq"].as_str().unwrap().split_once('-').unwrap();
+            (ms.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    let mut conn = redis.conn().await;
+    let stored: i64 = redis::cmd("HLEN")
+        .arg(format!("{prefix}:whiteboard:t"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stored, 151);
+    eventually("every board entry acknowledged", || async {
+        pending_in(&redis, &prefix, "board").await == 0
+    })
+    .await;
+}
+
+/// Every test above, for each backend.
+macro_rules! backend_tests {
+    ($($module:ident => $lang:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn chat_round_trip() {
+                super::chat_round_trip($lang).await;
+            }
+
+            #[tokio::test]
+            async fn retries_and_is_reclaimed() {
+                super::retry_and_reclaim($lang).await;
+            }
+
+            #[tokio::test]
+            async fn instances_take_over_from_a_killed_one() {
+                super::take_over_from_a_killed_instance($lang).await;
+            }
+
+            #[tokio::test]
+            async fn dead_letters_an_entry_it_can_never_handle() {
+                super::dead_letter_an_entry_it_can_never_handle($lang).await;
+            }
+
+            #[tokio::test]
+            async fn whiteboard() {
+                super::whiteboard($lang).await;
+            }
+        }
+    )*};
+}
+
+backend_tests!(python => Lang::Python, node => Lang::Node, rust => Lang::Rust);

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""A tiny chat backend for wsbridge, in Python.
+"""A small chat and whiteboard backend for wsbridge, in Python (redis-py).
 
-It reads the inbound stream `<prefix>:in:chat` with a Redis consumer group, as every wsbridge
-backend does, and answers through the gateway's backend API (`POST /send`):
+It reads one inbound stream, `<prefix>:in:<stream>` (`chat` by default), with a Redis consumer
+group, as every wsbridge backend does, and answers through the gateway's backend API
+(`POST /send`). examples/backends/README.md specifies the messages; in short:
 
-- `data` is an object with a non-empty string "channel" and a "text": the message goes to every
-  subscriber of that channel as {"from": <user, or connection when anonymous>, "text": TEXT};
+- `data` with a "board" key is for the whiteboard (examples/whiteboard, stream `board`): a
+  "stroke" is stored in the hash `<prefix>:whiteboard:<board>` and published to the channel
+  `board:<board>`; "load": true sends the stored strokes to the asking connection;
+- `data` with a non-empty string "channel" and a "text": the message goes to every subscriber of
+  that channel as {"from": <user, or connection when anonymous>, "text": TEXT};
 - anything else is echoed to the sending connection as {"echo": DATA}.
 
 An entry is acknowledged (XACK) only after the gateway accepted the reply (202). When the gateway
@@ -34,9 +38,10 @@ in neither) and logged. Retrying a reply the gateway could not take for now (503
 not count as a delivery, so an outage of the gateway does not dead-letter the backlog. Nothing
 trims the dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
 
-Run it (needs `pip install -r examples/requirements.txt`):
+Run it (needs `pip install -r examples/backends/python/requirements.txt`):
 
-    python3 examples/backend.py
+    python3 examples/backends/python/backend.py                  # the chat
+    python3 examples/backends/python/backend.py --stream board   # the whiteboard
 
 Settings come from flags, or from the environment: REDIS_URL (redis://127.0.0.1:6379),
 WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY (none), PREFIX (wsbridge), STREAM (chat),
@@ -51,6 +56,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -88,7 +94,7 @@ class Transient(Exception):
 
 def settings():
     env = os.environ.get
-    p = argparse.ArgumentParser(description="wsbridge chat backend (Python)")
+    p = argparse.ArgumentParser(description="wsbridge chat and whiteboard backend (Python)")
     p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379"))
     p.add_argument("--api", default=env("WSBRIDGE_API", "http://127.0.0.1:8081"),
                    help="the gateway's backend API (any replica)")
@@ -154,16 +160,90 @@ def decode_data(fields):
         return raw.decode("utf-8", "replace")
 
 
-def reply_for(fields):
-    """The /send body for one entry, and a short description for the log."""
+BOARD_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+MAX_POINTS = 500
+SNAPSHOT_STROKES = 100
+
+
+def is_number(v, low, high):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+
+
+def stroke_error(stroke):
+    """What is wrong with a whiteboard stroke, or None when it is well formed."""
+    if not isinstance(stroke, dict):
+        return "stroke must be an object"
+    sid = stroke.get("id")
+    if not isinstance(sid, str) or not 1 <= len(sid) <= 64:
+        return "stroke.id must be a string of 1 to 64 characters"
+    if not isinstance(stroke.get("color"), str) or not COLOR.fullmatch(stroke["color"]):
+        return 'stroke.color must be "#rrggbb"'
+    if not is_number(stroke.get("width"), 1, 50):
+        return "stroke.width must be a number from 1 to 50"
+    points = stroke.get("points")
+    if not isinstance(points, list) or not 1 <= len(points) <= MAX_POINTS:
+        return f"stroke.points must be a list of 1 to {MAX_POINTS} points"
+    for point in points:
+        if not (isinstance(point, list) and len(point) == 2
+                and all(is_number(c, 0, 1) for c in point)):
+            return "every point must be [x, y] with numbers from 0 to 1"
+    return None
+
+
+def seq_key(stroke):
+    """Sorts strokes by `seq`, a stream entry id "<ms>-<n>"."""
+    ms, _, n = stroke.get("seq", "0-0").partition("-")
+    return int(ms), int(n or 0)
+
+
+def board_work(r, cfg, entry_id, who, connection, data):
+    """The whiteboard: stores a stroke and publishes it to the board's channel, or sends the
+    board so far to the asking connection. Returns the /send bodies and a log description."""
+    board = data["board"]
+    if not isinstance(board, str) or not BOARD_NAME.fullmatch(board):
+        error = "board must be 1 to 64 characters of A-Z a-z 0-9 _ -"
+    elif "stroke" in data:
+        error = stroke_error(data["stroke"])
+        if error is None:
+            stroke = dict(data["stroke"], seq=entry_id)
+            # Idempotent: storing the same stroke again (a redelivery) changes nothing.
+            r.hset(f"{cfg.prefix}:whiteboard:{board}", stroke["id"],
+                   json.dumps(stroke, separators=(",", ":")))
+            body = {"to": {"channel": f"board:{board}"},
+                    "data": {"type": "stroke", "board": board, "stroke": stroke}}
+            return [body], f"board {board} stroke {stroke['id']} from {who}"
+    elif data.get("load") is True:
+        stored = r.hvals(f"{cfg.prefix}:whiteboard:{board}")
+        strokes = sorted((json.loads(s) for s in stored), key=seq_key)
+        chunks = [strokes[i:i + SNAPSHOT_STROKES]
+                  for i in range(0, len(strokes), SNAPSHOT_STROKES)] or [[]]
+        bodies = [{"to": {"connection": connection},
+                   "data": {"type": "snapshot", "board": board, "strokes": chunk,
+                            "last": i == len(chunks) - 1}}
+                  for i, chunk in enumerate(chunks)]
+        return bodies, f"board {board} load for {connection}"
+    else:
+        error = 'a board message needs "stroke" or "load": true'
+    body = {"to": {"connection": connection},
+            "data": {"type": "error", "board": board, "error": error}}
+    return [body], f"board {board} error to {connection}"
+
+
+def work_for(r, cfg, entry_id, fields):
+    """Does the entry's work (the whiteboard stores strokes) and returns the /send bodies to
+    post, in order, and a short description for the log."""
     connection = fields.get(b"connection", b"").decode()
     user = fields.get(b"user", b"").decode()
+    who = user or connection
     data = decode_data(fields)
+    if isinstance(data, dict) and "board" in data:
+        return board_work(r, cfg, text_of(entry_id), who, connection, data)
     channel = data.get("channel") if isinstance(data, dict) else None
     if isinstance(channel, str) and channel and "text" in data:
-        body = {"to": {"channel": channel}, "data": {"from": user or connection, "text": data["text"]}}
-        return body, f"chat {channel} from {user or connection}"
-    return {"to": {"connection": connection}, "data": {"echo": data}}, f"echo to {connection}"
+        body = {"to": {"channel": channel}, "data": {"from": who, "text": data["text"]}}
+        return [body], f"chat {channel} from {who}"
+    return [{"to": {"connection": connection}, "data": {"echo": data}}], f"echo to {connection}"
 
 
 def post_send(cfg, body):
@@ -294,11 +374,12 @@ class Backend:
             return [e for entries in reply.values() for batch in entries for e in batch]
         return [e for _key, entries in reply for e in entries]
 
-    def check_fail_on(self, body):
-        data = body.get("data")
-        if self.cfg.fail_on is not None and isinstance(data, dict) \
-                and data.get("text") == self.cfg.fail_on:
-            raise RuntimeError(f"--fail-on {self.cfg.fail_on!r}: this handler cannot take it")
+    def check_fail_on(self, bodies):
+        for body in bodies:
+            data = body.get("data")
+            if self.cfg.fail_on is not None and isinstance(data, dict) \
+                    and data.get("text") == self.cfg.fail_on:
+                raise RuntimeError(f"--fail-on {self.cfg.fail_on!r}: this handler cannot take it")
 
     def handle(self, entry_id, fields):
         """Returns True when the entry is done (acknowledged), False to keep it pending."""
@@ -310,17 +391,23 @@ class Backend:
             return True
         what = "entry"
         try:
-            body, what = reply_for(fields)
-            self.check_fail_on(body)
+            bodies, what = work_for(self.r, self.cfg, entry_id, fields)
+            self.check_fail_on(bodies)
             if self.cfg.work_ms:
                 time.sleep(self.cfg.work_ms / 1000)
-            status = post_send(self.cfg, body)
+            # All of them again after a failure: a reply sent twice is harmless (the page
+            # merges strokes by id), a reply never sent is not.
+            status = 202
+            for body in bodies:
+                answer = post_send(self.cfg, body)
+                if answer != 202:
+                    status = answer
         except Transient as e:
             log(f"{eid} {what}: not delivered ({e}); left pending, retry in {self.backoff:.1f} s")
             self.transient_id = entry_id
             return False
-        except Stop:
-            raise
+        except (Stop, redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis failing is not the entry's fault: reconnect, then retry it
         except Exception as e:  # a bug, or an entry this handler cannot take: retry, then give up
             log(f"{eid} {what}: handler failed ({e!r}); left pending, retry in {self.backoff:.1f} s")
             self.errors[entry_id] = f"handler failed: {e!r}"
