@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command that runs every test, on a fresh machine with only the Rust toolchain:
-# installs redis-server and prometheus (Debian packages) and the Python example's packages
-# when missing, then builds everything (examples included), runs the Autobahn conformance
-# cases against the gateway's WebSocket layer (tests/autobahn.sh), the JavaScript client's tests
-# (tests/js, against real replicas) and all Rust tests.
+# installs what the tests run for real when missing (Debian packages, the example backends'
+# Python and npm packages, playwright-core), then builds everything (examples included), runs the
+# Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
+# deployment-file checks, the JavaScript client's tests (tests/js, against real replicas), the
+# whiteboard in headless Chromium (tests/browser) and all Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,10 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-command -v nginx >/dev/null 2>&1 || missing+=(nginx) # tests/it/deploy.rs: the example nginx config
+command -v nginx >/dev/null 2>&1 || missing+=(nginx) # the example nginx configs (deploy, whiteboard)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm) # the JS client, Node backend, Playwright
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+[ -x /usr/bin/chromium ] || missing+=(chromium) # tests/browser: the whiteboard in a real browser
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
@@ -25,10 +29,11 @@ fi
 redis-server --version
 prometheus --version 2>&1 | head -1
 
-if [ -f examples/requirements.txt ]; then
-  echo "==> installing the Python example's packages"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r examples/requirements.txt
-fi
+echo "==> installing the example backends' packages (Python, Node) and playwright-core"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  -r examples/backends/python/requirements.txt
+npm ci --silent --no-audit --no-fund --prefix examples/backends/node
+npm ci --silent --no-audit --no-fund --prefix tests/browser
 
 echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
 cargo build --examples
@@ -38,11 +43,15 @@ echo "==> deployment files (examples/deploy, Dockerfile)"
 bash tests/deploy.sh
 
 echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
-command -v node >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null; }
 cargo build # the tests run target/debug/wsbridge
 ws_flag=() # Node 22+ has a global WebSocket; Node 20/21 need the flag
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
 node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs tests/js/chat.test.mjs
+
+# The whiteboard (examples/whiteboard/run.sh: Redis, three replicas, nginx, the Rust backend) in
+# headless Chromium; screenshots in target/artifacts/whiteboard/.
+echo "==> the whiteboard in Chromium: node --test tests/browser"
+node --test --test-timeout=300000 tests/browser/whiteboard.test.mjs
 
 echo "==> cargo test"
 cargo test --all-targets "$@"

@@ -1,9 +1,9 @@
 //! `examples/deploy/`: the nginx config in front of three real replicas (the compose file's
-//! topology, with loopback addresses for the container names), as a client would use it.
+//! topology, with loopback addresses for the container names), as clients and backends use it.
 
 use std::process::{Child, Command, Stdio};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::common::*;
 
@@ -11,6 +11,7 @@ use crate::common::*;
 struct Nginx {
     child: Child,
     port: u16,
+    api_port: u16,
     _dir: std::path::PathBuf,
 }
 
@@ -26,9 +27,13 @@ impl Nginx {
                 .trim_start_matches("ws://")
                 .trim_end_matches("/ws");
             conf = conf.replace(&format!("wsbridge-{}:8080", i + 1), addr);
+            let api = gw.api_url.trim_start_matches("http://");
+            conf = conf.replace(&format!("wsbridge-{}:8081", i + 1), api);
         }
         let port = free_port();
         conf = conf.replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
+        let api_port = free_port();
+        conf = conf.replace("listen 8001;", &format!("listen 127.0.0.1:{api_port};"));
         let dir = scratch_dir();
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let child = Command::new("nginx")
@@ -44,12 +49,19 @@ impl Nginx {
         Nginx {
             child,
             port,
+            api_port,
             _dir: dir,
         }
     }
 
     fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// `POST /send` through nginx's backend-API listener; the status.
+    async fn send(&self, body: Value) -> u16 {
+        let url = format!("http://127.0.0.1:{}/send", self.api_port);
+        http("POST", &url, Some(&body.to_string()), None).await.0
     }
 }
 
@@ -66,7 +78,12 @@ async fn clients_through_the_example_nginx_spread_over_the_replicas_and_talk() {
     let prefix = unique_prefix("deploy-nginx");
     let a = Gateway::start(&redis, &prefix).await;
     let b = Gateway::start(&redis, &prefix).await;
-    let c = Gateway::start(&redis, &prefix).await;
+    let c = Gateway::start_with(
+        &redis,
+        &prefix,
+        &[("WSBRIDGE__SERVER__REPLICA_ID", "deploy-c")],
+    )
+    .await;
     let nginx = Nginx::start(&[&a, &b, &c]);
     // The upgrade goes through (headers passed on); nginx may take a moment to listen.
     let mut first = None;
@@ -98,13 +115,32 @@ async fn clients_through_the_example_nginx_spread_over_the_replicas_and_talk() {
     for client in &mut clients {
         client.subscribe("room:nginx").await;
     }
-    a.send(json!({"to": {"channel": "room:nginx"}, "data": "through nginx"}))
-        .await;
-    for client in &mut clients {
-        assert_eq!(client.recv().await["data"], "through nginx");
+    // Backends reach the API through nginx too: every replica's API in turn.
+    for i in 0..3 {
+        let body = json!({"to": {"channel": "room:nginx"}, "data": format!("through nginx {i}")});
+        assert_eq!(nginx.send(body).await, 202);
+        for client in &mut clients {
+            assert_eq!(client.recv().await["data"], format!("through nginx {i}"));
+        }
     }
     clients[0]
         .send(json!({"type": "send", "stream": "chat", "data": 1, "id": "n1"}))
         .await;
     assert_eq!(clients[0].recv().await["type"], "ack");
+
+    // One replica dies: backends' sends through nginx still land (a refused connection goes to
+    // the next replica), and reach the clients on the live replicas.
+    c.signal("-KILL");
+    let mut live: Vec<&mut Client> = clients
+        .iter_mut()
+        .filter(|client| !client.connection.starts_with("deploy-c."))
+        .collect();
+    assert_eq!(live.len(), 2);
+    for i in 0..3 {
+        let body = json!({"to": {"channel": "room:nginx"}, "data": format!("after {i}")});
+        assert_eq!(nginx.send(body).await, 202, "send {i} with a replica dead");
+        for client in &mut live {
+            assert_eq!(client.recv().await["data"], format!("after {i}"));
+        }
+    }
 }

@@ -346,7 +346,6 @@ async fn retry_and_reclaim(lang: Lang) {
     assert_eq!(pending_count(&redis, &prefix).await, 0);
 }
 
-
 /// The entries of group `backend` pending for `consumer`: (entry id, times delivered).
 async fn pending_of(redis: &Redis, prefix: &str, consumer: &str) -> Vec<(String, i64)> {
     let mut conn = redis.conn().await;
@@ -639,7 +638,10 @@ async fn whiteboard(lang: Lang) {
         "{}\n[[channels]]\npattern = \"board:*\"\nhistory_size = 1000\nhistory_ttl_seconds = 600\n",
         base_config(&redis.url(), &prefix)
     )
-    .replace(r#"streams = ["chat", "orders"]"#, r#"streams = ["chat", "board"]"#);
+    .replace(
+        r#"streams = ["chat", "orders"]"#,
+        r#"streams = ["chat", "board"]"#,
+    );
     let a = Gateway::spawn(&config, &prefix, &[]);
     let b = Gateway::spawn(&config, &prefix, &[]);
     a.wait_ready().await;
@@ -680,15 +682,27 @@ async fn whiteboard(lang: Lang) {
         .send(json!({"type": "send", "stream": "board", "id": "s1-again",
                      "data": {"board": "t", "stroke": stroke("s1", 0.1)}}))
         .await;
-    assert_eq!(next_message(&mut drawer).await["data"]["stroke"]["id"], "s1");
-    assert_eq!(next_message(&mut watcher).await["data"]["stroke"]["id"], "s1");
+    assert_eq!(
+        next_message(&mut drawer).await["data"]["stroke"]["id"],
+        "s1"
+    );
+    assert_eq!(
+        next_message(&mut watcher).await["data"]["stroke"]["id"],
+        "s1"
+    );
 
     // Bad input: the sender is told what was wrong; the watcher sees nothing of it.
     for (data, what) in [
-        (json!({"board": "t", "stroke": {"id": "x", "color": "red", "width": 4,
-                                           "points": [[0.1, 0.1]]}}), "stroke.color"),
-        (json!({"board": "t", "stroke": {"id": "x", "color": "#000000", "width": 4,
-                                           "points": [[0.1, 7]]}}), "point"),
+        (
+            json!({"board": "t", "stroke": {"id": "x", "color": "red", "width": 4,
+                                           "points": [[0.1, 0.1]]}}),
+            "stroke.color",
+        ),
+        (
+            json!({"board": "t", "stroke": {"id": "x", "color": "#000000", "width": 4,
+                                           "points": [[0.1, 7]]}}),
+            "point",
+        ),
         (json!({"board": "no spaces", "load": true}), "board"),
         (json!({"board": "t"}), "load"),
     ] {
@@ -697,7 +711,10 @@ async fn whiteboard(lang: Lang) {
             .await;
         let error = next_message(&mut drawer).await;
         assert_eq!(error["data"]["type"], "error", "{error}");
-        assert!(error.get("channel").is_none(), "to the sender only: {error}");
+        assert!(
+            error.get("channel").is_none(),
+            "to the sender only: {error}"
+        );
         assert!(
             error["data"]["error"].as_str().unwrap().contains(what),
             "{data} must be refused naming {what:?}: {error}"
@@ -707,8 +724,10 @@ async fn whiteboard(lang: Lang) {
     // 150 more strokes from the watcher's side.
     for i in 0..150 {
         watcher
-            .send(json!({"type": "send", "stream": "board", "id": format!("w{i}"),
-                         "data": {"board": "t", "stroke": stroke(&format!("w{i}"), 0.5)}}))
+            .send(
+                json!({"type": "send", "stream": "board", "id": format!("w{i}"),
+                         "data": {"board": "t", "stroke": stroke(&format!("w{i}"), 0.5)}}),
+            )
             .await;
     }
     for i in 0..150 {

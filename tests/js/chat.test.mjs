@@ -1,4 +1,4 @@
-// The README's "Try it", for real: two replicas, the Python backend (examples/backend.py) and
+// The README's "Try it", for real: two replicas, the Python backend (examples/backends/python/backend.py) and
 // two terminal chat clients (examples/js/chat.mjs, on wsbridge-client.mjs) on different
 // replicas. Lines typed in one reach both; when one client's replica is killed it fails over,
 // resumes its channel and gets what was said meanwhile, exactly once.
@@ -12,7 +12,7 @@ import { ROOT, killAll, startGateway, startProcess, startRedis, uniquePrefix } f
 after(killAll);
 
 const CHAT = path.join(ROOT, 'examples', 'js', 'chat.mjs');
-const BACKEND = path.join(ROOT, 'examples', 'backend.py');
+const BACKEND = path.join(ROOT, 'examples', 'backends', 'python', 'backend.py');
 // Node 20/21 need this flag for a global WebSocket; pass it on when the tests run with it.
 const NODE_FLAGS = process.execArgv.filter((flag) => flag === '--experimental-websocket');
 

@@ -1,0 +1,273 @@
+// The whiteboard page: a shared board drawn on by everyone who has it open.
+//
+// - A finished stroke is sent to the backend on the inbound stream "board" (through the
+//   gateway). The backend stores it and publishes it to the channel `board:<name>`, which keeps
+//   history; every page, this one included, draws what comes back on that channel.
+// - A page that opens asks the backend for the board so far ("load"), after subscribing, so
+//   nothing published in between is missed (strokes are merged by id).
+// - A page that reconnects — its replica died, the network blinked — resumes the channel from
+//   the last offset it saw (the client does that) and gets exactly the strokes it missed. When
+//   the history cannot make it whole (recovered: false), it loads the board again.
+// - A stroke drawn while offline waits in the client and is sent on reconnect, with its id, so
+//   the gateway stores it once.
+//
+// Every page draws the strokes in the backend's order (`seq`, the inbound stream entry id), so
+// all pages show the same picture. Query parameters: ?board=NAME (default "main"),
+// &ws=ws://HOST/ws (default: this page's host, path /ws).
+import { WsBridgeClient } from './js/wsbridge-client.mjs';
+
+const params = new URLSearchParams(location.search);
+const board = params.get('board') || 'main';
+const channel = `board:${board}`;
+const wsUrl = params.get('ws') || `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+
+const COLORS = ['#222222', '#e53935', '#1e88e5', '#43a047', '#fb8c00', '#8e24aa'];
+const MAX_POINTS = 500; // per stroke, as the backends accept; longer strokes are split
+const MIN_STEP = 0.002; // points closer than this (fraction of the board) are skipped
+
+const canvas = document.getElementById('board');
+const ctx = canvas.getContext('2d');
+const statusEl = document.getElementById('status');
+const errorEl = document.getElementById('error');
+const widthEl = document.getElementById('width');
+
+const pageId = Math.random().toString(16).slice(2, 10);
+let counter = 0;
+let color = COLORS[0];
+const strokes = new Map(); // id -> stroke; the backend's copy carries `seq`
+const local = new Map(); // id -> order, for strokes drawn here and not yet confirmed
+let drawing = null; // the stroke under the pointer
+let loaded = false; // the board so far has arrived
+
+// ---- the connection ---------------------------------------------------------------------
+
+const client = new WsBridgeClient({ url: wsUrl, baseDelayMs: 250, maxDelayMs: 5000 });
+
+client.on('message', (ch, data) => {
+  if (!data || typeof data !== 'object' || data.board !== board) return;
+  if (data.type === 'stroke' && ch === channel) {
+    merge([data.stroke]);
+  } else if (data.type === 'snapshot' && ch === null) {
+    merge(data.strokes);
+    if (data.last) loaded = true;
+  } else if (data.type === 'error') {
+    showError(`the backend refused a message: ${data.error}`);
+  }
+  showStatus();
+});
+
+client.on('subscribed', ({ channel: ch, recovered, resumed, reconnect }) => {
+  if (ch !== channel) return;
+  // Load the board when it has not arrived yet (first visit, or the answer was lost with a
+  // connection), when the history could not replay the gap, or when there was no offset to
+  // resume from (nothing had been drawn when this page joined).
+  if (!loaded || recovered === false || (reconnect && !resumed)) load();
+});
+
+for (const event of ['welcome', 'close', 'reconnecting']) client.on(event, showStatus);
+client.on('error', (err) => console.warn('wsbridge:', err));
+
+async function load() {
+  try {
+    await client.send('board', { board, load: true });
+  } catch (err) {
+    if (err.code !== 'closed') setTimeout(load, 1000); // retried; stroke merging is idempotent
+  }
+}
+
+// Sends a finished stroke until the gateway has stored it. The client resends it after a
+// reconnect by itself; errors it gives back (rate limited, Redis unavailable, too many
+// waiting) are retried here with a backoff, with the same id, so it is stored once.
+async function submit(stroke, attempt = 0) {
+  try {
+    await client.send('board', { board, stroke }, { id: stroke.id });
+  } catch (err) {
+    if (err.code === 'closed') return;
+    if (err.retryable || err.code === 'queue_full') {
+      setTimeout(() => submit(stroke, attempt + 1), Math.min(5000, 250 * 2 ** attempt));
+    } else {
+      showError(`a stroke was not saved: ${err.message}`);
+      strokes.delete(stroke.id);
+      local.delete(stroke.id);
+      repaint();
+    }
+  }
+}
+
+function merge(list) {
+  for (const s of list) {
+    strokes.set(s.id, s);
+    local.delete(s.id);
+  }
+  repaint();
+}
+
+// ---- drawing ----------------------------------------------------------------------------
+
+// Confirmed strokes in `seq` order ("<ms>-<n>"), then this page's unconfirmed ones.
+function order(s) {
+  if (typeof s.seq !== 'string') return [1, local.get(s.id) ?? 0, 0];
+  const [ms, n] = s.seq.split('-').map(Number);
+  return [0, ms, n];
+}
+
+function byOrder(a, b) {
+  const x = order(a);
+  const y = order(b);
+  return x[0] - y[0] || x[1] - y[1] || x[2] - y[2] || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+}
+
+function sorted() {
+  return [...strokes.values()].sort(byOrder);
+}
+
+function paintStroke(s) {
+  const w = canvas.width;
+  const h = canvas.height;
+  const dpr = window.devicePixelRatio || 1;
+  ctx.strokeStyle = s.color;
+  ctx.fillStyle = s.color;
+  ctx.lineWidth = s.width * dpr;
+  ctx.lineCap = 'round';
+  ctx.lineJoin = 'round';
+  const [x0, y0] = s.points[0];
+  if (s.points.length === 1) {
+    ctx.beginPath();
+    ctx.arc(x0 * w, y0 * h, (s.width * dpr) / 2, 0, 2 * Math.PI);
+    ctx.fill();
+    return;
+  }
+  ctx.beginPath();
+  ctx.moveTo(x0 * w, y0 * h);
+  for (const [x, y] of s.points.slice(1)) ctx.lineTo(x * w, y * h);
+  ctx.stroke();
+}
+
+let frame = 0;
+function repaint() {
+  if (!frame) frame = requestAnimationFrame(paint);
+}
+
+// The whole board, in order: every page paints the same picture, whatever order strokes
+// arrived in.
+function paint() {
+  frame = 0;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  for (const s of sorted()) paintStroke(s);
+  if (drawing) paintStroke(drawing);
+}
+
+function resize() {
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(canvas.clientWidth * dpr);
+  canvas.height = Math.round(canvas.clientHeight * dpr);
+  paint();
+}
+new ResizeObserver(resize).observe(canvas);
+
+function pointAt(event) {
+  const r = canvas.getBoundingClientRect();
+  const clamp = (v) => Math.min(1, Math.max(0, Math.round(v * 10000) / 10000));
+  return [clamp((event.clientX - r.left) / r.width), clamp((event.clientY - r.top) / r.height)];
+}
+
+function begin(point) {
+  counter += 1;
+  drawing = { id: `${pageId}-${counter}`, color, width: Number(widthEl.value), points: [point] };
+}
+
+function finish() {
+  const s = drawing;
+  drawing = null;
+  local.set(s.id, counter);
+  strokes.set(s.id, s);
+  submit(s);
+  repaint();
+  showStatus();
+}
+
+canvas.addEventListener('pointerdown', (e) => {
+  if (e.button !== 0) return;
+  canvas.setPointerCapture(e.pointerId);
+  begin(pointAt(e));
+  repaint();
+});
+
+canvas.addEventListener('pointermove', (e) => {
+  if (!drawing) return;
+  const p = pointAt(e);
+  const last = drawing.points[drawing.points.length - 1];
+  if (Math.hypot(p[0] - last[0], p[1] - last[1]) < MIN_STEP) return;
+  drawing.points.push(p);
+  if (drawing.points.length === MAX_POINTS) {
+    finish(); // a long stroke goes out in pieces that join up
+    begin(p);
+  }
+  repaint();
+});
+
+for (const event of ['pointerup', 'pointercancel']) {
+  canvas.addEventListener(event, () => {
+    if (drawing) finish();
+  });
+}
+
+// ---- toolbar and status -----------------------------------------------------------------
+
+const palette = document.getElementById('palette');
+for (const c of COLORS) {
+  const b = document.createElement('button');
+  b.className = 'swatch';
+  b.style.background = c;
+  b.title = c;
+  b.setAttribute('aria-pressed', String(c === color));
+  b.addEventListener('click', () => {
+    color = c;
+    for (const other of palette.children) other.setAttribute('aria-pressed', String(other === b));
+  });
+  palette.append(b);
+}
+
+// The replica is the first part of the connection id (`<replica>.<incarnation>.<n>`).
+function replica() {
+  return client.connectionId ? client.connectionId.split('.')[0] : null;
+}
+
+function showStatus() {
+  statusEl.dataset.state = client.state;
+  const where = client.state === 'open' ? `on ${replica()}` : client.state;
+  const waiting = local.size ? `, ${local.size} not saved yet` : '';
+  statusEl.textContent = `board "${board}" · ${where} · ${strokes.size} strokes${waiting}`;
+}
+
+function showError(text) {
+  errorEl.textContent = text;
+  setTimeout(() => {
+    if (errorEl.textContent === text) errorEl.textContent = '';
+  }, 5000);
+}
+
+// For tests and the curious (browser console): what this page holds.
+window.whiteboard = {
+  board,
+  client,
+  get state() {
+    return client.state;
+  },
+  get replica() {
+    return replica();
+  },
+  get loaded() {
+    return loaded;
+  },
+  /** Stroke ids in painting order; `confirmed` only those the backend has stored. */
+  ids({ confirmed = false } = {}) {
+    return sorted()
+      .filter((s) => !confirmed || typeof s.seq === 'string')
+      .map((s) => s.id);
+  },
+};
+
+client.subscribe(channel).catch((err) => showError(`cannot join ${channel}: ${err.message}`));
+client.connect().catch((err) => showError(`cannot connect: ${err.message}`));
+showStatus();

@@ -1,0 +1,249 @@
+// The whiteboard example as a person uses it: examples/whiteboard/run.sh starts the local
+// cluster (Redis, three replicas, nginx serving the page and balancing /ws, the backend), and
+// headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core) opens the page
+// through nginx in separate windows and draws with the mouse.
+//
+// Screenshots go to target/artifacts/whiteboard/ (or $ARTIFACTS). Run with tests/run.sh, or:
+//   npm ci --prefix tests/browser && cargo build --bin wsbridge --example backend &&
+//   node --test tests/browser/whiteboard.test.mjs
+// WHITEBOARD_BACKEND=python|node|rust picks the backend (default rust); CHROMIUM the browser.
+
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { after, test } from 'node:test';
+
+import { chromium } from 'playwright-core';
+
+import { ROOT, freePort } from '../js/harness.mjs';
+
+const PATIENCE = 20_000;
+const ARTIFACTS = process.env.ARTIFACTS || path.join(ROOT, 'target', 'artifacts', 'whiteboard');
+const VIEWPORT = { width: 900, height: 600 };
+
+/** `count` distinct free loopback ports. */
+async function freePorts(count) {
+  const ports = new Set();
+  while (ports.size < count) ports.add(await freePort());
+  return [...ports];
+}
+
+/** examples/whiteboard/run.sh in its own process group (so that all it started can be stopped
+ * together), on free ports; resolves once it printed "ready:". */
+async function startCluster() {
+  const [http, apiLb, redis, ...rest] = await freePorts(9);
+  const state = mkdtempSync(path.join(tmpdir(), 'wsbridge-whiteboard-'));
+  const env = {
+    ...process.env,
+    HTTP_PORT: String(http),
+    API_LB_PORT: String(apiLb),
+    REDIS_PORT: String(redis),
+    WS_PORTS: rest.slice(0, 3).join(' '),
+    API_PORTS: rest.slice(3, 6).join(' '),
+    STATE: state,
+    PREFIX: `wb-${process.pid}-${Date.now().toString(36)}`,
+    PROFILE: 'debug',
+    BACKEND: process.env.WHITEBOARD_BACKEND || 'rust',
+  };
+  const child = spawn('bash', [path.join(ROOT, 'examples/whiteboard/run.sh')], {
+    cwd: ROOT,
+    env,
+    detached: true,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const output = [];
+  const exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
+  const ready = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`run.sh not ready after 180 s:\n${output.join('\n')}`)), 180_000);
+    exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`run.sh exited (${code}):\n${output.join('\n')}`));
+    });
+    for (const stream of [child.stdout, child.stderr]) {
+      createInterface({ input: stream }).on('line', (line) => {
+        output.push(line);
+        if (line.startsWith('ready:')) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    }
+  });
+  const cluster = {
+    url: `http://127.0.0.1:${http}/`,
+    state,
+    prefix: env.PREFIX,
+    redisPort: redis,
+    output,
+    pidOf: (replica) => Number(readFileSync(path.join(state, `${replica.replace('wsbridge', 'replica')}.pid`), 'utf8')),
+    logs() {
+      const read = (f) => {
+        try {
+          return readFileSync(path.join(state, f), 'utf8');
+        } catch {
+          return '';
+        }
+      };
+      return ['backend.log', 'replica-1.log', 'replica-2.log', 'replica-3.log', 'nginx-error.log']
+        .map((f) => `--- ${f}\n${read(f).split('\n').slice(-40).join('\n')}`)
+        .join('\n');
+    },
+    async stop() {
+      try {
+        process.kill(-child.pid, 'SIGTERM');
+      } catch {}
+      const killer = setTimeout(() => {
+        try {
+          process.kill(-child.pid, 'SIGKILL');
+        } catch {}
+      }, 5000);
+      await exited;
+      clearTimeout(killer);
+      rmSync(state, { recursive: true, force: true });
+    },
+  };
+  process.on('exit', () => {
+    try {
+      process.kill(-child.pid, 'SIGKILL');
+    } catch {}
+  });
+  await ready;
+  return cluster;
+}
+
+/** Waits for `fn` (run in the page) to return a truthy value. */
+function until(page, fn, arg, what) {
+  return page.waitForFunction(fn, arg, { timeout: PATIENCE, polling: 50 }).catch((err) => {
+    throw new Error(`${page.label}: timed out waiting for ${what}: ${err.message}`);
+  });
+}
+
+async function open(browser, cluster, board, label) {
+  const context = await browser.newContext({ viewport: VIEWPORT });
+  const page = await context.newPage();
+  page.label = label;
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(e.message));
+  await page.goto(`${cluster.url}?board=${board}`);
+  await until(page, () => window.whiteboard?.state === 'open' && window.whiteboard.loaded, null, 'the board to load');
+  return page;
+}
+
+/** Draws a stroke with the mouse from (x0, y0) to (x1, y1) in canvas pixels; returns its id. */
+async function draw(page, [x0, y0], [x1, y1]) {
+  const box = await page.locator('canvas').boundingBox();
+  const before = await page.evaluate(() => window.whiteboard.ids());
+  await page.mouse.move(box.x + x0, box.y + y0);
+  await page.mouse.down();
+  for (let i = 1; i <= 20; i++) {
+    await page.mouse.move(box.x + x0 + ((x1 - x0) * i) / 20, box.y + y0 + ((y1 - y0) * i) / 20);
+  }
+  await page.mouse.up();
+  const ids = await page.evaluate(() => window.whiteboard.ids());
+  const added = ids.filter((id) => !before.includes(id));
+  assert.equal(added.length, 1, `${page.label}: one new stroke`);
+  return added[0];
+}
+
+/** Whether the canvas shows ink at (x, y), in canvas CSS pixels. */
+function inkAt(page, [x, y]) {
+  return page.evaluate(([x, y]) => {
+    const canvas = document.querySelector('canvas');
+    const scale = canvas.width / canvas.clientWidth;
+    const [, , , alpha] = canvas.getContext('2d').getImageData(Math.round(x * scale), Math.round(y * scale), 1, 1).data;
+    return alpha > 0;
+  }, [x, y]);
+}
+
+const confirmedIds = (page) => page.evaluate(() => window.whiteboard.ids({ confirmed: true }));
+const pixels = (page) => page.evaluate(() => document.querySelector('canvas').toDataURL());
+
+async function shot(page, name) {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
+}
+
+test('two windows through nginx on different replicas draw together; a replica dies and no stroke is lost', async (t) => {
+  const cluster = await startCluster();
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    // No sandbox as root; and none of Chromium's own network traffic (updates, sync, QUIC),
+    // which this machine's closed network refuses.
+    args: [
+      ...(process.getuid?.() === 0 ? ['--no-sandbox'] : []),
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  after(async () => {
+    await browser.close();
+    await cluster.stop();
+  });
+  t.diagnostic(`screenshots: ${ARTIFACTS}`);
+  const board = `b${Date.now().toString(36)}`;
+  try {
+    const a = await open(browser, cluster, board, 'page A');
+    const b = await open(browser, cluster, board, 'page B');
+    const ra = await a.evaluate(() => window.whiteboard.replica);
+    const rb = await b.evaluate(() => window.whiteboard.replica);
+    assert.notEqual(ra, rb, 'least_conn puts the second window on another replica');
+
+    // A draws; B sees the stroke, on its canvas.
+    const first = await draw(a, [100, 100], [400, 250]);
+    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), first, `stroke ${first}`);
+    await until(a, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), first, `stroke ${first} stored`);
+    assert.ok(await inkAt(b, [250, 175]), 'B shows the stroke where A drew it');
+    await shot(a, '1-a-drew');
+    await shot(b, '1-b-sees');
+
+    // A's replica freezes, then dies. Meanwhile A draws (its send reaches no one) and B draws
+    // (A's replica never delivers it).
+    const pid = cluster.pidOf(ra);
+    process.kill(pid, 'SIGSTOP');
+    const second = await draw(a, [100, 400], [400, 400]);
+    const third = await draw(b, [600, 100], [600, 450]);
+    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), third, `stroke ${third}`);
+    assert.ok(!(await confirmedIds(a)).includes(third), 'A missed the stroke while its replica was frozen');
+    process.kill(pid, 'SIGKILL');
+
+    // A reconnects through nginx to another replica, catches up from its last offset, and its
+    // own stroke is resent and stored once.
+    await until(a, (dead) => window.whiteboard.state === 'open' && window.whiteboard.replica !== dead, ra, 'A on another replica');
+    const all = [first, second, third];
+    for (const page of [a, b]) {
+      await until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
+    }
+    assert.equal(
+      await a.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`),
+      true,
+      'A resumed from its offset (recovered: true), not by reloading the board'
+    );
+    assert.deepEqual(await confirmedIds(a), await confirmedIds(b), 'same strokes, same order');
+    assert.equal((await confirmedIds(a)).length, 3, 'each stroke once');
+    assert.ok(await inkAt(a, [600, 300]), "A shows B's stroke drawn while A was cut off");
+    assert.ok(await inkAt(b, [250, 400]), "B shows A's stroke drawn while A was cut off");
+    assert.equal(await pixels(a), await pixels(b), 'both windows show the same picture');
+    await shot(a, '2-a-after-replica-killed');
+    await shot(b, '2-b-after-replica-killed');
+
+    // A window opened now loads the board: the same picture. Redis holds each stroke once.
+    const c = await open(browser, cluster, board, 'page C');
+    await until(c, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
+    assert.deepEqual(await confirmedIds(c), await confirmedIds(a));
+    assert.equal(await pixels(c), await pixels(a), 'the late window shows the same picture');
+    await shot(c, '3-c-opened-late');
+    const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
+    assert.equal(String(stored).trim(), '3');
+    for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
+  } catch (err) {
+    err.message += `\n${cluster.logs()}`;
+    throw err;
+  }
+});
