@@ -16,7 +16,7 @@
 //! - any other line is a chat message to the current channel:
 //!   `{"type":"send","stream":"chat","data":{"channel":CURRENT,"text":LINE},"id":"cN"}`.
 //!
-//! The client subscribes to `room:lobby` at start. With `examples/backend.py` or
+//! The client subscribes to `room:lobby` at start. With `examples/backends/python/backend.py` or
 //! `cargo run --example backend` running, lines typed in one client appear in every client
 //! subscribed to the same channel.
 

@@ -19,7 +19,7 @@
 //   anything else    a chat message to the current channel, sent to the stream `chat` as
 //                    {"channel": CURRENT, "text": LINE}
 //
-// With examples/backend.py (or `cargo run --example backend`) running, a line typed in one
+// With examples/backends/python/backend.py (or `cargo run --example backend`) running, a line typed in one
 // client appears in every client on the same channel, whichever replica each is on. Kill the
 // replica a client is on: it reconnects to another, resumes its channels from the last offset
 // it saw (history channels replay exactly what it missed) and resends what was not acked.
