@@ -531,7 +531,9 @@ class Backend:
             except Shutdown:
                 break
             except redis.ResponseError as e:
-                if "NOGROUP" in str(e):  # stream or group deleted under us: create it again
+                # Stream or group deleted under us (UNBLOCKED: while we were blocked reading it,
+                # Redis 7+): create it again.
+                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
                     log(f"{e}; creating the group again")
                     ready = False
                     continue

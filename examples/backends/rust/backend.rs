@@ -1,30 +1,65 @@
-//! A tiny chat backend for wsbridge, in Rust: the same behaviour as `examples/backend.py`.
+//! A small chat and whiteboard backend for wsbridge, in Rust (redis-rs, hyper): the same flags,
+//! behaviour and log lines as its siblings `examples/backends/python/backend.py` and
+//! `examples/backends/node/backend.mjs`.
 //!
 //! ```text
-//! cargo run --example backend [-- --max N]
+//! cargo run --example backend                       # the chat
+//! cargo run --example backend -- --stream board     # the whiteboard
 //! ```
 //!
-//! It reads the inbound stream `<prefix>:in:chat` with a Redis consumer group and answers through
-//! the gateway's backend API (`POST /send`):
+//! It reads one inbound stream, `<prefix>:in:<stream>` (`chat` by default), with a Redis
+//! consumer group, as every wsbridge backend does, and answers through the gateway's backend API
+//! (`POST /send`). `examples/backends/README.md` specifies the messages; in short:
 //!
-//! - `data` is an object with a non-empty string `"channel"` and a `"text"`: the message goes to
-//!   every subscriber of that channel as `{"from": <user, or connection when anonymous>, "text"}`;
+//! - `data` with a `"board"` key is for the whiteboard (`examples/whiteboard`, stream `board`): a
+//!   `"stroke"` is stored in the hash `<prefix>:whiteboard:<board>` and published to the channel
+//!   `board:<board>`; `"load": true` sends the stored strokes to the asking connection;
+//! - `data` with a non-empty string `"channel"` and a `"text"`: the message goes to every
+//!   subscriber of that channel as `{"from": <user, or connection when anonymous>, "text"}`;
 //! - anything else is echoed to the sending connection as `{"echo": DATA}`.
 //!
 //! An entry is acknowledged (XACK) only after the gateway accepted the reply (202). When the
-//! gateway answers 5xx (503: Redis did not take it) or 429, or cannot be reached, the entry stays
-//! pending and is retried after a backoff, before any newer entry. A 400 or 413 means the reply
-//! can never be taken: it is logged and acknowledged (dropped). Any other answer (401 wrong key,
-//! 404 wrong URL) is a misconfiguration: the backend exits with status 1 without acknowledging.
-//! At start, entries that a dead consumer left pending for more than `--claim-idle-ms` (60 s)
-//! are taken over with XAUTOCLAIM. A group this backend creates starts at the beginning of the
-//! stream, as the gateway's own groups do, so no stored entry is skipped. SIGTERM / SIGINT stop
-//! it between entries.
+//! gateway answers 5xx (503: Redis did not take it), 408 or 429, or cannot be reached, the entry
+//! stays pending and is retried after a backoff, before any newer entry. A 400, 413 or 422 means
+//! the reply itself can never be taken: it is logged and acknowledged (dropped). Any other answer
+//! (401 wrong key, 404 wrong URL) is a misconfiguration: the backend exits with status 1 without
+//! acknowledging, leaving the entry to a correctly configured instance. A group this backend
+//! creates starts at the beginning of the stream, as the gateway's own groups do, so no stored
+//! entry is skipped. SIGTERM / SIGINT stop it between entries; a consumer that holds nothing is
+//! removed from the group on the way out.
+//!
+//! Backends that crash. Run as many instances as you like, each with its own consumer name (the
+//! default is unique per process). An entry that an instance read but did not acknowledge stays
+//! in the group's pending list under its name. At start, and then every `--reclaim-every-ms`
+//! (half of `--claim-idle-ms` by default, at least 100), each instance takes over (XAUTOCLAIM
+//! ... JUSTID) the entries that have been pending for more than `--claim-idle-ms` (60 s) -- those
+//! of an instance that died or hangs -- and handles them before newer entries. On the same tick a
+//! live instance refreshes the idle time of the entries it still holds (XCLAIM to itself, with a
+//! min-idle guard), so that nobody takes over work it is retrying.
+//!
+//! Entries that can never be handled. Redis counts every delivery of a pending entry (XPENDING
+//! shows the count); this backend reads its own pending entries one at a time, so each delivery
+//! is one attempt. An entry whose handler failed is delivered again after a backoff; an entry
+//! that is still pending after `--max-deliveries` deliveries (5) -- its handler failed, or the
+//! instances that read it crashed, that many times -- is not handed to the handler again: it is
+//! moved to the dead-letter stream `<prefix>:dead:<stream>` with its original fields plus
+//! `original_id`, `deliveries` and `reason` (added and acknowledged in one MULTI, so it is never
+//! in both places or in neither) and logged. Retrying a reply the gateway could not take for now
+//! (503, unreachable) does not count as a delivery (the entry is read again with XRANGE, not
+//! XREADGROUP), so an outage of the gateway does not dead-letter the backlog. Nothing trims the
+//! dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
 //!
 //! Settings come from flags or the environment: `REDIS_URL` (redis://127.0.0.1:6379),
 //! `WSBRIDGE_API` (http://127.0.0.1:8081), `WSBRIDGE_API_KEY` (none), `PREFIX` (wsbridge),
-//! `STREAM` (chat), `GROUP` (backend), `CONSUMER` (`<hostname>-<pid>`); `--max N` exits after
-//! handling N entries.
+//! `STREAM` (chat), `GROUP` (backend), `CONSUMER` (`<hostname>-<pid>`); `--block-ms` (5000),
+//! `--claim-idle-ms` (60000), `--reclaim-every-ms`, `--max-deliveries` (5); `--max N` exits after
+//! handling N entries. It speaks to a single Redis, not to a Redis Cluster (the dead-letter MULTI
+//! would span two hash slots there).
+//!
+//! Two flags exist for tests and demonstrations: `--fail-on TEXT` makes the handler fail on
+//! every chat message whose text is TEXT (a message it can never handle), and `--work-ms MS`
+//! spends MS milliseconds on each entry before replying (so that a killed instance dies holding
+//! work).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -34,13 +69,22 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError, Value};
-use serde_json::json;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind, Value};
+use serde_json::{json, Value as J};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: backend [--redis-url URL] [--api URL] [--api-key KEY] [--prefix P] \
-[--stream S] [--group G] [--consumer C] [--block-ms MS] [--claim-idle-ms MS] [--max N]";
+[--stream S] [--group G] [--consumer C] [--block-ms MS] [--claim-idle-ms MS] \
+[--reclaim-every-ms MS] [--max-deliveries N] [--max N] [--fail-on TEXT] [--work-ms MS]";
+
+/// A whiteboard stroke has at most this many points.
+const MAX_POINTS: usize = 500;
+/// A snapshot message carries at most this many strokes.
+const SNAPSHOT_STROKES: usize = 100;
+/// The first backoff after a failed delivery; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 fn log(message: impl std::fmt::Display) {
     let secs = std::time::SystemTime::now()
@@ -59,12 +103,22 @@ fn log(message: impl std::fmt::Display) {
 struct Settings {
     redis_url: String,
     api: Api,
+    prefix: String,
     group: String,
     consumer: String,
+    /// `<prefix>:in:<stream>`
     key: String,
+    /// `<prefix>:dead:<stream>`
+    dead_key: String,
     block_ms: u64,
     claim_idle_ms: u64,
+    reclaim_every_ms: u64,
+    max_deliveries: u64,
     max: Option<u64>,
+    /// Test hook: the handler fails on chat messages with this text.
+    fail_on: Option<String>,
+    /// Test hook: simulated work per entry, before replying.
+    work_ms: u64,
 }
 
 fn settings() -> Result<Settings, String> {
@@ -89,16 +143,24 @@ fn settings() -> Result<Settings, String> {
     let mut stream = env("STREAM", "chat");
     let mut group = env("GROUP", "backend");
     let mut consumer = env("CONSUMER", &format!("{hostname}-{}", std::process::id()));
-    let (mut block_ms, mut claim_idle_ms, mut max) = (5000, 60_000, None);
+    let (mut block_ms, mut claim_idle_ms, mut reclaim_every_ms) = (5000, 60_000, None);
+    let (mut max_deliveries, mut max, mut fail_on, mut work_ms) = (5, None, None, 0);
 
     let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "-h" || flag == "--help" {
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
             return Err(USAGE.into());
         }
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        // `--flag value` or `--flag=value`.
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag.to_string(), value.to_string()),
+            _ => {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))?;
+                (arg, value)
+            }
+        };
         let number = |v: &str| {
             v.parse::<u64>()
                 .map_err(|_| format!("{flag} needs a number, got `{v}`"))
@@ -113,9 +175,16 @@ fn settings() -> Result<Settings, String> {
             "--consumer" => consumer = value,
             "--block-ms" => block_ms = number(&value)?,
             "--claim-idle-ms" => claim_idle_ms = number(&value)?,
+            "--reclaim-every-ms" => reclaim_every_ms = Some(number(&value)?),
+            "--max-deliveries" => max_deliveries = number(&value)?,
             "--max" => max = Some(number(&value)?),
+            "--fail-on" => fail_on = Some(value),
+            "--work-ms" => work_ms = number(&value)?,
             _ => return Err(format!("unknown flag `{flag}`\n{USAGE}")),
         }
+    }
+    if max_deliveries < 1 {
+        return Err(format!("--max-deliveries must be at least 1\n{USAGE}"));
     }
     Ok(Settings {
         redis_url,
@@ -123,9 +192,15 @@ fn settings() -> Result<Settings, String> {
         group,
         consumer,
         key: format!("{prefix}:in:{stream}"),
+        dead_key: format!("{prefix}:dead:{stream}"),
+        prefix,
         block_ms,
         claim_idle_ms,
+        reclaim_every_ms: reclaim_every_ms.unwrap_or(claim_idle_ms / 2).max(100),
+        max_deliveries,
         max,
+        fail_on,
+        work_ms,
     })
 }
 
@@ -138,12 +213,18 @@ struct Api {
     key: Option<String>,
 }
 
-/// Why a reply was not taken.
-enum PostError {
-    /// Try again later: the entry stays pending.
+/// Why an entry was not handled.
+enum Failure {
+    /// The gateway could not take the reply for now: the entry stays pending and is retried
+    /// without being delivered again (not counted towards `--max-deliveries`).
     Transient(String),
-    /// Retrying cannot help until the backend is reconfigured.
+    /// The handler failed: the entry stays pending and its next delivery is another attempt.
+    /// The error as the Python backend logs it, `Name('message')` (see [`py_error`]).
+    Handler(String),
+    /// Retrying cannot help until the backend is reconfigured: exit with status 1.
     Fatal(String),
+    /// Redis failed, which is not the entry's fault: reconnect, then retry it.
+    Redis(RedisError),
 }
 
 impl Api {
@@ -168,33 +249,29 @@ impl Api {
         })
     }
 
-    /// `POST /send`: 202, or the status of a reply the gateway will never take (400, 413).
-    async fn send(&self, body: &serde_json::Value) -> Result<u16, PostError> {
-        let (status, detail) = match tokio::time::timeout(Duration::from_secs(10), self.post(body))
-            .await
-        {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => return Err(PostError::Transient(format!("gateway unreachable: {e}"))),
-            Err(_) => {
-                return Err(PostError::Transient(
-                    "gateway did not answer within 10 s".into(),
-                ))
-            }
-        };
+    /// `POST /send`: 202, or the status of a reply the gateway will never take (400, 413, 422).
+    async fn send(&self, body: &J) -> Result<u16, Failure> {
+        let (status, detail) =
+            match tokio::time::timeout(Duration::from_secs(10), self.post(body)).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => return Err(Failure::Transient(format!("gateway unreachable: {e}"))),
+                Err(_) => return Err(Failure::Transient("gateway unreachable: timed out".into())),
+            };
         match status {
+            // This reply is bad: dropping it is the only way forward.
             202 | 400 | 413 | 422 => Ok(status),
-            408 | 429 | 500.. => Err(PostError::Transient(format!("{status} {detail}"))),
-            401 | 403 => Err(PostError::Fatal(format!(
+            408 | 429 | 500.. => Err(Failure::Transient(format!("{status} {detail}"))),
+            401 | 403 => Err(Failure::Fatal(format!(
                 "the gateway refused the API key ({status}): {detail}"
             ))),
-            _ => Err(PostError::Fatal(format!(
+            _ => Err(Failure::Fatal(format!(
                 "unexpected answer from {}/send ({status}): {detail}",
                 self.base
             ))),
         }
     }
 
-    async fn post(&self, body: &serde_json::Value) -> Result<(u16, String), String> {
+    async fn post(&self, body: &J) -> Result<(u16, String), String> {
         let stream = TcpStream::connect(&self.authority)
             .await
             .map_err(|e| e.to_string())?;
@@ -226,10 +303,22 @@ impl Api {
     }
 }
 
+/// An entry's fields, in the order the stream holds them.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One stream entry; `fields` is `None` when the entry was trimmed away while pending.
 struct Entry {
     id: String,
-    fields: Option<HashMap<String, Vec<u8>>>,
+    fields: Option<Fields>,
+}
+
+/// The value of field `name` (the last one, should the entry repeat it).
+fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| v.as_slice())
 }
 
 /// Parses an XREADGROUP reply (RESP2 arrays or RESP3 maps) for one stream.
@@ -245,36 +334,39 @@ fn parse_read_reply(reply: Value) -> Vec<Entry> {
         Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
         _ => Vec::new(),
     };
+    streams.into_iter().flat_map(parse_entries).collect()
+}
+
+/// Parses a list of stream entries (an XRANGE reply, or one stream of an XREADGROUP reply).
+fn parse_entries(entries: Value) -> Vec<Entry> {
+    let Value::Array(entries) = entries else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    for entries in streams {
-        let Value::Array(entries) = entries else {
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
             continue;
         };
-        for entry in entries {
-            let Value::Array(mut parts) = entry else {
-                continue;
-            };
-            if parts.is_empty() {
-                continue;
-            }
-            let fields = (parts.len() > 1).then(|| parts.swap_remove(1));
-            let Some(id) = text(&parts[0]) else { continue };
-            let fields = match fields {
-                Some(Value::Array(flat)) => Some(
-                    flat.chunks(2)
-                        .filter_map(|kv| Some((text(&kv[0])?, bytes(kv.get(1)?)?)))
-                        .collect(),
-                ),
-                Some(Value::Map(pairs)) => Some(
-                    pairs
-                        .iter()
-                        .filter_map(|(k, v)| Some((text(k)?, bytes(v)?)))
-                        .collect(),
-                ),
-                _ => None,
-            };
-            out.push(Entry { id, fields });
+        if parts.is_empty() {
+            continue;
         }
+        let fields = (parts.len() > 1).then(|| parts.swap_remove(1));
+        let Some(id) = text(&parts[0]) else { continue };
+        let fields = match fields {
+            Some(Value::Array(flat)) => Some(
+                flat.chunks(2)
+                    .filter_map(|kv| Some((bytes(&kv[0])?, bytes(kv.get(1)?)?)))
+                    .collect(),
+            ),
+            Some(Value::Map(pairs)) => Some(
+                pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((bytes(k)?, bytes(v)?)))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        out.push(Entry { id, fields });
     }
     out
 }
@@ -291,49 +383,27 @@ fn text(v: &Value) -> Option<String> {
     bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-/// The `/send` body for one entry, and a short description for the log.
-fn reply_for(fields: &HashMap<String, Vec<u8>>) -> (serde_json::Value, String) {
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default()
-    };
-    let connection = field("connection");
-    let user = field("user");
-    let from = if user.is_empty() { &connection } else { &user };
-    let raw = fields.get("data").map(Vec::as_slice).unwrap_or(b"null");
-    let data = if field("encoding") == "msgpack" {
-        match rmpv::decode::read_value(&mut &raw[..]) {
-            Ok(value) => msgpack_to_json(value),
-            Err(_) => json!({"msgpack_base64": base64(raw)}),
+/// The entry's `data` as a JSON value.
+fn decode_data(fields: &Fields) -> J {
+    let raw = field(fields, "data").unwrap_or(b"null");
+    if field(fields, "encoding").unwrap_or(b"json") == b"msgpack" {
+        let mut rest = raw;
+        return match rmpv::decode::read_value(&mut rest) {
+            Ok(value) if rest.is_empty() => msgpack_to_json(value),
+            // Not valid MessagePack, or non-UTF-8 strings: echo the bytes.
+            _ => None,
         }
-    } else {
-        serde_json::from_slice(raw)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(raw).into()))
-    };
-    let channel = data
-        .get("channel")
-        .and_then(|c| c.as_str())
-        .filter(|c| !c.is_empty());
-    match (channel, data.get("text")) {
-        (Some(channel), Some(text)) => (
-            json!({"to": {"channel": channel}, "data": {"from": from, "text": text}}),
-            format!("chat {channel} from {from}"),
-        ),
-        _ => (
-            json!({"to": {"connection": connection}, "data": {"echo": data}}),
-            format!("echo to {connection}"),
-        ),
+        .unwrap_or_else(|| json!({"msgpack_base64": base64(raw)}));
     }
+    // The gateway only stores valid JSON; be lenient anyway.
+    serde_json::from_slice(raw).unwrap_or_else(|_| J::String(String::from_utf8_lossy(raw).into()))
 }
 
 /// A MessagePack value as JSON: binary and ext data become base64 text, non-string map keys
-/// their JSON text, NaN and infinities null (as `examples/backend.py` does).
-fn msgpack_to_json(v: rmpv::Value) -> serde_json::Value {
+/// their JSON text, NaN and infinities null; `None` when a string is not UTF-8.
+fn msgpack_to_json(v: rmpv::Value) -> Option<J> {
     use rmpv::Value as M;
-    use serde_json::Value as J;
-    match v {
+    Some(match v {
         M::Nil => J::Null,
         M::Boolean(b) => J::Bool(b),
         M::Integer(i) => match (i.as_i64(), i.as_u64()) {
@@ -343,26 +413,27 @@ fn msgpack_to_json(v: rmpv::Value) -> serde_json::Value {
         },
         M::F32(f) => serde_json::Number::from_f64(f64::from(f)).map_or(J::Null, J::Number),
         M::F64(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
-        M::String(s) => match s.into_str() {
-            Some(s) => J::String(s),
-            None => J::Null,
-        },
+        M::String(s) => J::String(s.into_str()?),
         M::Binary(b) => J::String(base64(&b)),
-        M::Array(items) => J::Array(items.into_iter().map(msgpack_to_json).collect()),
-        M::Map(pairs) => J::Object(
-            pairs
+        M::Array(items) => J::Array(
+            items
                 .into_iter()
-                .map(|(k, v)| {
-                    let key = match msgpack_to_json(k) {
-                        J::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (key, msgpack_to_json(v))
-                })
-                .collect(),
+                .map(msgpack_to_json)
+                .collect::<Option<_>>()?,
         ),
+        M::Map(pairs) => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in pairs {
+                let key = match msgpack_to_json(k)? {
+                    J::String(s) => s,
+                    other => other.to_string(),
+                };
+                map.insert(key, msgpack_to_json(v)?);
+            }
+            J::Object(map)
+        }
         M::Ext(code, data) => json!({"ext": code, "data": base64(&data)}),
-    }
+    })
 }
 
 fn base64(input: &[u8]) -> String {
@@ -384,12 +455,331 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-/// How a run ends.
-enum Exit {
-    /// Signal or `--max` reached.
-    Done,
+/// What one entry asks for, before any Redis work.
+#[derive(Debug, PartialEq)]
+enum Plan {
+    /// Post these bodies (chat, echo, a whiteboard error).
+    Send(Vec<J>),
+    /// A whiteboard stroke: `HSET key field value`, then post `body`.
+    Store {
+        key: String,
+        field: String,
+        value: String,
+        body: J,
+    },
+    /// The whiteboard so far (the hash `key`), to the asking connection.
+    Load {
+        key: String,
+        board: String,
+        connection: String,
+    },
+}
+
+/// The entry's plan, and a short description for the log.
+fn plan_for(prefix: &str, entry_id: &str, fields: &Fields) -> (Plan, String) {
+    let field_text = |name: &str| {
+        field(fields, name)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let connection = field_text("connection");
+    let user = field_text("user");
+    let who = if user.is_empty() { &connection } else { &user };
+    let data = decode_data(fields);
+    if let Some(board) = data.get("board") {
+        return board_plan(prefix, entry_id, who, &connection, &data, board);
+    }
+    let channel = data
+        .get("channel")
+        .and_then(J::as_str)
+        .filter(|c| !c.is_empty());
+    match (channel, data.get("text")) {
+        (Some(channel), Some(text)) => (
+            Plan::Send(vec![
+                json!({"to": {"channel": channel}, "data": {"from": who, "text": text}}),
+            ]),
+            format!("chat {channel} from {who}"),
+        ),
+        _ => (
+            Plan::Send(vec![
+                json!({"to": {"connection": connection}, "data": {"echo": data}}),
+            ]),
+            format!("echo to {connection}"),
+        ),
+    }
+}
+
+/// The whiteboard: a stroke to store and publish to the board's channel, the board so far for
+/// the asking connection, or an error for it.
+fn board_plan(
+    prefix: &str,
+    entry_id: &str,
+    who: &str,
+    connection: &str,
+    data: &J,
+    board: &J,
+) -> (Plan, String) {
+    let error = match board.as_str().filter(|b| is_board_name(b)) {
+        None => "board must be 1 to 64 characters of A-Z a-z 0-9 _ -".to_string(),
+        Some(name) => match data.get("stroke") {
+            Some(stroke) => match stroke_error(stroke) {
+                Some(error) => error,
+                None => {
+                    let mut stroke = stroke.clone();
+                    stroke["seq"] = J::from(entry_id);
+                    let id = stroke["id"].as_str().unwrap_or_default().to_string();
+                    // Idempotent: storing the same stroke again (a redelivery) changes nothing.
+                    let plan = Plan::Store {
+                        key: format!("{prefix}:whiteboard:{name}"),
+                        field: id.clone(),
+                        value: stroke.to_string(),
+                        body: json!({"to": {"channel": format!("board:{name}")},
+                                     "data": {"type": "stroke", "board": name, "stroke": stroke}}),
+                    };
+                    return (plan, format!("board {name} stroke {id} from {who}"));
+                }
+            },
+            None if data.get("load") == Some(&J::Bool(true)) => {
+                let plan = Plan::Load {
+                    key: format!("{prefix}:whiteboard:{name}"),
+                    board: name.to_string(),
+                    connection: connection.to_string(),
+                };
+                return (plan, format!("board {name} load for {connection}"));
+            }
+            None => r#"a board message needs "stroke" or "load": true"#.to_string(),
+        },
+    };
+    (
+        Plan::Send(vec![json!({"to": {"connection": connection},
+                               "data": {"type": "error", "board": board, "error": error}})]),
+        format!("board {} error to {connection}", py_str(board)),
+    )
+}
+
+/// 1 to 64 characters of `A-Z a-z 0-9 _ -`.
+fn is_board_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_number(v: Option<&J>, low: f64, high: f64) -> bool {
+    v.and_then(J::as_f64).is_some_and(|n| low <= n && n <= high)
+}
+
+/// What is wrong with a whiteboard stroke, or `None` when it is well formed.
+fn stroke_error(stroke: &J) -> Option<String> {
+    let Some(stroke) = stroke.as_object() else {
+        return Some("stroke must be an object".into());
+    };
+    let id = stroke.get("id").and_then(J::as_str);
+    if !id.is_some_and(|id| (1..=64).contains(&id.chars().count())) {
+        return Some("stroke.id must be a string of 1 to 64 characters".into());
+    }
+    let color = stroke.get("color").and_then(J::as_str);
+    if !color.is_some_and(|c| {
+        c.len() == 7 && c.starts_with('#') && c[1..].bytes().all(|b| b.is_ascii_hexdigit())
+    }) {
+        return Some(r##"stroke.color must be "#rrggbb""##.into());
+    }
+    if !is_number(stroke.get("width"), 1.0, 50.0) {
+        return Some("stroke.width must be a number from 1 to 50".into());
+    }
+    let points = stroke.get("points").and_then(J::as_array);
+    let Some(points) = points.filter(|p| (1..=MAX_POINTS).contains(&p.len())) else {
+        return Some(format!(
+            "stroke.points must be a list of 1 to {MAX_POINTS} points"
+        ));
+    };
+    let is_point = |p: &J| {
+        p.as_array()
+            .is_some_and(|xy| xy.len() == 2 && xy.iter().all(|c| is_number(Some(c), 0.0, 1.0)))
+    };
+    if !points.iter().all(is_point) {
+        return Some("every point must be [x, y] with numbers from 0 to 1".into());
+    }
+    None
+}
+
+/// Sorts strokes by `seq`, a stream entry id `"<ms>-<n>"`.
+fn seq_key(stroke: &J) -> Result<(i128, i128), String> {
+    let Some(stroke) = stroke.as_object() else {
+        return Err(format!("a stored stroke is not an object: {stroke}"));
+    };
+    let seq = match stroke.get("seq") {
+        None => "0-0",
+        Some(J::String(seq)) => seq,
+        Some(other) => return Err(format!("a stored stroke's seq is not text: {other}")),
+    };
+    let (ms, n) = seq.split_once('-').unwrap_or((seq, ""));
+    let number = |s: &str| {
+        s.trim()
+            .parse::<i128>()
+            .map_err(|_| format!("a stored stroke's seq is not an entry id: {seq:?}"))
+    };
+    Ok((number(ms)?, if n.is_empty() { 0 } else { number(n)? }))
+}
+
+/// The `/send` bodies of a board's snapshot: its stored strokes ordered by `seq`, at most
+/// [`SNAPSHOT_STROKES`] per message, `last` on the final one (which may be empty).
+fn snapshots(board: &str, connection: &str, stored: &[Vec<u8>]) -> Result<Vec<J>, String> {
+    let mut strokes = Vec::with_capacity(stored.len());
+    for raw in stored {
+        let stroke: J = serde_json::from_slice(raw)
+            .map_err(|e| py_error("ValueError", &format!("a stored stroke is not JSON: {e}")))?;
+        let seq = seq_key(&stroke).map_err(|e| py_error("ValueError", &e))?;
+        strokes.push((seq, stroke));
+    }
+    strokes.sort_by_key(|(seq, _)| *seq);
+    let strokes: Vec<J> = strokes.into_iter().map(|(_, stroke)| stroke).collect();
+    let mut chunks: Vec<&[J]> = strokes.chunks(SNAPSHOT_STROKES).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let count = chunks.len();
+    Ok(chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            json!({"to": {"connection": connection},
+                   "data": {"type": "snapshot", "board": board, "strokes": chunk,
+                            "last": i == count - 1}})
+        })
+        .collect())
+}
+
+/// `str(value)` as Python writes it, so that the log names an odd board as the Python backend
+/// does.
+fn py_str(v: &J) -> String {
+    match v {
+        J::String(s) => s.clone(),
+        other => py_repr(other),
+    }
+}
+
+/// `repr(value)` as Python writes it (object keys in serde_json's order, which is sorted).
+fn py_repr(v: &J) -> String {
+    match v {
+        J::Null => "None".into(),
+        J::Bool(true) => "True".into(),
+        J::Bool(false) => "False".into(),
+        J::Number(n) if n.is_f64() => py_float(n.as_f64().unwrap_or_default()),
+        J::Number(n) => n.to_string(),
+        J::String(s) => py_str_repr(s),
+        J::Array(items) => format!(
+            "[{}]",
+            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
+        ),
+        J::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// `repr(float)` as Python writes it: the shortest round-trip digits, in exponent form below
+/// 1e-4 and from 1e16.
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        return "nan".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..16).contains(&exp) {
+        let fixed = f.to_string();
+        if fixed.contains('.') {
+            fixed
+        } else {
+            format!("{fixed}.0")
+        }
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    }
+}
+
+/// `repr(str)` as Python writes it.
+fn py_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c < ' ' || ('\x7f'..='\u{a0}').contains(&c) => {
+                out.push_str(&format!("\\x{:02x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// An error as Python's `repr` writes an exception: `Name('message')`.
+fn py_error(name: &str, message: &str) -> String {
+    format!("{name}({})", py_str_repr(message))
+}
+
+/// A Redis error as redis-py words it: a server error as Redis sent it (`CODE detail`).
+fn redis_text(e: &RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Whether a Redis error means the link failed (reconnect and retry) rather than a command.
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::BusyLoading)
+        )
+}
+
+/// Why the backend leaves its loop.
+enum Halt {
+    /// Redis failed: NOGROUP recreates the group, a failed link reconnects, anything else ends
+    /// the backend with status 1.
+    Redis(RedisError),
     /// Misconfigured: exit status 1.
     Fatal(String),
+}
+
+impl From<RedisError> for Halt {
+    fn from(e: RedisError) -> Self {
+        Halt::Redis(e)
+    }
+}
+
+/// The two links to Redis: one for the blocking read, one for everything else.
+struct Links {
+    reader: MultiplexedConnection,
+    cmds: MultiplexedConnection,
 }
 
 struct Backend {
@@ -397,66 +787,51 @@ struct Backend {
     client: redis::Client,
     stop: CancellationToken,
     handled: u64,
-    /// Our own pending list must be (re)read: at start and after a failed delivery.
+    /// Whether our own pending list may hold entries to (re)process: at start, after taking
+    /// over entries, and after a failed delivery.
     pending: bool,
     retry_at: Instant,
+    /// Before retrying a failed delivery: 0.5 s, doubled up to 30 s.
     backoff: Duration,
+    /// When to refresh our entries and look for abandoned ones.
+    next_tick: Instant,
+    /// The entry whose reply the gateway could not take for now: it is retried without being
+    /// delivered again, so that the retries do not count towards `--max-deliveries`.
+    transient_id: Option<String>,
+    /// Entry id -> the last handler error, for the dead-letter `reason`.
+    errors: HashMap<String, String>,
 }
 
 impl Backend {
+    fn new(cfg: Settings, client: redis::Client, stop: CancellationToken) -> Self {
+        Backend {
+            cfg,
+            client,
+            stop,
+            handled: 0,
+            pending: true,
+            retry_at: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            next_tick: Instant::now(),
+            transient_id: None,
+            errors: HashMap::new(),
+        }
+    }
+
     fn remaining(&self) -> Option<u64> {
         self.cfg.max.map(|max| max.saturating_sub(self.handled))
     }
 
-    /// Connects (two links: one for the blocking read, one for everything else), makes sure the
-    /// group exists and reclaims abandoned entries, then serves until done or Redis fails.
-    async fn session(&mut self) -> Result<Exit, RedisError> {
-        // The blocking read needs no response timeout (redis-rs defaults to 500 ms); the BLOCK
-        // argument bounds it, and the select on `stop` below interrupts it.
-        let mut reader = self
-            .client
-            .get_multiplexed_async_connection_with_config(
-                &AsyncConnectionConfig::new().set_response_timeout(None),
-            )
-            .await?;
-        let mut cmds = self
-            .client
-            .get_multiplexed_async_connection_with_config(
-                &AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5))),
-            )
-            .await?;
-        self.ensure_group(&mut cmds).await?;
-        self.reclaim(&mut cmds).await?;
-        self.pending = true;
-        self.retry_at = Instant::now();
-        while !self.stop.is_cancelled() && self.remaining() != Some(0) {
-            let entries = if self.pending {
-                let wait = self.retry_at.saturating_duration_since(Instant::now());
-                if !wait.is_zero() {
-                    tokio::select! {
-                        _ = self.stop.cancelled() => break,
-                        _ = tokio::time::sleep(wait) => continue,
-                    }
-                }
-                let entries = self.read(&mut cmds, "0", None).await?; // oldest first
-                if entries.is_empty() {
-                    self.pending = false;
-                    continue;
-                }
-                entries
-            } else {
-                let read = self.read(&mut reader, ">", Some(self.cfg.block_ms));
-                tokio::select! {
-                    _ = self.stop.cancelled() => break,
-                    entries = read => entries?,
-                }
-            };
-            if let Some(exit) = self.process(&mut cmds, entries).await? {
-                return Ok(exit);
-            }
-        }
-        self.cleanup(&mut cmds).await;
-        Ok(Exit::Done)
+    async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
+        // The response timeout outlasts the blocking read, so a silently dead link is noticed.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(
+                Duration::from_millis(self.cfg.block_ms) + Duration::from_secs(10),
+            ));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 
     async fn ensure_group(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
@@ -482,8 +857,10 @@ impl Backend {
     }
 
     /// Takes over entries that other (dead) consumers left pending too long.
-    async fn reclaim(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
-        let (mut start, mut total) = ("0-0".to_string(), 0);
+    ///
+    /// JUSTID: taking an entry over is not a delivery; reading it from our pending list is.
+    async fn reclaim(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        let (mut start, mut total, mut deleted) = ("0-0".to_string(), 0, 0);
         loop {
             let reply: Value = redis::cmd("XAUTOCLAIM")
                 .arg(&self.cfg.key)
@@ -496,9 +873,13 @@ impl Backend {
                 .arg("JUSTID")
                 .query_async(conn)
                 .await?;
+            // [next cursor, claimed ids, deleted ids]
             let Value::Array(parts) = reply else { break };
             if let Some(Value::Array(ids)) = parts.get(1) {
                 total += ids.len();
+            }
+            if let Some(Value::Array(ids)) = parts.get(2) {
+                deleted += ids.len();
             }
             match parts.first().and_then(text) {
                 Some(next) if next != "0-0" => start = next,
@@ -510,8 +891,56 @@ impl Backend {
                 "reclaimed {total} entries idle for more than {} ms",
                 self.cfg.claim_idle_ms
             ));
+            self.pending = true;
+        }
+        if deleted > 0 {
+            log(format_args!(
+                "{deleted} abandoned entries were deleted from the stream; dropped"
+            ));
         }
         Ok(())
+    }
+
+    /// Resets the idle time of the entries we hold, so no other consumer takes them over while
+    /// we work on them. The min-idle guard leaves alone an entry another consumer has just taken
+    /// (its idle time is near 0).
+    async fn keep_fresh(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        let guard = self.cfg.reclaim_every_ms / 2;
+        let mine: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(&self.cfg.key)
+            .arg(&self.cfg.group)
+            .arg("IDLE")
+            .arg(guard)
+            .arg("-")
+            .arg("+")
+            .arg(100)
+            .arg(&self.cfg.consumer)
+            .query_async(conn)
+            .await?;
+        if !mine.is_empty() {
+            let mut claim = redis::cmd("XCLAIM");
+            claim
+                .arg(&self.cfg.key)
+                .arg(&self.cfg.group)
+                .arg(&self.cfg.consumer)
+                .arg(guard);
+            for (id, ..) in &mine {
+                claim.arg(id);
+            }
+            claim.arg("JUSTID").query_async::<Value>(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Every `--reclaim-every-ms`: keep our entries fresh, then take over abandoned ones.
+    async fn tick(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        let now = Instant::now();
+        if now < self.next_tick {
+            return Ok(());
+        }
+        self.next_tick = now + Duration::from_millis(self.cfg.reclaim_every_ms);
+        self.keep_fresh(conn).await?;
+        self.reclaim(conn).await
     }
 
     async fn read(
@@ -519,8 +948,9 @@ impl Backend {
         conn: &mut MultiplexedConnection,
         start: &str,
         block_ms: Option<u64>,
+        count: Option<u64>,
     ) -> Result<Vec<Entry>, RedisError> {
-        let count = self.remaining().map_or(100, |r| r.min(100));
+        let count = count.unwrap_or_else(|| self.remaining().map_or(100, |r| r.clamp(1, 100)));
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.cfg.group)
@@ -534,58 +964,175 @@ impl Backend {
         Ok(parse_read_reply(cmd.query_async(conn).await?))
     }
 
-    /// Handles entries in order; stops at the first that must be retried.
-    async fn process(
-        &mut self,
+    /// `XRANGE key id id`: the entry, or `None` when it was deleted from the stream.
+    async fn entry(
+        &self,
         conn: &mut MultiplexedConnection,
-        entries: Vec<Entry>,
-    ) -> Result<Option<Exit>, RedisError> {
-        for entry in entries {
-            let Some(fields) = &entry.fields else {
-                self.ack(conn, &entry.id).await?;
-                log(format_args!(
-                    "{} was deleted from the stream; acknowledged",
-                    entry.id
-                ));
-                continue;
-            };
-            let (body, what) = reply_for(fields);
-            match self.cfg.api.send(&body).await {
-                Ok(status) => {
-                    self.ack(conn, &entry.id).await?;
-                    self.handled += 1;
-                    self.backoff = Duration::from_millis(500);
-                    if status == 202 {
-                        log(format_args!("{} {what}: sent, acknowledged", entry.id));
-                    } else {
-                        log(format_args!(
-                            "{} {what}: the gateway refused the reply ({status}); dropped, acknowledged",
-                            entry.id
-                        ));
-                    }
-                    if self.remaining() == Some(0) {
-                        break;
-                    }
-                }
-                Err(PostError::Transient(e)) => {
-                    log(format_args!(
-                        "{} {what}: not delivered ({e}); left pending, retry in {:.1} s",
-                        entry.id,
-                        self.backoff.as_secs_f64()
-                    ));
-                    self.pending = true;
-                    self.retry_at = Instant::now() + self.backoff;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
-                    break;
-                }
-                Err(PostError::Fatal(e)) => return Ok(Some(Exit::Fatal(e))),
+        id: &str,
+    ) -> Result<Option<Fields>, RedisError> {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&self.cfg.key)
+            .arg(id)
+            .arg(id)
+            .query_async(conn)
+            .await?;
+        Ok(parse_entries(reply)
+            .into_iter()
+            .next()
+            .and_then(|entry| entry.fields))
+    }
+
+    /// Does the entry's work (the whiteboard stores strokes) and returns the `/send` bodies to
+    /// post, in order, and a short description for the log.
+    async fn work_for(
+        &self,
+        conn: &mut MultiplexedConnection,
+        entry_id: &str,
+        fields: &Fields,
+    ) -> Result<(Vec<J>, String), Failure> {
+        // Redis failing is not the entry's fault; a command Redis refused (WRONGTYPE) is.
+        let failed = |e: RedisError| {
+            if is_connection_error(&e) {
+                return Failure::Redis(e);
+            }
+            Failure::Handler(py_error("ResponseError", &redis_text(&e)))
+        };
+        let (plan, what) = plan_for(&self.cfg.prefix, entry_id, fields);
+        let bodies = match plan {
+            Plan::Send(bodies) => bodies,
+            Plan::Store {
+                key,
+                field,
+                value,
+                body,
+            } => {
+                redis::cmd("HSET")
+                    .arg(key)
+                    .arg(field)
+                    .arg(value)
+                    .query_async::<i64>(conn)
+                    .await
+                    .map_err(failed)?;
+                vec![body]
+            }
+            Plan::Load {
+                key,
+                board,
+                connection,
+            } => {
+                let stored: Vec<Vec<u8>> = redis::cmd("HVALS")
+                    .arg(key)
+                    .query_async(conn)
+                    .await
+                    .map_err(failed)?;
+                snapshots(&board, &connection, &stored).map_err(Failure::Handler)?
+            }
+        };
+        Ok((bodies, what))
+    }
+
+    fn check_fail_on(&self, bodies: &[J]) -> Result<(), Failure> {
+        let Some(fail_on) = &self.cfg.fail_on else {
+            return Ok(());
+        };
+        if bodies
+            .iter()
+            .any(|body| body["data"].get("text").and_then(J::as_str) == Some(fail_on))
+        {
+            let message = format!(
+                "--fail-on {}: this handler cannot take it",
+                py_str_repr(fail_on)
+            );
+            return Err(Failure::Handler(py_error("RuntimeError", &message)));
+        }
+        Ok(())
+    }
+
+    /// Posts every body, all of them again after a failure: a reply sent twice is harmless (the
+    /// page merges strokes by id), a reply never sent is not. 202, or the last refusal.
+    async fn deliver(&self, bodies: &[J]) -> Result<u16, Failure> {
+        self.check_fail_on(bodies)?;
+        if self.cfg.work_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.cfg.work_ms)).await;
+        }
+        let mut status = 202;
+        for body in bodies {
+            let answer = self.cfg.api.send(body).await?;
+            if answer != 202 {
+                status = answer;
             }
         }
-        if self.remaining() == Some(0) {
-            self.cleanup(conn).await;
-            return Ok(Some(Exit::Done));
+        Ok(status)
+    }
+
+    /// `Ok(true)` when the entry is done (acknowledged), `Ok(false)` to keep it pending.
+    async fn handle(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        entry: Entry,
+    ) -> Result<bool, Halt> {
+        let id = entry.id;
+        let Some(fields) = entry.fields else {
+            // Trimmed away while it was pending: nothing left to do.
+            self.ack(conn, &id).await?;
+            log(format_args!(
+                "{id} was deleted from the stream; acknowledged"
+            ));
+            self.done(&id);
+            return Ok(true);
+        };
+        let mut what = "entry".to_string();
+        let outcome = match self.work_for(conn, &id, &fields).await {
+            Ok((bodies, description)) => {
+                what = description;
+                self.deliver(&bodies).await
+            }
+            Err(failure) => Err(failure),
+        };
+        let status = match outcome {
+            Ok(status) => status,
+            Err(Failure::Transient(e)) => {
+                log(format_args!(
+                    "{id} {what}: not delivered ({e}); left pending, retry in {:.1} s",
+                    self.backoff.as_secs_f64()
+                ));
+                self.transient_id = Some(id);
+                return Ok(false);
+            }
+            Err(Failure::Handler(e)) => {
+                // A bug, or an entry this handler cannot take: retry, then give up.
+                log(format_args!(
+                    "{id} {what}: handler failed ({e}); left pending, retry in {:.1} s",
+                    self.backoff.as_secs_f64()
+                ));
+                self.errors
+                    .insert(id.clone(), format!("handler failed: {e}"));
+                if self.transient_id.as_ref() == Some(&id) {
+                    self.transient_id = None;
+                }
+                return Ok(false);
+            }
+            Err(Failure::Fatal(e)) => return Err(Halt::Fatal(e)),
+            Err(Failure::Redis(e)) => return Err(Halt::Redis(e)),
+        };
+        self.ack(conn, &id).await?;
+        self.done(&id);
+        if status == 202 {
+            log(format_args!("{id} {what}: sent, acknowledged"));
+        } else {
+            log(format_args!(
+                "{id} {what}: the gateway refused the reply ({status}); dropped, acknowledged"
+            ));
         }
-        Ok(None)
+        Ok(true)
+    }
+
+    fn done(&mut self, id: &str) {
+        self.handled += 1;
+        self.errors.remove(id);
+        if self.transient_id.as_deref() == Some(id) {
+            self.transient_id = None;
+        }
     }
 
     async fn ack(&self, conn: &mut MultiplexedConnection, id: &str) -> Result<(), RedisError> {
@@ -598,10 +1145,93 @@ impl Backend {
             .map(|_| ())
     }
 
-    /// Removes this consumer from the group when it holds nothing, so names do not pile up.
-    async fn cleanup(&self, conn: &mut MultiplexedConnection) {
-        let result: Result<(), RedisError> = async {
-            let pending: Vec<Value> = redis::cmd("XPENDING")
+    /// Moves a pending entry to the dead-letter stream, atomically with its XACK.
+    async fn dead_letter(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+        deliveries: u64,
+    ) -> Result<(), RedisError> {
+        let Some(mut fields) = self.entry(conn, id).await? else {
+            self.ack(conn, id).await?;
+            log(format_args!(
+                "{id} was deleted from the stream; acknowledged"
+            ));
+            self.done(id);
+            return Ok(());
+        };
+        let reason = self.errors.get(id).cloned().unwrap_or_else(|| {
+            format!(
+                "still pending after {deliveries} deliveries (its consumers crashed or gave up)"
+            )
+        });
+        for (name, value) in [
+            ("original_id", id.to_string()),
+            ("deliveries", deliveries.to_string()),
+            ("reason", reason.clone()),
+        ] {
+            match fields.iter_mut().find(|(k, _)| k == name.as_bytes()) {
+                Some((_, v)) => *v = value.into_bytes(),
+                None => fields.push((name.into(), value.into_bytes())),
+            }
+        }
+        let mut add = redis::cmd("XADD");
+        add.arg(&self.cfg.dead_key).arg("*");
+        for (name, value) in &fields {
+            add.arg(name).arg(value);
+        }
+        redis::pipe()
+            .atomic()
+            .add_command(add)
+            .ignore()
+            .cmd("XACK")
+            .arg(&self.cfg.key)
+            .arg(&self.cfg.group)
+            .arg(id)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+        self.done(id);
+        self.backoff = FIRST_BACKOFF; // the entry that kept failing is gone
+        log(format_args!(
+            "{id} moved to {} after {deliveries} deliveries: {reason}",
+            self.cfg.dead_key
+        ));
+        Ok(())
+    }
+
+    fn failed(&mut self) {
+        self.pending = true;
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Handles new entries in order; stops at the first that must be retried.
+    async fn process(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        entries: Vec<Entry>,
+    ) -> Result<(), Halt> {
+        for entry in entries {
+            if !self.handle(conn, entry).await? {
+                self.failed();
+                return Ok(());
+            }
+            self.backoff = FIRST_BACKOFF;
+            if self.remaining() == Some(0) {
+                return Ok(());
+            }
+            self.tick(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles our own pending entries, oldest first, one at a time so that each delivery Redis
+    /// counts is one attempt; stops at the first that must be retried.
+    async fn process_pending(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Halt> {
+        while !self.stop.is_cancelled() && self.remaining() != Some(0) {
+            self.tick(conn).await?;
+            let head: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
                 .arg(&self.cfg.key)
                 .arg(&self.cfg.group)
                 .arg("-")
@@ -610,13 +1240,106 @@ impl Backend {
                 .arg(&self.cfg.consumer)
                 .query_async(conn)
                 .await?;
+            let Some((id, _, _, deliveries)) = head.into_iter().next() else {
+                self.pending = false;
+                return Ok(());
+            };
+            let entry = if self.transient_id.as_ref() == Some(&id) {
+                // The gateway failed: not another delivery.
+                let fields = self.entry(conn, &id).await?;
+                Entry { id, fields }
+            } else if deliveries >= self.cfg.max_deliveries {
+                self.dead_letter(conn, &id, deliveries).await?;
+                continue;
+            } else {
+                match self
+                    .read(conn, "0", None, Some(1))
+                    .await?
+                    .into_iter()
+                    .next()
+                {
+                    Some(entry) => entry,
+                    None => continue,
+                }
+            };
+            if !self.handle(conn, entry).await? {
+                self.failed();
+                return Ok(());
+            }
+            self.backoff = FIRST_BACKOFF;
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self, links: &mut Links) -> Result<(), Halt> {
+        self.tick(&mut links.cmds).await?;
+        if self.pending {
+            let wait = self.retry_at.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                // Short naps, so that the ticks go on.
+                tokio::select! {
+                    _ = self.stop.cancelled() => {}
+                    _ = tokio::time::sleep(wait.min(Duration::from_millis(500))) => {}
+                }
+                return Ok(());
+            }
+            self.process_pending(&mut links.cmds).await
+        } else {
+            // Wake up for the next tick even when nothing arrives.
+            let until_tick = self.next_tick.saturating_duration_since(Instant::now());
+            let block = self.cfg.block_ms.min(until_tick.as_millis() as u64).max(1);
+            let entries = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                entries = self.read(&mut links.reader, ">", Some(block), None) => entries?,
+            };
+            self.process(&mut links.cmds, entries).await
+        }
+    }
+
+    /// Connects when needed, (re)creates the group and takes over abandoned entries when needed,
+    /// then takes one step.
+    async fn turn(&mut self, links: &mut Option<Links>, ready: &mut bool) -> Result<(), Halt> {
+        if links.is_none() {
+            *links = Some(Links {
+                reader: self.connect().await?,
+                cmds: self.connect().await?,
+            });
+        }
+        let Some(links) = links.as_mut() else {
+            return Ok(());
+        };
+        if !*ready {
+            self.ensure_group(&mut links.cmds).await?;
+            self.next_tick = Instant::now(); // take over abandoned entries now
+            self.tick(&mut links.cmds).await?;
+            *ready = true;
+            // (Re)read our own pending list.
+            self.pending = true;
+            self.retry_at = Instant::now();
+        }
+        self.step(links).await
+    }
+
+    /// Removes this consumer from the group when it holds nothing, so names do not pile up.
+    async fn cleanup(&self) {
+        let result: Result<(), RedisError> = async {
+            let mut conn = self.connect().await?;
+            let pending: Vec<Value> = redis::cmd("XPENDING")
+                .arg(&self.cfg.key)
+                .arg(&self.cfg.group)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(&self.cfg.consumer)
+                .query_async(&mut conn)
+                .await?;
             if pending.is_empty() {
                 redis::cmd("XGROUP")
                     .arg("DELCONSUMER")
                     .arg(&self.cfg.key)
                     .arg(&self.cfg.group)
                     .arg(&self.cfg.consumer)
-                    .query_async::<i64>(conn)
+                    .query_async::<i64>(&mut conn)
                     .await?;
             }
             Ok(())
@@ -624,30 +1347,50 @@ impl Backend {
         .await;
         if let Err(e) = result {
             log(format_args!(
-                "could not remove consumer {}: {e}",
-                self.cfg.consumer
+                "could not remove consumer {}: {}",
+                self.cfg.consumer,
+                redis_text(&e)
             ));
         }
     }
 
-    async fn run(&mut self) -> Exit {
+    /// Serves until a signal or `--max`; `Err` with the reason when it must exit with status 1.
+    async fn run(&mut self) -> Result<(), String> {
         log(format_args!(
             "reading {} as {}/{}, replying via {}",
             self.cfg.key, self.cfg.group, self.cfg.consumer, self.cfg.api.base
         ));
-        loop {
-            match self.session().await {
-                Ok(exit) => return exit,
-                Err(e) => {
-                    // Also covers NOGROUP (stream or group deleted): the next session recreates it.
-                    log(format_args!("Redis: {e}; reconnecting in 1 s"));
+        let (mut links, mut ready) = (None, false);
+        while !self.stop.is_cancelled() && self.remaining() != Some(0) {
+            match self.turn(&mut links, &mut ready).await {
+                Ok(()) => {}
+                Err(Halt::Fatal(e)) => return Err(e),
+                // Stream or group deleted under us: create it again. (UNBLOCKED: the stream was
+                // deleted during our blocking read.)
+                Err(Halt::Redis(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                    log(format_args!("{}; creating the group again", redis_text(&e)));
+                    ready = false;
+                }
+                Err(Halt::Redis(e)) if is_connection_error(&e) => {
+                    log(format_args!("Redis: {}; retrying in 1 s", redis_text(&e)));
+                    (links, ready) = (None, false);
                     tokio::select! {
-                        _ = self.stop.cancelled() => return Exit::Done,
+                        _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
+                Err(Halt::Redis(e)) => return Err(format!("Redis: {}", redis_text(&e))),
             }
         }
+        // A fresh connection: a read interrupted by a signal leaves the reader mid-reply, and
+        // closing it ends that read before Redis delivers anything to it.
+        drop(links);
+        self.cleanup().await;
+        log(format_args!(
+            "stopped after handling {} entries",
+            self.handled
+        ));
+        Ok(())
     }
 }
 
@@ -671,34 +1414,24 @@ async fn main() -> ExitCode {
     tokio::spawn({
         let stop = stop.clone();
         async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            };
-            log(format_args!("{name}: stopping"));
-            stop.cancel();
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                // Only a blocking read or a wait is interrupted; an entry in progress completes.
+                log(format_args!("{name}: stopping"));
+                stop.cancel();
+            }
         }
     });
-    let mut backend = Backend {
-        cfg,
-        client,
-        stop,
-        handled: 0,
-        pending: true,
-        retry_at: Instant::now(),
-        backoff: Duration::from_millis(500),
-    };
-    let exit = backend.run().await;
-    log(format_args!(
-        "stopped after handling {} entries",
-        backend.handled
-    ));
-    match exit {
-        Exit::Done => ExitCode::SUCCESS,
-        Exit::Fatal(e) => {
+    let mut backend = Backend::new(cfg, client, stop);
+    match backend.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             log(e);
             ExitCode::from(1)
         }
@@ -709,51 +1442,261 @@ async fn main() -> ExitCode {
 mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
+    fn fields(pairs: &[(&str, &[u8])]) -> Fields {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
             .collect()
+    }
+
+    fn json_entry(data: &J) -> Fields {
+        fields(&[
+            ("connection", b"c1"),
+            ("user", b""),
+            ("data", data.to_string().as_bytes()),
+            ("encoding", b"json"),
+        ])
+    }
+
+    /// The bodies of a plan that only sends.
+    fn sent(plan: Plan) -> Vec<J> {
+        match plan {
+            Plan::Send(bodies) => bodies,
+            other => panic!("not a plain send: {other:?}"),
+        }
     }
 
     #[test]
     fn chat_goes_to_the_channel_and_anything_else_is_echoed() {
-        let (body, _) = reply_for(&fields(&[
-            ("connection", b"c1"),
-            ("user", b""),
-            ("data", br#"{"channel":"room:1","text":"hi"}"#),
-            ("encoding", b"json"),
-        ]));
-        assert_eq!(
-            body,
-            json!({"to": {"channel": "room:1"}, "data": {"from": "c1", "text": "hi"}})
+        let (plan, what) = plan_for(
+            "p",
+            "1-0",
+            &json_entry(&json!({"channel": "room:1", "text": "hi"})),
         );
-        let (body, _) = reply_for(&fields(&[
-            ("connection", b"c1"),
-            ("user", b"alice"),
-            ("data", br#"{"channel":"","text":"hi"}"#),
-            ("encoding", b"json"),
-        ]));
         assert_eq!(
-            body,
-            json!({"to": {"connection": "c1"}, "data": {"echo": {"channel": "", "text": "hi"}}})
+            sent(plan),
+            [json!({"to": {"channel": "room:1"}, "data": {"from": "c1", "text": "hi"}})]
         );
+        assert_eq!(what, "chat room:1 from c1");
+        let (plan, what) = plan_for(
+            "p",
+            "1-0",
+            &fields(&[
+                ("connection", b"c1"),
+                ("user", b"alice"),
+                ("data", br#"{"channel":"","text":"hi"}"#),
+                ("encoding", b"json"),
+            ]),
+        );
+        assert_eq!(
+            sent(plan),
+            [json!({"to": {"connection": "c1"}, "data": {"echo": {"channel": "", "text": "hi"}}})]
+        );
+        assert_eq!(what, "echo to c1");
     }
 
     #[test]
     fn msgpack_data_is_decoded() {
         // {"channel": "r", "text": "t", "bin": b"\x00\xff"} in MessagePack.
         let data = b"\x83\xa7channel\xa1r\xa4text\xa1t\xa3bin\xc4\x02\x00\xff";
-        let (body, _) = reply_for(&fields(&[
-            ("connection", b"c1"),
-            ("user", b"bob"),
-            ("data", data),
-            ("encoding", b"msgpack"),
-        ]));
+        let (plan, _) = plan_for(
+            "p",
+            "1-0",
+            &fields(&[
+                ("connection", b"c1"),
+                ("user", b"bob"),
+                ("data", data),
+                ("encoding", b"msgpack"),
+            ]),
+        );
+        assert_eq!(
+            sent(plan),
+            [json!({"to": {"channel": "r"}, "data": {"from": "bob", "text": "t"}})]
+        );
+        // A string that is not UTF-8, or trailing bytes: the bytes are echoed, as base64.
+        for data in [&b"\x81\xa1k\xa1\xff"[..], b"\x01\x02"] {
+            let entry = fields(&[
+                ("connection", b"c1"),
+                ("data", data),
+                ("encoding", b"msgpack"),
+            ]);
+            assert_eq!(
+                sent(plan_for("p", "1-0", &entry).0),
+                [json!({"to": {"connection": "c1"},
+                        "data": {"echo": {"msgpack_base64": base64(data)}}})]
+            );
+        }
+    }
+
+    #[test]
+    fn a_stroke_is_stored_with_its_seq_and_published() {
+        let stroke = json!({"id": "s1", "color": "#00ffAA", "width": 3,
+                            "points": [[0, 0.5], [1, 1.0]]});
+        let (plan, what) = plan_for(
+            "p",
+            "17-3",
+            &json_entry(&json!({"board": "b-1", "stroke": stroke})),
+        );
+        let mut with_seq = stroke.clone();
+        with_seq["seq"] = json!("17-3");
+        let Plan::Store {
+            key,
+            field,
+            value,
+            body,
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((key.as_str(), field.as_str()), ("p:whiteboard:b-1", "s1"));
+        assert_eq!(serde_json::from_str::<J>(&value).unwrap(), with_seq);
         assert_eq!(
             body,
-            json!({"to": {"channel": "r"}, "data": {"from": "bob", "text": "t"}})
+            json!({"to": {"channel": "board:b-1"},
+                   "data": {"type": "stroke", "board": "b-1", "stroke": with_seq}})
         );
+        assert_eq!(what, "board b-1 stroke s1 from c1");
+    }
+
+    #[test]
+    fn bad_board_messages_get_an_error() {
+        let good = json!({"id": "s", "color": "#000000", "width": 1, "points": [[0, 0]]});
+        let cases = [
+            (json!({"board": "a b"}), "board must be 1 to 64"),
+            (json!({"board": 5, "load": true}), "board must be 1 to 64"),
+            (json!({"board": "b"}), r#"needs "stroke" or "load": true"#),
+            (
+                json!({"board": "b", "load": 1}),
+                r#"needs "stroke" or "load": true"#,
+            ),
+            (
+                json!({"board": "b", "stroke": null}),
+                "stroke must be an object",
+            ),
+            (json!({"board": "b", "stroke": {"id": ""}}), "stroke.id"),
+            (
+                json!({"board": "b", "stroke": {"id": "x".repeat(65)}}),
+                "stroke.id",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "red"}}),
+                "stroke.color",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#00000g"}}),
+                "stroke.color",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#000000", "width": 51}}),
+                "stroke.width",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#000000", "width": true}}),
+                "stroke.width",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#000000", "width": 1,
+                                                "points": []}}),
+                "stroke.points must be a list of 1 to 500 points",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#000000", "width": 1,
+                                                "points": [[0, 1.5]]}}),
+                "every point",
+            ),
+            (
+                json!({"board": "b", "stroke": {"id": "s", "color": "#000000", "width": 1,
+                                                "points": [[0, 0, 0]]}}),
+                "every point",
+            ),
+        ];
+        for (data, error) in cases {
+            let (plan, what) = plan_for("p", "1-0", &json_entry(&data));
+            let bodies = sent(plan);
+            assert_eq!(bodies.len(), 1, "{data}");
+            let reply = &bodies[0];
+            assert_eq!(reply["to"], json!({"connection": "c1"}), "{data}");
+            assert_eq!(reply["data"]["type"], "error", "{data}");
+            assert_eq!(reply["data"]["board"], data["board"], "{data}");
+            let got = reply["data"]["error"].as_str().unwrap();
+            assert!(got.contains(error), "{data}: {got}");
+            assert_eq!(
+                what,
+                format!("board {} error to c1", py_str(&data["board"]))
+            );
+        }
+        assert!(stroke_error(&good).is_none());
+        let many = json!({"id": "s", "color": "#000000", "width": 50.0,
+                          "points": vec![[1, 0]; MAX_POINTS]});
+        assert!(stroke_error(&many).is_none());
+    }
+
+    #[test]
+    fn load_sends_the_strokes_in_seq_order_in_snapshots_of_at_most_100() {
+        let (plan, what) = plan_for(
+            "p",
+            "1-0",
+            &json_entry(&json!({"board": "b", "load": true})),
+        );
+        assert_eq!(
+            plan,
+            Plan::Load {
+                key: "p:whiteboard:b".into(),
+                board: "b".into(),
+                connection: "c1".into()
+            }
+        );
+        assert_eq!(what, "board b load for c1");
+
+        let empty = snapshots("b", "c1", &[]).unwrap();
+        assert_eq!(
+            empty,
+            [json!({"to": {"connection": "c1"},
+                    "data": {"type": "snapshot", "board": "b", "strokes": [], "last": true}})]
+        );
+        // 250 strokes, stored out of order; "10-0" sorts after "9-5" (numbers, not text).
+        let stored: Vec<Vec<u8>> = (0..250)
+            .rev()
+            .map(|i| json!({"id": format!("s{i}"), "seq": format!("{}-{}", i / 3, i % 3)}))
+            .map(|s| s.to_string().into_bytes())
+            .collect();
+        let bodies = snapshots("b", "c1", &stored).unwrap();
+        assert_eq!(bodies.len(), 3);
+        let ids: Vec<&str> = bodies
+            .iter()
+            .flat_map(|b| b["data"]["strokes"].as_array().unwrap())
+            .map(|s| s["id"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (0..250).map(|i| format!("s{i}")).collect();
+        assert_eq!(ids, expected);
+        let sizes: Vec<usize> = bodies
+            .iter()
+            .map(|b| b["data"]["strokes"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        let lasts: Vec<&J> = bodies.iter().map(|b| &b["data"]["last"]).collect();
+        assert_eq!(lasts, [&json!(false), &json!(false), &json!(true)]);
+        assert!(snapshots("b", "c1", &[b"not json".to_vec()]).is_err());
+        assert!(snapshots("b", "c1", &[br#"{"seq":"x-1"}"#.to_vec()]).is_err());
+    }
+
+    #[test]
+    fn python_reprs() {
+        assert_eq!(py_str(&json!("b")), "b");
+        assert_eq!(py_str(&json!(null)), "None");
+        assert_eq!(py_str(&json!(true)), "True");
+        assert_eq!(py_str(&json!(5)), "5");
+        assert_eq!(py_str(&json!(1.0)), "1.0");
+        assert_eq!(py_str(&json!(0.0001)), "0.0001");
+        assert_eq!(py_str(&json!(0.00001)), "1e-05");
+        assert_eq!(py_str(&json!(1.5e16)), "1.5e+16");
+        assert_eq!(py_str(&json!(1e15)), "1000000000000000.0");
+        assert_eq!(
+            py_str(&json!(["a", 1, {"k": "it's"}])),
+            r#"['a', 1, {'k': "it's"}]"#
+        );
+        assert_eq!(py_str_repr("poison"), "'poison'");
+        assert_eq!(py_str_repr("a\\b\n\x01"), r"'a\\b\n\x01'");
     }
 
     #[test]
