@@ -132,13 +132,16 @@ def to_json_value(v):
     """Makes a decoded MessagePack value JSON-serialisable (bytes become base64 text)."""
     if isinstance(v, (bytes, bytearray)):
         return base64.b64encode(bytes(v)).decode()
+    # Before tuples: an ExtType is a tuple. A timestamp is extension type -1.
+    if msgpack is not None and isinstance(v, msgpack.ExtType):
+        return {"ext": v.code, "data": base64.b64encode(v.data).decode()}
+    if msgpack is not None and isinstance(v, msgpack.Timestamp):
+        return {"ext": -1, "data": base64.b64encode(v.to_bytes()).decode()}
     if isinstance(v, (list, tuple)):
         return [to_json_value(x) for x in v]
     if isinstance(v, dict):
         return {k if isinstance(k, str) else json.dumps(to_json_value(k)): to_json_value(x)
                 for k, x in v.items()}
-    if msgpack is not None and isinstance(v, msgpack.ExtType):
-        return {"ext": v.code, "data": base64.b64encode(v.data).decode()}
     if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
         return None  # NaN and infinities have no JSON form
     return v
