@@ -14,7 +14,8 @@
 #
 # Settings (environment): HTTP_PORT (8000), API_LB_PORT (8001), REDIS_PORT (6379),
 # WS_PORTS ("9001 9002 9003"), API_PORTS ("9011 9012 9013"), PREFIX (wsbridge: Redis key
-# prefix), BACKEND (rust | python | node), PROFILE (release | debug: which build to run),
+# prefix), BACKEND (rust | python | node), BALANCE (least_conn | ip_hash: nginx's choice of
+# replica for each page; nginx.conf says why least_conn), PROFILE (release | debug),
 # STATE (target/whiteboard: logs, pid files, nginx config, Redis data).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,9 +29,11 @@ read -r -a API <<<"${API_PORTS:-9011 9012 9013}"
 PREFIX=${PREFIX:-wsbridge}
 BACKEND=${BACKEND:-rust}
 PROFILE=${PROFILE:-release}
+BALANCE=${BALANCE:-least_conn}
 STATE=${STATE:-$ROOT/target/whiteboard}
 [ ${#WS[@]} -eq 3 ] && [ ${#API[@]} -eq 3 ] || { echo "WS_PORTS and API_PORTS need three ports each" >&2; exit 2; }
 case "$BACKEND" in rust | python | node) ;; *) echo "BACKEND must be rust, python or node, not '$BACKEND'" >&2; exit 2 ;; esac
+case "$BALANCE" in least_conn | ip_hash) ;; *) echo "BALANCE must be least_conn or ip_hash, not '$BALANCE'" >&2; exit 2 ;; esac
 case "$PROFILE" in release | debug) ;; *) echo "PROFILE must be release or debug, not '$PROFILE'" >&2; exit 2 ;; esac
 mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)
@@ -110,7 +113,7 @@ for i in 0 1 2; do wait_http "${API[i]}" /readyz; done
 echo "==> wsbridge-1..3: ws://127.0.0.1:{${WS[0]},${WS[1]},${WS[2]}}/ws, API :{${API[0]},${API[1]},${API[2]}}"
 
 sed -e "s|@STATE@|$STATE|g" -e "s|@ROOT@|$ROOT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g" \
-  -e "s|@API_LB_PORT@|$API_LB_PORT|g" \
+  -e "s|@API_LB_PORT@|$API_LB_PORT|g" -e "s|^        least_conn;|        $BALANCE;|" \
   -e "s|@WS_PORT_1@|${WS[0]}|g" -e "s|@WS_PORT_2@|${WS[1]}|g" -e "s|@WS_PORT_3@|${WS[2]}|g" \
   -e "s|@API_PORT_1@|${API[0]}|g" -e "s|@API_PORT_2@|${API[1]}|g" -e "s|@API_PORT_3@|${API[2]}|g" \
   examples/whiteboard/nginx.conf >"$STATE/nginx.conf"

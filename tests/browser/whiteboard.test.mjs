@@ -14,7 +14,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
@@ -33,7 +33,7 @@ async function freePorts(count) {
 
 /** examples/whiteboard/run.sh in its own process group (so that all it started can be stopped
  * together), on free ports; resolves once it printed "ready:". */
-async function startCluster() {
+async function startCluster(settings = {}) {
   const [http, apiLb, redis, ...rest] = await freePorts(9);
   const state = mkdtempSync(path.join(tmpdir(), 'wsbridge-whiteboard-'));
   const env = {
@@ -47,6 +47,7 @@ async function startCluster() {
     PREFIX: `wb-${process.pid}-${Date.now().toString(36)}`,
     PROFILE: 'debug',
     BACKEND: process.env.WHITEBOARD_BACKEND || 'rust',
+    ...settings,
   };
   const child = spawn('bash', [path.join(ROOT, 'examples/whiteboard/run.sh')], {
     cwd: ROOT,
@@ -166,9 +167,8 @@ async function shot(page, name) {
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
 }
 
-test('two windows through nginx on different replicas draw together; a replica dies and no stroke is lost', async (t) => {
-  const cluster = await startCluster();
-  const browser = await chromium.launch({
+async function launch() {
+  return chromium.launch({
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
     // No sandbox as root; and none of Chromium's own network traffic (updates, sync, QUIC),
     // which this machine's closed network refuses.
@@ -182,7 +182,12 @@ test('two windows through nginx on different replicas draw together; a replica d
       '--disable-sync',
     ],
   });
-  after(async () => {
+}
+
+test('two windows through nginx on different replicas draw together; a replica dies and no stroke is lost', async (t) => {
+  const cluster = await startCluster();
+  const browser = await launch();
+  t.after(async () => {
     await browser.close();
     await cluster.stop();
   });
@@ -242,6 +247,29 @@ test('two windows through nginx on different replicas draw together; a replica d
     const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
     assert.equal(String(stored).trim(), '3');
     for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
+  } catch (err) {
+    err.message += `\n${cluster.logs()}`;
+    throw err;
+  }
+});
+
+// What the nginx config's note says about the seeds' ip_hash: every window from one address
+// lands on the same replica (the board still works, but nothing crosses replicas).
+test('with BALANCE=ip_hash, windows from one address all land on one replica', async (t) => {
+  const cluster = await startCluster({ BALANCE: 'ip_hash' });
+  const browser = await launch();
+  t.after(async () => {
+    await browser.close();
+    await cluster.stop();
+  });
+  try {
+    const board = `h${Date.now().toString(36)}`;
+    const pages = [];
+    for (const label of ['page A', 'page B', 'page C']) pages.push(await open(browser, cluster, board, label));
+    const replicas = await Promise.all(pages.map((p) => p.evaluate(() => window.whiteboard.replica)));
+    assert.equal(new Set(replicas).size, 1, `one replica for all: ${replicas}`);
+    const id = await draw(pages[0], [100, 100], [300, 300]);
+    await until(pages[2], (id) => window.whiteboard.ids({ confirmed: true }).includes(id), id, `stroke ${id}`);
   } catch (err) {
     err.message += `\n${cluster.logs()}`;
     throw err;

@@ -41,7 +41,14 @@ impl Nginx {
             .arg(&dir)
             .arg("-c")
             .arg(dir.join("nginx.conf"))
-            .args(["-e", "stderr", "-g", "daemon off; pid nginx.pid;"])
+            // One process (no master and workers), so that killing it on drop leaves no worker
+            // behind.
+            .args([
+                "-e",
+                "stderr",
+                "-g",
+                "daemon off; master_process off; pid nginx.pid;",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
