@@ -4,7 +4,10 @@
 //   gateway). The backend stores it and publishes it to the channel `board:<name>`, which keeps
 //   history; every page, this one included, draws what comes back on that channel.
 // - A page that opens asks the backend for the board so far ("load"), after subscribing, so
-//   nothing published in between is missed (strokes are merged by id).
+//   nothing published in between is missed (strokes are merged by id). A page that this
+//   browser had open before (same board) starts from what it saved in localStorage instead —
+//   the strokes and the channel offset they go up to — and resumes the channel from that
+//   offset, so it only gets what was drawn since.
 // - A page that reconnects — its replica died, the network blinked — resumes the channel from
 //   the last offset it saw (the client does that) and gets exactly the strokes it missed. When
 //   the history cannot make it whole (recovered: false), it loads the board again.
@@ -38,6 +41,7 @@ const strokes = new Map(); // id -> stroke; the backend's copy carries `seq`
 const local = new Map(); // id -> order, for strokes drawn here and not yet confirmed
 let drawing = null; // the stroke under the pointer
 let loaded = false; // the board so far has arrived
+let loads = 0; // how many times the board was asked for
 
 // ---- the connection ---------------------------------------------------------------------
 
@@ -68,6 +72,7 @@ for (const event of ['welcome', 'close', 'reconnecting']) client.on(event, showS
 client.on('error', (err) => console.warn('wsbridge:', err));
 
 async function load() {
+  loads += 1;
   try {
     await client.send('board', { board, load: true });
   } catch (err) {
@@ -100,6 +105,42 @@ function merge(list) {
     local.delete(s.id);
   }
   repaint();
+  save();
+}
+
+// ---- what this browser keeps between visits ----------------------------------------------
+
+const storageKey = `wsbridge-whiteboard:${board}`;
+
+// Saved once things settle: the strokes, the channel offset they are complete up to, and the
+// strokes drawn here that were not stored yet (sent again on the next visit, with their ids).
+// Only once the board has loaded: before that, the strokes are not complete up to the offset.
+let saveTimer = 0;
+function save() {
+  if (!saveTimer) saveTimer = setTimeout(saveNow, 200);
+}
+
+function saveNow() {
+  clearTimeout(saveTimer);
+  saveTimer = 0;
+  const offset = client.lastOffset(channel);
+  if (!loaded || !offset) return;
+  try {
+    localStorage.setItem(storageKey, JSON.stringify({ offset, strokes: sorted() }));
+  } catch {
+    localStorage.removeItem(storageKey); // too large for this browser: load next time
+  }
+}
+addEventListener('pagehide', saveNow);
+
+function restore() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(storageKey));
+    if (typeof saved?.offset !== 'string' || !Array.isArray(saved.strokes)) return null;
+    return saved;
+  } catch {
+    return null;
+  }
 }
 
 // ---- drawing ----------------------------------------------------------------------------
@@ -183,6 +224,7 @@ function finish() {
   strokes.set(s.id, s);
   submit(s);
   repaint();
+  save();
   showStatus();
 }
 
@@ -260,6 +302,10 @@ window.whiteboard = {
   get loaded() {
     return loaded;
   },
+  /** How many times this page asked the backend for the board. */
+  get loads() {
+    return loads;
+  },
   /** Stroke ids in painting order; `confirmed` only those the backend has stored. */
   ids({ confirmed = false } = {}) {
     return sorted()
@@ -268,6 +314,19 @@ window.whiteboard = {
   },
 };
 
-client.subscribe(channel).catch((err) => showError(`cannot join ${channel}: ${err.message}`));
+const saved = restore();
+if (saved) {
+  loaded = true;
+  for (const s of saved.strokes) {
+    strokes.set(s.id, s);
+    if (typeof s.seq !== 'string') {
+      local.set(s.id, (counter += 1)); // drawn here last time and not stored yet
+      submit(s);
+    }
+  }
+}
+client
+  .subscribe(channel, { since: saved?.offset })
+  .catch((err) => showError(`cannot join ${channel}: ${err.message}`));
 client.connect().catch((err) => showError(`cannot connect: ${err.message}`));
 showStatus();

@@ -122,8 +122,10 @@ function until(page, fn, arg, what) {
   });
 }
 
-async function open(browser, cluster, board, label) {
-  const context = await browser.newContext({ viewport: VIEWPORT });
+/** Opens the board in a new window; in `browser`'s new context (a browser profile of its own),
+ * or in an existing context (sharing its localStorage). */
+async function open(where, cluster, board, label) {
+  const context = where.newContext ? await where.newContext({ viewport: VIEWPORT }) : where;
   const page = await context.newPage();
   page.label = label;
   page.errors = [];
@@ -149,14 +151,18 @@ async function draw(page, [x0, y0], [x1, y1]) {
   return added[0];
 }
 
-/** Whether the canvas shows ink at (x, y), in canvas CSS pixels. */
-function inkAt(page, [x, y]) {
+/** The canvas pixel at (x, y), in canvas CSS pixels: [r, g, b, alpha]. */
+function pixelAt(page, [x, y]) {
   return page.evaluate(([x, y]) => {
     const canvas = document.querySelector('canvas');
     const scale = canvas.width / canvas.clientWidth;
-    const [, , , alpha] = canvas.getContext('2d').getImageData(Math.round(x * scale), Math.round(y * scale), 1, 1).data;
-    return alpha > 0;
+    return [...canvas.getContext('2d').getImageData(Math.round(x * scale), Math.round(y * scale), 1, 1).data];
   }, [x, y]);
+}
+
+/** Whether the canvas shows ink at (x, y). */
+async function inkAt(page, point) {
+  return (await pixelAt(page, point))[3] > 0;
 }
 
 const confirmedIds = (page) => page.evaluate(() => window.whiteboard.ids({ confirmed: true }));
@@ -213,6 +219,7 @@ test('two windows through nginx on different replicas draw together; a replica d
     const pid = cluster.pidOf(ra);
     process.kill(pid, 'SIGSTOP');
     const second = await draw(a, [100, 400], [400, 400]);
+    await b.locator('.swatch[title="#e53935"]').click(); // B picks red
     const third = await draw(b, [600, 100], [600, 450]);
     await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), third, `stroke ${third}`);
     assert.ok(!(await confirmedIds(a)).includes(third), 'A missed the stroke while its replica was frozen');
@@ -232,21 +239,44 @@ test('two windows through nginx on different replicas draw together; a replica d
     );
     assert.deepEqual(await confirmedIds(a), await confirmedIds(b), 'same strokes, same order');
     assert.equal((await confirmedIds(a)).length, 3, 'each stroke once');
-    assert.ok(await inkAt(a, [600, 300]), "A shows B's stroke drawn while A was cut off");
+    const [r, g, bl, alpha] = await pixelAt(a, [600, 300]);
+    assert.ok(r > 200 && g < 100 && bl < 100 && alpha > 100, `A shows B's red stroke drawn while A was cut off: ${[r, g, bl, alpha]}`);
     assert.ok(await inkAt(b, [250, 400]), "B shows A's stroke drawn while A was cut off");
     assert.equal(await pixels(a), await pixels(b), 'both windows show the same picture');
     await shot(a, '2-a-after-replica-killed');
     await shot(b, '2-b-after-replica-killed');
 
-    // A window opened now loads the board: the same picture. Redis holds each stroke once.
+    // A's window is closed; B draws; A's browser opens the board again. It starts from what it
+    // saved and resumes from its offset: it gets only the new stroke, without loading the board.
+    await until(
+      a,
+      (ch) => JSON.parse(localStorage.getItem(`wsbridge-whiteboard:${ch.slice(6)}`) ?? 'null')?.offset === window.whiteboard.client.lastOffset(ch),
+      `board:${board}`,
+      'A to save its board'
+    );
+    await a.close();
+    const fourth = await draw(b, [100, 470], [800, 470]);
+    all.push(fourth);
+    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), fourth, `stroke ${fourth}`);
+    const again = await open(a.context(), cluster, board, 'page A, reopened');
+    await until(again, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
+    assert.equal(await again.evaluate(() => window.whiteboard.loads), 0, 'the reopened window did not load the board');
+    assert.equal(await again.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`), true);
+    assert.deepEqual(await confirmedIds(again), await confirmedIds(b));
+    assert.equal(await pixels(again), await pixels(b), 'the reopened window shows the same picture');
+    await shot(again, '3-a-reopened');
+
+    // A window in a new browser profile loads the board: the same picture. Redis holds each
+    // stroke once.
     const c = await open(browser, cluster, board, 'page C');
     await until(c, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
-    assert.deepEqual(await confirmedIds(c), await confirmedIds(a));
-    assert.equal(await pixels(c), await pixels(a), 'the late window shows the same picture');
-    await shot(c, '3-c-opened-late');
+    assert.equal(await c.evaluate(() => window.whiteboard.loads), 1, 'a new window loads the board');
+    assert.deepEqual(await confirmedIds(c), await confirmedIds(b));
+    assert.equal(await pixels(c), await pixels(b), 'the late window shows the same picture');
+    await shot(c, '4-c-opened-late');
     const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
-    assert.equal(String(stored).trim(), '3');
-    for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
+    assert.equal(String(stored).trim(), '4');
+    for (const page of [a, b, again, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
   } catch (err) {
     err.message += `\n${cluster.logs()}`;
     throw err;
