@@ -1,6 +1,6 @@
 //! A small chat and whiteboard backend for wsbridge, in Rust (redis-rs, hyper): the same flags,
-//! behaviour and log lines as its siblings `examples/backends/python/backend.py` and
-//! `examples/backends/node/backend.mjs`.
+//! behaviour and log lines (error texts aside) as its siblings
+//! `examples/backends/python/backend.py` and `examples/backends/node/backend.mjs`.
 //!
 //! ```text
 //! cargo run --example backend                       # the chat
@@ -219,7 +219,6 @@ enum Failure {
     /// without being delivered again (not counted towards `--max-deliveries`).
     Transient(String),
     /// The handler failed: the entry stays pending and its next delivery is another attempt.
-    /// The error as the Python backend logs it, `Name('message')` (see [`py_error`]).
     Handler(String),
     /// Retrying cannot help until the backend is reconfigured: exit with status 1.
     Fatal(String),
@@ -553,7 +552,7 @@ fn board_plan(
     (
         Plan::Send(vec![json!({"to": {"connection": connection},
                                "data": {"type": "error", "board": board, "error": error}})]),
-        format!("board {} error to {connection}", py_str(board)),
+        format!("board {} error to {connection}", board_text(board)),
     )
 }
 
@@ -627,9 +626,9 @@ fn seq_key(stroke: &J) -> Result<(i128, i128), String> {
 fn snapshots(board: &str, connection: &str, stored: &[Vec<u8>]) -> Result<Vec<J>, String> {
     let mut strokes = Vec::with_capacity(stored.len());
     for raw in stored {
-        let stroke: J = serde_json::from_slice(raw)
-            .map_err(|e| py_error("ValueError", &format!("a stored stroke is not JSON: {e}")))?;
-        let seq = seq_key(&stroke).map_err(|e| py_error("ValueError", &e))?;
+        let stroke: J =
+            serde_json::from_slice(raw).map_err(|e| format!("a stored stroke is not JSON: {e}"))?;
+        let seq = seq_key(&stroke)?;
         strokes.push((seq, stroke));
     }
     strokes.sort_by_key(|(seq, _)| *seq);
@@ -650,98 +649,15 @@ fn snapshots(board: &str, connection: &str, stored: &[Vec<u8>]) -> Result<Vec<J>
         .collect())
 }
 
-/// `str(value)` as Python writes it, so that the log names an odd board as the Python backend
-/// does.
-fn py_str(v: &J) -> String {
+/// A board name for the log: a string as it is, anything else as JSON.
+fn board_text(v: &J) -> String {
     match v {
         J::String(s) => s.clone(),
-        other => py_repr(other),
+        other => other.to_string(),
     }
 }
 
-/// `repr(value)` as Python writes it (object keys in serde_json's order, which is sorted).
-fn py_repr(v: &J) -> String {
-    match v {
-        J::Null => "None".into(),
-        J::Bool(true) => "True".into(),
-        J::Bool(false) => "False".into(),
-        J::Number(n) if n.is_f64() => py_float(n.as_f64().unwrap_or_default()),
-        J::Number(n) => n.to_string(),
-        J::String(s) => py_str_repr(s),
-        J::Array(items) => format!(
-            "[{}]",
-            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
-        ),
-        J::Object(map) => format!(
-            "{{{}}}",
-            map.iter()
-                .map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-/// `repr(float)` as Python writes it: the shortest round-trip digits, in exponent form below
-/// 1e-4 and from 1e16.
-fn py_float(f: f64) -> String {
-    if f.is_nan() {
-        return "nan".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "inf" } else { "-inf" }.into();
-    }
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if (-4..16).contains(&exp) {
-        let fixed = f.to_string();
-        if fixed.contains('.') {
-            fixed
-        } else {
-            format!("{fixed}.0")
-        }
-    } else {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exp.abs())
-    }
-}
-
-/// `repr(str)` as Python writes it.
-fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if c < ' ' || ('\x7f'..='\u{a0}').contains(&c) => {
-                out.push_str(&format!("\\x{:02x}", u32::from(c)));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
-}
-
-/// An error as Python's `repr` writes an exception: `Name('message')`.
-fn py_error(name: &str, message: &str) -> String {
-    format!("{name}({})", py_str_repr(message))
-}
-
-/// A Redis error as redis-py words it: a server error as Redis sent it (`CODE detail`).
+/// A Redis error as text: a server error as Redis sent it (`CODE detail`).
 fn redis_text(e: &RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("{code} {detail}"),
@@ -995,7 +911,7 @@ impl Backend {
             if is_connection_error(&e) {
                 return Failure::Redis(e);
             }
-            Failure::Handler(py_error("ResponseError", &redis_text(&e)))
+            Failure::Handler(redis_text(&e))
         };
         let (plan, what) = plan_for(&self.cfg.prefix, entry_id, fields);
         let bodies = match plan {
@@ -1039,11 +955,9 @@ impl Backend {
             .iter()
             .any(|body| body["data"].get("text").and_then(J::as_str) == Some(fail_on))
         {
-            let message = format!(
-                "--fail-on {}: this handler cannot take it",
-                py_str_repr(fail_on)
-            );
-            return Err(Failure::Handler(py_error("RuntimeError", &message)));
+            return Err(Failure::Handler(format!(
+                "--fail-on {fail_on:?}: this handler cannot take it"
+            )));
         }
         Ok(())
     }
@@ -1622,7 +1536,7 @@ mod tests {
             assert!(got.contains(error), "{data}: {got}");
             assert_eq!(
                 what,
-                format!("board {} error to c1", py_str(&data["board"]))
+                format!("board {} error to c1", board_text(&data["board"]))
             );
         }
         assert!(stroke_error(&good).is_none());
@@ -1678,25 +1592,6 @@ mod tests {
         assert_eq!(lasts, [&json!(false), &json!(false), &json!(true)]);
         assert!(snapshots("b", "c1", &[b"not json".to_vec()]).is_err());
         assert!(snapshots("b", "c1", &[br#"{"seq":"x-1"}"#.to_vec()]).is_err());
-    }
-
-    #[test]
-    fn python_reprs() {
-        assert_eq!(py_str(&json!("b")), "b");
-        assert_eq!(py_str(&json!(null)), "None");
-        assert_eq!(py_str(&json!(true)), "True");
-        assert_eq!(py_str(&json!(5)), "5");
-        assert_eq!(py_str(&json!(1.0)), "1.0");
-        assert_eq!(py_str(&json!(0.0001)), "0.0001");
-        assert_eq!(py_str(&json!(0.00001)), "1e-05");
-        assert_eq!(py_str(&json!(1.5e16)), "1.5e+16");
-        assert_eq!(py_str(&json!(1e15)), "1000000000000000.0");
-        assert_eq!(
-            py_str(&json!(["a", 1, {"k": "it's"}])),
-            r#"['a', 1, {'k': "it's"}]"#
-        );
-        assert_eq!(py_str_repr("poison"), "'poison'");
-        assert_eq!(py_str_repr("a\\b\n\x01"), r"'a\\b\n\x01'");
     }
 
     #[test]
