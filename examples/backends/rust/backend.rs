@@ -817,22 +817,29 @@ impl Backend {
         Ok(())
     }
 
+    /// `XPENDING key group [IDLE ms] - + count consumer`: the oldest entries this consumer
+    /// holds, as (id, consumer, idle ms, deliveries).
+    async fn my_pending(
+        &self,
+        conn: &mut MultiplexedConnection,
+        min_idle_ms: Option<u64>,
+        count: usize,
+    ) -> Result<Vec<(String, String, u64, u64)>, RedisError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.cfg.key).arg(&self.cfg.group);
+        if let Some(ms) = min_idle_ms {
+            cmd.arg("IDLE").arg(ms);
+        }
+        cmd.arg("-").arg("+").arg(count).arg(&self.cfg.consumer);
+        cmd.query_async(conn).await
+    }
+
     /// Resets the idle time of the entries we hold, so no other consumer takes them over while
     /// we work on them. The min-idle guard leaves alone an entry another consumer has just taken
     /// (its idle time is near 0).
     async fn keep_fresh(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
         let guard = self.cfg.reclaim_every_ms / 2;
-        let mine: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(&self.cfg.key)
-            .arg(&self.cfg.group)
-            .arg("IDLE")
-            .arg(guard)
-            .arg("-")
-            .arg("+")
-            .arg(100)
-            .arg(&self.cfg.consumer)
-            .query_async(conn)
-            .await?;
+        let mine = self.my_pending(conn, Some(guard), 100).await?;
         if !mine.is_empty() {
             let mut claim = redis::cmd("XCLAIM");
             claim
@@ -1145,15 +1152,7 @@ impl Backend {
     async fn process_pending(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Halt> {
         while !self.stop.is_cancelled() && self.remaining() != Some(0) {
             self.tick(conn).await?;
-            let head: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-                .arg(&self.cfg.key)
-                .arg(&self.cfg.group)
-                .arg("-")
-                .arg("+")
-                .arg(1)
-                .arg(&self.cfg.consumer)
-                .query_async(conn)
-                .await?;
+            let head = self.my_pending(conn, None, 1).await?;
             let Some((id, _, _, deliveries)) = head.into_iter().next() else {
                 self.pending = false;
                 return Ok(());
@@ -1238,15 +1237,7 @@ impl Backend {
     async fn cleanup(&self) {
         let result: Result<(), RedisError> = async {
             let mut conn = self.connect().await?;
-            let pending: Vec<Value> = redis::cmd("XPENDING")
-                .arg(&self.cfg.key)
-                .arg(&self.cfg.group)
-                .arg("-")
-                .arg("+")
-                .arg(1)
-                .arg(&self.cfg.consumer)
-                .query_async(&mut conn)
-                .await?;
+            let pending = self.my_pending(&mut conn, None, 1).await?;
             if pending.is_empty() {
                 redis::cmd("XGROUP")
                     .arg("DELCONSUMER")
