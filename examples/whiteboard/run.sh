@@ -72,18 +72,24 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
-# Waits until GET http://127.0.0.1:$1$2 answers 200 (bash's /dev/tcp: no curl needed).
+# Waits until GET http://127.0.0.1:$2$3 answers 200 (bash's /dev/tcp: no curl needed) while
+# process $1 lives; when it dies first (a port already taken, say), shows the end of its log $4.
 wait_http() {
-  local i
+  local pid=$1 port=$2 path=$3 log=$4 i
   for i in $(seq 1 300); do
-    if exec 3<>"/dev/tcp/127.0.0.1/$1" 2>/dev/null; then
-      printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$2" >&3
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$log ended the process; its last lines:" >&2
+      tail -5 "$log" >&2
+      return 1
+    fi
+    if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+      printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
       if head -1 <&3 | grep -q ' 200 '; then exec 3>&-; return 0; fi
       exec 3>&-
     fi
     sleep 0.1
   done
-  echo "127.0.0.1:$1$2 did not answer 200; logs are in $STATE" >&2
+  echo "127.0.0.1:$port$path did not answer 200 in 30 s; see $log" >&2
   return 1
 }
 
@@ -109,7 +115,9 @@ for i in 1 2 3; do
   pids+=($!)
   echo $! >"$STATE/replica-$i.pid"
 done
-for i in 0 1 2; do wait_http "${API[i]}" /readyz; done
+for i in 1 2 3; do
+  wait_http "$(cat "$STATE/replica-$i.pid")" "${API[i - 1]}" /readyz "$STATE/replica-$i.log"
+done
 echo "==> wsbridge-1..3: ws://127.0.0.1:{${WS[0]},${WS[1]},${WS[2]}}/ws, API :{${API[0]},${API[1]},${API[2]}}"
 
 sed -e "s|@STATE@|$STATE|g" -e "s|@ROOT@|$ROOT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g" \
@@ -119,7 +127,7 @@ sed -e "s|@STATE@|$STATE|g" -e "s|@ROOT@|$ROOT|g" -e "s|@HTTP_PORT@|$HTTP_PORT|g
   examples/whiteboard/nginx.conf >"$STATE/nginx.conf"
 "$NGINX" -p "$STATE" -c "$STATE/nginx.conf" -e "$STATE/nginx-error.log" -g 'daemon off;' &
 pids+=($!)
-wait_http "$HTTP_PORT" /
+wait_http $! "$HTTP_PORT" / "$STATE/nginx-error.log"
 echo "==> nginx: the page on :$HTTP_PORT, the backend API on :$API_LB_PORT"
 
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT" WSBRIDGE_API="http://127.0.0.1:$API_LB_PORT" \
