@@ -87,6 +87,12 @@ impl Backend {
             }
             Lang::Rust => Command::new(rust_example("backend")),
         };
+        // On a cluster (the suite's cluster pass), the URL lists its nodes.
+        if on_cluster() {
+            cmd.env("REDIS_CLUSTER", "1");
+        } else {
+            cmd.env_remove("REDIS_CLUSTER");
+        }
         cmd.args(args)
             .env("REDIS_URL", redis.url())
             .env("WSBRIDGE_API", api_url)
@@ -496,13 +502,13 @@ async fn take_over_from_a_killed_instance(lang: Lang) {
         );
     }
     let mut conn = redis.conn().await;
-    assert!(xrange(&mut conn, &format!("{prefix}:dead:chat"))
+    assert!(xrange(&mut conn, &format!("{{{prefix}:in:chat}}:dead"))
         .await
         .is_empty());
 }
 
 /// An entry the handler can never take (`--fail-on`, the backend's test hook: its handler raises
-/// for that text) is delivered `--max-deliveries` times, then moved to `<prefix>:dead:chat` with
+/// for that text) is delivered `--max-deliveries` times, then moved to `{<prefix>:in:chat}:dead` with
 /// every original field plus `original_id`, `deliveries` and `reason`, and acknowledged; the
 /// message behind it, held up meanwhile (entries are handled in order), then goes through.
 async fn dead_letter_an_entry_it_can_never_handle(lang: Lang) {
@@ -562,7 +568,8 @@ async fn dead_letter_an_entry_it_can_never_handle(lang: Lang) {
     let poison = acks["p1"].as_str().unwrap().to_string();
 
     let log = backend.log_text();
-    let dead_key = format!("{prefix}:dead:chat");
+    // In the stream's hash slot (the braces), so that the move is atomic on a cluster too.
+    let dead_key = format!("{{{prefix}:in:chat}}:dead");
     assert_eq!(
         log.matches(&format!(
             "{poison} chat room:d from {}: handler failed",
