@@ -62,9 +62,9 @@ echo "==> cargo test --test it, interest routing"
 WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@"
 
 # And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
-# which needs interest routing. Skipped there: the example backends (examples::; they take a
-# single Redis URL), the cluster tests (cluster::; they build their own clusters and run in the
-# passes above) and the broadcast-against-interest comparison (broadcast cannot run on a cluster).
+# which needs interest routing; the example backends then run with --redis-cluster. Skipped
+# there: the cluster tests (cluster::; they build their own clusters and run in the passes above)
+# and the broadcast-against-interest comparison (broadcast cannot run on a cluster).
 echo "==> cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
-  --skip examples:: --skip cluster:: --skip routing::interest_routing_spares
+  --skip cluster:: --skip routing::interest_routing_spares

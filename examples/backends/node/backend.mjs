@@ -13,8 +13,9 @@
 //   deliveries. 400/413/422: logged and acknowledged. 401/403/anything else: exit 1.
 // - Every --reclaim-every-ms it takes over (XAUTOCLAIM) entries other consumers left pending
 //   longer than --claim-idle-ms, and refreshes its own (XCLAIM), so nobody takes those over.
-// - An entry still pending after --max-deliveries deliveries goes to `<prefix>:dead:<stream>`
-//   (XADD and XACK in one MULTI).
+// - An entry still pending after --max-deliveries deliveries goes to the stream
+//   `{<prefix>:in:<stream>}:dead` (XADD there and XACK in one Lua script; the braces put it in the
+//   inbound stream's hash slot, so the move is atomic on a Redis Cluster too).
 // - SIGTERM / SIGINT stop it between entries; a consumer that holds nothing leaves the group.
 //
 // Run it:
@@ -26,6 +27,9 @@
 // Settings come from flags, or from the environment: REDIS_URL (redis://127.0.0.1:6379),
 // WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY (none), PREFIX (wsbridge), STREAM
 // (chat), GROUP (backend), CONSUMER (<hostname>-<pid>). `--max N` exits after handling N entries.
+// `--redis-cluster` (or REDIS_CLUSTER=1): REDIS_URL is a comma-separated list of Redis Cluster
+// nodes to start from, and the backend uses node-redis's cluster client; every command names one
+// key (or two in one slot), and the blocking XREADGROUP has a cluster client of its own.
 // Two test hooks: `--fail-on TEXT` makes the handler fail on every chat message whose text is
 // TEXT, and `--work-ms MS` spends MS milliseconds on each entry before replying.
 //
@@ -42,9 +46,12 @@ import {
   ClientOfflineError,
   ConnectionTimeoutError,
   createClient,
+  createCluster,
+  defineScript,
   DisconnectsClientError,
   ErrorReply,
   RESP_TYPES,
+  RootNodesUnavailableError,
   SocketClosedUnexpectedlyError,
   SocketTimeoutError,
   TimeoutError,
@@ -72,10 +79,11 @@ class Transient extends Error {}
 // ---------------------------------------------------------------------------------------------
 // Settings
 
-const USAGE = `usage: backend.mjs [-h] [--redis-url URL] [--api URL] [--api-key KEY] [--prefix P]
-                  [--stream S] [--group G] [--consumer C] [--block-ms MS]
-                  [--claim-idle-ms MS] [--reclaim-every-ms MS] [--max-deliveries N]
-                  [--max N] [--fail-on TEXT] [--work-ms MS]`;
+const USAGE = `usage: backend.mjs [-h] [--redis-url URL] [--redis-cluster] [--api URL]
+                  [--api-key KEY] [--prefix P] [--stream S] [--group G]
+                  [--consumer C] [--block-ms MS] [--claim-idle-ms MS]
+                  [--reclaim-every-ms MS] [--max-deliveries N] [--max N]
+                  [--fail-on TEXT] [--work-ms MS]`;
 
 const HELP = `${USAGE}
 
@@ -83,7 +91,9 @@ wsbridge chat and whiteboard backend (Node)
 
 options:
   -h, --help              show this help message and exit
-  --redis-url URL         (REDIS_URL, default redis://127.0.0.1:6379)
+  --redis-url URL         (REDIS_URL, default redis://127.0.0.1:6379; with
+                          --redis-cluster, several, comma-separated)
+  --redis-cluster         REDIS_URL is a Redis Cluster (REDIS_CLUSTER=1)
   --api URL               the gateway's backend API, any replica (WSBRIDGE_API,
                           default http://127.0.0.1:8081)
   --api-key KEY           (WSBRIDGE_API_KEY, default none)
@@ -114,6 +124,7 @@ function settings() {
     'claim-idle-ms', 'reclaim-every-ms', 'max-deliveries', 'max', 'fail-on', 'work-ms',
   ];
   const options = Object.fromEntries(flags.map((name) => [name, { type: 'string' }]));
+  options['redis-cluster'] = { type: 'boolean' };
   options.help = { type: 'boolean', short: 'h' };
   let values;
   try {
@@ -133,6 +144,7 @@ function settings() {
   };
   const cfg = {
     redisUrl: values['redis-url'] ?? env.REDIS_URL ?? 'redis://127.0.0.1:6379',
+    cluster: values['redis-cluster'] ?? /^(1|true|yes)$/i.test(env.REDIS_CLUSTER ?? ''),
     api: (values.api ?? env.WSBRIDGE_API ?? 'http://127.0.0.1:8081').replace(/\/+$/, ''),
     apiKey: values['api-key'] ?? (env.WSBRIDGE_API_KEY || null),
     prefix: values.prefix ?? env.PREFIX ?? 'wsbridge',
@@ -151,7 +163,12 @@ function settings() {
   cfg.reclaimEveryMs ??= Math.floor(cfg.claimIdleMs / 2);
   cfg.reclaimEveryMs = Math.max(cfg.reclaimEveryMs, 100);
   cfg.key = `${cfg.prefix}:in:${cfg.stream}`;
-  cfg.deadKey = `${cfg.prefix}:dead:${cfg.stream}`;
+  // The braces make the hash slot that of the inbound stream: the move there is one script.
+  cfg.deadKey = `{${cfg.key}}:dead`;
+  if (cfg.cluster) {
+    cfg.clusterUrls = cfg.redisUrl.split(',').map((url) => url.trim()).filter(Boolean);
+    if (!cfg.clusterUrls.length) usageError('--redis-cluster needs at least one node URL');
+  }
   return cfg;
 }
 
@@ -368,15 +385,18 @@ const describe = (e) => `${e?.name ?? 'Error'}(${JSON.stringify(e?.message ?? St
 
 const LINK_ERRORS = [
   ClientClosedError, ClientOfflineError, ConnectionTimeoutError, DisconnectsClientError,
-  SocketClosedUnexpectedlyError, SocketTimeoutError, TimeoutError,
+  RootNodesUnavailableError, SocketClosedUnexpectedlyError, SocketTimeoutError, TimeoutError,
 ];
+
+// Replies that are not about the command: Redis loading, refusing our password or full, or a
+// cluster failing over.
+const LINK_REPLIES =
+  /^(LOADING|NOAUTH|WRONGPASS|ERR max number of clients|CLUSTERDOWN|TRYAGAIN|MASTERDOWN)/;
 
 /** Whether a Redis command failed because of the link (retry after reconnecting), not because
  * Redis refused it. Like redis-py, a server still loading or refusing our password counts. */
 function isLinkError(e) {
-  if (e instanceof ErrorReply) {
-    return /^(LOADING|NOAUTH|WRONGPASS|ERR max number of clients)/.test(e.message);
-  }
+  if (e instanceof ErrorReply) return LINK_REPLIES.test(e.message);
   return LINK_ERRORS.some((type) => e instanceof type) || e?.syscall !== undefined;
 }
 
@@ -394,6 +414,42 @@ function entriesOf(raw) {
   });
 }
 
+/** Moves an entry to the dead-letter stream: XADD there with the given fields, then XACK, in one
+ * script so that the entry is never in both places or in neither. KEYS: the inbound stream, the
+ * dead-letter stream (in one hash slot); ARGV: the group, the entry id, the fields and values.
+ * node-redis sends EVALSHA, and EVAL when Redis does not know the script yet. */
+const DEAD_LETTER = defineScript({
+  NUMBER_OF_KEYS: 2,
+  SCRIPT: `
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+    return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])`,
+  parseCommand(parser, key, deadKey, group, id, fields) {
+    parser.pushKeys([key, deadKey]);
+    parser.push(group, id, ...fields);
+  },
+  transformReply: (reply) => reply,
+});
+
+/** The username, password and TLS setting of a Redis URL (throws on a bad one). */
+function urlOptions(url) {
+  const { username, password, socket } = createClient({ url }).options;
+  return { username, password, socket: { tls: socket.tls } };
+}
+
+/** Closes every connection of a cluster client now, then the client. Node by node first: the
+ * client's own destroy() throws at the first node whose connection is already closed (a node
+ * that went away), leaving the others open. */
+function destroyCluster(cluster) {
+  for (const node of [...cluster.masters, ...cluster.replicas]) {
+    if (node.client?.isOpen) node.client.destroy();
+  }
+  try {
+    cluster.destroy(); // marks it closed
+  } catch (e) {
+    if (!(e instanceof ClientClosedError)) throw e;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The consumer
 
@@ -401,6 +457,7 @@ class Backend {
   constructor(cfg) {
     this.cfg = cfg;
     this.r = this.client(); // parses REDIS_URL now: a bad one fails at start
+    this.reader = this.r; // for the blocking XREADGROUP: on a cluster, a client of its own
     this.linkError = null; // the last error the Redis link reported
     this.handled = 0;
     this.stopping = false;
@@ -417,9 +474,9 @@ class Backend {
     this.errors = new Map(); // entry id -> the last handler error, for the dead-letter `reason`
   }
 
+  /** A client for REDIS_URL, or for the cluster it lists (not connected yet). */
   client() {
-    const client = createClient({
-      url: this.cfg.redisUrl,
+    const options = {
       socket: {
         connectTimeout: 5000,
         // No automatic reconnection: run() reconnects, as the Python backend does.
@@ -429,23 +486,65 @@ class Backend {
         socketTimeout: this.cfg.blockMs + 10_000,
       },
       pingInterval: 5000,
-    });
-    client.on('error', (e) => {
+    };
+    const scripts = { deadLetter: DEAD_LETTER };
+    if (!this.cfg.cluster) {
+      return this.watch(createClient({ url: this.cfg.redisUrl, ...options, scripts }));
+    }
+    // The cluster connects to the nodes it finds (CLUSTER SLOTS) with `defaults`, not with the
+    // URLs: they get the first URL's credentials and TLS setting.
+    const [first] = this.cfg.clusterUrls.map(urlOptions); // every URL checked now
+    const defaults = { ...options, ...first, socket: { ...options.socket, ...first.socket } };
+    const rootNodes = this.cfg.clusterUrls.map((url) => ({ url }));
+    return this.watch(createCluster({ rootNodes, defaults, scripts }));
+  }
+
+  /** Keeps the last error `client` (or any node of a cluster) reports, for the log. */
+  watch(client) {
+    const keep = (e) => {
       this.linkError = e;
-    });
+    };
+    client.on('error', keep);
+    if (this.cfg.cluster) client.on('node-error', keep);
     return client;
   }
 
+  /** Whether the connection can be kept (a cluster client has no readiness of its own: open). */
+  alive() {
+    return this.cfg.cluster ? this.r?.isOpen : this.r?.isReady;
+  }
+
   async connect() {
-    if (this.r?.isReady) return;
+    if (this.alive()) return;
     this.disconnect();
     this.linkError = null;
     this.r = this.client();
+    this.reader = this.r;
     await this.r.connect();
+    if (this.cfg.cluster) {
+      // node-redis talks to each node over one connection: a blocking read on the stream's node
+      // would hold up every other command there. The reader connects only to the nodes it uses.
+      this.reader = this.watch(this.r.duplicate({ minimizeConnections: true }));
+      await this.reader.connect();
+    }
   }
 
   disconnect() {
-    if (this.r?.isOpen) this.r.destroy();
+    for (const client of new Set([this.r, this.reader])) {
+      if (this.cfg.cluster) {
+        destroyCluster(client);
+      } else if (client.isOpen) {
+        client.destroy();
+      }
+    }
+  }
+
+  /** A command as an array, `key` the key it is about (on a cluster, the node it goes to: always
+   * a master, never a replica that may lag behind). */
+  send(client, key, args, options) {
+    return this.cfg.cluster
+      ? client.sendCommand(key, false, args, options)
+      : client.sendCommand(args, options);
   }
 
   onSignal(name) {
@@ -536,13 +635,13 @@ class Backend {
     if (block !== null) args.push('BLOCK', String(block));
     args.push('STREAMS', key, start);
     // Interrupted, the link is left mid-reply: run() disconnects it on the way out.
-    const reply = await this.interruptible(this.r.sendCommand(args, BUFFERS));
+    const reply = await this.interruptible(this.send(this.reader, key, args, BUFFERS));
     return reply ? reply.flatMap(([, entries]) => entriesOf(entries)) : [];
   }
 
   /** The entry `id` of the stream, or null when it is gone. */
   async entry(id) {
-    const found = await this.r.sendCommand(['XRANGE', this.cfg.key, id, id], BUFFERS);
+    const found = await this.send(this.r, this.cfg.key, ['XRANGE', this.cfg.key, id, id], BUFFERS);
     return found.length ? entriesOf(found)[0] : null;
   }
 
@@ -609,7 +708,7 @@ class Backend {
     if (this.transientId === id) this.transientId = null;
   }
 
-  /** Moves a pending entry to the dead-letter stream, atomically with its XACK. */
+  /** Moves a pending entry to the dead-letter stream, atomically with its XACK (one script). */
   async deadLetter(id, deliveries) {
     const { key, group, deadKey } = this.cfg;
     const found = await this.entry(id);
@@ -626,11 +725,7 @@ class Backend {
       .set('original_id', id)
       .set('deliveries', String(deliveries))
       .set('reason', reason);
-    await this.r
-      .multi()
-      .addCommand(['XADD', deadKey, '*', ...[...fields].flat()])
-      .xAck(key, group, id)
-      .exec();
+    await this.r.deadLetter(key, deadKey, group, id, [...fields].flat());
     this.done(id);
     this.backoff = 0.5; // the entry that kept failing is gone
     log(`${id} moved to ${deadKey} after ${deliveries} deliveries: ${reason}`);
@@ -742,7 +837,10 @@ class Backend {
           continue;
         }
         if (!isLinkError(e)) throw e;
-        const cause = e instanceof ClientClosedError && this.linkError ? this.linkError : e;
+        // What went wrong on the link says more than "The client is closed" or "All the root
+        // nodes are unavailable".
+        const vague = e instanceof ClientClosedError || e instanceof RootNodesUnavailableError;
+        const cause = vague && this.linkError ? this.linkError : e;
         log(`Redis: ${cause.message}; retrying in 1 s`);
         ready = false;
         this.disconnect();

@@ -32,11 +32,20 @@ Entries that can never be handled. Redis counts every delivery of a pending entr
 the count). An entry whose handler raised is delivered again after a backoff; an entry that is
 still pending after --max-deliveries deliveries (5) -- its handler failed, or the instances that
 read it crashed, that many times -- is not handed to the handler again: it is moved to the
-dead-letter stream `<prefix>:dead:<stream>` with its original fields plus `original_id`,
-`deliveries` and `reason` (added and acknowledged in one MULTI, so it is never in both places or
-in neither) and logged. Retrying a reply the gateway could not take for now (503, unreachable) does
-not count as a delivery, so an outage of the gateway does not dead-letter the backlog. Nothing
-trims the dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
+dead-letter stream `{<prefix>:in:<stream>}:dead` (e.g. `{wsbridge:in:chat}:dead`) with its
+original fields plus `original_id`, `deliveries` and `reason`, and logged. One Lua script adds it
+there and acknowledges it, so it is never in both places or in neither; the braces put the
+dead-letter stream in the inbound stream's hash slot, so this holds on a Redis Cluster too.
+Retrying a reply the gateway could not take for now (503, unreachable) does not count as a
+delivery, so an outage of the gateway does not dead-letter the backlog. Nothing trims the
+dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
+
+Redis Cluster. With --redis-cluster (or REDIS_CLUSTER=1), REDIS_URL is a comma-separated list of
+cluster nodes to start from (redis://127.0.0.1:7000,redis://127.0.0.1:7001,...) and the backend
+uses redis-py's RedisCluster. Every command names one key, or two in one slot (the dead-letter
+script). The blocking XREADGROUP has a client, and so a connection, of its own -- on a single
+Redis too -- so it does not hold up the other commands, and a read cut short by a signal leaves
+nothing half-read behind for them.
 
 Run it (needs `pip install -r examples/backends/python/requirements.txt`):
 
@@ -44,8 +53,9 @@ Run it (needs `pip install -r examples/backends/python/requirements.txt`):
     python3 examples/backends/python/backend.py --stream board   # the whiteboard
 
 Settings come from flags, or from the environment: REDIS_URL (redis://127.0.0.1:6379),
-WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY (none), PREFIX (wsbridge), STREAM (chat),
-GROUP (backend), CONSUMER (<hostname>-<pid>). `--max N` exits after handling N entries.
+REDIS_CLUSTER (off; 1 = --redis-cluster), WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY
+(none), PREFIX (wsbridge), STREAM (chat), GROUP (backend), CONSUMER (<hostname>-<pid>). `--max N`
+exits after handling N entries.
 
 Two flags exist for tests and demonstrations: `--fail-on TEXT` makes the handler raise on every
 chat message whose text is TEXT (a message it can never handle), and `--work-ms MS` spends MS
@@ -62,9 +72,12 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException
 
 try:
     import msgpack
@@ -92,10 +105,20 @@ class Transient(Exception):
     """The reply was not taken this time (gateway down, 5xx): leave the entry pending."""
 
 
+# Redis failing, or a node of the cluster: not the entry's fault; the backend reconnects and
+# carries on. A cluster client raises ClusterError while the cluster is down (a failover), and
+# RedisClusterException when it reaches none of its nodes.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, ClusterError, RedisClusterException)
+
+
 def settings():
     env = os.environ.get
     p = argparse.ArgumentParser(description="wsbridge chat and whiteboard backend (Python)")
-    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379"))
+    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379"),
+                   help="with --redis-cluster: the cluster nodes to start from, comma-separated")
+    p.add_argument("--redis-cluster", action="store_true",
+                   default=env("REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
+                   help="Redis is a Redis Cluster (REDIS_CLUSTER=1)")
     p.add_argument("--api", default=env("WSBRIDGE_API", "http://127.0.0.1:8081"),
                    help="the gateway's backend API (any replica)")
     p.add_argument("--api-key", default=env("WSBRIDGE_API_KEY") or None)
@@ -119,12 +142,14 @@ def settings():
     a = p.parse_args()
     if a.max_deliveries < 1:
         p.error("--max-deliveries must be at least 1")
+    if "," in a.redis_url and not a.redis_cluster:
+        p.error("--redis-url lists several nodes: add --redis-cluster (REDIS_CLUSTER=1)")
     if a.reclaim_every_ms is None:
         a.reclaim_every_ms = a.claim_idle_ms // 2
     a.reclaim_every_ms = max(a.reclaim_every_ms, 100)
     a.api = a.api.rstrip("/")
     a.key = f"{a.prefix}:in:{a.stream}"
-    a.dead_key = f"{a.prefix}:dead:{a.stream}"
+    a.dead_key = f"{{{a.key}}}:dead"  # {<prefix>:in:<stream>}:dead, in the hash slot of a.key
     return a
 
 
@@ -281,14 +306,51 @@ def text_of(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def redis_client(cfg):
+    """A client of the Redis, or the Redis Cluster, of the settings. A single Redis is reached
+    on first use; a cluster client asks the nodes for the cluster's layout at once."""
+    # The socket timeout outlasts the blocking read, so a silently dead link is noticed.
+    options = dict(socket_connect_timeout=5, socket_timeout=cfg.block_ms / 1000 + 10)
+    if not cfg.redis_cluster:
+        return redis.Redis.from_url(cfg.redis_url, **options)
+    urls = [url.strip() for url in cfg.redis_url.split(",") if url.strip()]
+    nodes = [ClusterNode(u.hostname, u.port or 6379) for u in map(urllib.parse.urlsplit, urls)]
+    # The first URL also gives the scheme (rediss: TLS) and the credentials for every node.
+    return RedisCluster(url=urls[0], startup_nodes=nodes, **options)
+
+
+def raw_xautoclaim(client):
+    """Makes XAUTOCLAIM ... JUSTID return what Redis sends: [next cursor, claimed ids, deleted
+    ids] (redis-py keeps only the claimed ids).
+
+    A cluster client parses a reply twice, with the callback of the node's own client and then
+    with its own, so both are replaced. It creates node clients as it discovers nodes: call this
+    before each round of XAUTOCLAIM."""
+    def raw(response, **_options):
+        return response
+    client.set_response_callback("XAUTOCLAIM", raw)
+    if isinstance(client, RedisCluster):
+        for node in client.get_nodes():
+            client.get_redis_connection(node).set_response_callback("XAUTOCLAIM", raw)
+
+
+# Moves an entry to the dead-letter stream: adds it there, then acknowledges it, in one script, so
+# that it is never in both places or in neither. KEYS: the inbound stream, the dead-letter stream
+# (one hash slot); ARGV: the group, the entry id, then the dead letter's fields as name, value, ...
+DEAD_LETTER_LUA = """
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 class Backend:
     def __init__(self, cfg):
         self.cfg = cfg
-        # The socket timeout outlasts the blocking read, so a silently dead link is noticed.
-        self.r = redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=5,
-                                      socket_timeout=cfg.block_ms / 1000 + 10)
-        # XAUTOCLAIM ... JUSTID as Redis sends it: [next cursor, claimed ids, deleted ids].
-        self.r.set_response_callback("XAUTOCLAIM", lambda response, **_options: response)
+        # Created by connect(): one client for XREADGROUP, which blocks, so that it has a
+        # connection of its own; one for everything else.
+        self.reader = None
+        self.r = None
+        self.dead_letter_script = None
         self.handled = 0
         self.stopping = False
         self.in_read = False
@@ -309,6 +371,14 @@ class Backend:
         if self.in_read:  # only a blocking read is interrupted; an entry in progress completes
             raise Shutdown()
 
+    def connect(self):
+        """Creates the clients, once. (A cluster client raises at once when it reaches no node.)"""
+        if self.r is None:
+            self.r = redis_client(self.cfg)
+            self.dead_letter_script = self.r.register_script(DEAD_LETTER_LUA)
+        if self.reader is None:
+            self.reader = redis_client(self.cfg)
+
     def ensure_group(self):
         try:
             self.r.xgroup_create(self.cfg.key, self.cfg.group, id="0", mkstream=True)
@@ -322,6 +392,7 @@ class Backend:
 
         JUSTID: taking an entry over is not a delivery; reading it from our pending list is."""
         start, total, deleted = "0-0", 0, 0
+        raw_xautoclaim(self.r)
         while True:
             reply = self.r.xautoclaim(self.cfg.key, self.cfg.group, self.cfg.consumer,
                                       self.cfg.claim_idle_ms, start_id=start, count=100,
@@ -366,8 +437,8 @@ class Backend:
         try:
             if self.stopping:
                 raise Shutdown()
-            reply = self.r.xreadgroup(self.cfg.group, self.cfg.consumer, {self.cfg.key: start},
-                                      count=count, block=block)
+            reply = self.reader.xreadgroup(self.cfg.group, self.cfg.consumer,
+                                           {self.cfg.key: start}, count=count, block=block)
         finally:
             self.in_read = False
         if not reply:
@@ -409,7 +480,7 @@ class Backend:
             log(f"{eid} {what}: not delivered ({e}); left pending, retry in {self.backoff:.1f} s")
             self.transient_id = entry_id
             return False
-        except (Stop, redis.ConnectionError, redis.TimeoutError):
+        except (Stop, *REDIS_DOWN):
             raise  # Redis failing is not the entry's fault: reconnect, then retry it
         except Exception as e:  # a bug, or an entry this handler cannot take: retry, then give up
             log(f"{eid} {what}: handler failed ({e!r}); left pending, retry in {self.backoff:.1f} s")
@@ -432,7 +503,7 @@ class Backend:
             self.transient_id = None
 
     def dead_letter(self, entry_id, deliveries):
-        """Moves a pending entry to the dead-letter stream, atomically with its XACK."""
+        """Moves a pending entry to the dead-letter stream and acknowledges it, in one script."""
         eid = text_of(entry_id)
         found = self.r.xrange(self.cfg.key, entry_id, entry_id)
         if not found:
@@ -444,10 +515,9 @@ class Backend:
             f"still pending after {deliveries} deliveries (its consumers crashed or gave up)"
         fields = dict(found[0][1])
         fields.update({b"original_id": eid, b"deliveries": str(deliveries), b"reason": reason})
-        tx = self.r.pipeline(transaction=True)
-        tx.xadd(self.cfg.dead_key, fields)
-        tx.xack(self.cfg.key, self.cfg.group, entry_id)
-        tx.execute()
+        self.dead_letter_script(keys=[self.cfg.key, self.cfg.dead_key],
+                                args=[self.cfg.group, entry_id,
+                                      *(x for field in fields.items() for x in field)])
         self.done(entry_id)
         self.backoff = 0.5  # the entry that kept failing is gone
         log(f"{eid} moved to {self.cfg.dead_key} after {deliveries} deliveries: {reason}")
@@ -510,12 +580,14 @@ class Backend:
 
     def cleanup(self):
         """Removes this consumer from the group when it holds nothing, so names do not pile up."""
+        if self.r is None:
+            return
         try:
             info = self.r.xpending_range(self.cfg.key, self.cfg.group, "-", "+", 1,
                                          consumername=self.cfg.consumer)
             if not info:
                 self.r.xgroup_delconsumer(self.cfg.key, self.cfg.group, self.cfg.consumer)
-        except redis.RedisError as e:
+        except (redis.RedisError, RedisClusterException) as e:
             log(f"could not remove consumer {self.cfg.consumer}: {e}")
 
     def run(self):
@@ -525,6 +597,7 @@ class Backend:
         while not self.stopping and self.remaining() != 0:
             try:
                 if not ready:
+                    self.connect()
                     self.ensure_group()
                     self.next_tick = 0.0  # take over abandoned entries now
                     self.tick()
@@ -533,15 +606,7 @@ class Backend:
                 self.step()
             except Shutdown:
                 break
-            except redis.ResponseError as e:
-                # Stream or group deleted under us (UNBLOCKED: while we were blocked reading it,
-                # Redis 7+): create it again.
-                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
-                    log(f"{e}; creating the group again")
-                    ready = False
-                    continue
-                raise
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except REDIS_DOWN as e:  # first: a cluster being down is also a ResponseError
                 log(f"Redis: {e}; retrying in 1 s")
                 ready = False
                 try:
@@ -551,8 +616,15 @@ class Backend:
                     break
                 finally:
                     self.in_read = False
-        # A fresh connection: a read interrupted by a signal leaves the old one mid-reply.
-        self.r.connection_pool.disconnect()
+            except redis.ResponseError as e:
+                # Stream or group deleted under us (UNBLOCKED: while we were blocked reading it,
+                # Redis 7+): create it again.
+                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
+                    log(f"{e}; creating the group again")
+                    ready = False
+                    continue
+                raise
+        # Not with the reader: a read interrupted by a signal left its connection mid-reply.
         self.cleanup()
         log(f"stopped after handling {self.handled} entries")
 

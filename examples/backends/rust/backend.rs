@@ -42,19 +42,26 @@
 //! is one attempt. An entry whose handler failed is delivered again after a backoff; an entry
 //! that is still pending after `--max-deliveries` deliveries (5) -- its handler failed, or the
 //! instances that read it crashed, that many times -- is not handed to the handler again: it is
-//! moved to the dead-letter stream `<prefix>:dead:<stream>` with its original fields plus
-//! `original_id`, `deliveries` and `reason` (added and acknowledged in one MULTI, so it is never
-//! in both places or in neither) and logged. Retrying a reply the gateway could not take for now
-//! (503, unreachable) does not count as a delivery (the entry is read again with XRANGE, not
-//! XREADGROUP), so an outage of the gateway does not dead-letter the backlog. Nothing trims the
-//! dead-letter stream: inspect it with XRANGE, and XDEL what you have dealt with.
+//! moved to the dead-letter stream `{<prefix>:in:<stream>}:dead` (e.g. `{wsbridge:in:chat}:dead`)
+//! with its original fields plus `original_id`, `deliveries` and `reason`, and logged. One Lua
+//! script adds it there and acknowledges it, so it is never in both places or in neither; the
+//! braces put the dead-letter stream in the inbound stream's hash slot, so this holds on a Redis
+//! Cluster too. Retrying a reply the gateway could not take for now (503, unreachable) does not
+//! count as a delivery (the entry is read again with XRANGE, not XREADGROUP), so an outage of the
+//! gateway does not dead-letter the backlog. Nothing trims the dead-letter stream: inspect it
+//! with XRANGE, and XDEL what you have dealt with.
 //!
 //! Settings come from flags or the environment: `REDIS_URL` (redis://127.0.0.1:6379),
-//! `WSBRIDGE_API` (http://127.0.0.1:8081), `WSBRIDGE_API_KEY` (none), `PREFIX` (wsbridge),
-//! `STREAM` (chat), `GROUP` (backend), `CONSUMER` (`<hostname>-<pid>`); `--block-ms` (5000),
-//! `--claim-idle-ms` (60000), `--reclaim-every-ms`, `--max-deliveries` (5); `--max N` exits after
-//! handling N entries. It speaks to a single Redis, not to a Redis Cluster (the dead-letter MULTI
-//! would span two hash slots there).
+//! `REDIS_CLUSTER` / `--redis-cluster` (off), `WSBRIDGE_API` (http://127.0.0.1:8081),
+//! `WSBRIDGE_API_KEY` (none), `PREFIX` (wsbridge), `STREAM` (chat), `GROUP` (backend), `CONSUMER`
+//! (`<hostname>-<pid>`); `--block-ms` (5000), `--claim-idle-ms` (60000), `--reclaim-every-ms`,
+//! `--max-deliveries` (5); `--max N` exits after handling N entries.
+//!
+//! Redis Cluster. With `--redis-cluster` (or `REDIS_CLUSTER=1`), `REDIS_URL` is a comma-separated
+//! list of cluster nodes to start from, and the backend uses redis-rs's cluster client, which
+//! sends each command to the node serving its key. Every command names one key, or two in the
+//! same slot (the dead-letter script). As on a single Redis, the blocking XREADGROUP has a
+//! connection of its own, so it does not hold up the other commands.
 //!
 //! Two flags exist for tests and demonstrations: `--fail-on TEXT` makes the handler fail on
 //! every chat message whose text is TEXT (a message it can never handle), and `--work-ms MS`
@@ -68,15 +75,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ErrorKind, RedisError, ServerErrorKind, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 use serde_json::{json, Value as J};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-const USAGE: &str = "usage: backend [--redis-url URL] [--api URL] [--api-key KEY] [--prefix P] \
-[--stream S] [--group G] [--consumer C] [--block-ms MS] [--claim-idle-ms MS] \
-[--reclaim-every-ms MS] [--max-deliveries N] [--max N] [--fail-on TEXT] [--work-ms MS]";
+const USAGE: &str = "usage: backend [--redis-url URL] [--redis-cluster] [--api URL] \
+[--api-key KEY] [--prefix P] [--stream S] [--group G] [--consumer C] [--block-ms MS] \
+[--claim-idle-ms MS] [--reclaim-every-ms MS] [--max-deliveries N] [--max N] [--fail-on TEXT] \
+[--work-ms MS]";
 
 /// A whiteboard stroke has at most this many points.
 const MAX_POINTS: usize = 500;
@@ -101,14 +111,16 @@ fn log(message: impl std::fmt::Display) {
 }
 
 struct Settings {
+    /// One URL, or with `redis_cluster` the cluster nodes to start from, comma-separated.
     redis_url: String,
+    redis_cluster: bool,
     api: Api,
     prefix: String,
     group: String,
     consumer: String,
     /// `<prefix>:in:<stream>`
     key: String,
-    /// `<prefix>:dead:<stream>`
+    /// `{<prefix>:in:<stream>}:dead`: in the hash slot of `key`.
     dead_key: String,
     block_ms: u64,
     claim_idle_ms: u64,
@@ -135,6 +147,10 @@ fn settings() -> Result<Settings, String> {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "backend".into());
     let mut redis_url = env("REDIS_URL", "redis://127.0.0.1:6379");
+    let mut redis_cluster = matches!(
+        env("REDIS_CLUSTER", "").to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes"
+    );
     let mut api = env("WSBRIDGE_API", "http://127.0.0.1:8081");
     let mut api_key = std::env::var("WSBRIDGE_API_KEY")
         .ok()
@@ -150,6 +166,11 @@ fn settings() -> Result<Settings, String> {
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Err(USAGE.into());
+        }
+        // The one flag without a value.
+        if arg == "--redis-cluster" {
+            redis_cluster = true;
+            continue;
         }
         // `--flag value` or `--flag=value`.
         let (flag, value) = match arg.split_once('=') {
@@ -180,6 +201,7 @@ fn settings() -> Result<Settings, String> {
             "--max" => max = Some(number(&value)?),
             "--fail-on" => fail_on = Some(value),
             "--work-ms" => work_ms = number(&value)?,
+            "--redis-cluster" => return Err(format!("--redis-cluster takes no value\n{USAGE}")),
             _ => return Err(format!("unknown flag `{flag}`\n{USAGE}")),
         }
     }
@@ -188,11 +210,12 @@ fn settings() -> Result<Settings, String> {
     }
     Ok(Settings {
         redis_url,
+        redis_cluster,
         api: Api::new(&api, api_key)?,
         group,
         consumer,
         key: format!("{prefix}:in:{stream}"),
-        dead_key: format!("{prefix}:dead:{stream}"),
+        dead_key: format!("{{{prefix}:in:{stream}}}:dead"),
         prefix,
         block_ms,
         claim_idle_ms,
@@ -666,15 +689,25 @@ fn redis_text(e: &RedisError) -> String {
 }
 
 /// Whether a Redis error means the link failed (reconnect and retry) rather than a command.
-fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error()
+///
+/// On a cluster, so do the cluster's own errors (MOVED, ASK, TRYAGAIN, CLUSTERDOWN, MASTERDOWN,
+/// no node for a slot): the cluster is changing, and a new connection gets its new layout. On a
+/// single Redis they mean that REDIS_URL is a cluster node: a misconfiguration.
+fn is_connection_error(e: &RedisError, cluster: bool) -> bool {
+    let link_failed = e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || matches!(
             e.kind(),
             ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::BusyLoading)
-        )
+        );
+    let cluster_changing = e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound | ErrorKind::Server(ServerErrorKind::MasterDown)
+        );
+    link_failed || (cluster && cluster_changing)
 }
 
 /// Why the backend leaves its loop.
@@ -692,15 +725,106 @@ impl From<RedisError> for Halt {
     }
 }
 
-/// The two links to Redis: one for the blocking read, one for everything else.
-struct Links {
-    reader: MultiplexedConnection,
-    cmds: MultiplexedConnection,
+/// Where Redis is: a single Redis, or a Redis Cluster.
+enum Client {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
 }
+
+impl Client {
+    /// `block_ms`: the blocking read's timeout, which the response timeout must outlast.
+    fn open(url: &str, cluster: bool, block_ms: u64) -> Result<Self, RedisError> {
+        if !cluster {
+            return Ok(Client::Single(redis::Client::open(url)?));
+        }
+        let nodes = url.split(',').map(str::trim).filter(|u| !u.is_empty());
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(response_timeout(block_ms))
+            // No retries inside the client: a failed command comes back to the backend's own
+            // reconnect path, which reads its pending list again. (A read whose reply was lost
+            // and silently retried would leave entries in that list, unseen.)
+            .retries(0)
+            .build()?;
+        Ok(Client::Cluster(Box::new(client)))
+    }
+
+    /// A new connection, which shares no TCP connection with any other [`Conn`] (on a cluster:
+    /// its own connection to each node).
+    async fn connect(&self, block_ms: u64) -> Result<Conn, RedisError> {
+        match self {
+            Client::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(response_timeout(block_ms)));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Conn::Single(conn))
+            }
+            Client::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+}
+
+/// The response timeout outlasts the blocking read, so a silently dead link is noticed.
+fn response_timeout(block_ms: u64) -> Duration {
+    Duration::from_millis(block_ms) + Duration::from_secs(10)
+}
+
+/// A connection to a single Redis or to a cluster. Commands run on either the same way,
+/// `cmd.query_async(&mut conn)`: on a cluster, each goes to the node that serves its key.
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The two connections to Redis: one for the blocking read, one for everything else (a
+/// connection answers its commands in order, so nothing could pass a blocked read).
+struct Links {
+    reader: Conn,
+    cmds: Conn,
+}
+
+/// Moves an entry to the dead-letter stream: adds it there, then acknowledges it, atomically
+/// (`EVAL`: Redis caches the script). KEYS: the inbound stream, the dead-letter stream (one hash
+/// slot); ARGV: the group, the entry id, then the dead letter's fields as name, value, ...
+const DEAD_LETTER_LUA: &str = r"
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+";
 
 struct Backend {
     cfg: Settings,
-    client: redis::Client,
+    client: Client,
     stop: CancellationToken,
     handled: u64,
     /// Whether our own pending list may hold entries to (re)process: at start, after taking
@@ -719,7 +843,7 @@ struct Backend {
 }
 
 impl Backend {
-    fn new(cfg: Settings, client: redis::Client, stop: CancellationToken) -> Self {
+    fn new(cfg: Settings, client: Client, stop: CancellationToken) -> Self {
         Backend {
             cfg,
             client,
@@ -738,19 +862,11 @@ impl Backend {
         self.cfg.max.map(|max| max.saturating_sub(self.handled))
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
-        // The response timeout outlasts the blocking read, so a silently dead link is noticed.
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(
-                Duration::from_millis(self.cfg.block_ms) + Duration::from_secs(10),
-            ));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        self.client.connect(self.cfg.block_ms).await
     }
 
-    async fn ensure_group(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn ensure_group(&self, conn: &mut Conn) -> Result<(), RedisError> {
         let created: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.cfg.key)
@@ -775,7 +891,7 @@ impl Backend {
     /// Takes over entries that other (dead) consumers left pending too long.
     ///
     /// JUSTID: taking an entry over is not a delivery; reading it from our pending list is.
-    async fn reclaim(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn reclaim(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let (mut start, mut total, mut deleted) = ("0-0".to_string(), 0, 0);
         loop {
             let reply: Value = redis::cmd("XAUTOCLAIM")
@@ -821,7 +937,7 @@ impl Backend {
     /// holds, as (id, consumer, idle ms, deliveries).
     async fn my_pending(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         min_idle_ms: Option<u64>,
         count: usize,
     ) -> Result<Vec<(String, String, u64, u64)>, RedisError> {
@@ -837,7 +953,7 @@ impl Backend {
     /// Resets the idle time of the entries we hold, so no other consumer takes them over while
     /// we work on them. The min-idle guard leaves alone an entry another consumer has just taken
     /// (its idle time is near 0).
-    async fn keep_fresh(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn keep_fresh(&self, conn: &mut Conn) -> Result<(), RedisError> {
         let guard = self.cfg.reclaim_every_ms / 2;
         let mine = self.my_pending(conn, Some(guard), 100).await?;
         if !mine.is_empty() {
@@ -856,7 +972,7 @@ impl Backend {
     }
 
     /// Every `--reclaim-every-ms`: keep our entries fresh, then take over abandoned ones.
-    async fn tick(&mut self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn tick(&mut self, conn: &mut Conn) -> Result<(), RedisError> {
         let now = Instant::now();
         if now < self.next_tick {
             return Ok(());
@@ -868,7 +984,7 @@ impl Backend {
 
     async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         start: &str,
         block_ms: Option<u64>,
         count: Option<u64>,
@@ -888,11 +1004,7 @@ impl Backend {
     }
 
     /// `XRANGE key id id`: the entry, or `None` when it was deleted from the stream.
-    async fn entry(
-        &self,
-        conn: &mut MultiplexedConnection,
-        id: &str,
-    ) -> Result<Option<Fields>, RedisError> {
+    async fn entry(&self, conn: &mut Conn, id: &str) -> Result<Option<Fields>, RedisError> {
         let reply: Value = redis::cmd("XRANGE")
             .arg(&self.cfg.key)
             .arg(id)
@@ -909,13 +1021,13 @@ impl Backend {
     /// post, in order, and a short description for the log.
     async fn work_for(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         entry_id: &str,
         fields: &Fields,
     ) -> Result<(Vec<J>, String), Failure> {
         // Redis failing is not the entry's fault; a command Redis refused (WRONGTYPE) is.
         let failed = |e: RedisError| {
-            if is_connection_error(&e) {
+            if is_connection_error(&e, self.cfg.redis_cluster) {
                 return Failure::Redis(e);
             }
             Failure::Handler(redis_text(&e))
@@ -987,11 +1099,7 @@ impl Backend {
     }
 
     /// `Ok(true)` when the entry is done (acknowledged), `Ok(false)` to keep it pending.
-    async fn handle(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        entry: Entry,
-    ) -> Result<bool, Halt> {
+    async fn handle(&mut self, conn: &mut Conn, entry: Entry) -> Result<bool, Halt> {
         let id = entry.id;
         let Some(fields) = entry.fields else {
             // Trimmed away while it was pending: nothing left to do.
@@ -1056,7 +1164,7 @@ impl Backend {
         }
     }
 
-    async fn ack(&self, conn: &mut MultiplexedConnection, id: &str) -> Result<(), RedisError> {
+    async fn ack(&self, conn: &mut Conn, id: &str) -> Result<(), RedisError> {
         redis::cmd("XACK")
             .arg(&self.cfg.key)
             .arg(&self.cfg.group)
@@ -1069,7 +1177,7 @@ impl Backend {
     /// Moves a pending entry to the dead-letter stream, atomically with its XACK.
     async fn dead_letter(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         id: &str,
         deliveries: u64,
     ) -> Result<(), RedisError> {
@@ -1096,22 +1204,17 @@ impl Backend {
                 None => fields.push((name.into(), value.into_bytes())),
             }
         }
-        let mut add = redis::cmd("XADD");
-        add.arg(&self.cfg.dead_key).arg("*");
-        for (name, value) in &fields {
-            add.arg(name).arg(value);
-        }
-        redis::pipe()
-            .atomic()
-            .add_command(add)
-            .ignore()
-            .cmd("XACK")
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(DEAD_LETTER_LUA)
+            .arg(2)
             .arg(&self.cfg.key)
+            .arg(&self.cfg.dead_key)
             .arg(&self.cfg.group)
-            .arg(id)
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
+            .arg(id);
+        for (name, value) in &fields {
+            eval.arg(name).arg(value);
+        }
+        eval.query_async::<i64>(conn).await?;
         self.done(id);
         self.backoff = FIRST_BACKOFF; // the entry that kept failing is gone
         log(format_args!(
@@ -1128,11 +1231,7 @@ impl Backend {
     }
 
     /// Handles new entries in order; stops at the first that must be retried.
-    async fn process(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        entries: Vec<Entry>,
-    ) -> Result<(), Halt> {
+    async fn process(&mut self, conn: &mut Conn, entries: Vec<Entry>) -> Result<(), Halt> {
         for entry in entries {
             if !self.handle(conn, entry).await? {
                 self.failed();
@@ -1149,7 +1248,7 @@ impl Backend {
 
     /// Handles our own pending entries, oldest first, one at a time so that each delivery Redis
     /// counts is one attempt; stops at the first that must be retried.
-    async fn process_pending(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Halt> {
+    async fn process_pending(&mut self, conn: &mut Conn) -> Result<(), Halt> {
         while !self.stop.is_cancelled() && self.remaining() != Some(0) {
             self.tick(conn).await?;
             let head = self.my_pending(conn, None, 1).await?;
@@ -1276,7 +1375,7 @@ impl Backend {
                     log(format_args!("{}; creating the group again", redis_text(&e)));
                     ready = false;
                 }
-                Err(Halt::Redis(e)) if is_connection_error(&e) => {
+                Err(Halt::Redis(e)) if is_connection_error(&e, self.cfg.redis_cluster) => {
                     log(format_args!("Redis: {}; retrying in 1 s", redis_text(&e)));
                     (links, ready) = (None, false);
                     tokio::select! {
@@ -1308,7 +1407,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = match redis::Client::open(cfg.redis_url.as_str()) {
+    let client = match Client::open(&cfg.redis_url, cfg.redis_cluster, cfg.block_ms) {
         Ok(client) => client,
         Err(e) => {
             eprintln!("REDIS_URL `{}`: {e}", cfg.redis_url);
