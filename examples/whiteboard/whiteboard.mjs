@@ -10,7 +10,9 @@
 //   offset, so it only gets what was drawn since.
 // - A page that reconnects — its replica died, the network blinked — resumes the channel from
 //   the last offset it saw (the client does that) and gets exactly the strokes it missed. When
-//   the history cannot make it whole (recovered: false), it loads the board again.
+//   the history cannot make it whole (recovered: false), it loads the board again; strokes it
+//   holds that the backend no longer has (Redis came back empty) are sent again, so the
+//   windows that were open put the board back.
 // - A stroke drawn while offline waits in the client and is sent on reconnect, with its id, so
 //   the gateway stores it once.
 //
@@ -42,6 +44,8 @@ const local = new Map(); // id -> order, for strokes drawn here and not yet conf
 let drawing = null; // the stroke under the pointer
 let loaded = false; // the board so far has arrived
 let loads = 0; // how many times the board was asked for
+let gap = false; // the history could not replay what this page missed: compare with the store
+let snapshotIds = new Set(); // strokes in the snapshot(s) arriving since the last complete one
 
 // ---- the connection ---------------------------------------------------------------------
 
@@ -53,7 +57,12 @@ client.on('message', (ch, data) => {
     merge([data.stroke]);
   } else if (data.type === 'snapshot' && ch === null) {
     merge(data.strokes);
-    if (data.last) loaded = true;
+    for (const st of data.strokes) snapshotIds.add(st.id);
+    if (data.last) {
+      loaded = true;
+      if (gap) restoreLost();
+      snapshotIds = new Set();
+    }
   } else if (data.type === 'error') {
     showError(`the backend refused a message: ${data.error}`);
   }
@@ -65,8 +74,22 @@ client.on('subscribed', ({ channel: ch, recovered, resumed, reconnect }) => {
   // Load the board when it has not arrived yet (first visit, or the answer was lost with a
   // connection), when the history could not replay the gap, or when there was no offset to
   // resume from (nothing had been drawn when this page joined).
+  if (recovered === false) gap = true;
   if (!loaded || recovered === false || (reconnect && !resumed)) load();
 });
+
+// After a gap, strokes this page holds as stored that the board no longer has were lost with
+// Redis' data: send them again (without their old seq). Strokes are never deleted, so whatever
+// any open window still holds belongs on the board.
+function restoreLost() {
+  gap = false;
+  for (const s of strokes.values()) {
+    if (typeof s.seq !== 'string' || snapshotIds.has(s.id)) continue;
+    const stroke = { ...s };
+    delete stroke.seq;
+    submit(stroke);
+  }
+}
 
 for (const event of ['welcome', 'close', 'reconnecting']) client.on(event, showStatus);
 client.on('error', (err) => console.warn('wsbridge:', err));

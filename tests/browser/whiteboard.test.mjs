@@ -10,6 +10,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -300,6 +301,64 @@ test('with BALANCE=ip_hash, windows from one address all land on one replica', a
     assert.equal(new Set(replicas).size, 1, `one replica for all: ${replicas}`);
     const id = await draw(pages[0], [100, 100], [300, 300]);
     await until(pages[2], (id) => window.whiteboard.ids({ confirmed: true }).includes(id), id, `stroke ${id}`);
+  } catch (err) {
+    err.message += `\n${cluster.logs()}`;
+    throw err;
+  }
+});
+
+// The harshest failure: Redis comes back with no data at all (its files lost). Every history's
+// epoch changes, so the pages are told they cannot be made whole (recovered: false); they load
+// the board — now empty — and send again the strokes they hold, so the board is back, and a
+// window opened afterwards shows it all.
+test('Redis comes back empty: the open windows put the board back', async (t) => {
+  const cluster = await startCluster();
+  const browser = await launch();
+  let redis = null;
+  t.after(async () => {
+    await browser.close();
+    redis?.kill('SIGKILL');
+    await cluster.stop();
+  });
+  try {
+    const board = `r${Date.now().toString(36)}`;
+    const a = await open(browser, cluster, board, 'page A');
+    const b = await open(browser, cluster, board, 'page B');
+    const ids = [await draw(a, [100, 100], [400, 250]), await draw(b, [500, 100], [800, 250])];
+    for (const page of [a, b]) {
+      await until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, 'both strokes');
+    }
+    const cli = (...args) => String(execFileSync('redis-cli', ['-p', String(cluster.redisPort), ...args])).trim();
+
+    // Redis stops and its files go; a new, empty Redis takes its place.
+    cli('SHUTDOWN', 'NOSAVE');
+    const dir = path.join(cluster.state, 'redis');
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir);
+    redis = spawn('redis-server', ['--port', String(cluster.redisPort), '--bind', '127.0.0.1', '--dir', dir, '--appendonly', 'yes'], {
+      stdio: 'ignore',
+    });
+    await Promise.race([
+      once(redis, 'spawn'),
+      once(redis, 'error').then(([e]) => Promise.reject(e)),
+    ]);
+
+    // The windows put the board back: Redis holds both strokes again, and a new window shows
+    // what the open ones show.
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline) {
+      try {
+        if (cli('HLEN', `${cluster.prefix}:whiteboard:${board}`) === '2') break;
+      } catch {} // not listening yet
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(cli('HLEN', `${cluster.prefix}:whiteboard:${board}`), '2', 'the board is back in Redis');
+    const c = await open(browser, cluster, board, 'page C');
+    await until(c, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, 'both strokes');
+    await until(a, (n) => window.whiteboard.ids({ confirmed: true }).length === n, 2, 'A holds the two strokes');
+    assert.equal(await pixels(c), await pixels(a), 'the new window shows the same picture');
+    await shot(c, '5-c-after-redis-came-back-empty');
+    for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
   } catch (err) {
     err.message += `\n${cluster.logs()}`;
     throw err;
