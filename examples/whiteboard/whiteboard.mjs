@@ -115,20 +115,30 @@ async function submit(stroke, attempt = 0) {
       setTimeout(() => submit(stroke, attempt + 1), Math.min(5000, 250 * 2 ** attempt));
     } else {
       showError(`a stroke was not saved: ${err.message}`);
-      strokes.delete(stroke.id);
-      local.delete(stroke.id);
-      repaint();
+      forget(stroke.id);
     }
   }
 }
 
 function merge(list) {
-  for (const s of list) {
-    strokes.set(s.id, s);
-    local.delete(s.id);
-  }
-  repaint();
+  for (const s of list) put(s);
   save();
+}
+
+// Every change to the strokes goes through put and forget, so that the painting order and the
+// painted board are worked out again only when they changed (not on every pointer move).
+// `localOrder`: for a stroke drawn here and not yet stored, its place among those.
+function put(s, localOrder) {
+  strokes.set(s.id, s);
+  if (localOrder === undefined) local.delete(s.id);
+  else local.set(s.id, localOrder);
+  changed();
+}
+
+function forget(id) {
+  strokes.delete(id);
+  local.delete(id);
+  changed();
 }
 
 // ---- what this browser keeps between visits ----------------------------------------------
@@ -181,11 +191,13 @@ function byOrder(a, b) {
   return x[0] - y[0] || x[1] - y[1] || x[2] - y[2] || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 }
 
+let painted = null; // the strokes in painting order, once worked out
 function sorted() {
-  return [...strokes.values()].sort(byOrder);
+  painted ??= [...strokes.values()].sort(byOrder);
+  return painted;
 }
 
-function paintStroke(s) {
+function paintStroke(ctx, s) {
   const w = canvas.width;
   const h = canvas.height;
   const dpr = window.devicePixelRatio || 1;
@@ -207,24 +219,41 @@ function paintStroke(s) {
   ctx.stroke();
 }
 
+// The board without the stroke being drawn, painted off screen when the strokes change.
+const layer = document.createElement('canvas');
+const layerCtx = layer.getContext('2d');
+let layerStale = true;
+
+function changed() {
+  painted = null;
+  layerStale = true;
+  repaint();
+}
+
 let frame = 0;
 function repaint() {
   if (!frame) frame = requestAnimationFrame(paint);
 }
 
 // The whole board, in order: every page paints the same picture, whatever order strokes
-// arrived in.
+// arrived in. Then the stroke under the pointer, on top.
 function paint() {
   frame = 0;
+  if (layerStale) {
+    layerCtx.clearRect(0, 0, layer.width, layer.height);
+    for (const s of sorted()) paintStroke(layerCtx, s);
+    layerStale = false;
+  }
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  for (const s of sorted()) paintStroke(s);
-  if (drawing) paintStroke(drawing);
+  ctx.drawImage(layer, 0, 0);
+  if (drawing) paintStroke(ctx, drawing);
 }
 
 function resize() {
   const dpr = window.devicePixelRatio || 1;
-  canvas.width = Math.round(canvas.clientWidth * dpr);
-  canvas.height = Math.round(canvas.clientHeight * dpr);
+  canvas.width = layer.width = Math.round(canvas.clientWidth * dpr);
+  canvas.height = layer.height = Math.round(canvas.clientHeight * dpr);
+  layerStale = true;
   paint();
 }
 new ResizeObserver(resize).observe(canvas);
@@ -243,10 +272,8 @@ function begin(point) {
 function finish() {
   const s = drawing;
   drawing = null;
-  local.set(s.id, counter);
-  strokes.set(s.id, s);
+  put(s, counter);
   submit(s);
-  repaint();
   save();
   showStatus();
 }
@@ -341,9 +368,10 @@ const saved = restore();
 if (saved) {
   loaded = true;
   for (const s of saved.strokes) {
-    strokes.set(s.id, s);
-    if (typeof s.seq !== 'string') {
-      local.set(s.id, (counter += 1)); // drawn here last time and not stored yet
+    if (typeof s.seq === 'string') {
+      put(s);
+    } else {
+      put(s, (counter += 1)); // drawn here last time and not stored yet
       submit(s);
     }
   }

@@ -125,6 +125,11 @@ function until(page, fn, arg, what) {
 
 /** Opens the board in a new window; in `browser`'s new context (a browser profile of its own),
  * or in an existing context (sharing its localStorage). */
+/** Waits until `page` holds every stroke of `ids` as stored by the backend. */
+function untilStored(page, ids, what = `strokes ${ids.join(', ')}`) {
+  return until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, what);
+}
+
 async function open(where, cluster, board, label) {
   const context = where.newContext ? await where.newContext({ viewport: VIEWPORT }) : where;
   const page = await context.newPage();
@@ -191,176 +196,162 @@ async function launch() {
   });
 }
 
-test('two windows through nginx on different replicas draw together; a replica dies and no stroke is lost', async (t) => {
-  const cluster = await startCluster();
-  const browser = await launch();
-  t.after(async () => {
-    await browser.close();
-    await cluster.stop();
+/** A test on a local cluster of its own (run.sh with `settings`) and a browser, both stopped
+ * at the end; a failure carries the end of the cluster's logs. */
+function clusterTest(name, settings, body) {
+  test(name, async (t) => {
+    const cluster = await startCluster(settings);
+    const browser = await launch();
+    t.after(async () => {
+      await browser.close();
+      await cluster.stop();
+    });
+    try {
+      await body({ t, cluster, browser });
+    } catch (err) {
+      err.message += `\n${cluster.logs()}`;
+      throw err;
+    }
   });
+}
+
+clusterTest('two windows through nginx on different replicas draw together; a replica dies and no stroke is lost', {}, async ({ t, cluster, browser }) => {
   t.diagnostic(`screenshots: ${ARTIFACTS}`);
   const board = `b${Date.now().toString(36)}`;
-  try {
-    const a = await open(browser, cluster, board, 'page A');
-    const b = await open(browser, cluster, board, 'page B');
-    const ra = await a.evaluate(() => window.whiteboard.replica);
-    const rb = await b.evaluate(() => window.whiteboard.replica);
-    assert.notEqual(ra, rb, 'least_conn puts the second window on another replica');
+  const a = await open(browser, cluster, board, 'page A');
+  const b = await open(browser, cluster, board, 'page B');
+  const ra = await a.evaluate(() => window.whiteboard.replica);
+  const rb = await b.evaluate(() => window.whiteboard.replica);
+  assert.notEqual(ra, rb, 'least_conn puts the second window on another replica');
 
-    // A draws; B sees the stroke, on its canvas.
-    const first = await draw(a, [100, 100], [400, 250]);
-    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), first, `stroke ${first}`);
-    await until(a, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), first, `stroke ${first} stored`);
-    assert.ok(await inkAt(b, [250, 175]), 'B shows the stroke where A drew it');
-    await shot(a, '1-a-drew');
-    await shot(b, '1-b-sees');
+  // A draws; B sees the stroke, on its canvas.
+  const first = await draw(a, [100, 100], [400, 250]);
+  await untilStored(b, [first]);
+  await untilStored(a, [first]);
+  assert.ok(await inkAt(b, [250, 175]), 'B shows the stroke where A drew it');
+  await shot(a, '1-a-drew');
+  await shot(b, '1-b-sees');
 
-    // A's replica freezes, then dies. Meanwhile A draws (its send reaches no one) and B draws
-    // (A's replica never delivers it).
-    const pid = cluster.pidOf(ra);
-    process.kill(pid, 'SIGSTOP');
-    const second = await draw(a, [100, 400], [400, 400]);
-    await b.locator('.swatch[title="#e53935"]').click(); // B picks red
-    const third = await draw(b, [600, 100], [600, 450]);
-    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), third, `stroke ${third}`);
-    assert.ok(!(await confirmedIds(a)).includes(third), 'A missed the stroke while its replica was frozen');
-    process.kill(pid, 'SIGKILL');
+  // A's replica freezes, then dies. Meanwhile A draws (its send reaches no one) and B draws
+  // (A's replica never delivers it).
+  const pid = cluster.pidOf(ra);
+  process.kill(pid, 'SIGSTOP');
+  const second = await draw(a, [100, 400], [400, 400]);
+  await b.locator('.swatch[title="#e53935"]').click(); // B picks red
+  const third = await draw(b, [600, 100], [600, 450]);
+  await untilStored(b, [third]);
+  assert.ok(!(await confirmedIds(a)).includes(third), 'A missed the stroke while its replica was frozen');
+  process.kill(pid, 'SIGKILL');
 
-    // A reconnects through nginx to another replica, catches up from its last offset, and its
-    // own stroke is resent and stored once.
-    await until(a, (dead) => window.whiteboard.state === 'open' && window.whiteboard.replica !== dead, ra, 'A on another replica');
-    const all = [first, second, third];
-    for (const page of [a, b]) {
-      await until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
-    }
-    assert.equal(
-      await a.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`),
-      true,
-      'A resumed from its offset (recovered: true), not by reloading the board'
-    );
-    assert.deepEqual(await confirmedIds(a), await confirmedIds(b), 'same strokes, same order');
-    assert.equal((await confirmedIds(a)).length, 3, 'each stroke once');
-    const [r, g, bl, alpha] = await pixelAt(a, [600, 300]);
-    assert.ok(r > 200 && g < 100 && bl < 100 && alpha > 100, `A shows B's red stroke drawn while A was cut off: ${[r, g, bl, alpha]}`);
-    assert.ok(await inkAt(b, [250, 400]), "B shows A's stroke drawn while A was cut off");
-    assert.equal(await pixels(a), await pixels(b), 'both windows show the same picture');
-    await shot(a, '2-a-after-replica-killed');
-    await shot(b, '2-b-after-replica-killed');
-
-    // A's window is closed; B draws; A's browser opens the board again. It starts from what it
-    // saved and resumes from its offset: it gets only the new stroke, without loading the board.
-    await until(
-      a,
-      (ch) => JSON.parse(localStorage.getItem(`wsbridge-whiteboard:${ch.slice(6)}`) ?? 'null')?.offset === window.whiteboard.client.lastOffset(ch),
-      `board:${board}`,
-      'A to save its board'
-    );
-    await a.close();
-    const fourth = await draw(b, [100, 470], [800, 470]);
-    all.push(fourth);
-    await until(b, (id) => window.whiteboard.ids({ confirmed: true }).includes(id), fourth, `stroke ${fourth}`);
-    const again = await open(a.context(), cluster, board, 'page A, reopened');
-    await until(again, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
-    assert.equal(await again.evaluate(() => window.whiteboard.loads), 0, 'the reopened window did not load the board');
-    assert.equal(await again.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`), true);
-    assert.deepEqual(await confirmedIds(again), await confirmedIds(b));
-    assert.equal(await pixels(again), await pixels(b), 'the reopened window shows the same picture');
-    await shot(again, '3-a-reopened');
-
-    // A window in a new browser profile loads the board: the same picture. Redis holds each
-    // stroke once.
-    const c = await open(browser, cluster, board, 'page C');
-    await until(c, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), all, 'every stroke');
-    assert.equal(await c.evaluate(() => window.whiteboard.loads), 1, 'a new window loads the board');
-    assert.deepEqual(await confirmedIds(c), await confirmedIds(b));
-    assert.equal(await pixels(c), await pixels(b), 'the late window shows the same picture');
-    await shot(c, '4-c-opened-late');
-    const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
-    assert.equal(String(stored).trim(), '4');
-    for (const page of [a, b, again, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
-  } catch (err) {
-    err.message += `\n${cluster.logs()}`;
-    throw err;
+  // A reconnects through nginx to another replica, catches up from its last offset, and its
+  // own stroke is resent and stored once.
+  await until(a, (dead) => window.whiteboard.state === 'open' && window.whiteboard.replica !== dead, ra, 'A on another replica');
+  const all = [first, second, third];
+  for (const page of [a, b]) {
+    await untilStored(page, all, 'every stroke');
   }
+  assert.equal(
+    await a.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`),
+    true,
+    'A resumed from its offset (recovered: true), not by reloading the board'
+  );
+  assert.deepEqual(await confirmedIds(a), await confirmedIds(b), 'same strokes, same order');
+  assert.equal((await confirmedIds(a)).length, 3, 'each stroke once');
+  const [r, g, bl, alpha] = await pixelAt(a, [600, 300]);
+  assert.ok(r > 200 && g < 100 && bl < 100 && alpha > 100, `A shows B's red stroke drawn while A was cut off: ${[r, g, bl, alpha]}`);
+  assert.ok(await inkAt(b, [250, 400]), "B shows A's stroke drawn while A was cut off");
+  assert.equal(await pixels(a), await pixels(b), 'both windows show the same picture');
+  await shot(a, '2-a-after-replica-killed');
+  await shot(b, '2-b-after-replica-killed');
+
+  // A's window is closed; B draws; A's browser opens the board again. It starts from what it
+  // saved and resumes from its offset: it gets only the new stroke, without loading the board.
+  await until(
+    a,
+    (ch) => JSON.parse(localStorage.getItem(`wsbridge-whiteboard:${ch.slice(6)}`) ?? 'null')?.offset === window.whiteboard.client.lastOffset(ch),
+    `board:${board}`,
+    'A to save its board'
+  );
+  await a.close();
+  const fourth = await draw(b, [100, 470], [800, 470]);
+  all.push(fourth);
+  await untilStored(b, [fourth]);
+  const again = await open(a.context(), cluster, board, 'page A, reopened');
+  await untilStored(again, all, 'every stroke');
+  assert.equal(await again.evaluate(() => window.whiteboard.loads), 0, 'the reopened window did not load the board');
+  assert.equal(await again.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`), true);
+  assert.deepEqual(await confirmedIds(again), await confirmedIds(b));
+  assert.equal(await pixels(again), await pixels(b), 'the reopened window shows the same picture');
+  await shot(again, '3-a-reopened');
+
+  // A window in a new browser profile loads the board: the same picture. Redis holds each
+  // stroke once.
+  const c = await open(browser, cluster, board, 'page C');
+  await untilStored(c, all, 'every stroke');
+  assert.equal(await c.evaluate(() => window.whiteboard.loads), 1, 'a new window loads the board');
+  assert.deepEqual(await confirmedIds(c), await confirmedIds(b));
+  assert.equal(await pixels(c), await pixels(b), 'the late window shows the same picture');
+  await shot(c, '4-c-opened-late');
+  const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
+  assert.equal(String(stored).trim(), '4');
+  for (const page of [a, b, again, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
 });
 
 // What the nginx config's note says about the seeds' ip_hash: every window from one address
 // lands on the same replica (the board still works, but nothing crosses replicas).
-test('with BALANCE=ip_hash, windows from one address all land on one replica', async (t) => {
-  const cluster = await startCluster({ BALANCE: 'ip_hash' });
-  const browser = await launch();
-  t.after(async () => {
-    await browser.close();
-    await cluster.stop();
-  });
-  try {
-    const board = `h${Date.now().toString(36)}`;
-    const pages = [];
-    for (const label of ['page A', 'page B', 'page C']) pages.push(await open(browser, cluster, board, label));
-    const replicas = await Promise.all(pages.map((p) => p.evaluate(() => window.whiteboard.replica)));
-    assert.equal(new Set(replicas).size, 1, `one replica for all: ${replicas}`);
-    const id = await draw(pages[0], [100, 100], [300, 300]);
-    await until(pages[2], (id) => window.whiteboard.ids({ confirmed: true }).includes(id), id, `stroke ${id}`);
-  } catch (err) {
-    err.message += `\n${cluster.logs()}`;
-    throw err;
-  }
+clusterTest('with BALANCE=ip_hash, windows from one address all land on one replica', { BALANCE: 'ip_hash' }, async ({ cluster, browser }) => {
+  const board = `h${Date.now().toString(36)}`;
+  const pages = [];
+  for (const label of ['page A', 'page B', 'page C']) pages.push(await open(browser, cluster, board, label));
+  const replicas = await Promise.all(pages.map((p) => p.evaluate(() => window.whiteboard.replica)));
+  assert.equal(new Set(replicas).size, 1, `one replica for all: ${replicas}`);
+  const id = await draw(pages[0], [100, 100], [300, 300]);
+  await untilStored(pages[2], [id]);
 });
 
 // The harshest failure: Redis comes back with no data at all (its files lost). Every history's
 // epoch changes, so the pages are told they cannot be made whole (recovered: false); they load
 // the board — now empty — and send again the strokes they hold, so the board is back, and a
 // window opened afterwards shows it all.
-test('Redis comes back empty: the open windows put the board back', async (t) => {
-  const cluster = await startCluster();
-  const browser = await launch();
+clusterTest('Redis comes back empty: the open windows put the board back', {}, async ({ t, cluster, browser }) => {
   let redis = null;
-  t.after(async () => {
-    await browser.close();
-    redis?.kill('SIGKILL');
-    await cluster.stop();
-  });
-  try {
-    const board = `r${Date.now().toString(36)}`;
-    const a = await open(browser, cluster, board, 'page A');
-    const b = await open(browser, cluster, board, 'page B');
-    const ids = [await draw(a, [100, 100], [400, 250]), await draw(b, [500, 100], [800, 250])];
-    for (const page of [a, b]) {
-      await until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, 'both strokes');
-    }
-    const cli = (...args) => String(execFileSync('redis-cli', ['-p', String(cluster.redisPort), ...args])).trim();
-
-    // Redis stops and its files go; a new, empty Redis takes its place.
-    cli('SHUTDOWN', 'NOSAVE');
-    const dir = path.join(cluster.state, 'redis');
-    rmSync(dir, { recursive: true, force: true });
-    mkdirSync(dir);
-    redis = spawn('redis-server', ['--port', String(cluster.redisPort), '--bind', '127.0.0.1', '--dir', dir, '--appendonly', 'yes'], {
-      stdio: 'ignore',
-    });
-    await Promise.race([
-      once(redis, 'spawn'),
-      once(redis, 'error').then(([e]) => Promise.reject(e)),
-    ]);
-
-    // The windows put the board back: Redis holds both strokes again, and a new window shows
-    // what the open ones show.
-    const deadline = Date.now() + 60_000;
-    while (Date.now() < deadline) {
-      try {
-        if (cli('HLEN', `${cluster.prefix}:whiteboard:${board}`) === '2') break;
-      } catch {} // not listening yet
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    assert.equal(cli('HLEN', `${cluster.prefix}:whiteboard:${board}`), '2', 'the board is back in Redis');
-    const c = await open(browser, cluster, board, 'page C');
-    await until(c, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, 'both strokes');
-    await until(a, (n) => window.whiteboard.ids({ confirmed: true }).length === n, 2, 'A holds the two strokes');
-    assert.equal(await pixels(c), await pixels(a), 'the new window shows the same picture');
-    await shot(c, '5-c-after-redis-came-back-empty');
-    for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
-  } catch (err) {
-    err.message += `\n${cluster.logs()}`;
-    throw err;
+  t.after(() => redis?.kill('SIGKILL'));
+  const board = `r${Date.now().toString(36)}`;
+  const a = await open(browser, cluster, board, 'page A');
+  const b = await open(browser, cluster, board, 'page B');
+  const ids = [await draw(a, [100, 100], [400, 250]), await draw(b, [500, 100], [800, 250])];
+  for (const page of [a, b]) {
+    await untilStored(page, ids, 'both strokes');
   }
+  const cli = (...args) => String(execFileSync('redis-cli', ['-p', String(cluster.redisPort), ...args])).trim();
+
+  // Redis stops and its files go; a new, empty Redis takes its place.
+  cli('SHUTDOWN', 'NOSAVE');
+  const dir = path.join(cluster.state, 'redis');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir);
+  redis = spawn('redis-server', ['--port', String(cluster.redisPort), '--bind', '127.0.0.1', '--dir', dir, '--appendonly', 'yes'], {
+    stdio: 'ignore',
+  });
+  await Promise.race([
+    once(redis, 'spawn'),
+    once(redis, 'error').then(([e]) => Promise.reject(e)),
+  ]);
+
+  // The windows put the board back: Redis holds both strokes again, and a new window shows
+  // what the open ones show.
+  const deadline = Date.now() + 60_000;
+  while (Date.now() < deadline) {
+    try {
+      if (cli('HLEN', `${cluster.prefix}:whiteboard:${board}`) === '2') break;
+    } catch {} // not listening yet
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal(cli('HLEN', `${cluster.prefix}:whiteboard:${board}`), '2', 'the board is back in Redis');
+  const c = await open(browser, cluster, board, 'page C');
+  await untilStored(c, ids, 'both strokes');
+  await until(a, (n) => window.whiteboard.ids({ confirmed: true }).length === n, 2, 'A holds the two strokes');
+  assert.equal(await pixels(c), await pixels(a), 'the new window shows the same picture');
+  await shot(c, '5-c-after-redis-came-back-empty');
+  for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
 });
