@@ -20,16 +20,25 @@ use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::ChannelConfig;
 use crate::registry::{Registry, Target};
 
+/// Lua that sets `now` to Redis' clock in milliseconds: user routes expire by Redis time, so
+/// that replicas whose clocks differ agree.
+macro_rules! lua_now {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+    };
+}
+
 /// Lists a replica for a user until Redis time + ARGV[2] ms. KEYS[1]: the user's set. ARGV[1]:
 /// the replica id.
-const LIST_REPLICA: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+const LIST_REPLICA: &str = concat!(
+    lua_now!(),
+    r#"
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
-"#;
+"#
+);
 
 /// Publishes the parts of one batch. KEYS: per history part its stream and epoch keys, per user
 /// part the user's set (in part order). ARGV[1]: an epoch to use where a channel has none;
@@ -42,9 +51,9 @@ return 1
 ///
 /// Returns the offsets of every history message, in order, and per part the number of
 /// replicas that received it.
-const PUBLISH_ROUTED: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+const PUBLISH_ROUTED: &str = concat!(
+    lua_now!(),
+    r#"
 local publish = ARGV[3]
 local offsets, receivers = {}, {}
 local k, a = 1, 4
@@ -86,13 +95,14 @@ while a <= #ARGV do
   end
 end
 return {offsets, receivers}
-"#;
+"#
+);
 
 /// The replicas listed for a user and not expired (Redis time). KEYS[1]: the user's set.
-const LIVE_REPLICAS: &str = r#"
-local t = redis.call('TIME')
-return redis.call('ZRANGEBYSCORE', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), '+inf')
-"#;
+const LIVE_REPLICAS: &str = concat!(
+    lua_now!(),
+    "return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')\n"
+);
 
 /// One part's share of the publish script: its keys, its arguments, and the items that get
 /// history offsets.
