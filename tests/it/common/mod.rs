@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,12 +23,24 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single awaited event may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// A loopback port nobody listens on, for a server a test starts (Redis, nginx).
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux), not by binding port 0:
+/// an ephemeral port is free only until an outgoing connection of this busy test process takes
+/// it as its local port, which happened between choosing a Redis port and Redis binding it.
+/// Each call tries the next port of a sequence that starts at a point given by the process id,
+/// so the tests of one run never get the same port twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 22_000; // up to 31999
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7919)));
+    loop {
+        let port = (FIRST + next.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
