@@ -51,15 +51,25 @@ function scratchDir() {
   return dir;
 }
 
-export function freePort() {
-  return new Promise((resolve, reject) => {
+// Ports for the servers tests start, below the kernel's ephemeral range (32768 and up on
+// Linux) so that no outgoing connection takes one before its server binds it (as in the Rust
+// harness's free_port); a sequence from a point given by the process id, so no port twice.
+let nextPort = (process.pid * 7919) % 22_000;
+
+function portIsFree(port) {
+  return new Promise((resolve) => {
     const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
   });
+}
+
+/** A loopback port nobody listens on, from 10000 to 31999. */
+export async function freePort() {
+  for (;;) {
+    const port = 10_000 + (nextPort++ % 22_000);
+    if (await portIsFree(port)) return port;
+  }
 }
 
 /** Resolves `promise`, or rejects with "timed out: what" after `ms`. */
