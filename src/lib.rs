@@ -131,6 +131,7 @@ pub async fn run(
         connections: TaskTracker::new(),
         connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         backplane: backplane.clone(),
+        history: outbound::history::HistoryReader::new(backplane.clone(), keys.clone()),
         keys: keys.clone(),
         control_tx: control_tx.clone(),
         stopping: stopping.clone(),

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::dispatch::Control;
+use crate::outbound::history::HistoryReader;
 use crate::outbound::Publisher;
 use crate::registry::Registry;
 
@@ -40,8 +41,10 @@ pub struct AppState {
     pub connections: TaskTracker,
     /// One permit per open WebSocket connection (`limits.max_connections`).
     pub connection_permits: Arc<tokio::sync::Semaphore>,
-    /// The command link, for history reads.
+    /// The command link.
     pub backplane: Backplane,
+    /// Reads channel histories (resumes, catch-ups).
+    pub history: HistoryReader,
     /// Key names.
     pub keys: Keys,
     /// Finished history reads go to the dispatcher here.

@@ -564,6 +564,7 @@ export class WsBridgeClient {
     else recovered = null;
     ch.recovered = recovered;
     ch.subscribed = true;
+    ch.retries = 0;
     ch.joined = true;
     const info = {
       channel: f.channel,
@@ -602,7 +603,20 @@ export class WsBridgeClient {
       err.channel = req.channel;
       if (req.type === 'subscribe') {
         const ch = this._channels.get(req.channel);
-        if (ch && ch.pendingId === f.id) {
+        if (ch && ch.pendingId === f.id && err.code === 'redis_unavailable') {
+          // The gateway could not read the channel's history yet (Redis did not answer): the
+          // resume is neither made nor refused. Keep the channel and its offset, and ask again
+          // on this connection after a growing pause (a reconnect asks anyway).
+          const ws = this._ws;
+          ch.retries = (ch.retries ?? 0) + 1;
+          const delay = Math.min(250 * 2 ** (ch.retries - 1), 4000);
+          setTimeout(() => {
+            const current = this._channels.get(req.channel);
+            if (current === ch && this._ws === ws && this._welcomed && !ch.subscribed) {
+              this._sendSubscribe(req.channel, ch);
+            }
+          }, delay);
+        } else if (ch && ch.pendingId === f.id) {
           this._channels.delete(req.channel);
           for (const w of ch.waiters) w.reject(err);
         }

@@ -110,6 +110,43 @@ impl RedisFailure {
         }
     }
 
+    /// Whether trying again later may succeed: no answer in time, a lost or refused connection,
+    /// or a cluster in the middle of a failover or resharding (TRYAGAIN, CLUSTERDOWN, LOADING,
+    /// MOVED...). An error reply about the command itself (a wrong type, a script error) is not.
+    pub fn is_transient(&self) -> bool {
+        use redis::ServerErrorKind as S;
+        match self {
+            RedisFailure::Timeout(_) => true,
+            RedisFailure::Redis(e) => {
+                // Error replies, also those inside an aborted MULTI or a pipeline: transient
+                // only if every one of them is about the cluster's state, not the command.
+                if let Some(replies) = e.clone().into_server_errors() {
+                    return !replies.is_empty()
+                        && replies.iter().all(|(_, reply)| {
+                            matches!(
+                                reply.kind(),
+                                Some(
+                                    S::TryAgain
+                                        | S::MasterDown
+                                        | S::ClusterDown
+                                        | S::BusyLoading
+                                        | S::Moved
+                                        | S::Ask
+                                        | S::ReadOnly
+                                )
+                            )
+                        });
+                }
+                matches!(
+                    e.kind(),
+                    redis::ErrorKind::Io | redis::ErrorKind::ClusterConnectionNotFound
+                ) || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+            }
+        }
+    }
+
     /// Whether Redis may have applied the command anyway: a timeout or a connection lost after
     /// sending leaves it unknown; a refused connection or an error reply means it was not applied.
     pub fn maybe_applied(&self) -> bool {

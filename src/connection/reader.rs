@@ -15,7 +15,7 @@ use crate::config::LimitsConfig;
 use crate::inbound::Event;
 use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::outbound::dispatch::{Control, ResumeDone};
-use crate::outbound::history::{self, Offset, Replay};
+use crate::outbound::history::Offset;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
@@ -344,8 +344,13 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
     }
 }
 
-/// Reads what the client missed and hands it to the dispatcher. A failed read is a resume that
-/// could not be made whole, and the client is told so.
+/// How long a resume keeps trying to read the history while Redis does not answer. After that
+/// the client gets `redis_unavailable` (try the subscribe again), never `recovered: false`: the
+/// history may well hold everything, this replica just cannot tell yet.
+const RESUME_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads what the client missed and hands it to the dispatcher, which queues the replay (or
+/// says why there is none) in order with the live messages held meanwhile.
 fn spawn_resume(
     conn: Arc<ConnHandle>,
     state: &AppState,
@@ -354,24 +359,23 @@ fn spawn_resume(
     since: Offset,
     limit: u64,
 ) {
-    let backplane = state.backplane.clone();
-    let keys = state.keys.clone();
+    let history = state.history.clone();
     let control_tx = state.control_tx.clone();
     tokio::spawn(async move {
-        let replay = match history::read_since(&backplane, &keys, &channel, &since, limit).await {
-            Ok(Replay::Complete(entries)) => Some(entries),
-            Ok(Replay::Incomplete) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, channel = %channel, "history read failed; not recovered");
-                None
-            }
-        };
+        let give_up = Instant::now() + RESUME_PATIENCE;
+        let keep_trying = || Instant::now() < give_up && conn.closing().is_none();
+        let read = history
+            .read_since(&channel, &since, limit, keep_trying)
+            .await;
+        if let Err(e) = &read {
+            tracing::debug!(error = %e, channel = %channel, "history read failed; resume refused");
+        }
         let done = ResumeDone {
             conn,
             channel,
             id,
             since,
-            replay,
+            read,
         };
         let _ = control_tx.send(Control::Resume(done)).await;
     });

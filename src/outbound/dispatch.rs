@@ -12,15 +12,15 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::envelope::{split_payload, Batch, Item, Op};
-use super::history::{self, Offset, Replay};
+use super::history::{HistoryReader, Offset, Replay};
 use super::routes::Acks;
 use crate::backplane::interest::Interest;
-use crate::backplane::{Backplane, Keys};
+use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
 use crate::connection::{server_frame, ConnHandle, Outgoing};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
-use crate::protocol::{message, Encoding, FrameId, ServerFrame};
+use crate::protocol::{message, Encoding, ErrorCode, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
 use crate::state::AppState;
 
@@ -38,8 +38,9 @@ pub struct CatchUp {
     pub channel: String,
     /// The last offset this replica delivered on it.
     pub since: Offset,
-    /// The entries published since, or `None` when the history cannot fill the gap.
-    pub replay: Option<Vec<(String, String)>>,
+    /// The history read: the entries published since, or that the history cannot fill the gap,
+    /// or an error that waiting could not cure.
+    pub read: Result<Replay, RedisFailure>,
 }
 
 /// Live messages of a catching-up channel, held until its history read is queued.
@@ -61,9 +62,9 @@ pub struct ResumeDone {
     pub id: Option<FrameId>,
     /// The client's offset.
     pub since: Offset,
-    /// The missed entries (offset, data JSON), or `None` when the history cannot make the
-    /// client whole.
-    pub replay: Option<Vec<(String, String)>>,
+    /// The history read: the missed entries (offset, data JSON), or that the history cannot
+    /// make the client whole, or that Redis could not be read (so nobody can tell yet).
+    pub read: Result<Replay, RedisFailure>,
 }
 
 /// Routes received payloads to local connections.
@@ -73,6 +74,7 @@ pub struct Dispatcher {
     metrics: Metrics,
     backplane: Backplane,
     keys: Keys,
+    history: HistoryReader,
     config: Arc<Config>,
     control: mpsc::Sender<Control>,
     /// Interest routing: the channels the pub/sub link listens to.
@@ -119,6 +121,7 @@ impl Dispatcher {
             metrics: state.metrics.clone(),
             backplane: state.backplane.clone(),
             keys: state.keys.clone(),
+            history: state.history.clone(),
             config: state.config.clone(),
             control: state.control_tx.clone(),
             interest: state.interest.clone(),
@@ -372,9 +375,34 @@ impl Dispatcher {
     /// messages held meanwhile that the replay did not already cover. When they do not fit the
     /// send queue the replay is given up and the client is told (`recovered: false`); when even
     /// the live messages do not fit, the connection is closed with 1013 rather than lose any.
+    /// When Redis could not be read, the client is not told `recovered: false` (nothing says the
+    /// history lost anything): it leaves the channel and gets `redis_unavailable`, to subscribe
+    /// again with the same `since`.
     fn finish_resume(&mut self, done: ResumeDone) {
         let conn = &done.conn;
         let held = conn.finish_resume(&done.channel);
+        let replay = match done.read {
+            Ok(Replay::Complete(entries)) => Some(entries),
+            Ok(Replay::Incomplete) => None,
+            Err(e) => {
+                if self.registry.unsubscribe(conn, &done.channel) {
+                    self.inbound.event(conn, Event::Unsubscribe(&done.channel));
+                }
+                self.metrics
+                    .rejected(ErrorCode::RedisUnavailable)
+                    .increment(1);
+                let message = format!(
+                    "the channel's history could not be read ({e}); you are not subscribed: \
+                     subscribe again with the same `since`"
+                );
+                conn.reply(&ServerFrame::Error {
+                    id: done.id.as_ref(),
+                    code: ErrorCode::RedisUnavailable.as_str(),
+                    message: &message,
+                });
+                return;
+            }
+        };
         if held.overflowed {
             conn.close(
                 1013,
@@ -392,7 +420,7 @@ impl Dispatcher {
             .encode(conn.encoding),
             accepted_us: 0,
         };
-        if let Some(entries) = &done.replay {
+        if let Some(entries) = &replay {
             let mut last = done.since.clone();
             let mut frames = Vec::with_capacity(entries.len() + 1 + held.messages.len());
             for (offset, data) in entries {
@@ -457,20 +485,26 @@ impl Dispatcher {
                 continue;
             };
             self.catching_up.insert(channel.clone(), Hold::default());
-            let backplane = self.backplane.clone();
-            let keys = self.keys.clone();
+            let history = self.history.clone();
+            let registry = self.registry.clone();
             let control = self.control.clone();
             let (channel, limit) = (channel.clone(), settings.history_size);
             tokio::spawn(async move {
-                let read = history::read_since(&backplane, &keys, &channel, &since, limit).await;
-                let replay = match read {
-                    Ok(Replay::Complete(entries)) => Some(entries),
-                    Ok(Replay::Incomplete) | Err(_) => None,
-                };
+                // No deadline: while Redis does not answer, nothing new is published either,
+                // and the held live messages are bounded. Giving up would tell subscribers the
+                // history lost what it most likely still holds. The read stops trying once the
+                // channel has no local subscriber left.
+                let keep_trying = || registry.has_channel(&channel);
+                let read = history
+                    .read_since(&channel, &since, limit, keep_trying)
+                    .await;
+                if let Err(e) = &read {
+                    tracing::warn!(error = %e, channel = %channel, "catch-up history read failed");
+                }
                 let caught = CatchUp {
                     channel,
                     since,
-                    replay,
+                    read,
                 };
                 let _ = control.send(Control::CatchUp(caught)).await;
             });
@@ -492,8 +526,12 @@ impl Dispatcher {
         };
         let channel = caught.channel.as_str();
         let mut last = caught.since.clone();
-        let recovered = caught.replay.is_some() && !hold.overflowed;
-        if let (true, Some(entries)) = (recovered, &caught.replay) {
+        let replay = match caught.read {
+            Ok(Replay::Complete(entries)) => Some(entries),
+            Ok(Replay::Incomplete) | Err(_) => None,
+        };
+        let recovered = replay.is_some() && !hold.overflowed;
+        if let (true, Some(entries)) = (recovered, &replay) {
             for (offset, data) in entries {
                 let raw = RawValue::from_string(data.clone()).unwrap_or_else(|_| null().to_owned());
                 self.deliver(

@@ -1,13 +1,23 @@
-//! Channel history: offsets, and reading what a resuming client missed.
+//! Channel history: offsets, and reading what a resuming client or a catching-up replica missed.
 //!
 //! An offset is `<epoch>:<stream entry id>`. The epoch is a random value stored beside a
 //! channel's history stream and created with it; when Redis loses the history (a restart without
 //! persistence, or expiry), it loses the epoch too, and the next message starts a new one. A
 //! client resuming with an offset of another epoch is therefore told that it was not recovered.
+//!
+//! A read distinguishes "gone" from "cannot tell yet". [`Replay::Incomplete`] is an answer from
+//! Redis: the offset is no longer covered. A read that Redis did not answer (a timeout, a lost
+//! connection, a cluster failing over) is tried again, with backoff, for as long as the caller's
+//! `keep_trying` allows; only then does it return the failure, which callers must not report as
+//! "gone". Reads are paged and few run at once ([`MAX_CONCURRENT_READS`]), so that many clients
+//! resuming together queue here instead of timing out together on the shared command link.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
+use tokio::sync::Semaphore;
 
 use crate::backplane::{Backplane, Keys, RedisFailure};
 
@@ -41,8 +51,8 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// What a resume found.
-#[derive(Debug)]
+/// What a read found.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Replay {
     /// Everything after the offset is still there: these entries, in order (offset, data).
     Complete(Vec<(String, String)>),
@@ -50,73 +60,128 @@ pub enum Replay {
     Incomplete,
 }
 
-/// How many times a failed history read is tried again (after 0.1, 0.2, ... 0.5 s).
-const READ_ATTEMPTS: u64 = 5;
+/// Entries read per round trip. A page is small enough to come back well within the command
+/// timeout even in a debug build with other reads queued behind it on the same link.
+const PAGE: u64 = 500;
 
-/// Reads, atomically, the entries of `channel`'s history after `since`, at most `limit`.
-///
-/// # Errors
-/// [`RedisFailure`] when Redis did not answer.
-pub async fn read_since(
-    backplane: &Backplane,
-    keys: &Keys,
-    channel: &str,
-    since: &Offset,
-    limit: u64,
-) -> Result<Replay, RedisFailure> {
-    let stream = keys.history(channel);
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("GET")
-        .arg(keys.epoch(channel))
-        .cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .cmd("XRANGE")
-        .arg(&stream)
-        .arg(format!("({}-{}", since.id.0, since.id.1))
-        .arg("+")
-        .arg("COUNT")
-        .arg(limit);
-    // A read that fails while Redis (or a cluster shard) is coming back is tried again for a
-    // while: giving up means telling clients they were not made whole.
-    let mut attempt = 0;
-    let (epoch, first, after): (Option<String>, StreamRangeReply, StreamRangeReply) = loop {
-        match backplane.query_pipeline(&pipe).await {
-            Ok(read) => break read,
-            Err(e) if attempt < READ_ATTEMPTS => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, channel, "history read failed; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+/// History reads that may be in flight at once on one replica; the others wait their turn.
+pub const MAX_CONCURRENT_READS: usize = 8;
+
+/// The longest wait between two attempts of a read Redis did not answer.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Reads channel histories for resumes and catch-ups; cheap to clone.
+#[derive(Clone)]
+pub struct HistoryReader {
+    backplane: Backplane,
+    keys: Keys,
+    permits: Arc<Semaphore>,
+}
+
+impl HistoryReader {
+    /// A reader over the command link.
+    pub fn new(backplane: Backplane, keys: Keys) -> Self {
+        Self {
+            backplane,
+            keys,
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+        }
+    }
+
+    /// Reads the entries of `channel`'s history after `since`, at most `limit`, page by page;
+    /// each page checks the epoch and that nothing between `since` and it was trimmed, so the
+    /// pages add up to what one atomic read would have returned.
+    ///
+    /// A page Redis did not answer is tried again (after 0.1 s, doubling up to 1 s) as long as
+    /// `keep_trying()` says so; it is asked after each failure only, so waiting for a turn
+    /// does not count against the caller's patience.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis answered with an error that retrying cannot cure, or did not
+    /// answer and `keep_trying()` said to stop: the caller cannot tell what the history holds.
+    pub async fn read_since(
+        &self,
+        channel: &str,
+        since: &Offset,
+        limit: u64,
+        mut keep_trying: impl FnMut() -> bool,
+    ) -> Result<Replay, RedisFailure> {
+        if limit == 0 {
+            return Ok(Replay::Complete(Vec::new()));
+        }
+        let _turn = self.permits.acquire().await.expect("never closed");
+        let mut entries = Vec::new();
+        let mut cursor = since.id;
+        loop {
+            let want = PAGE.min(limit - entries.len() as u64);
+            let page = self.page(channel, cursor, want, &mut keep_trying).await?;
+            let (epoch, oldest, after) = page;
+            let Some(epoch) = epoch else {
+                return Ok(Replay::Incomplete);
+            };
+            if epoch != since.epoch {
+                return Ok(Replay::Incomplete);
             }
-            Err(e) => return Err(e),
+            // Entries are trimmed from the front: if the oldest one kept is newer than the
+            // cursor, some entries after it may be gone.
+            if oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor) {
+                return Ok(Replay::Incomplete);
+            }
+            let got = after.ids.len() as u64;
+            for entry in after.ids {
+                if let Some(id) = parse_id(&entry.id) {
+                    cursor = id;
+                }
+                let data = entry.get::<String>("data").unwrap_or_else(|| "null".into());
+                entries.push((format!("{epoch}:{}", entry.id), data));
+            }
+            if got < want || entries.len() as u64 >= limit {
+                return Ok(Replay::Complete(entries));
+            }
         }
-    };
-    let Some(epoch) = epoch else {
-        return Ok(Replay::Incomplete);
-    };
-    if epoch != since.epoch {
-        return Ok(Replay::Incomplete);
     }
-    // Entries are trimmed from the front: if the oldest one kept is newer than `since`, some
-    // entries after `since` may be gone.
-    if let Some(oldest) = first.ids.first().and_then(|e| parse_id(&e.id)) {
-        if oldest > since.id {
-            return Ok(Replay::Incomplete);
+
+    /// One page: the epoch, the oldest entry, and up to `count` entries after `cursor`, in one
+    /// MULTI; tried again while Redis does not answer and `keep_trying()` allows.
+    async fn page(
+        &self,
+        channel: &str,
+        cursor: (u64, u64),
+        count: u64,
+        keep_trying: &mut impl FnMut() -> bool,
+    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply), RedisFailure> {
+        let stream = self.keys.history(channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(self.keys.epoch(channel))
+            .cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(&stream)
+            .arg(format!("({}-{}", cursor.0, cursor.1))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count);
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            match self.backplane.query_pipeline(&pipe).await {
+                Ok(page) => return Ok(page),
+                Err(e) if e.is_transient() && keep_trying() => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, channel, "history read failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    let entries = after
-        .ids
-        .into_iter()
-        .map(|entry| {
-            let data = entry.get::<String>("data").unwrap_or_else(|| "null".into());
-            (format!("{epoch}:{}", entry.id), data)
-        })
-        .collect();
-    Ok(Replay::Complete(entries))
 }
 
 #[cfg(test)]
