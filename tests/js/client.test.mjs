@@ -264,6 +264,49 @@ describe('against real replicas', () => {
     assert.equal(c.lastOffset('room:t'), live);
   });
 
+  test('a resume the gateway cannot read yet (Redis down) is asked again, then recovered', async () => {
+    // Its own Redis, which keeps its data across a SIGKILL (append-only file, fsync always).
+    const own = await startRedis({ aof: true });
+    const prefix = uniquePrefix('unavailable');
+    const gw = await gateway({ prefix, redisUrl: own.url });
+    let hold = null;
+    const c = client({
+      url: async () => {
+        await hold?.promise;
+        return gw.wsUrl;
+      },
+    });
+    const rec = record(c);
+    await deadline(c.connect(), 'welcome');
+    await deadline(c.subscribe('room:u'), 'subscribed');
+    await gw.send({ to: { channel: 'room:u' }, data: 0 });
+    await rec.until(() => rec.messages.length === 1, 'message 0');
+
+    // Offline, the client misses message 1; then Redis dies and the client comes back.
+    let release;
+    hold = { promise: new Promise((r) => (release = r)) };
+    const reconnected = c.reconnect();
+    const [missed] = (await gw.send({ to: { channel: 'room:u' }, data: 1 })).offsets;
+    await own.kill();
+    hold = null;
+    release();
+    await deadline(reconnected, 'the reconnect');
+
+    // The gateway cannot read the history: it says so (not `recovered: false`), and the
+    // client keeps the channel and asks again until Redis is back.
+    await rec.until(() => rec.errors.some((e) => e.code === 'redis_unavailable'), 'redis_unavailable', 30_000);
+    assert.equal(rec.subscribed.length, 1, 'no subscribed while Redis cannot be read');
+    assert.deepEqual(c.channels, ['room:u'], 'the channel is kept');
+    await own.restart();
+    await rec.until(() => rec.subscribed.length === 2, 'the resubscribe once Redis is back', 30_000);
+    assert.deepEqual(rec.subscribed[1], { channel: 'room:u', recovered: true, resumed: true, reconnect: true, byServer: false });
+    assert.deepEqual(
+      rec.messages.map((m) => [m.data, m.offset ?? null]).slice(1),
+      [[1, missed]],
+      'the missed message replayed once'
+    );
+  });
+
   test('reconnect attempts back off exponentially (full jitter), sends wait in a bounded queue', async () => {
     const port = await freePort(); // nothing listens there yet
     const c = client({ url: `ws://127.0.0.1:${port}/ws`, baseDelayMs: 10, maxDelayMs: 80, maxPendingSends: 2 });

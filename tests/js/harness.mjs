@@ -101,17 +101,25 @@ function run(cmd, args) {
   });
 }
 
-/** A real redis-server on a free port (no persistence). */
-export async function startRedis() {
+/**
+ * A real redis-server on a free port: without persistence, or with `{ aof: true }` an append-only
+ * file fsynced on every write, so that `restart()` after `kill()` comes back with its data.
+ */
+export async function startRedis({ aof = false } = {}) {
   const port = await freePort();
   const dir = scratchDir();
-  const child = track(
-    spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir], {
-      stdio: 'ignore',
-    })
-  );
+  const persistence = aof ? ['--appendonly', 'yes', '--appendfsync', 'always'] : ['--appendonly', 'no'];
+  let child;
   const cli = (...args) => run('redis-cli', ['-p', String(port), ...args]);
-  await eventually(async () => (await cli('PING').catch(() => '')).trim() === 'PONG', `redis-server on ${port}`);
+  const spawnServer = async () => {
+    child = track(
+      spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', ...persistence, '--dir', dir], {
+        stdio: 'ignore',
+      })
+    );
+    await eventually(async () => (await cli('PING').catch(() => '')).trim() === 'PONG', `redis-server on ${port}`);
+  };
+  await spawnServer();
   return {
     port,
     url: `redis://127.0.0.1:${port}`,
@@ -127,7 +135,15 @@ export async function startRedis() {
         return { id, fields };
       });
     },
-    kill: () => child.kill('SIGKILL'),
+    /** SIGKILL; resolves once the process is gone. */
+    kill: () =>
+      new Promise((resolve) => {
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
+        child.once('exit', () => resolve());
+        child.kill('SIGKILL');
+      }),
+    /** Starts it again on the same port (with its data when started with `aof`). */
+    restart: spawnServer,
   };
 }
 
