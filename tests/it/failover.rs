@@ -756,3 +756,51 @@ async fn a_resume_redis_cannot_answer_is_refused_as_unavailable_not_as_lost() {
         0.0
     );
 }
+
+/// A resume that missed more than one page of history (the replica reads 500 entries per round
+/// trip): every missed message comes back once, in order, then `recovered: true`.
+#[tokio::test]
+async fn a_resume_that_missed_many_pages_gets_all_of_them_in_order() {
+    const MISSED: u64 = 1_234;
+    let redis = Redis::start();
+    let prefix = unique_prefix("resume-pages");
+    let gw = Gateway::spawn(&with_history(&redis, &prefix, 5_000), &prefix, &[]);
+    gw.wait_ready().await;
+    let (status, answer) = gw
+        .post(
+            "/send",
+            &json!({"to": {"channel": "room:pages"}, "data": "first"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let since = answer["offsets"][0].clone();
+    let mut offsets = Vec::new();
+    for chunk in (0..MISSED).collect::<Vec<_>>().chunks(400) {
+        let body: Vec<Value> = chunk
+            .iter()
+            .map(|n| json!({"to": {"channel": "room:pages"}, "data": n}))
+            .collect();
+        let (status, answer) = gw.post("/send", &Value::Array(body)).await;
+        assert_eq!(status, 202, "{answer}");
+        offsets.extend(answer["offsets"].as_array().unwrap().iter().cloned());
+    }
+
+    let mut client = Client::connect(&gw).await;
+    client
+        .send(json!({"type": "subscribe", "channel": "room:pages", "since": since, "id": "r"}))
+        .await;
+    for (n, offset) in offsets.iter().enumerate() {
+        let frame = client.recv().await;
+        assert_eq!(
+            (&frame["type"], &frame["data"], &frame["offset"]),
+            (&json!("message"), &json!(n), offset),
+            "replayed message {n}"
+        );
+    }
+    let subscribed = client.recv().await;
+    assert_eq!(
+        (&subscribed["type"], &subscribed["recovered"]),
+        (&json!("subscribed"), &json!(true)),
+        "{subscribed}"
+    );
+}
