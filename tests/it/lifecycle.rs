@@ -140,6 +140,9 @@ async fn silent_peers_are_closed_after_the_idle_timeout() {
         let frame = good.recv().await;
         (frame, good)
     });
+    // The silent peer reads what it gets (it never answers a ping): the welcome, pings, then a
+    // close frame with 1001.
+    assert_eq!(raw_close_outcome(&mut tcp).await, Closed::Code(1001));
     eventually("silent peer closed for idleness", || async {
         gw.metric("wsbridge_connections_closed_total{reason=\"idle_timeout\"}")
             .await
