@@ -149,13 +149,15 @@ async fn a_pubsub_round_trip_failure_alone_makes_the_replica_unready() {
         let gw = Gateway::start(&redis, &prefix).await;
         // CLIENT PAUSE WRITE holds PUBLISH but lets PING through: the command link looks healthy,
         // only the round trip through pub/sub can notice that nothing is being delivered. (On a
-        // cluster, on every node.)
-        for mut conn in redis.node_conns().await {
+        // cluster, on every node.) The pause lasts until the test lifts it, once the replica
+        // has said so: no race between the pause running out and the detection.
+        let mut nodes = redis.node_conns().await;
+        for conn in &mut nodes {
             let _: () = redis::cmd("CLIENT")
                 .arg("PAUSE")
-                .arg(3000)
+                .arg(120_000)
                 .arg("WRITE")
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await
                 .unwrap();
         }
@@ -165,6 +167,13 @@ async fn a_pubsub_round_trip_failure_alone_makes_the_replica_unready() {
         })
         .await;
         assert_eq!(gw.metric("wsbridge_redis_up").await, 1.0);
+        for conn in &mut nodes {
+            let _: () = redis::cmd("CLIENT")
+                .arg("UNPAUSE")
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
         eventually("ready after the pause", || async {
             gw.readyz().await.0 == 200
         })

@@ -216,8 +216,10 @@ async fn tokens_are_checked_before_the_upgrade_and_expiry_closes_with_1008() {
             (Some("channel_not_allowed"), Some("no"))
         );
 
-        // Authorization: Bearer works too, and the connection closes with 1008 when the token expires.
-        let short = token(secret, json!({"sub": "brief", "exp": now_secs() + 2}));
+        // Authorization: Bearer works too, and the connection closes with 1008 when the token
+        // expires. Its `exp` (whole seconds) leaves at least 4 s to connect, even on a loaded
+        // machine, and the close comes well within the PATIENCE that closed() waits.
+        let short = token(secret, json!({"sub": "brief", "exp": now_secs() + 5}));
         let mut request =
             tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
                 gw.ws_url.as_str(),
@@ -234,7 +236,7 @@ async fn tokens_are_checked_before_the_upgrade_and_expiry_closes_with_1008() {
             user: serde_json::Value::Null,
         };
         assert_eq!(brief.recv().await["user"], "brief");
-        assert_eq!(brief.closed().await, Some(1008));
+        brief.expect_close(1008).await;
     })
     .await;
 }
@@ -406,6 +408,7 @@ async fn every_contract_metric_is_exported_with_its_type() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     use std::io::BufRead;
+    use std::sync::mpsc::RecvTimeoutError;
     let empty = std::env::temp_dir().join(format!("{}.toml", unique_prefix("empty")));
     std::fs::write(&empty, "").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_wsbridge"))
@@ -421,23 +424,41 @@ fn json_logs_are_one_object_per_line() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Every line is a JSON object; the Redis link may log before the listening line does.
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // Every line is a JSON object; the Redis link may log before the listening line does. The
+    // lines are read on a thread, so that a replica that stops logging fails the test after
+    // PATIENCE instead of blocking it.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut events = Vec::new();
     let listening = loop {
-        let line = lines.next().expect("the replica logs").unwrap();
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line.unwrap(),
+            Err(RecvTimeoutError::Timeout) => {
+                break Err(format!("no log line within {PATIENCE:?}"))
+            }
+            Err(RecvTimeoutError::Disconnected) => break Err("the replica exited".into()),
+        };
         let event: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         if event["message"] == "listening" {
-            break event;
+            break Ok(event);
         }
         events.push(event);
-        assert!(events.len() < 20, "no listening line: {events:?}");
+        if events.len() >= 20 {
+            break Err("20 lines".into());
+        }
     };
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&empty);
-    let event = listening;
+    let event = listening.unwrap_or_else(|why| panic!("no listening line ({why}): {events:?}"));
     assert_eq!(event["level"], "INFO");
     assert!(event["public"].as_str().unwrap().starts_with("127.0.0.1:"));
 }
