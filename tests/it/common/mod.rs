@@ -620,10 +620,12 @@ pub async fn http(method: &str, url: &str, body: Option<&str>, key: Option<&str>
 pub async fn raw_close_outcome(tcp: &mut TcpStream) -> Closed {
     use tokio::io::AsyncReadExt;
     let mut bytes = Vec::new();
-    match tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut bytes)).await {
-        Err(_) => return Closed::Timeout,
-        // A reset after some frames: what arrived before it still counts.
-        Ok(_) => {}
+    // A reset after some frames is not a timeout: what arrived before it still counts.
+    if tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut bytes))
+        .await
+        .is_err()
+    {
+        return Closed::Timeout;
     }
     let Some(head) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Closed::Reset;
@@ -879,7 +881,7 @@ impl Client {
         match self.read_until_close(|_| {}).await {
             (Closed::Code(code), _) => Some(code),
             (Closed::NoStatus, _) => None,
-            (Closed::Reset, why) => panic!("connection reset without a close frame ({why})"),
+            (Closed::Reset, why) => panic!("connection reset without a close frame {why}"),
             (Closed::Timeout, _) => panic!("server did not close within {PATIENCE:?}"),
         }
     }
@@ -890,7 +892,7 @@ impl Client {
         assert_eq!(
             closed,
             Closed::Code(code),
-            "expected close code {code} {why}"
+            "expected close code {code}{why}"
         );
     }
 
@@ -912,14 +914,14 @@ impl Client {
                     }
                     Some(Ok(Message::Close(None))) => return (Closed::NoStatus, String::new()),
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => return (Closed::Reset, format!("(error: {e})")),
-                    None => return (Closed::Reset, "(stream ended)".to_string()),
+                    Some(Err(e)) => return (Closed::Reset, format!(" ({e})")),
+                    None => return (Closed::Reset, " (the stream ended)".to_string()),
                 }
             }
         };
         tokio::time::timeout(PATIENCE, read)
             .await
-            .unwrap_or_else(|_| (Closed::Timeout, format!("(nothing within {PATIENCE:?})")))
+            .unwrap_or_else(|_| (Closed::Timeout, format!(" (nothing within {PATIENCE:?})")))
     }
 
     /// Subscribes and waits for `subscribed`.
