@@ -3,7 +3,8 @@
 # runner of the Autobahn cases; the original autobahntestsuite package needs Python 2), against
 # the gateway's own WebSocket layer through examples/autobahn_echo.rs. Compression cases (12.*,
 # 13.*) are excluded: wsbridge does not offer permessage-deflate. Every other case must be OK,
-# NON-STRICT or INFORMATIONAL. Prints a summary; reports land in target/autobahn/.
+# NON-STRICT or INFORMATIONAL, and every case kosoku defines outside 12.*/13.* must have run.
+# Prints a summary; reports land in target/autobahn/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,17 +26,38 @@ done
 [ -n "$addr" ] || { echo "autobahn_echo did not start"; cat "$out/echo.log"; exit 1; }
 
 echo "==> Autobahn fuzzingclient against $addr (excluding 12.* and 13.*)"
-timeout 900 kosoku -m fuzzingclient -x '12.*' -x '13.*' -o "$out/reports" "$addr" > "$out/kosoku.log" 2>&1 || true
+# kosoku exits 0 when every case passed (OK, NON-STRICT or INFORMATIONAL) and 1 when it finished
+# but some case did not; it writes every case's report either way, then says so ("wrote reports
+# for N cases"). A crash is also exit 1, with a Python traceback and no such line; a hang is
+# timeout's 124. Only the finished-with-failures exit goes on to the summary, which names the
+# failed cases; anything else is the runner failing, and fails this script.
+status=0
+timeout 900 kosoku -m fuzzingclient -x '12.*' -x '13.*' -o "$out/reports" "$addr" > "$out/kosoku.log" 2>&1 || status=$?
 tail -n 3 "$out/kosoku.log"
+if [ "$status" -ne 0 ]; then
+  if [ "$status" -ne 1 ] || grep -q '^Traceback' "$out/kosoku.log" || ! grep -q '^wrote reports for ' "$out/kosoku.log"; then
+    echo "kosoku failed (exit $status) without finishing the cases:"
+    cat "$out/kosoku.log"
+    exit 1
+  fi
+fi
+kill -0 "$echo_pid" 2>/dev/null || { echo "autobahn_echo died during the run"; cat "$out/echo.log"; exit 1; }
 
 python3 - "$out/reports" <<'PY'
-import collections, glob, json, sys
+import collections, fnmatch, glob, json, sys
+import kosoku.cases
 allowed = {"OK", "NON-STRICT", "INFORMATIONAL"}
+# The cases expected: kosoku's own case index (the Autobahn TestSuite's cases, 517 in kosoku
+# 0.1.0) without the excluded compression groups, with the same globs as on its command line:
+# 301 in kosoku 0.1.0. Every one must have run, exactly once, and no other.
+expected = [c for c in kosoku.cases.CASES if not any(fnmatch.fnmatch(c, x) for x in ("12.*", "13.*"))]
 by_behavior = collections.Counter()
 by_group = collections.defaultdict(collections.Counter)
 bad = []
+ran = collections.Counter()
 for path in glob.glob(sys.argv[1] + "/*_case_*.json"):
     case = json.load(open(path))
+    ran[case["id"]] += 1
     behavior, close = case["behavior"], case["behaviorClose"]
     by_behavior[behavior] += 1
     by_group[case["id"].split(".")[0]][behavior] += 1
@@ -45,8 +67,14 @@ total = sum(by_behavior.values())
 print("Autobahn summary: %d cases: %s" % (total, ", ".join("%s %d" % kv for kv in sorted(by_behavior.items()))))
 for group in sorted(by_group, key=int):
     print("  %-3s %s" % (group, ", ".join("%s %d" % kv for kv in sorted(by_group[group].items()))))
-if total < 290:
-    print("too few cases ran (%d): the runner failed" % total)
+missing = sorted(set(expected) - set(ran), key=lambda c: [int(p) for p in c.split(".")])
+unexpected = sorted(set(ran) - set(expected))
+twice = sorted(c for c, n in ran.items() if n > 1)
+if missing or unexpected or twice or total != len(expected):
+    print("%d case reports, %d cases expected: the runner failed" % (total, len(expected)))
+    print("  missing: %s" % " ".join(missing))
+    print("  unexpected: %s" % " ".join(unexpected))
+    print("  reported more than once: %s" % " ".join(twice))
     sys.exit(1)
 for case_id, behavior, close, description in sorted(bad):
     print("  FAILED %s: behavior=%s close=%s — %s" % (case_id, behavior, close, description))

@@ -108,125 +108,131 @@ async fn upgrade(gw: &Gateway, token: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn rs256_tokens_must_be_signed_by_the_configured_key() {
-    let keys = Keys::new();
-    let (private, public) = keys.pair("good");
-    let (other_private, _) = keys.pair("other");
-    let redis = Redis::start();
-    let prefix = unique_prefix("rs256");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[("WSBRIDGE__AUTH__JWT_PUBLIC_KEY", path(&public))],
-    )
-    .await;
+    deadline(TEST_DEADLINE, async {
+        let keys = Keys::new();
+        let (private, public) = keys.pair("good");
+        let (other_private, _) = keys.pair("other");
+        let redis = Redis::start();
+        let prefix = unique_prefix("rs256");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__AUTH__JWT_PUBLIC_KEY", path(&public))],
+        )
+        .await;
 
-    let valid = rs256(&private, json!({"sub": "alice", "exp": now_secs() + 600}));
-    assert_eq!(upgrade(&gw, &valid).await, (101, json!("alice")));
-    // Without `exp` the token never expires, and `nbf` in the past is fine.
-    let lasting = rs256(&private, json!({"sub": "bob", "nbf": now_secs() - 10}));
-    assert_eq!(upgrade(&gw, &lasting).await, (101, json!("bob")));
+        let valid = rs256(&private, json!({"sub": "alice", "exp": now_secs() + 600}));
+        assert_eq!(upgrade(&gw, &valid).await, (101, json!("alice")));
+        // Without `exp` the token never expires, and `nbf` in the past is fine.
+        let lasting = rs256(&private, json!({"sub": "bob", "nbf": now_secs() - 10}));
+        assert_eq!(upgrade(&gw, &lasting).await, (101, json!("bob")));
 
-    let mut refused = vec![
-        (
-            "signed by another key",
-            rs256(&other_private, json!({"sub": "alice"})),
-        ),
-        (
-            // The classic algorithm confusion: HMAC keyed with the (public) verification key.
-            "HS256 keyed with the public key",
-            jsonwebtoken::encode(
-                &Header::new(Algorithm::HS256),
-                &json!({"sub": "alice"}),
-                &EncodingKey::from_secret(&std::fs::read(&public).unwrap()),
-            )
-            .unwrap(),
-        ),
-        (
-            "HS256 with some secret",
-            token("secret", json!({"sub": "alice"})),
-        ),
-        (
-            "expired",
-            rs256(&private, json!({"sub": "alice", "exp": now_secs() - 10})),
-        ),
-        (
-            "not valid yet",
-            rs256(&private, json!({"sub": "alice", "nbf": now_secs() + 600})),
-        ),
-        ("not a token", "not-a-token".to_string()),
-    ];
-    // An unsigned token (`alg: none`), and a validly signed token whose claims were swapped.
-    let claims = b64url(br#"{"sub":"mallory"}"#);
-    refused.push((
-        "alg none",
-        format!("{}.{claims}.", b64url(br#"{"alg":"none","typ":"JWT"}"#)),
-    ));
-    let mut parts: Vec<&str> = valid.split('.').collect();
-    parts[1] = &claims;
-    refused.push(("claims swapped under a valid signature", parts.join(".")));
-    for (what, token) in &refused {
-        assert_eq!(upgrade(&gw, token).await.0, 401, "{what}");
-    }
-    // No token at all.
-    match Client::connect_url(&gw.ws_url, false).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 401)
+        let mut refused = vec![
+            (
+                "signed by another key",
+                rs256(&other_private, json!({"sub": "alice"})),
+            ),
+            (
+                // The classic algorithm confusion: HMAC keyed with the (public) verification key.
+                "HS256 keyed with the public key",
+                jsonwebtoken::encode(
+                    &Header::new(Algorithm::HS256),
+                    &json!({"sub": "alice"}),
+                    &EncodingKey::from_secret(&std::fs::read(&public).unwrap()),
+                )
+                .unwrap(),
+            ),
+            (
+                "HS256 with some secret",
+                token("secret", json!({"sub": "alice"})),
+            ),
+            (
+                "expired",
+                rs256(&private, json!({"sub": "alice", "exp": now_secs() - 10})),
+            ),
+            (
+                "not valid yet",
+                rs256(&private, json!({"sub": "alice", "nbf": now_secs() + 600})),
+            ),
+            ("not a token", "not-a-token".to_string()),
+        ];
+        // An unsigned token (`alg: none`), and a validly signed token whose claims were swapped.
+        let claims = b64url(br#"{"sub":"mallory"}"#);
+        refused.push((
+            "alg none",
+            format!("{}.{claims}.", b64url(br#"{"alg":"none","typ":"JWT"}"#)),
+        ));
+        let mut parts: Vec<&str> = valid.split('.').collect();
+        parts[1] = &claims;
+        refused.push(("claims swapped under a valid signature", parts.join(".")));
+        for (what, token) in &refused {
+            assert_eq!(upgrade(&gw, token).await.0, 401, "{what}");
         }
-        other => panic!("expected 401 without a token, got {:?}", other.map(|_| ())),
-    }
-    // Refusals happen before the upgrade: only the two good tokens ever made a connection.
-    assert_eq!(gw.metric("wsbridge_connections_opened_total").await, 2.0);
+        // No token at all.
+        match Client::connect_url(&gw.ws_url, false).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401)
+            }
+            other => panic!("expected 401 without a token, got {:?}", other.map(|_| ())),
+        }
+        // Refusals happen before the upgrade: only the two good tokens ever made a connection.
+        assert_eq!(gw.metric("wsbridge_connections_opened_total").await, 2.0);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn audience_and_issuer_are_checked_when_configured() {
-    let keys = Keys::new();
-    let (private, public) = keys.pair("aud");
-    let redis = Redis::start();
-    let prefix = unique_prefix("audiss");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[
-            ("WSBRIDGE__AUTH__JWT_PUBLIC_KEY", path(&public)),
-            ("WSBRIDGE__AUTH__AUDIENCE", "wsbridge-test"),
-            ("WSBRIDGE__AUTH__ISSUER", "https://issuer.test"),
-        ],
-    )
-    .await;
-    let good = json!({"sub": "carol", "aud": "wsbridge-test", "iss": "https://issuer.test"});
-    assert_eq!(
-        upgrade(&gw, &rs256(&private, good.clone())).await,
-        (101, json!("carol"))
-    );
-    // `aud` may be a list that holds ours.
-    let mut listed = good.clone();
-    listed["aud"] = json!(["elsewhere", "wsbridge-test"]);
-    assert_eq!(upgrade(&gw, &rs256(&private, listed)).await.0, 101);
+    deadline(TEST_DEADLINE, async {
+        let keys = Keys::new();
+        let (private, public) = keys.pair("aud");
+        let redis = Redis::start();
+        let prefix = unique_prefix("audiss");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[
+                ("WSBRIDGE__AUTH__JWT_PUBLIC_KEY", path(&public)),
+                ("WSBRIDGE__AUTH__AUDIENCE", "wsbridge-test"),
+                ("WSBRIDGE__AUTH__ISSUER", "https://issuer.test"),
+            ],
+        )
+        .await;
+        let good = json!({"sub": "carol", "aud": "wsbridge-test", "iss": "https://issuer.test"});
+        assert_eq!(
+            upgrade(&gw, &rs256(&private, good.clone())).await,
+            (101, json!("carol"))
+        );
+        // `aud` may be a list that holds ours.
+        let mut listed = good.clone();
+        listed["aud"] = json!(["elsewhere", "wsbridge-test"]);
+        assert_eq!(upgrade(&gw, &rs256(&private, listed)).await.0, 101);
 
-    let with = |key: &str, value: Value| {
-        let mut claims = good.clone();
-        claims[key] = value;
-        rs256(&private, claims)
-    };
-    let without = |key: &str| {
-        let mut claims = good.clone();
-        claims.as_object_mut().unwrap().remove(key);
-        rs256(&private, claims)
-    };
-    let refused = [
-        ("wrong aud", with("aud", json!("someone-else"))),
-        ("aud list without ours", with("aud", json!(["a", "b"]))),
-        ("wrong iss", with("iss", json!("https://evil.test"))),
-        ("no aud", without("aud")),
-        ("no iss", without("iss")),
-        ("numeric aud", with("aud", json!(5))),
-        ("numeric iss", with("iss", json!(5))),
-    ];
-    for (what, token) in &refused {
-        assert_eq!(upgrade(&gw, token).await.0, 401, "{what}");
-    }
-    assert_eq!(gw.metric("wsbridge_connections_opened_total").await, 2.0);
+        let with = |key: &str, value: Value| {
+            let mut claims = good.clone();
+            claims[key] = value;
+            rs256(&private, claims)
+        };
+        let without = |key: &str| {
+            let mut claims = good.clone();
+            claims.as_object_mut().unwrap().remove(key);
+            rs256(&private, claims)
+        };
+        let refused = [
+            ("wrong aud", with("aud", json!("someone-else"))),
+            ("aud list without ours", with("aud", json!(["a", "b"]))),
+            ("wrong iss", with("iss", json!("https://evil.test"))),
+            ("no aud", without("aud")),
+            ("no iss", without("iss")),
+            ("numeric aud", with("aud", json!(5))),
+            ("numeric iss", with("iss", json!(5))),
+        ];
+        for (what, token) in &refused {
+            assert_eq!(upgrade(&gw, token).await.0, 401, "{what}");
+        }
+        assert_eq!(gw.metric("wsbridge_connections_opened_total").await, 2.0);
+    })
+    .await;
 }
 
 /// Runs the binary with a valid config plus `env` and returns its exit code and stderr.

@@ -529,135 +529,139 @@ fn host_port(api_url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_has_data_in_a_real_prometheus() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/wsbridge.json");
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect(path)).expect("dashboard JSON");
-    let checks = dashboard_checks(&dashboard);
+    // Two phases wait up to DEADLINE (60 s) each for Prometheus.
+    deadline(TEST_DEADLINE * 3, async {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/wsbridge.json");
+        let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).expect(path))
+            .expect("dashboard JSON");
+        let checks = dashboard_checks(&dashboard);
 
-    let redis = Redis::start();
-    let prefix = unique_prefix("dashboard");
-    let a = Gateway::start(&redis, &prefix).await;
-    let b = Gateway::start(&redis, &prefix).await;
-    let replicas = [host_port(&a.api_url), host_port(&b.api_url)];
-    let mut prometheus = Prometheus::start(&replicas);
+        let redis = Redis::start();
+        let prefix = unique_prefix("dashboard");
+        let a = Gateway::start(&redis, &prefix).await;
+        let b = Gateway::start(&redis, &prefix).await;
+        let replicas = [host_port(&a.api_url), host_port(&b.api_url)];
+        let mut prometheus = Prometheus::start(&replicas);
 
-    // Clients in batches on both replicas: room:shared everywhere, room:only-a / room:only-b
-    // on one replica each, so the other replica receives those messages and throws them away.
-    let (stop_tx, stop) = watch::channel(false);
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for (gw, own) in [(&a, "room:only-a"), (&b, "room:only-b")] {
-        let batch = futures_util::future::join_all((0..4).map(|i| async move {
-            if i == 3 {
-                Client::connect_msgpack(gw).await
-            } else {
-                Client::connect(gw).await
+        // Clients in batches on both replicas: room:shared everywhere, room:only-a / room:only-b
+        // on one replica each, so the other replica receives those messages and throws them away.
+        let (stop_tx, stop) = watch::channel(false);
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (gw, own) in [(&a, "room:only-a"), (&b, "room:only-b")] {
+            let batch = futures_util::future::join_all((0..4).map(|i| async move {
+                if i == 3 {
+                    Client::connect_msgpack(gw).await
+                } else {
+                    Client::connect(gw).await
+                }
+            }))
+            .await;
+            for (i, mut client) in batch.into_iter().enumerate() {
+                client.subscribe("room:shared").await;
+                if i == 0 {
+                    client.subscribe(own).await;
+                }
+                tasks.push(spawn_client(client, i < 2, stop.clone(), errors.clone()));
             }
-        }))
-        .await;
-        for (i, mut client) in batch.into_iter().enumerate() {
-            client.subscribe("room:shared").await;
-            if i == 0 {
-                client.subscribe(own).await;
-            }
-            tasks.push(spawn_client(client, i < 2, stop.clone(), errors.clone()));
         }
-    }
-    // One client that connects and closes right away.
-    let mut once = Client::connect(&a).await;
-    once.ws.close(None).await.unwrap();
-    tasks.push(spawn_backend(
-        [a.api_url.clone(), b.api_url.clone()],
-        [a.ws_url.clone(), b.ws_url.clone()],
-        stop.clone(),
-        errors.clone(),
-    ));
+        // One client that connects and closes right away.
+        let mut once = Client::connect(&a).await;
+        once.ws.close(None).await.unwrap();
+        tasks.push(spawn_backend(
+            [a.api_url.clone(), b.api_url.clone()],
+            [a.ws_url.clone(), b.ws_url.clone()],
+            stop.clone(),
+            errors.clone(),
+        ));
 
-    // Prometheus scrapes both replicas.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        prometheus.assert_running();
-        let up = prometheus.query("up{job=\"wsbridge\"} == 1").await;
-        if matches!(&up, Ok(samples) if samples.len() == replicas.len()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus does not see both replicas up within {DEADLINE:?}: {up:?}\n\
+        // Prometheus scrapes both replicas.
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            prometheus.assert_running();
+            let up = prometheus.query("up{job=\"wsbridge\"} == 1").await;
+            if matches!(&up, Ok(samples) if samples.len() == replicas.len()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus does not see both replicas up within {DEADLINE:?}: {up:?}\n\
              Prometheus log:\n{}",
-            prometheus.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-
-    // Every query has data, while the load runs.
-    let deadline = Instant::now() + DEADLINE;
-    let mut pending: Vec<(Check, String)> =
-        checks.iter().map(|c| (c.clone(), String::new())).collect();
-    loop {
-        let mut failing = Vec::new();
-        for (check, _) in pending {
-            if let Err(e) = run_check(&prometheus, &check, &replicas).await {
-                failing.push((check, e));
-            }
-        }
-        pending = failing;
-        if pending.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let report: Vec<String> = pending
-                .iter()
-                .map(|(check, e)| format!("  {}\n    -> {e}", check.describe()))
-                .collect();
-            panic!(
-                "{} of {} dashboard queries have no data after {DEADLINE:?}:\n{}\n\
-                 load errors: {:?}\nPrometheus log:\n{}",
-                pending.len(),
-                checks.len(),
-                report.join("\n"),
-                errors.lock().unwrap(),
                 prometheus.log_tail()
             );
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 
-    stop_tx.send(true).unwrap();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let errors = errors.lock().unwrap().clone();
-    assert!(errors.is_empty(), "load generation failed: {errors:?}");
+        // Every query has data, while the load runs.
+        let deadline = Instant::now() + DEADLINE;
+        let mut pending: Vec<(Check, String)> =
+            checks.iter().map(|c| (c.clone(), String::new())).collect();
+        loop {
+            let mut failing = Vec::new();
+            for (check, _) in pending {
+                if let Err(e) = run_check(&prometheus, &check, &replicas).await {
+                    failing.push((check, e));
+                }
+            }
+            pending = failing;
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let report: Vec<String> = pending
+                    .iter()
+                    .map(|(check, e)| format!("  {}\n    -> {e}", check.describe()))
+                    .collect();
+                panic!(
+                    "{} of {} dashboard queries have no data after {DEADLINE:?}:\n{}\n\
+                 load errors: {:?}\nPrometheus log:\n{}",
+                    pending.len(),
+                    checks.len(),
+                    report.join("\n"),
+                    errors.lock().unwrap(),
+                    prometheus.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
 
-    // No panel may reference a metric the gateway does not export.
-    let mut texts = Vec::new();
-    strings(&dashboard, &mut texts);
-    let referenced: BTreeSet<String> = texts.iter().flat_map(|t| metric_names(t)).collect();
-    assert!(
-        referenced.len() > 20,
-        "metric names not found: {referenced:?}"
-    );
-    let (mut exported, mut histograms) = (BTreeSet::new(), BTreeSet::new());
-    for gw in [&a, &b] {
-        let (status, text) = http("GET", &format!("{}/metrics", gw.api_url), None, None).await;
-        assert_eq!(status, 200);
-        let (names, hist) = exported_names(&text);
-        exported.extend(names);
-        histograms.extend(hist);
-    }
-    let missing: Vec<&String> = referenced
-        .iter()
-        .filter(|name| {
-            let histogram = ["_bucket", "_sum", "_count"]
-                .iter()
-                .filter_map(|s| name.strip_suffix(s))
-                .any(|base| histograms.contains(base));
-            !exported.contains(name.as_str()) && !histogram
-        })
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard references metrics the gateway does not export: {missing:?}"
-    );
+        stop_tx.send(true).unwrap();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let errors = errors.lock().unwrap().clone();
+        assert!(errors.is_empty(), "load generation failed: {errors:?}");
+
+        // No panel may reference a metric the gateway does not export.
+        let mut texts = Vec::new();
+        strings(&dashboard, &mut texts);
+        let referenced: BTreeSet<String> = texts.iter().flat_map(|t| metric_names(t)).collect();
+        assert!(
+            referenced.len() > 20,
+            "metric names not found: {referenced:?}"
+        );
+        let (mut exported, mut histograms) = (BTreeSet::new(), BTreeSet::new());
+        for gw in [&a, &b] {
+            let (status, text) = http("GET", &format!("{}/metrics", gw.api_url), None, None).await;
+            assert_eq!(status, 200);
+            let (names, hist) = exported_names(&text);
+            exported.extend(names);
+            histograms.extend(hist);
+        }
+        let missing: Vec<&String> = referenced
+            .iter()
+            .filter(|name| {
+                let histogram = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|s| name.strip_suffix(s))
+                    .any(|base| histograms.contains(base));
+                !exported.contains(name.as_str()) && !histogram
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the dashboard references metrics the gateway does not export: {missing:?}"
+        );
+    })
+    .await;
 }

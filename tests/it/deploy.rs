@@ -81,73 +81,77 @@ impl Drop for Nginx {
 
 #[tokio::test]
 async fn clients_through_the_example_nginx_spread_over_the_replicas_and_talk() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("deploy-nginx");
-    let a = Gateway::start(&redis, &prefix).await;
-    let b = Gateway::start(&redis, &prefix).await;
-    let c = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[("WSBRIDGE__SERVER__REPLICA_ID", "deploy-c")],
-    )
-    .await;
-    let nginx = Nginx::start(&[&a, &b, &c]);
-    // The upgrade goes through (headers passed on); nginx may take a moment to listen.
-    let mut first = None;
-    for _ in 0..100 {
-        if let Ok(client) = Client::connect_url(&nginx.ws_url(), false).await {
-            first = Some(client);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let mut clients = vec![first.expect("a WebSocket through nginx")];
-    for _ in 0..2 {
-        clients.push(Client::connect_url(&nginx.ws_url(), false).await.unwrap());
-    }
-    // Three connections from one address land on three replicas (the id names the replica):
-    // ip_hash would have put them all on one.
-    let mut replicas: Vec<String> = clients
-        .iter()
-        .map(|c| c.connection.split('.').next().unwrap().to_owned())
-        .collect();
-    replicas.sort();
-    replicas.dedup();
-    assert_eq!(
-        replicas.len(),
-        3,
-        "least_conn spreads connections: {replicas:?}"
-    );
-
-    for client in &mut clients {
-        client.subscribe("room:nginx").await;
-    }
-    // Backends reach the API through nginx too: every replica's API in turn.
-    for i in 0..3 {
-        let body = json!({"to": {"channel": "room:nginx"}, "data": format!("through nginx {i}")});
-        assert_eq!(nginx.send(body).await, 202);
-        for client in &mut clients {
-            assert_eq!(client.recv().await["data"], format!("through nginx {i}"));
-        }
-    }
-    clients[0]
-        .send(json!({"type": "send", "stream": "chat", "data": 1, "id": "n1"}))
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("deploy-nginx");
+        let a = Gateway::start(&redis, &prefix).await;
+        let b = Gateway::start(&redis, &prefix).await;
+        let c = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__SERVER__REPLICA_ID", "deploy-c")],
+        )
         .await;
-    assert_eq!(clients[0].recv().await["type"], "ack");
-
-    // One replica dies: backends' sends through nginx still land (a refused connection goes to
-    // the next replica), and reach the clients on the live replicas.
-    c.signal("-KILL");
-    let mut live: Vec<&mut Client> = clients
-        .iter_mut()
-        .filter(|client| !client.connection.starts_with("deploy-c."))
-        .collect();
-    assert_eq!(live.len(), 2);
-    for i in 0..3 {
-        let body = json!({"to": {"channel": "room:nginx"}, "data": format!("after {i}")});
-        assert_eq!(nginx.send(body).await, 202, "send {i} with a replica dead");
-        for client in &mut live {
-            assert_eq!(client.recv().await["data"], format!("after {i}"));
+        let nginx = Nginx::start(&[&a, &b, &c]);
+        // The upgrade goes through (headers passed on); nginx may take a moment to listen.
+        let mut first = None;
+        for _ in 0..100 {
+            if let Ok(client) = Client::connect_url(&nginx.ws_url(), false).await {
+                first = Some(client);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-    }
+        let mut clients = vec![first.expect("a WebSocket through nginx")];
+        for _ in 0..2 {
+            clients.push(Client::connect_url(&nginx.ws_url(), false).await.unwrap());
+        }
+        // Three connections from one address land on three replicas (the id names the replica):
+        // ip_hash would have put them all on one.
+        let mut replicas: Vec<String> = clients
+            .iter()
+            .map(|c| c.connection.split('.').next().unwrap().to_owned())
+            .collect();
+        replicas.sort();
+        replicas.dedup();
+        assert_eq!(
+            replicas.len(),
+            3,
+            "least_conn spreads connections: {replicas:?}"
+        );
+
+        for client in &mut clients {
+            client.subscribe("room:nginx").await;
+        }
+        // Backends reach the API through nginx too: every replica's API in turn.
+        for i in 0..3 {
+            let body =
+                json!({"to": {"channel": "room:nginx"}, "data": format!("through nginx {i}")});
+            assert_eq!(nginx.send(body).await, 202);
+            for client in &mut clients {
+                assert_eq!(client.recv().await["data"], format!("through nginx {i}"));
+            }
+        }
+        clients[0]
+            .send(json!({"type": "send", "stream": "chat", "data": 1, "id": "n1"}))
+            .await;
+        assert_eq!(clients[0].recv().await["type"], "ack");
+
+        // One replica dies: backends' sends through nginx still land (a refused connection goes to
+        // the next replica), and reach the clients on the live replicas.
+        c.signal("-KILL");
+        let mut live: Vec<&mut Client> = clients
+            .iter_mut()
+            .filter(|client| !client.connection.starts_with("deploy-c."))
+            .collect();
+        assert_eq!(live.len(), 2);
+        for i in 0..3 {
+            let body = json!({"to": {"channel": "room:nginx"}, "data": format!("after {i}")});
+            assert_eq!(nginx.send(body).await, 202, "send {i} with a replica dead");
+            for client in &mut live {
+                assert_eq!(client.recv().await["data"], format!("after {i}"));
+            }
+        }
+    })
+    .await;
 }

@@ -787,6 +787,11 @@ async fn whiteboard(lang: Lang) {
     .await;
 }
 
+/// How long one example test may take: it starts Redis, replicas and a backend process (Python,
+/// Node or Rust) and waits for the backend's claim timers. The Rust ones take ~10 s; the Python
+/// and Node ones start interpreters and were given twice the usual deadline without a measure.
+const EXAMPLE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Every test above, for each backend.
 macro_rules! backend_tests {
     ($($module:ident => $lang:expr),* $(,)?) => {$(
@@ -795,27 +800,27 @@ macro_rules! backend_tests {
 
             #[tokio::test]
             async fn chat_round_trip() {
-                super::chat_round_trip($lang).await;
+                deadline(EXAMPLE_DEADLINE, super::chat_round_trip($lang)).await;
             }
 
             #[tokio::test]
             async fn retries_and_is_reclaimed() {
-                super::retry_and_reclaim($lang).await;
+                deadline(EXAMPLE_DEADLINE, super::retry_and_reclaim($lang)).await;
             }
 
             #[tokio::test]
             async fn instances_take_over_from_a_killed_one() {
-                super::take_over_from_a_killed_instance($lang).await;
+                deadline(EXAMPLE_DEADLINE, super::take_over_from_a_killed_instance($lang)).await;
             }
 
             #[tokio::test]
             async fn dead_letters_an_entry_it_can_never_handle() {
-                super::dead_letter_an_entry_it_can_never_handle($lang).await;
+                deadline(EXAMPLE_DEADLINE, super::dead_letter_an_entry_it_can_never_handle($lang)).await;
             }
 
             #[tokio::test]
             async fn whiteboard() {
-                super::whiteboard($lang).await;
+                deadline(EXAMPLE_DEADLINE, super::whiteboard($lang)).await;
             }
         }
     )*};

@@ -50,91 +50,99 @@ fn assert_exact(report: &Value, per_client: u64) {
 
 #[tokio::test]
 async fn every_client_gets_every_fanout_and_direct_message() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("loadgen");
-    let a = Gateway::start(&redis, &prefix).await;
-    let b = Gateway::start(&redis, &prefix).await;
+    // The load generator runs twice, each run bounded by its own --timeout-s 60.
+    deadline(TEST_DEADLINE * 3, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("loadgen");
+        let a = Gateway::start(&redis, &prefix).await;
+        let b = Gateway::start(&redis, &prefix).await;
 
-    // A burst of 200 channel messages in calls of 20, then 30 at a steady 100/s one per call.
-    let burst = loadgen(
-        &a,
-        &b,
-        &["--scenario", "fanout", "--messages", "200", "--batch", "20"],
-    )
+        // A burst of 200 channel messages in calls of 20, then 30 at a steady 100/s one per call.
+        let burst = loadgen(
+            &a,
+            &b,
+            &["--scenario", "fanout", "--messages", "200", "--batch", "20"],
+        )
+        .await;
+        assert_exact(&burst, 200);
+        let paced = loadgen(
+            &a,
+            &b,
+            &["--scenario", "fanout", "--messages", "30", "--rate", "100"],
+        )
+        .await;
+        assert_exact(&paced, 30);
+        assert!(paced["latency_ms"]["p99"].is_number(), "{paced:#}");
+        // Each round one message to every connection by its id.
+        let direct = loadgen(
+            &a,
+            &b,
+            &["--scenario", "direct", "--messages", "5", "--batch", "100"],
+        )
+        .await;
+        assert_exact(&direct, 5);
+        // The gateways' own count agrees: every delivery went through one of them.
+        let deliveries = a.metric("wsbridge_deliveries_total").await
+            + b.metric("wsbridge_deliveries_total").await;
+        assert!(deliveries >= (235 * CLIENTS) as f64, "{deliveries}");
+    })
     .await;
-    assert_exact(&burst, 200);
-    let paced = loadgen(
-        &a,
-        &b,
-        &["--scenario", "fanout", "--messages", "30", "--rate", "100"],
-    )
-    .await;
-    assert_exact(&paced, 30);
-    assert!(paced["latency_ms"]["p99"].is_number(), "{paced:#}");
-    // Each round one message to every connection by its id.
-    let direct = loadgen(
-        &a,
-        &b,
-        &["--scenario", "direct", "--messages", "5", "--batch", "100"],
-    )
-    .await;
-    assert_exact(&direct, 5);
-    // The gateways' own count agrees: every delivery went through one of them.
-    let deliveries =
-        a.metric("wsbridge_deliveries_total").await + b.metric("wsbridge_deliveries_total").await;
-    assert!(deliveries >= (235 * CLIENTS) as f64, "{deliveries}");
 }
 
 #[tokio::test]
 async fn every_user_gets_its_messages_and_every_client_send_is_stored() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("loadgen-users");
-    let secret = [("WSBRIDGE__AUTH__JWT_SECRET", "loadgen-secret")];
-    let a = Gateway::start_with(&redis, &prefix, &secret).await;
-    let b = Gateway::start_with(&redis, &prefix, &secret).await;
+    // The load generator runs twice, each run bounded by its own --timeout-s 60.
+    deadline(TEST_DEADLINE * 3, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("loadgen-users");
+        let secret = [("WSBRIDGE__AUTH__JWT_SECRET", "loadgen-secret")];
+        let a = Gateway::start_with(&redis, &prefix, &secret).await;
+        let b = Gateway::start_with(&redis, &prefix, &secret).await;
 
-    let users = loadgen(
-        &a,
-        &b,
-        &[
-            "--scenario",
-            "user",
-            "--jwt-secret",
-            "loadgen-secret",
-            "--messages",
-            "5",
-            "--batch",
-            "100",
-        ],
-    )
-    .await;
-    assert_exact(&users, 5);
+        let users = loadgen(
+            &a,
+            &b,
+            &[
+                "--scenario",
+                "user",
+                "--jwt-secret",
+                "loadgen-secret",
+                "--messages",
+                "5",
+                "--batch",
+                "100",
+            ],
+        )
+        .await;
+        assert_exact(&users, 5);
 
-    let inbound = loadgen(
-        &a,
-        &b,
-        &[
-            "--scenario",
-            "inbound",
-            "--messages",
-            "20",
-            "--window",
-            "8",
-            "--jwt-secret",
-            "loadgen-secret",
-        ],
-    )
+        let inbound = loadgen(
+            &a,
+            &b,
+            &[
+                "--scenario",
+                "inbound",
+                "--messages",
+                "20",
+                "--window",
+                "8",
+                "--jwt-secret",
+                "loadgen-secret",
+            ],
+        )
+        .await;
+        assert_exact(&inbound, 20);
+        let mut conn = redis.conn().await;
+        let len: u64 = redis::cmd("XLEN")
+            .arg(format!("{prefix}:in:chat"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            len,
+            20 * CLIENTS as u64,
+            "every acked send is one stream entry"
+        );
+    })
     .await;
-    assert_exact(&inbound, 20);
-    let mut conn = redis.conn().await;
-    let len: u64 = redis::cmd("XLEN")
-        .arg(format!("{prefix}:in:chat"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        len,
-        20 * CLIENTS as u64,
-        "every acked send is one stream entry"
-    );
 }

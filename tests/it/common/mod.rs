@@ -476,15 +476,47 @@ impl Gateway {
     }
 
     /// The value of one metric sample, e.g. `wsbridge_deliveries_total` or
-    /// `wsbridge_delivery_dropped_total{reason="queue_full"}`; 0 when absent.
+    /// `wsbridge_delivery_dropped_total{reason="queue_full"}`.
+    ///
+    /// # Panics
+    ///
+    /// When the replica does not export that series: a renamed or missing series must fail the
+    /// test, not read as 0. The message lists the series of the same metric that do exist. A
+    /// test that expects a series to be absent says so with [`Gateway::metric_opt`].
     pub async fn metric(&self, sample: &str) -> f64 {
-        let (_, text) = http("GET", &format!("{}/metrics", self.api_url), None, None).await;
-        text.lines()
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == sample).then(|| value.parse().unwrap())
-            })
-            .unwrap_or(0.0)
+        let text = self.metrics_text().await;
+        if let Some(value) = sample_value(&text, sample) {
+            return value;
+        }
+        let name = sample.split('{').next().unwrap_or(sample);
+        let same_name: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && series_name(l) == name)
+            .collect();
+        if same_name.is_empty() {
+            panic!("metric series {sample} is absent, and no series of {name} exists");
+        }
+        panic!(
+            "metric series {sample} is absent; the series of {name} are:\n{}",
+            same_name.join("\n")
+        );
+    }
+
+    /// The value of one metric sample, or `None` when the replica does not export it.
+    pub async fn metric_opt(&self, sample: &str) -> Option<f64> {
+        sample_value(&self.metrics_text().await, sample)
+    }
+
+    /// The replica's `/metrics` exposition.
+    ///
+    /// # Panics
+    ///
+    /// When the API does not answer 200.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!("{}/metrics", self.api_url);
+        let (status, text) = http("GET", &url, None, None).await;
+        assert_eq!(status, 200, "GET {url}: {text}");
+        text
     }
 
     pub fn log_text(&self) -> String {
@@ -504,6 +536,19 @@ impl Drop for Gateway {
     }
 }
 
+/// The value of `sample` (a name with its labels, exactly as exported) in an exposition.
+fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().unwrap())
+    })
+}
+
+/// The metric name of an exposition line (`name{labels} value` or `name value`).
+fn series_name(line: &str) -> &str {
+    line.split(['{', ' ']).next().unwrap_or(line)
+}
+
 /// Polls `check` until it holds, failing the test after [`PATIENCE`].
 pub async fn eventually<F, Fut>(what: &str, check: F)
 where
@@ -513,16 +558,53 @@ where
     eventually_within(what, PATIENCE, check).await
 }
 
-/// Polls `check` until it holds, failing the test after `limit`.
+/// Polls `check` until it holds, failing the test after `limit`. A single `check` that hangs
+/// fails it too: each is given only the time left.
 pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, check()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!("timed out waiting for: {what} (a check was still running)"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// How long a test may run before it fails, unless it declares longer with [`deadline`].
+pub const TEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs a test's body, failing the test, by name, when it has not finished within `limit`;
+/// the other tests run on. Every `#[tokio::test]` wraps its body in it, so that a hang fails
+/// that test rather than stall the run:
+///
+/// ```ignore
+/// #[tokio::test]
+/// async fn some_behaviour() {
+///     deadline(TEST_DEADLINE, async {
+///         // the test
+///     })
+///     .await;
+/// }
+/// ```
+pub async fn deadline<T>(limit: Duration, body: impl std::future::Future<Output = T>) -> T {
+    // libtest runs each test on a thread named after it.
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_string();
+    match tokio::time::timeout(limit, body).await {
+        Ok(out) => out,
+        Err(_) => panic!("test {name} did not finish within its deadline of {limit:?}"),
     }
 }
 
@@ -531,8 +613,79 @@ pub async fn http(method: &str, url: &str, body: Option<&str>, key: Option<&str>
     http_raw(method, url, body.map(|b| b.as_bytes().to_vec()), key, &[]).await
 }
 
-/// One HTTP/1.1 request with extra headers.
+/// Reads what the server sends on a raw upgraded socket (`tcp`, after the upgrade request was
+/// written; it never answers anything) until the server ends the connection, within
+/// [`PATIENCE`], and says how it ended: the first close frame's code, or [`Closed::Reset`] when
+/// the bytes end without one.
+pub async fn raw_close_outcome(tcp: &mut TcpStream) -> Closed {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    // A reset after some frames is not a timeout: what arrived before it still counts.
+    if tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut bytes))
+        .await
+        .is_err()
+    {
+        return Closed::Timeout;
+    }
+    let Some(head) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Closed::Reset;
+    };
+    let mut rest = &bytes[head + 4..];
+    // Server frames are not masked: FIN/opcode, a 7-bit length or 126/127 and 2/8 bytes.
+    while rest.len() >= 2 {
+        let (len, at) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 if rest.len() >= 10 => (
+                u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if rest.len() < at + len {
+            break;
+        }
+        let payload = &rest[at..at + len];
+        if rest[0] & 0x0f == 8 {
+            return match payload {
+                [hi, lo, ..] => Closed::Code(u16::from_be_bytes([*hi, *lo])),
+                _ => Closed::NoStatus,
+            };
+        }
+        rest = &rest[at + len..];
+    }
+    Closed::Reset
+}
+
+/// How long [`http_raw`] may take to connect.
+pub const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One HTTP/1.1 request with extra headers; returns status and body text.
+///
+/// Every way the request can fail without an answer is status 0, with a body saying what and
+/// naming the URL: `connection refused`, `connect timed out` (after [`HTTP_CONNECT_TIMEOUT`]),
+/// `request failed`, `body failed` and `no answer` (the whole request took longer than
+/// [`PATIENCE`]). Status 0 rather than a panic, so that polling (readiness during an outage)
+/// can see it and go on; a test that expects an answer asserts the status and prints the body.
 pub async fn http_raw(
+    method: &str,
+    url: &str,
+    body: Option<Vec<u8>>,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    match tokio::time::timeout(
+        PATIENCE,
+        http_raw_unbounded(method, url, body, key, headers),
+    )
+    .await
+    {
+        Ok(answer) => answer,
+        Err(_) => (0, format!("no answer within {PATIENCE:?}: {method} {url}")),
+    }
+}
+
+async fn http_raw_unbounded(
     method: &str,
     url: &str,
     body: Option<Vec<u8>>,
@@ -541,8 +694,15 @@ pub async fn http_raw(
 ) -> (u16, String) {
     let uri: hyper::Uri = url.parse().unwrap();
     let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
-    let Ok(stream) = TcpStream::connect(&addr).await else {
-        return (0, "connection refused".into());
+    let stream = match tokio::time::timeout(HTTP_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return (0, format!("connection refused ({e}): {method} {url}")),
+        Err(_) => {
+            return (
+                0,
+                format!("connect timed out after {HTTP_CONNECT_TIMEOUT:?}: {method} {url}"),
+            )
+        }
     };
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -563,12 +723,34 @@ pub async fn http_raw(
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .unwrap();
-    let Ok(resp) = sender.send_request(req).await else {
-        return (0, "request failed".into());
+    let resp = match sender.send_request(req).await {
+        Ok(resp) => resp,
+        Err(e) => return (0, format!("request failed ({e}): {method} {url}")),
     };
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    match resp.into_body().collect().await {
+        Ok(body) => (
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        ),
+        Err(e) => (
+            0,
+            format!("body failed after status {status} ({e}): {method} {url}"),
+        ),
+    }
+}
+
+/// How a WebSocket connection ended, as the client saw it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A close frame with this status code.
+    Code(u16),
+    /// A close frame without a status code (RFC 6455 §7.1.5: the code reads as 1005).
+    NoStatus,
+    /// No close frame: the connection failed, was reset or simply ended (EOF).
+    Reset,
+    /// The server did not close the connection within [`PATIENCE`].
+    Timeout,
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -655,7 +837,10 @@ impl Client {
         }
     }
 
-    /// Next data frame, or the close frame (Err) / end (None).
+    /// Next data frame, or the close frame (Err) / end (None). `None` covers every way the
+    /// connection can fail without a close frame (reset, EOF, protocol error): a test that
+    /// promises a close code reads it with [`Client::expect_close`] or
+    /// [`Client::close_outcome`], which tell those apart.
     pub async fn next_frame(&mut self) -> Option<Result<Value, Option<CloseFrame>>> {
         loop {
             match self.ws.next().await? {
@@ -671,20 +856,72 @@ impl Client {
         }
     }
 
-    /// Reads until the server closes; returns the close code.
+    /// Reads until the server closes, within [`PATIENCE`], skipping data frames; says how the
+    /// connection ended.
+    pub async fn close_outcome(&mut self) -> Closed {
+        self.read_until_close(|_| {}).await.0
+    }
+
+    /// Reads until the server closes, within [`PATIENCE`]: the data frames received before,
+    /// and how the connection ended.
+    pub async fn frames_until_close(&mut self) -> (Vec<Value>, Closed) {
+        let mut frames = Vec::new();
+        let (closed, _) = self.read_until_close(|frame| frames.push(frame)).await;
+        (frames, closed)
+    }
+
+    /// Reads until the server closes and returns the close frame's code; `None` only for a close
+    /// frame without a status code.
+    ///
+    /// # Panics
+    ///
+    /// When the connection ends without a close frame (a reset, EOF or protocol error), or the
+    /// server does not close it within [`PATIENCE`].
     pub async fn closed(&mut self) -> Option<u16> {
-        let wait = async {
+        match self.read_until_close(|_| {}).await {
+            (Closed::Code(code), _) => Some(code),
+            (Closed::NoStatus, _) => None,
+            (Closed::Reset, why) => panic!("connection reset without a close frame {why}"),
+            (Closed::Timeout, _) => panic!("server did not close within {PATIENCE:?}"),
+        }
+    }
+
+    /// Reads until the server closes and asserts that its close frame carries `code`.
+    pub async fn expect_close(&mut self, code: u16) {
+        let (closed, why) = self.read_until_close(|_| {}).await;
+        assert_eq!(
+            closed,
+            Closed::Code(code),
+            "expected close code {code}{why}"
+        );
+    }
+
+    /// Reads frames until the connection ends, handing each data frame to `each`; returns how
+    /// it ended, and what went wrong when it ended without a close frame.
+    async fn read_until_close(&mut self, mut each: impl FnMut(Value)) -> (Closed, String) {
+        let msgpack = self.msgpack;
+        let ws = &mut self.ws;
+        let read = async {
             loop {
-                match self.next_frame().await {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => each(serde_json::from_str(&t).unwrap()),
+                    Some(Ok(Message::Binary(b))) => {
+                        assert!(msgpack, "binary frame on a JSON connection");
+                        each(rmp_serde::from_slice(&b).unwrap());
+                    }
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        return (Closed::Code(u16::from(frame.code)), String::new())
+                    }
+                    Some(Ok(Message::Close(None))) => return (Closed::NoStatus, String::new()),
                     Some(Ok(_)) => continue,
-                    Some(Err(frame)) => return frame.map(|f| u16::from(f.code)),
-                    None => return None,
+                    Some(Err(e)) => return (Closed::Reset, format!(" ({e})")),
+                    None => return (Closed::Reset, " (the stream ended)".to_string()),
                 }
             }
         };
-        tokio::time::timeout(PATIENCE, wait)
+        tokio::time::timeout(PATIENCE, read)
             .await
-            .expect("server did not close the connection")
+            .unwrap_or_else(|_| (Closed::Timeout, format!(" (nothing within {PATIENCE:?})")))
     }
 
     /// Subscribes and waits for `subscribed`.
