@@ -328,7 +328,11 @@ async fn a_resend_after_the_dedupe_window_is_stored_again() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!((1..=1000).contains(&ttl), "PTTL {ttl} of {key}");
+    // -2: gone already (a slow machine may take that long to ask); -1 would be no expiry.
+    assert!(
+        ttl == -2 || (1..=1000).contains(&ttl),
+        "PTTL {ttl} of {key}"
+    );
     eventually("the dedupe window to pass", || {
         let mut conn = conn.clone();
         let key = key.clone();
