@@ -379,6 +379,10 @@ impl ConnHandle {
             })
             .is_ok();
         if first {
+            // The decision is logged when it is taken: the close frame may leave much later (it
+            // waits behind what a slow client has not read), and the connection is counted as
+            // closed only then.
+            tracing::debug!(connection = %self.id, code, reason, why = ?why, "closing connection");
             self.closing.cancel();
         }
     }

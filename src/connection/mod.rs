@@ -37,8 +37,15 @@ use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
 
-/// How long a closing connection may take to send its close frame and hear the client's.
+/// How long a closing connection may take to hear the client's close frame once ours is sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long our close frame may wait behind what the socket still holds. A slow consumer is
+/// closed because it does not read: its socket buffers are full, and the close frame (1013)
+/// leaves only as the client reads what is ahead of it. Dropping the socket sooner would end the
+/// connection without a close frame (a reset, 1006 in a browser) for a client that is merely
+/// slow; a client that reads nothing for this long is reset.
+const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves an upgraded connection until it closes, then removes every trace of it.
 pub async fn serve(
@@ -138,8 +145,8 @@ pub struct Timing {
 }
 
 /// Runs the reader and the writer of one connection until it closes, including the closing
-/// handshake: the writer sends our close frame, then the reader waits for the client's, both
-/// within [`CLOSE_GRACE`]. `expiry` resolving closes the connection with 1008.
+/// handshake: the writer sends our close frame (within [`CLOSE_WRITE_GRACE`]), then the reader
+/// waits for the client's (within [`CLOSE_GRACE`]). `expiry` resolving closes the connection with 1008.
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     io: TokioIo<Upgraded>,
@@ -185,15 +192,12 @@ async fn drive(
     // Whatever ended first has said why; this only fills in when nothing did.
     handle.close(1000, "", CloseReason::Error);
     // Let the writer send the close frame, then wait for the client's close frame, within reason.
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        if !writer.is_terminated() {
-            (&mut writer).await;
-        }
-        if !reader.is_terminated() {
-            (&mut reader).await;
-        }
-    })
-    .await;
+    if !writer.is_terminated() {
+        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, &mut writer).await;
+    }
+    if !reader.is_terminated() {
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
+    }
     // The socket closes when the writer (dropped on return) and the handle let go of it.
     handle.direct.detach();
     handle.replies.close();

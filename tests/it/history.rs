@@ -482,7 +482,7 @@ async fn a_slow_client_on_a_history_channel_is_closed_not_given_a_gap_and_resume
         let pad = "x".repeat(PAD);
         let mut published = 0u64;
         let slow_closed = "wsbridge_connections_closed_total{reason=\"slow_consumer\"}";
-        while a.metric(slow_closed).await == 0.0 {
+        while !a.closing_decided(&slow.connection, 1013) {
             assert!(published < 20_000, "the slow client was never closed");
             let batch: Vec<Value> = (published..published + 10)
                 .map(|n| json!({"to": {"channel": "room:firehose"}, "data": {"n": n, "pad": pad}}))
@@ -497,16 +497,18 @@ async fn a_slow_client_on_a_history_channel_is_closed_not_given_a_gap_and_resume
             }
             published += 10;
         }
-        assert_eq!(a.metric(slow_closed).await, 1.0);
+        // What the slow client got before the close: a prefix of the stream, then 1013.
+        let (frames, closed) = slow.frames_until_close().await;
+        assert_eq!(closed, Closed::Code(1013));
+        eventually("the slow client counted as closed", || async {
+            a.metric(slow_closed).await == 1.0
+        })
+        .await;
         assert_eq!(
             a.metric("wsbridge_connections").await,
             1.0,
             "only the slow client was closed"
         );
-
-        // What the slow client got before the close: a prefix of the stream, then 1013.
-        let (frames, closed) = slow.frames_until_close().await;
-        assert_eq!(closed, Closed::Code(1013));
         let mut got = Vec::new();
         let mut last_offset = None;
         for frame in frames {

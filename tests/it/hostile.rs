@@ -834,19 +834,21 @@ async fn readers_that_never_read_are_closed_under_the_close_policy() {
         const SLOW: usize = 3;
         let (_redis, gw, mut slow, mut fine) = never_readers("close", SLOW).await;
 
+        let ids: Vec<String> = slow.iter().map(|c| c.connection.clone()).collect();
         flood_until(&gw, &mut fine, "firehose", 200, || async {
-            gw.metric(&closed("slow_consumer")).await == SLOW as f64
+            ids.iter().all(|id| gw.closing_decided(id, 1013))
         })
         .await;
+        for c in &mut slow {
+            // Reading now, each finds what was queued and then 1013 (not a reset).
+            c.expect_close(1013).await;
+        }
         settles_at(&gw, 1.0).await;
+        assert_eq!(gw.metric(&closed("slow_consumer")).await, SLOW as f64);
         assert_eq!(closed_total(&gw).await, SLOW as f64);
         // Each was dropped at least the message that overflowed its queue.
         assert!(gw.metric(QUEUE_FULL).await >= SLOW as f64);
         depth_samples(&gw, 1.0, "4").await;
-        for c in &mut slow {
-            // Reading now, each finds what was queued and then 1013.
-            c.expect_close(1013).await;
-        }
         still_serves(&gw, &mut fine, 1).await;
     })
     .await;

@@ -519,6 +519,17 @@ impl Gateway {
         text
     }
 
+    /// Whether the replica has decided to close `connection` with `code` (its debug log line).
+    /// The decision comes first; the close frame leaves once the client has read what is ahead
+    /// of it, and only then is the connection counted as closed.
+    pub fn closing_decided(&self, connection: &str, code: u16) -> bool {
+        self.logs.lock().unwrap().iter().any(|line| {
+            line.contains("closing connection")
+                && line.contains(&format!("connection={connection} "))
+                && line.contains(&format!("code={code} "))
+        })
+    }
+
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
