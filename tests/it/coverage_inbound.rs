@@ -69,138 +69,144 @@ async fn connect_user(gw: &Gateway, user: &str) -> Client {
 /// stored), counted, and a resend with the same id after Redis is back is stored.
 #[tokio::test]
 async fn a_full_append_queue_refuses_sends_with_overloaded_and_stores_none_of_them() {
-    const SENDS: usize = 6;
-    let redis = Redis::start();
-    let prefix = unique_prefix("overloaded");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[
-            ("WSBRIDGE__INBOUND__APPEND_QUEUE_CAPACITY", "1"),
-            ("WSBRIDGE__INBOUND__APPEND_BATCH_MAX", "1"),
-            // No lifecycle events in the queue: it holds only these sends.
-            ("WSBRIDGE__INBOUND__EVENTS_ENABLED", "false"),
-            // The request in flight waits for the thaw rather than timing out.
-            ("WSBRIDGE__REDIS__COMMAND_TIMEOUT_MS", "10000"),
-        ],
-    )
-    .await;
-    let mut c = Client::connect(&gw).await;
-    send_acked(&mut c, "warm", json!(0)).await;
+    deadline(TEST_DEADLINE, async {
+        const SENDS: usize = 6;
+        let redis = Redis::start();
+        let prefix = unique_prefix("overloaded");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[
+                ("WSBRIDGE__INBOUND__APPEND_QUEUE_CAPACITY", "1"),
+                ("WSBRIDGE__INBOUND__APPEND_BATCH_MAX", "1"),
+                // No lifecycle events in the queue: it holds only these sends.
+                ("WSBRIDGE__INBOUND__EVENTS_ENABLED", "false"),
+                // The request in flight waits for the thaw rather than timing out.
+                ("WSBRIDGE__REDIS__COMMAND_TIMEOUT_MS", "10000"),
+            ],
+        )
+        .await;
+        let mut c = Client::connect(&gw).await;
+        send_acked(&mut c, "warm", json!(0)).await;
 
-    redis.freeze(true);
-    for i in 0..SENDS {
-        c.send(json!({"type": "send", "stream": "chat", "data": i, "id": format!("s{i}")}))
-            .await;
-    }
-    // Refusals come at once, Redis frozen or not: at most two sends got into the queue.
-    let mut refused = Vec::new();
-    for _ in 0..SENDS - 2 {
-        let e = c.recv().await;
-        assert_eq!(
-            (e["type"].as_str(), e["code"].as_str()),
-            (Some("error"), Some("overloaded")),
-            "{e}"
-        );
-        assert!(e["message"].as_str().unwrap().contains("not stored"), "{e}");
-        refused.push(e["id"].as_str().unwrap().to_string());
-    }
-    redis.freeze(false);
+        redis.freeze(true);
+        for i in 0..SENDS {
+            c.send(json!({"type": "send", "stream": "chat", "data": i, "id": format!("s{i}")}))
+                .await;
+        }
+        // Refusals come at once, Redis frozen or not: at most two sends got into the queue.
+        let mut refused = Vec::new();
+        for _ in 0..SENDS - 2 {
+            let e = c.recv().await;
+            assert_eq!(
+                (e["type"].as_str(), e["code"].as_str()),
+                (Some("error"), Some("overloaded")),
+                "{e}"
+            );
+            assert!(e["message"].as_str().unwrap().contains("not stored"), "{e}");
+            refused.push(e["id"].as_str().unwrap().to_string());
+        }
+        redis.freeze(false);
 
-    // The sends that got in are acked once Redis answers; nothing else is refused.
-    let mut acked = Vec::new();
-    while refused.len() + acked.len() < SENDS {
-        let reply = c.recv().await;
-        let id = reply["id"].as_str().unwrap().to_string();
-        match reply["type"].as_str() {
-            Some("ack") => acked.push(id),
-            _ => {
-                assert_eq!(reply["code"], "overloaded", "{reply}");
-                refused.push(id);
+        // The sends that got in are acked once Redis answers; nothing else is refused.
+        let mut acked = Vec::new();
+        while refused.len() + acked.len() < SENDS {
+            let reply = c.recv().await;
+            let id = reply["id"].as_str().unwrap().to_string();
+            match reply["type"].as_str() {
+                Some("ack") => acked.push(id),
+                _ => {
+                    assert_eq!(reply["code"], "overloaded", "{reply}");
+                    refused.push(id);
+                }
             }
         }
-    }
-    assert!(
-        (1..=2).contains(&acked.len()),
-        "one request in flight, at most one queued: acked {acked:?}, refused {refused:?}"
-    );
-    assert_eq!(
-        gw.metric("wsbridge_inbound_rejected_total{code=\"overloaded\"}")
-            .await,
-        refused.len() as f64
-    );
-    let stored = |entries: &Entries| -> Vec<String> {
-        entries
-            .iter()
-            .map(|(_, f)| text(&f["id"]).to_string())
-            .collect()
-    };
-    let mut expected = vec!["warm".to_string()];
-    expected.extend(acked.iter().cloned());
-    assert_eq!(
-        stored(&inbound_entries(&redis, &prefix, "chat").await),
-        expected
-    );
+        assert!(
+            (1..=2).contains(&acked.len()),
+            "one request in flight, at most one queued: acked {acked:?}, refused {refused:?}"
+        );
+        assert_eq!(
+            gw.metric("wsbridge_inbound_rejected_total{code=\"overloaded\"}")
+                .await,
+            refused.len() as f64
+        );
+        let stored = |entries: &Entries| -> Vec<String> {
+            entries
+                .iter()
+                .map(|(_, f)| text(&f["id"]).to_string())
+                .collect()
+        };
+        let mut expected = vec!["warm".to_string()];
+        expected.extend(acked.iter().cloned());
+        assert_eq!(
+            stored(&inbound_entries(&redis, &prefix, "chat").await),
+            expected
+        );
 
-    // Refused means not stored: resending them stores each once.
-    refused.sort();
-    for id in &refused {
-        send_acked(&mut c, id, json!("again")).await;
-    }
-    expected.extend(refused.iter().cloned());
-    assert_eq!(
-        stored(&inbound_entries(&redis, &prefix, "chat").await),
-        expected
-    );
+        // Refused means not stored: resending them stores each once.
+        refused.sort();
+        for id in &refused {
+            send_acked(&mut c, id, json!("again")).await;
+        }
+        expected.extend(refused.iter().cloned());
+        assert_eq!(
+            stored(&inbound_entries(&redis, &prefix, "chat").await),
+            expected
+        );
+    })
+    .await;
 }
 
 /// `outbound.reply_queue_capacity`: a client that does not read its socket, so that its writer
 /// is stuck, and keeps sending frames is closed with 1013 once its replies overflow the queue.
 #[tokio::test]
 async fn a_client_whose_replies_overflow_the_reply_queue_is_closed_with_1013() {
-    const BIG: usize = 512 * 1024;
-    const BIG_MESSAGES: usize = 16;
-    let redis = Redis::start();
-    let prefix = unique_prefix("replyqueue");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[("WSBRIDGE__OUTBOUND__REPLY_QUEUE_CAPACITY", "4")],
-    )
-    .await;
-    let mut slow = Client::connect(&gw).await;
-    let mut probe = Client::connect(&gw).await;
-
-    // 8 MiB for a client that does not read: more than the loopback socket buffers hold (4 MiB
-    // on the sending side at most; the receiving side grows only while its owner reads), so
-    // the writer is stuck in a write with messages still queued.
-    let pad = "x".repeat(BIG);
-    for n in 0..BIG_MESSAGES {
-        gw.send(json!({"to": {"connection": slow.connection}, "data": {"n": n, "pad": pad}}))
-            .await;
-    }
-    // The dispatcher handles payloads in order: once the probe has its message, every big one
-    // is in the slow client's queue or socket.
-    gw.send(json!({"to": {"connection": probe.connection}, "data": "probe"}))
+    deadline(TEST_DEADLINE, async {
+        const BIG: usize = 512 * 1024;
+        const BIG_MESSAGES: usize = 16;
+        let redis = Redis::start();
+        let prefix = unique_prefix("replyqueue");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__OUTBOUND__REPLY_QUEUE_CAPACITY", "4")],
+        )
         .await;
-    assert_eq!(probe.recv().await["data"], "probe");
+        let mut slow = Client::connect(&gw).await;
+        let mut probe = Client::connect(&gw).await;
 
-    // Each frame gets an error reply; the writer cannot take any, so the fifth overflows.
-    for i in 0..8 {
-        slow.send(json!({"type": "dance", "id": i})).await;
-    }
-    assert_eq!(slow.closed().await, Some(1013));
-    eventually("the close counted as slow_consumer", || async {
-        gw.metric("wsbridge_connections_closed_total{reason=\"slow_consumer\"}")
-            .await
-            == 1.0
+        // 8 MiB for a client that does not read: more than the loopback socket buffers hold (4 MiB
+        // on the sending side at most; the receiving side grows only while its owner reads), so
+        // the writer is stuck in a write with messages still queued.
+        let pad = "x".repeat(BIG);
+        for n in 0..BIG_MESSAGES {
+            gw.send(json!({"to": {"connection": slow.connection}, "data": {"n": n, "pad": pad}}))
+                .await;
+        }
+        // The dispatcher handles payloads in order: once the probe has its message, every big one
+        // is in the slow client's queue or socket.
+        gw.send(json!({"to": {"connection": probe.connection}, "data": "probe"}))
+            .await;
+        assert_eq!(probe.recv().await["data"], "probe");
+
+        // Each frame gets an error reply; the writer cannot take any, so the fifth overflows.
+        for i in 0..8 {
+            slow.send(json!({"type": "dance", "id": i})).await;
+        }
+        assert_eq!(slow.closed().await, Some(1013));
+        eventually("the close counted as slow_consumer", || async {
+            gw.metric("wsbridge_connections_closed_total{reason=\"slow_consumer\"}")
+                .await
+                == 1.0
+        })
+        .await;
+        assert_eq!(gw.metric("wsbridge_connections").await, 1.0);
+        // Other clients are not affected.
+        gw.send(json!({"to": {"connection": probe.connection}, "data": "still"}))
+            .await;
+        assert_eq!(probe.recv().await["data"], "still");
     })
     .await;
-    assert_eq!(gw.metric("wsbridge_connections").await, 1.0);
-    // Other clients are not affected.
-    gw.send(json!({"to": {"connection": probe.connection}, "data": "still"}))
-        .await;
-    assert_eq!(probe.recv().await["data"], "still");
 }
 
 /// `redis.pubsub_buffer_messages`: when payloads arrive faster than the dispatcher takes them,
@@ -209,92 +215,95 @@ async fn a_client_whose_replies_overflow_the_reply_queue_is_closed_with_1013() {
 /// pub/sub reconnect involved.
 #[tokio::test]
 async fn a_pubsub_backlog_drop_is_counted_and_history_subscribers_catch_up() {
-    // Per burst: PAYLOADS payloads of one message each, every EVERY-th one on the history
-    // channel, the rest on a channel without history that only busy the dispatcher.
-    const PAYLOADS: usize = 200;
-    const EVERY: usize = 10;
-    const ATTEMPTS: usize = 5;
-    let redis = Redis::start();
-    let prefix = unique_prefix("backlog");
-    let config = with_history(&redis, &prefix, 10_000);
-    let a = Gateway::spawn(
-        &config,
-        &prefix,
-        &[
-            // Also the number of live messages a catching-up channel may hold while its history
-            // is read: more than the history channel gets in one burst.
-            ("WSBRIDGE__REDIS__PUBSUB_BUFFER_MESSAGES", "32"),
-            // Stopping the process below must not look like a dead pub/sub link: the only way
-            // back for the dropped messages is then the backlog's own catch-up.
-            ("WSBRIDGE__REDIS__HEALTH_INTERVAL_MS", "5000"),
-            ("WSBRIDGE__REDIS__UNHEALTHY_AFTER_MS", "60000"),
-        ],
-    );
-    a.wait_ready().await;
-    let b = Gateway::spawn(&config, &prefix, &[]);
-    b.wait_ready().await;
+    deadline(TEST_DEADLINE, async {
+        // Per burst: PAYLOADS payloads of one message each, every EVERY-th one on the history
+        // channel, the rest on a channel without history that only busy the dispatcher.
+        const PAYLOADS: usize = 200;
+        const EVERY: usize = 10;
+        const ATTEMPTS: usize = 5;
+        let redis = Redis::start();
+        let prefix = unique_prefix("backlog");
+        let config = with_history(&redis, &prefix, 10_000);
+        let a = Gateway::spawn(
+            &config,
+            &prefix,
+            &[
+                // Also the number of live messages a catching-up channel may hold while its history
+                // is read: more than the history channel gets in one burst.
+                ("WSBRIDGE__REDIS__PUBSUB_BUFFER_MESSAGES", "32"),
+                // Stopping the process below must not look like a dead pub/sub link: the only way
+                // back for the dropped messages is then the backlog's own catch-up.
+                ("WSBRIDGE__REDIS__HEALTH_INTERVAL_MS", "5000"),
+                ("WSBRIDGE__REDIS__UNHEALTHY_AFTER_MS", "60000"),
+            ],
+        );
+        a.wait_ready().await;
+        let b = Gateway::spawn(&config, &prefix, &[]);
+        b.wait_ready().await;
 
-    let mut c = Client::connect(&a).await;
-    c.subscribe("room:1").await;
-    // Clients that never read make every noise payload cost the dispatcher more.
-    let mut others = Vec::new();
-    for _ in 0..4 {
-        let mut o = Client::connect(&a).await;
-        o.subscribe("noise").await;
-        others.push(o);
-    }
-    // One message delivered first: the catch-up starts from the last offset delivered.
-    b.send(json!({"to": {"channel": "room:1"}, "data": 0}))
-        .await;
-    assert_eq!(c.recv().await["data"], 0);
-    let mut next = 1i64;
+        let mut c = Client::connect(&a).await;
+        c.subscribe("room:1").await;
+        // Clients that never read make every noise payload cost the dispatcher more.
+        let mut others = Vec::new();
+        for _ in 0..4 {
+            let mut o = Client::connect(&a).await;
+            o.subscribe("noise").await;
+            others.push(o);
+        }
+        // One message delivered first: the catch-up starts from the last offset delivered.
+        b.send(json!({"to": {"channel": "room:1"}, "data": 0}))
+            .await;
+        assert_eq!(c.recv().await["data"], 0);
+        let mut next = 1i64;
 
-    let dropped = "wsbridge_delivery_dropped_total{reason=\"pubsub_backlog\"}";
-    for _ in 0..ATTEMPTS {
-        // Stopped, replica A cannot take payloads; they wait in its socket and then arrive in
-        // one burst, far faster than the dispatcher takes them.
-        a.signal("-STOP");
-        let first = next;
-        for k in 0..PAYLOADS {
-            if k % EVERY == 0 {
-                b.send(json!({"to": {"channel": "room:1"}, "data": next}))
-                    .await;
-                next += 1;
-            } else {
-                b.send(json!({"to": {"channel": "noise"}, "data": "noise"}))
-                    .await;
+        let dropped = "wsbridge_delivery_dropped_total{reason=\"pubsub_backlog\"}";
+        for _ in 0..ATTEMPTS {
+            // Stopped, replica A cannot take payloads; they wait in its socket and then arrive in
+            // one burst, far faster than the dispatcher takes them.
+            a.signal("-STOP");
+            let first = next;
+            for k in 0..PAYLOADS {
+                if k % EVERY == 0 {
+                    b.send(json!({"to": {"channel": "room:1"}, "data": next}))
+                        .await;
+                    next += 1;
+                } else {
+                    b.send(json!({"to": {"channel": "noise"}, "data": "noise"}))
+                        .await;
+                }
+            }
+            a.signal("-CONT");
+            for n in first..next {
+                let m = c.recv().await;
+                assert_eq!(
+                    (m["type"].as_str(), m["data"].as_i64()),
+                    (Some("message"), Some(n)),
+                    "{m}"
+                );
+            }
+            if a.metric(dropped).await > 0.0 {
+                break;
             }
         }
-        a.signal("-CONT");
-        for n in first..next {
-            let m = c.recv().await;
-            assert_eq!(
-                (m["type"].as_str(), m["data"].as_i64()),
-                (Some("message"), Some(n)),
-                "{m}"
-            );
-        }
-        if a.metric(dropped).await > 0.0 {
-            break;
-        }
-    }
-    assert!(a.metric(dropped).await > 0.0, "no payload was ever dropped");
-    assert!(
-        a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-            .await
-            >= 1.0
-    );
-    assert_eq!(
-        a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
-            .await,
-        0.0
-    );
-    assert_eq!(a.metric("wsbridge_pubsub_reconnects_total").await, 0.0);
-    // Nothing twice: the next message is the last one published.
-    b.send(json!({"to": {"channel": "room:1"}, "data": "end"}))
-        .await;
-    assert_eq!(c.recv().await["data"], "end");
-    drop(others);
+        assert!(a.metric(dropped).await > 0.0, "no payload was ever dropped");
+        assert!(
+            a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
+                .await
+                >= 1.0
+        );
+        assert_eq!(
+            a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
+                .await,
+            0.0
+        );
+        assert_eq!(a.metric("wsbridge_pubsub_reconnects_total").await, 0.0);
+        // Nothing twice: the next message is the last one published.
+        b.send(json!({"to": {"channel": "room:1"}, "data": "end"}))
+            .await;
+        assert_eq!(c.recv().await["data"], "end");
+        drop(others);
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,138 +315,150 @@ async fn a_pubsub_backlog_drop_is_counted_and_history_subscribers_catch_up() {
 /// `id` field, for backends to dedupe on).
 #[tokio::test]
 async fn a_resend_after_the_dedupe_window_is_stored_again() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("window");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[
-            ("WSBRIDGE__AUTH__JWT_SECRET", SECRET),
-            ("WSBRIDGE__INBOUND__DEDUPE_WINDOW_SECONDS", "1"),
-        ],
-    )
-    .await;
-    let mut c = connect_user(&gw, "alice").await;
-    let first = send_acked(&mut c, "w1", json!({"n": 1})).await;
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("window");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[
+                ("WSBRIDGE__AUTH__JWT_SECRET", SECRET),
+                ("WSBRIDGE__INBOUND__DEDUPE_WINDOW_SECONDS", "1"),
+            ],
+        )
+        .await;
+        let mut c = connect_user(&gw, "alice").await;
+        let first = send_acked(&mut c, "w1", json!({"n": 1})).await;
 
-    // Remembered for the configured second, not longer.
-    let key = dedupe_key(&prefix, "chat", "u:alice", "w1");
-    let mut conn = redis.conn().await;
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // -2: gone already (a slow machine may take that long to ask); -1 would be no expiry.
-    assert!(
-        ttl == -2 || (1..=1000).contains(&ttl),
-        "PTTL {ttl} of {key}"
-    );
-    eventually("the dedupe window to pass", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move {
-            let exists: i64 = redis::cmd("EXISTS")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            exists == 0
-        }
+        // Remembered for the configured second, not longer.
+        let key = dedupe_key(&prefix, "chat", "u:alice", "w1");
+        let mut conn = redis.conn().await;
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // -2: gone already (a slow machine may take that long to ask); -1 would be no expiry.
+        assert!(
+            ttl == -2 || (1..=1000).contains(&ttl),
+            "PTTL {ttl} of {key}"
+        );
+        eventually("the dedupe window to pass", || {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let exists: i64 = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                exists == 0
+            }
+        })
+        .await;
+
+        let second = send_acked(&mut c, "w1", json!({"n": 1})).await;
+        assert_ne!(first, second);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        let ids: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(entry, f)| (entry.as_str(), text(&f["id"])))
+            .collect();
+        assert_eq!(ids, [(first.as_str(), "w1"), (second.as_str(), "w1")]);
     })
     .await;
-
-    let second = send_acked(&mut c, "w1", json!({"n": 1})).await;
-    assert_ne!(first, second);
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    let ids: Vec<(&str, &str)> = entries
-        .iter()
-        .map(|(entry, f)| (entry.as_str(), text(&f["id"])))
-        .collect();
-    assert_eq!(ids, [(first.as_str(), "w1"), (second.as_str(), "w1")]);
 }
 
 /// `inbound.dedupe_window_seconds = 0` turns deduplication off: every resend is stored, and the
 /// gateway keeps no dedupe keys.
 #[tokio::test]
 async fn a_dedupe_window_of_zero_stores_every_resend() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("nodedupe");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[
-            ("WSBRIDGE__AUTH__JWT_SECRET", SECRET),
-            ("WSBRIDGE__INBOUND__DEDUPE_WINDOW_SECONDS", "0"),
-        ],
-    )
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("nodedupe");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[
+                ("WSBRIDGE__AUTH__JWT_SECRET", SECRET),
+                ("WSBRIDGE__INBOUND__DEDUPE_WINDOW_SECONDS", "0"),
+            ],
+        )
+        .await;
+        let mut c = connect_user(&gw, "bob").await;
+        let first = send_acked(&mut c, "z1", json!("a")).await;
+        let second = send_acked(&mut c, "z1", json!("a")).await;
+        let mut again = connect_user(&gw, "bob").await;
+        let third = send_acked(&mut again, "z1", json!("a")).await;
+        assert!(first != second && second != third && first != third);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        assert_eq!(entries.len(), 3);
+        assert!(entries.iter().all(|(_, f)| text(&f["id"]) == "z1"));
+        let mut conn = redis.conn().await;
+        let key = dedupe_key(&prefix, "chat", "u:bob", "z1");
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "{key} kept with the window off");
+    })
     .await;
-    let mut c = connect_user(&gw, "bob").await;
-    let first = send_acked(&mut c, "z1", json!("a")).await;
-    let second = send_acked(&mut c, "z1", json!("a")).await;
-    let mut again = connect_user(&gw, "bob").await;
-    let third = send_acked(&mut again, "z1", json!("a")).await;
-    assert!(first != second && second != third && first != third);
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    assert_eq!(entries.len(), 3);
-    assert!(entries.iter().all(|(_, f)| text(&f["id"]) == "z1"));
-    let mut conn = redis.conn().await;
-    let key = dedupe_key(&prefix, "chat", "u:bob", "z1");
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0, "{key} kept with the window off");
 }
 
 /// An anonymous client's ids are scoped to its connection: a resend on the same connection is
 /// acked with the original entry and not stored again.
 #[tokio::test]
 async fn an_anonymous_resend_on_the_same_connection_is_stored_once() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("anonsame");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let mut c = Client::connect(&gw).await;
-    let first = send_acked(&mut c, "a1", json!({"text": "hi"})).await;
-    let second = send_acked(&mut c, "a1", json!({"text": "hi"})).await;
-    assert_eq!(first, second);
-    // Another id is another entry.
-    let other = send_acked(&mut c, "a2", json!({"text": "hi"})).await;
-    assert_ne!(other, first);
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    let ids: Vec<&str> = entries.iter().map(|(e, _)| e.as_str()).collect();
-    assert_eq!(ids, [first.as_str(), other.as_str()]);
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("anonsame");
+        let gw = Gateway::start(&redis, &prefix).await;
+        let mut c = Client::connect(&gw).await;
+        let first = send_acked(&mut c, "a1", json!({"text": "hi"})).await;
+        let second = send_acked(&mut c, "a1", json!({"text": "hi"})).await;
+        assert_eq!(first, second);
+        // Another id is another entry.
+        let other = send_acked(&mut c, "a2", json!({"text": "hi"})).await;
+        assert_ne!(other, first);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        let ids: Vec<&str> = entries.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(ids, [first.as_str(), other.as_str()]);
+    })
+    .await;
 }
 
 /// ... and only to it: after a reconnect the same id is a new message, stored again, as the
 /// README says (backends dedupe such resends on the `id` field).
 #[tokio::test]
 async fn an_anonymous_resend_after_a_reconnect_is_stored_again() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("anonreconnect");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let mut c = Client::connect(&gw).await;
-    let first = send_acked(&mut c, "a1", json!(1)).await;
-    let first_connection = c.connection.clone();
-    c.ws.close(None).await.unwrap();
-    assert_eq!(c.closed().await, Some(1000));
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("anonreconnect");
+        let gw = Gateway::start(&redis, &prefix).await;
+        let mut c = Client::connect(&gw).await;
+        let first = send_acked(&mut c, "a1", json!(1)).await;
+        let first_connection = c.connection.clone();
+        c.ws.close(None).await.unwrap();
+        assert_eq!(c.closed().await, Some(1000));
 
-    let mut c = Client::connect(&gw).await;
-    let second = send_acked(&mut c, "a1", json!(1)).await;
-    assert_ne!(first, second);
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    let stored: Vec<(&str, &str, &str)> = entries
-        .iter()
-        .map(|(e, f)| (e.as_str(), text(&f["id"]), text(&f["connection"])))
-        .collect();
-    assert_eq!(
-        stored,
-        [
-            (first.as_str(), "a1", first_connection.as_str()),
-            (second.as_str(), "a1", c.connection.as_str())
-        ]
-    );
+        let mut c = Client::connect(&gw).await;
+        let second = send_acked(&mut c, "a1", json!(1)).await;
+        assert_ne!(first, second);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        let stored: Vec<(&str, &str, &str)> = entries
+            .iter()
+            .map(|(e, f)| (e.as_str(), text(&f["id"]), text(&f["connection"])))
+            .collect();
+        assert_eq!(
+            stored,
+            [
+                (first.as_str(), "a1", first_connection.as_str()),
+                (second.as_str(), "a1", c.connection.as_str())
+            ]
+        );
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,78 +469,84 @@ async fn an_anonymous_resend_after_a_reconnect_is_stored_again() {
 /// nothing to `<prefix>:events`, while client sends are still stored.
 #[tokio::test]
 async fn with_events_disabled_nothing_is_written_to_the_events_stream() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("noevents");
-    let gw = Gateway::start_with(
-        &redis,
-        &prefix,
-        &[("WSBRIDGE__INBOUND__EVENTS_ENABLED", "false")],
-    )
-    .await;
-    let mut c = Client::connect(&gw).await;
-    c.subscribe("room:1").await;
-    c.send(json!({"type": "unsubscribe", "channel": "room:1", "id": "u"}))
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("noevents");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__INBOUND__EVENTS_ENABLED", "false")],
+        )
         .await;
-    assert_eq!(c.recv().await["type"], "unsubscribed");
-    c.ws.close(None).await.unwrap();
-    assert_eq!(c.closed().await, Some(1000));
-    eventually("the disconnect handled", || async {
-        gw.metric("wsbridge_connections_closed_total{reason=\"client\"}")
+        let mut c = Client::connect(&gw).await;
+        c.subscribe("room:1").await;
+        c.send(json!({"type": "unsubscribe", "channel": "room:1", "id": "u"}))
+            .await;
+        assert_eq!(c.recv().await["type"], "unsubscribed");
+        c.ws.close(None).await.unwrap();
+        assert_eq!(c.closed().await, Some(1000));
+        eventually("the disconnect handled", || async {
+            gw.metric("wsbridge_connections_closed_total{reason=\"client\"}")
+                .await
+                == 1.0
+        })
+        .await;
+
+        // Events and sends share one FIFO append queue: once a send queued after the disconnect
+        // is acked, and one more after that (on a cluster, streams are appended side by side), any
+        // event queued before them has been written.
+        let mut other = Client::connect(&gw).await;
+        send_acked(&mut other, "b1", json!(1)).await;
+        send_acked(&mut other, "b2", json!(2)).await;
+        let mut conn = redis.conn().await;
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(format!("{prefix}:events"))
+            .query_async(&mut conn)
             .await
-            == 1.0
+            .unwrap();
+        assert_eq!(exists, 0, "events were written although disabled");
+        assert_eq!(inbound_entries(&redis, &prefix, "chat").await.len(), 2);
     })
     .await;
-
-    // Events and sends share one FIFO append queue: once a send queued after the disconnect
-    // is acked, and one more after that (on a cluster, streams are appended side by side), any
-    // event queued before them has been written.
-    let mut other = Client::connect(&gw).await;
-    send_acked(&mut other, "b1", json!(1)).await;
-    send_acked(&mut other, "b2", json!(2)).await;
-    let mut conn = redis.conn().await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(format!("{prefix}:events"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0, "events were written although disabled");
-    assert_eq!(inbound_entries(&redis, &prefix, "chat").await.len(), 2);
 }
 
 /// `wsbridge_events_failed_total`: an event Redis does not take is counted, and not written
 /// (lifecycle events are at most once).
 #[tokio::test]
 async fn an_event_redis_does_not_take_is_counted_in_events_failed() {
-    let mut redis = Redis::start_with_aof();
-    let prefix = unique_prefix("eventsfailed");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let key = format!("{prefix}:events");
-    let mut c = Client::connect(&gw).await;
-    {
-        let conn = redis.conn().await;
-        eventually("the connect event", || {
-            let mut conn = conn.clone();
-            let key = key.clone();
-            async move { xrange(&mut conn, &key).await.len() == 1 }
+    deadline(TEST_DEADLINE, async {
+        let mut redis = Redis::start_with_aof();
+        let prefix = unique_prefix("eventsfailed");
+        let gw = Gateway::start(&redis, &prefix).await;
+        let key = format!("{prefix}:events");
+        let mut c = Client::connect(&gw).await;
+        {
+            let conn = redis.conn().await;
+            eventually("the connect event", || {
+                let mut conn = conn.clone();
+                let key = key.clone();
+                async move { xrange(&mut conn, &key).await.len() == 1 }
+            })
+            .await;
+        }
+        assert_eq!(gw.metric("wsbridge_events_failed_total").await, 0.0);
+
+        redis.kill();
+        c.ws.close(None).await.unwrap();
+        assert_eq!(c.closed().await, Some(1000));
+        eventually("the disconnect event counted as failed", || async {
+            gw.metric("wsbridge_events_failed_total").await == 1.0
         })
         .await;
-    }
-    assert_eq!(gw.metric("wsbridge_events_failed_total").await, 0.0);
 
-    redis.kill();
-    c.ws.close(None).await.unwrap();
-    assert_eq!(c.closed().await, Some(1000));
-    eventually("the disconnect event counted as failed", || async {
-        gw.metric("wsbridge_events_failed_total").await == 1.0
+        // Redis comes back with everything it stored: the connect event, and no disconnect.
+        redis.restart();
+        let mut conn = redis.conn().await;
+        let events = xrange(&mut conn, &key).await;
+        let kinds: Vec<&str> = events.iter().map(|(_, f)| text(&f["event"])).collect();
+        assert_eq!(kinds, ["connect"]);
     })
     .await;
-
-    // Redis comes back with everything it stored: the connect event, and no disconnect.
-    redis.restart();
-    let mut conn = redis.conn().await;
-    let events = xrange(&mut conn, &key).await;
-    let kinds: Vec<&str> = events.iter().map(|(_, f)| text(&f["event"])).collect();
-    assert_eq!(kinds, ["connect"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,50 +559,53 @@ async fn an_event_redis_does_not_take_is_counted_in_events_failed() {
 /// connection stays open.
 #[tokio::test]
 async fn a_binary_frame_on_a_json_connection_is_read_as_msgpack_and_answered_in_json() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("binonjson");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let mut c = Client::connect(&gw).await;
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("binonjson");
+        let gw = Gateway::start(&redis, &prefix).await;
+        let mut c = Client::connect(&gw).await;
 
-    let frame = json!({"type": "send", "stream": "chat", "data": [1, "two"], "id": "b1"});
-    c.ws.send(Message::Binary(
-        rmp_serde::to_vec_named(&frame).unwrap().into(),
-    ))
-    .await
-    .unwrap();
-    let Message::Text(reply) = raw_frame(&mut c).await else {
-        panic!("a JSON connection must be answered in text frames")
-    };
-    let ack: Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(
-        (ack["type"].as_str(), ack["id"].as_str()),
-        (Some("ack"), Some("b1")),
-        "{ack}"
-    );
-
-    c.ws.send(Message::Binary(vec![0xc1, 0x00].into()))
+        let frame = json!({"type": "send", "stream": "chat", "data": [1, "two"], "id": "b1"});
+        c.ws.send(Message::Binary(
+            rmp_serde::to_vec_named(&frame).unwrap().into(),
+        ))
         .await
         .unwrap();
-    let Message::Text(reply) = raw_frame(&mut c).await else {
-        panic!("a JSON connection must be answered in text frames")
-    };
-    let error: Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(
-        (error["type"].as_str(), error["code"].as_str()),
-        (Some("error"), Some("bad_frame")),
-        "{error}"
-    );
+        let Message::Text(reply) = raw_frame(&mut c).await else {
+            panic!("a JSON connection must be answered in text frames")
+        };
+        let ack: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["id"].as_str()),
+            (Some("ack"), Some("b1")),
+            "{ack}"
+        );
 
-    // Still open, and still JSON.
-    send_acked(&mut c, "j1", json!({"k": "v"})).await;
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    assert_eq!(entries.len(), 2);
-    let (entry, f) = &entries[0];
-    assert_eq!(entry.as_str(), ack["entry"].as_str().unwrap());
-    assert_eq!(text(&f["encoding"]), "msgpack");
-    let data: (u8, String) = rmp_serde::from_slice(&f["data"]).unwrap();
-    assert_eq!(data, (1, "two".to_string()));
-    assert_eq!(text(&entries[1].1["encoding"]), "json");
+        c.ws.send(Message::Binary(vec![0xc1, 0x00].into()))
+            .await
+            .unwrap();
+        let Message::Text(reply) = raw_frame(&mut c).await else {
+            panic!("a JSON connection must be answered in text frames")
+        };
+        let error: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some("bad_frame")),
+            "{error}"
+        );
+
+        // Still open, and still JSON.
+        send_acked(&mut c, "j1", json!({"k": "v"})).await;
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        assert_eq!(entries.len(), 2);
+        let (entry, f) = &entries[0];
+        assert_eq!(entry.as_str(), ack["entry"].as_str().unwrap());
+        assert_eq!(text(&f["encoding"]), "msgpack");
+        let data: (u8, String) = rmp_serde::from_slice(&f["data"]).unwrap();
+        assert_eq!(data, (1, "two".to_string()));
+        assert_eq!(text(&entries[1].1["encoding"]), "json");
+    })
+    .await;
 }
 
 /// The reverse: a text frame on a MessagePack connection is read as JSON, stored as JSON and
@@ -583,56 +613,59 @@ async fn a_binary_frame_on_a_json_connection_is_read_as_msgpack_and_answered_in_
 /// MessagePack, and the connection stays open.
 #[tokio::test]
 async fn a_text_frame_on_a_msgpack_connection_is_read_as_json_and_answered_in_msgpack() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("textonmp");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let mut c = Client::connect_msgpack(&gw).await;
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("textonmp");
+        let gw = Gateway::start(&redis, &prefix).await;
+        let mut c = Client::connect_msgpack(&gw).await;
 
-    let frame = json!({"type": "send", "stream": "chat", "data": {"text": "hé"}, "id": "t1"});
-    c.ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
-    let Message::Binary(reply) = raw_frame(&mut c).await else {
-        panic!("a MessagePack connection must be answered in binary frames")
-    };
-    let ack: Value = rmp_serde::from_slice(&reply).unwrap();
-    assert_eq!(
-        (ack["type"].as_str(), ack["id"].as_str()),
-        (Some("ack"), Some("t1")),
-        "{ack}"
-    );
+        let frame = json!({"type": "send", "stream": "chat", "data": {"text": "hé"}, "id": "t1"});
+        c.ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+        let Message::Binary(reply) = raw_frame(&mut c).await else {
+            panic!("a MessagePack connection must be answered in binary frames")
+        };
+        let ack: Value = rmp_serde::from_slice(&reply).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["id"].as_str()),
+            (Some("ack"), Some("t1")),
+            "{ack}"
+        );
 
-    c.ws.send(Message::Text("{not json".into())).await.unwrap();
-    let Message::Binary(reply) = raw_frame(&mut c).await else {
-        panic!("a MessagePack connection must be answered in binary frames")
-    };
-    let error: Value = rmp_serde::from_slice(&reply).unwrap();
-    assert_eq!(
-        (error["type"].as_str(), error["code"].as_str()),
-        (Some("error"), Some("bad_frame")),
-        "{error}"
-    );
+        c.ws.send(Message::Text("{not json".into())).await.unwrap();
+        let Message::Binary(reply) = raw_frame(&mut c).await else {
+            panic!("a MessagePack connection must be answered in binary frames")
+        };
+        let error: Value = rmp_serde::from_slice(&reply).unwrap();
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some("bad_frame")),
+            "{error}"
+        );
 
-    // Still open, and still MessagePack.
-    c.send(json!({"type": "send", "stream": "chat", "data": 5, "id": "m1"}))
-        .await;
-    let Message::Binary(reply) = raw_frame(&mut c).await else {
-        panic!("a MessagePack connection must be answered in binary frames")
-    };
-    let ack2: Value = rmp_serde::from_slice(&reply).unwrap();
-    assert_eq!(
-        (ack2["type"].as_str(), ack2["id"].as_str()),
-        (Some("ack"), Some("m1")),
-        "{ack2}"
-    );
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    assert_eq!(entries.len(), 2);
-    let (entry, f) = &entries[0];
-    assert_eq!(entry.as_str(), ack["entry"].as_str().unwrap());
-    assert_eq!(text(&f["encoding"]), "json");
-    let data: Value = serde_json::from_slice(&f["data"]).unwrap();
-    assert_eq!(data, json!({"text": "hé"}));
-    assert_eq!(text(&entries[1].1["encoding"]), "msgpack");
+        // Still open, and still MessagePack.
+        c.send(json!({"type": "send", "stream": "chat", "data": 5, "id": "m1"}))
+            .await;
+        let Message::Binary(reply) = raw_frame(&mut c).await else {
+            panic!("a MessagePack connection must be answered in binary frames")
+        };
+        let ack2: Value = rmp_serde::from_slice(&reply).unwrap();
+        assert_eq!(
+            (ack2["type"].as_str(), ack2["id"].as_str()),
+            (Some("ack"), Some("m1")),
+            "{ack2}"
+        );
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        assert_eq!(entries.len(), 2);
+        let (entry, f) = &entries[0];
+        assert_eq!(entry.as_str(), ack["entry"].as_str().unwrap());
+        assert_eq!(text(&f["encoding"]), "json");
+        let data: Value = serde_json::from_slice(&f["data"]).unwrap();
+        assert_eq!(data, json!({"text": "hé"}));
+        assert_eq!(text(&entries[1].1["encoding"]), "msgpack");
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -644,47 +677,51 @@ async fn a_text_frame_on_a_msgpack_connection_is_read_as_json_and_answered_in_ms
 /// acked with that entry, and the stream holds it once.
 #[tokio::test]
 async fn a_send_that_may_have_been_stored_is_resent_and_stored_once() {
-    let redis = Redis::start();
-    let prefix = unique_prefix("maybestored");
-    let gw = Gateway::start_with(&redis, &prefix, &[("WSBRIDGE__AUTH__JWT_SECRET", SECRET)]).await;
-    let mut c = connect_user(&gw, "carol").await;
-    send_acked(&mut c, "warm", json!(0)).await;
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("maybestored");
+        let gw =
+            Gateway::start_with(&redis, &prefix, &[("WSBRIDGE__AUTH__JWT_SECRET", SECRET)]).await;
+        let mut c = connect_user(&gw, "carol").await;
+        send_acked(&mut c, "warm", json!(0)).await;
 
-    // Frozen, Redis takes the append into its socket and answers nothing: the gateway gives up
-    // after redis.command_timeout_ms, not knowing whether it was stored.
-    redis.freeze(true);
-    c.send(json!({"type": "send", "stream": "chat", "data": {"n": 1}, "id": "m1"}))
+        // Frozen, Redis takes the append into its socket and answers nothing: the gateway gives up
+        // after redis.command_timeout_ms, not knowing whether it was stored.
+        redis.freeze(true);
+        c.send(json!({"type": "send", "stream": "chat", "data": {"n": 1}, "id": "m1"}))
+            .await;
+        let e = c.recv().await;
+        redis.freeze(false);
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["id"].as_str()),
+            (Some("error"), Some("redis_unavailable"), Some("m1")),
+            "{e}"
+        );
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("may have been stored"),
+            "{e}"
+        );
+
+        // Thawed, Redis runs the append it had received: the message was stored after all.
+        let conn = redis.conn().await;
+        eventually("the timed-out append stored", || {
+            let mut conn = conn.clone();
+            let key = format!("{prefix}:in:chat");
+            async move { xrange(&mut conn, &key).await.len() == 2 }
+        })
         .await;
-    let e = c.recv().await;
-    redis.freeze(false);
-    assert_eq!(
-        (e["type"].as_str(), e["code"].as_str(), e["id"].as_str()),
-        (Some("error"), Some("redis_unavailable"), Some("m1")),
-        "{e}"
-    );
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("may have been stored"),
-        "{e}"
-    );
+        let stored = inbound_entries(&redis, &prefix, "chat").await;
+        assert_eq!(text(&stored[1].1["id"]), "m1");
 
-    // Thawed, Redis runs the append it had received: the message was stored after all.
-    let conn = redis.conn().await;
-    eventually("the timed-out append stored", || {
-        let mut conn = conn.clone();
-        let key = format!("{prefix}:in:chat");
-        async move { xrange(&mut conn, &key).await.len() == 2 }
+        // The resend is acked with that entry and stored no second time.
+        let resent = send_acked(&mut c, "m1", json!({"n": 1})).await;
+        assert_eq!(resent, stored[1].0);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        let ids: Vec<&str> = entries.iter().map(|(_, f)| text(&f["id"])).collect();
+        assert_eq!(ids, ["warm", "m1"]);
     })
     .await;
-    let stored = inbound_entries(&redis, &prefix, "chat").await;
-    assert_eq!(text(&stored[1].1["id"]), "m1");
-
-    // The resend is acked with that entry and stored no second time.
-    let resent = send_acked(&mut c, "m1", json!({"n": 1})).await;
-    assert_eq!(resent, stored[1].0);
-    let entries = inbound_entries(&redis, &prefix, "chat").await;
-    let ids: Vec<&str> = entries.iter().map(|(_, f)| text(&f["id"])).collect();
-    assert_eq!(ids, ["warm", "m1"]);
 }

@@ -25,6 +25,8 @@ const BATCH: u64 = 10;
 /// Time between two calls: 500 calls take about 5 s.
 const PACE: Duration = Duration::from_millis(10);
 const CHANNEL: &str = "room:failover";
+/// The 200-client tests take 15–25 s alone; on a loaded 2-core machine, more.
+const CROWD_DEADLINE: Duration = Duration::from_secs(150);
 
 /// An offset as `(epoch, entry id)`, to check the order (README: `<epoch>:<stream entry id>`).
 fn parse_offset(offset: &str) -> (String, (u64, u64)) {
@@ -410,71 +412,74 @@ fn take_counted(
 /// the offsets the publisher was given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_killed_replica_resume_on_another_without_gap_or_duplicate() {
-    let started_at = Instant::now();
-    let redis = Redis::start();
-    let prefix = unique_prefix("failover-kill");
-    let setup = start_replicas(&redis, &prefix).await;
+    deadline(CROWD_DEADLINE, async {
+        let started_at = Instant::now();
+        let redis = Redis::start();
+        let prefix = unique_prefix("failover-kill");
+        let setup = start_replicas(&redis, &prefix).await;
 
-    let mut clients = Vec::new();
-    for n in 0..CLIENTS {
-        let (first, second) = (setup.a.ws_url.clone(), setup.b.ws_url.clone());
-        let (crowd, last_seq) = (setup.crowd.clone(), setup.last_seq.clone());
-        clients.push(tokio::spawn(async move {
-            let who = format!("client {n}");
-            let mut got = Received::default();
-            let mut ws = connect_retrying(&first, &who).await;
-            let joined = join(&mut ws, &who, None, &mut got).await;
-            assert_eq!(joined.recovered, None, "{who}: {joined:?}");
-            crowd.joined.fetch_add(1, Ordering::Relaxed);
-            while !got.done() {
-                match next_frame(&mut ws).await {
-                    Some(frame) => take_counted(n, &who, frame, &mut got, (&crowd, &last_seq)),
-                    None => {
-                        // The replica is gone: resume on the other one.
-                        assert!(got.resumes.is_empty(), "{who}: dropped twice");
-                        let since = got.last_offset().expect("a message before the kill");
-                        ws = connect_retrying(&second, &who).await;
-                        let joined = join(&mut ws, &who, Some(since), &mut got).await;
-                        got.resumes.push(joined.recovered == Some(true));
+        let mut clients = Vec::new();
+        for n in 0..CLIENTS {
+            let (first, second) = (setup.a.ws_url.clone(), setup.b.ws_url.clone());
+            let (crowd, last_seq) = (setup.crowd.clone(), setup.last_seq.clone());
+            clients.push(tokio::spawn(async move {
+                let who = format!("client {n}");
+                let mut got = Received::default();
+                let mut ws = connect_retrying(&first, &who).await;
+                let joined = join(&mut ws, &who, None, &mut got).await;
+                assert_eq!(joined.recovered, None, "{who}: {joined:?}");
+                crowd.joined.fetch_add(1, Ordering::Relaxed);
+                while !got.done() {
+                    match next_frame(&mut ws).await {
+                        Some(frame) => take_counted(n, &who, frame, &mut got, (&crowd, &last_seq)),
+                        None => {
+                            // The replica is gone: resume on the other one.
+                            assert!(got.resumes.is_empty(), "{who}: dropped twice");
+                            let since = got.last_offset().expect("a message before the kill");
+                            ws = connect_retrying(&second, &who).await;
+                            let joined = join(&mut ws, &who, Some(since), &mut got).await;
+                            got.resumes.push(joined.recovered == Some(true));
+                        }
                     }
                 }
-            }
-            got
-        }));
-    }
+                got
+            }));
+        }
 
-    let (publisher, sent, lag) = publish_half_way(&setup, None).await;
-    setup.a.signal("-KILL");
-    let killed_at = sent.load(Ordering::Relaxed);
-    let published = publisher.await.unwrap();
-    assert!(killed_at < MESSAGES, "A must die mid-stream");
+        let (publisher, sent, lag) = publish_half_way(&setup, None).await;
+        setup.a.signal("-KILL");
+        let killed_at = sent.load(Ordering::Relaxed);
+        let published = publisher.await.unwrap();
+        assert!(killed_at < MESSAGES, "A must die mid-stream");
 
-    let offsets: Vec<String> = published.offsets.into_iter().map(Option::unwrap).collect();
-    for (n, client) in clients.into_iter().enumerate() {
-        let got = client.await.unwrap();
-        assert_eq!(got.resumes, [true], "client {n}: one resume, recovered");
-        assert_whole(n, &got.seqs);
-        assert!(
-            got.offsets == offsets,
-            "client {n}: offsets differ from the publisher's"
+        let offsets: Vec<String> = published.offsets.into_iter().map(Option::unwrap).collect();
+        for (n, client) in clients.into_iter().enumerate() {
+            let got = client.await.unwrap();
+            assert_eq!(got.resumes, [true], "client {n}: one resume, recovered");
+            assert_whole(n, &got.seqs);
+            assert!(
+                got.offsets == offsets,
+                "client {n}: offsets differ from the publisher's"
+            );
+            assert_eq!(got.unnoticed_gap, 0, "client {n}");
+        }
+        let b = &setup.b;
+        assert_eq!(
+            b.metric("wsbridge_resumes_total{recovered=\"true\"}").await,
+            CLIENTS as f64
         );
-        assert_eq!(got.unnoticed_gap, 0, "client {n}");
-    }
-    let b = &setup.b;
-    assert_eq!(
-        b.metric("wsbridge_resumes_total{recovered=\"true\"}").await,
-        CLIENTS as f64
-    );
-    assert_eq!(
-        b.metric("wsbridge_delivery_dropped_total{reason=\"queue_full\"}")
-            .await,
-        0.0
-    );
-    eprintln!(
+        assert_eq!(
+            b.metric("wsbridge_delivery_dropped_total{reason=\"queue_full\"}")
+                .await,
+            0.0
+        );
+        eprintln!(
         "replica killed after {killed_at} of {MESSAGES} messages (slowest client {lag} behind): \
          {CLIENTS} clients whole after {:.1} s",
         started_at.elapsed().as_secs_f64()
     );
+    })
+    .await;
 }
 
 /// Redis is killed (SIGKILL) in the middle of the stream and started again on the same port from
@@ -492,107 +497,108 @@ async fn clients_of_a_killed_replica_resume_on_another_without_gap_or_duplicate(
 /// `recovered: false` (an unsolicited `subscribed`), and A must have caught the channel up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_stay_connected_through_a_redis_restart_and_miss_nothing() {
-    let started_at = Instant::now();
-    let mut redis = Redis::start_with_aof();
-    let prefix = unique_prefix("failover-redis");
-    let setup = start_replicas(&redis, &prefix).await;
+    deadline(CROWD_DEADLINE, async {
+        let started_at = Instant::now();
+        let mut redis = Redis::start_with_aof();
+        let prefix = unique_prefix("failover-redis");
+        let setup = start_replicas(&redis, &prefix).await;
 
-    let mut clients = Vec::new();
-    for n in 0..CLIENTS {
-        let url = setup.a.ws_url.clone();
-        let (crowd, last_seq) = (setup.crowd.clone(), setup.last_seq.clone());
-        clients.push(tokio::spawn(async move {
-            let who = format!("client {n}");
-            let mut got = Received::default();
-            let mut ws = connect_retrying(&url, &who).await;
-            join(&mut ws, &who, None, &mut got).await;
-            crowd.joined.fetch_add(1, Ordering::Relaxed);
-            while !got.done() {
-                let frame = next_frame(&mut ws).await.unwrap_or_else(|| {
-                    panic!("{who}: lost its connection to A; it must survive the Redis restart")
-                });
-                // An unsolicited `subscribed` says the replica could not fill a gap: with the
-                // history intact, that is the gateway's own catch-up failing.
-                assert_ne!(
-                    frame.kind, "subscribed",
-                    "{who}: told {frame:?} although Redis kept the whole history"
+        let mut clients = Vec::new();
+        for n in 0..CLIENTS {
+            let url = setup.a.ws_url.clone();
+            let (crowd, last_seq) = (setup.crowd.clone(), setup.last_seq.clone());
+            clients.push(tokio::spawn(async move {
+                let who = format!("client {n}");
+                let mut got = Received::default();
+                let mut ws = connect_retrying(&url, &who).await;
+                join(&mut ws, &who, None, &mut got).await;
+                crowd.joined.fetch_add(1, Ordering::Relaxed);
+                while !got.done() {
+                    let frame = next_frame(&mut ws).await.unwrap_or_else(|| {
+                        panic!("{who}: lost its connection to A; it must survive the Redis restart")
+                    });
+                    // An unsolicited `subscribed` says the replica could not fill a gap: with the
+                    // history intact, that is the gateway's own catch-up failing.
+                    assert_ne!(
+                        frame.kind, "subscribed",
+                        "{who}: told {frame:?} although Redis kept the whole history"
+                    );
+                    take_counted(n, &who, frame, &mut got, (&crowd, &last_seq));
+                }
+                got
+            }));
+        }
+
+        let retry = Some((redis.url(), prefix.clone()));
+        let (publisher, sent, lag) = publish_half_way(&setup, retry).await;
+        let a = &setup.a;
+        redis.kill();
+        let killed_at = sent.load(Ordering::Relaxed);
+        // Keep Redis down until A notices (/readyz 503), as in a real outage, then bring it back.
+        eventually("A reports Redis down", || async {
+            a.readyz().await.0 == 503
+        })
+        .await;
+        redis.restart();
+        eventually("A ready again", || async { a.readyz().await.0 == 200 }).await;
+        let published = publisher.await.unwrap();
+        assert!(killed_at < MESSAGES, "Redis must restart mid-stream");
+        assert!(
+            published.retried + published.ambiguous > 0,
+            "the publisher must have met the outage"
+        );
+
+        // The history, which survived the restart, holds every message once, in order; its entry
+        // ids (under one epoch) are the offsets everyone must have seen.
+        let history = history(&redis.url(), &prefix).await;
+        let data: Vec<String> = history.iter().map(|(_, d)| d.clone()).collect();
+        let expected_data: Vec<String> = (0..MESSAGES).map(|n| n.to_string()).collect();
+        assert!(
+            data == expected_data,
+            "the history does not hold every message exactly once, in order"
+        );
+        let first = published.offsets.iter().flatten().next().unwrap();
+        let (epoch, _) = parse_offset(first);
+        let offsets: Vec<String> = history
+            .iter()
+            .map(|(id, _)| format!("{epoch}:{id}"))
+            .collect();
+        for (seq, offset) in published.offsets.iter().enumerate() {
+            if let Some(offset) = offset {
+                assert_eq!(
+                    *offset, offsets[seq],
+                    "seq {seq}: the publisher was told another offset"
                 );
-                take_counted(n, &who, frame, &mut got, (&crowd, &last_seq));
             }
-            got
-        }));
-    }
+        }
 
-    let retry = Some((redis.url(), prefix.clone()));
-    let (publisher, sent, lag) = publish_half_way(&setup, retry).await;
-    let a = &setup.a;
-    redis.kill();
-    let killed_at = sent.load(Ordering::Relaxed);
-    // Keep Redis down until A notices (/readyz 503), as in a real outage, then bring it back.
-    eventually("A reports Redis down", || async {
-        a.readyz().await.0 == 503
-    })
-    .await;
-    redis.restart();
-    eventually("A ready again", || async { a.readyz().await.0 == 200 }).await;
-    let published = publisher.await.unwrap();
-    assert!(killed_at < MESSAGES, "Redis must restart mid-stream");
-    assert!(
-        published.retried + published.ambiguous > 0,
-        "the publisher must have met the outage"
-    );
-
-    // The history, which survived the restart, holds every message once, in order; its entry
-    // ids (under one epoch) are the offsets everyone must have seen.
-    let history = history(&redis.url(), &prefix).await;
-    let data: Vec<String> = history.iter().map(|(_, d)| d.clone()).collect();
-    let expected_data: Vec<String> = (0..MESSAGES).map(|n| n.to_string()).collect();
-    assert!(
-        data == expected_data,
-        "the history does not hold every message exactly once, in order"
-    );
-    let first = published.offsets.iter().flatten().next().unwrap();
-    let (epoch, _) = parse_offset(first);
-    let offsets: Vec<String> = history
-        .iter()
-        .map(|(id, _)| format!("{epoch}:{id}"))
-        .collect();
-    for (seq, offset) in published.offsets.iter().enumerate() {
-        if let Some(offset) = offset {
+        for (n, client) in clients.into_iter().enumerate() {
+            let got = client.await.unwrap();
+            assert_whole(n, &got.seqs);
+            assert!(
+                got.offsets == offsets,
+                "client {n}: offsets differ from the history's"
+            );
             assert_eq!(
-                *offset, offsets[seq],
-                "seq {seq}: the publisher was told another offset"
+                got.unnoticed_gap, 0,
+                "client {n}: its live stream skipped messages"
             );
         }
-    }
-
-    for (n, client) in clients.into_iter().enumerate() {
-        let got = client.await.unwrap();
-        assert_whole(n, &got.seqs);
-        assert!(
-            got.offsets == offsets,
-            "client {n}: offsets differ from the history's"
-        );
+        let caught_up = a
+            .metric("wsbridge_catch_ups_total{recovered=\"true\"}")
+            .await;
+        let not_caught_up = a
+            .metric("wsbridge_catch_ups_total{recovered=\"false\"}")
+            .await;
         assert_eq!(
-            got.unnoticed_gap, 0,
-            "client {n}: its live stream skipped messages"
+            not_caught_up, 0.0,
+            "a catch-up failed with the history intact"
         );
-    }
-    let caught_up = a
-        .metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-        .await;
-    let not_caught_up = a
-        .metric("wsbridge_catch_ups_total{recovered=\"false\"}")
-        .await;
-    assert_eq!(
-        not_caught_up, 0.0,
-        "a catch-up failed with the history intact"
-    );
-    assert!(
-        caught_up >= 1.0,
-        "A must have caught the channel up after its link came back"
-    );
-    eprintln!(
+        assert!(
+            caught_up >= 1.0,
+            "A must have caught the channel up after its link came back"
+        );
+        eprintln!(
         "Redis restarted after {killed_at} of {MESSAGES} messages (slowest client {lag} behind); \
          publisher: {} calls sent again after a nothing-sent 503, {} may-have-been 503s ({} of \
          them taken); A caught up {caught_up} times; {CLIENTS} clients whole after {:.1} s",
@@ -601,6 +607,8 @@ async fn clients_stay_connected_through_a_redis_restart_and_miss_nothing() {
         published.ambiguous_taken,
         started_at.elapsed().as_secs_f64()
     );
+    })
+    .await;
 }
 
 /// Two clients on a history channel, the first of which saw three messages; returns the
@@ -641,52 +649,55 @@ fn failed_reads(gw: &Gateway) -> usize {
 /// `recovered: true`, never `recovered: false`.
 #[tokio::test]
 async fn a_resume_made_while_redis_is_down_is_answered_once_redis_is_back() {
-    let mut redis = Redis::start_with_aof();
-    let prefix = unique_prefix("resume-outage");
-    let (gw, _first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
+    deadline(TEST_DEADLINE, async {
+        let mut redis = Redis::start_with_aof();
+        let prefix = unique_prefix("resume-outage");
+        let (gw, _first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
 
-    redis.kill();
-    second
+        redis.kill();
+        second
         .send(
             json!({"type": "subscribe", "channel": "room:outage", "since": offsets[0], "id": "r"}),
         )
         .await;
-    // Keep Redis down well past the first failures (six attempts take about 2.5 s), then
-    // bring it back.
-    eventually("the resume's history read failed six times", || async {
-        failed_reads(&gw) >= 6
+        // Keep Redis down well past the first failures (six attempts take about 2.5 s), then
+        // bring it back.
+        eventually("the resume's history read failed six times", || async {
+            failed_reads(&gw) >= 6
+        })
+        .await;
+        redis.restart();
+
+        let wait = Duration::from_secs(30);
+        for n in [2, 3] {
+            let frame = tokio::time::timeout(wait, second.next_frame())
+                .await
+                .expect("the replay once Redis is back")
+                .expect("the connection stays open")
+                .expect("a data frame, not a close");
+            assert_eq!(
+                (&frame["type"], &frame["data"], &frame["offset"]),
+                (&json!("message"), &json!(n), &offsets[n - 1]),
+                "{frame}"
+            );
+        }
+        let subscribed = second.recv().await;
+        assert_eq!(
+            (
+                &subscribed["type"],
+                &subscribed["id"],
+                &subscribed["recovered"]
+            ),
+            (&json!("subscribed"), &json!("r"), &json!(true)),
+            "{subscribed}"
+        );
+        assert_eq!(
+            gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
+                .await,
+            0.0
+        );
     })
     .await;
-    redis.restart();
-
-    let wait = Duration::from_secs(30);
-    for n in [2, 3] {
-        let frame = tokio::time::timeout(wait, second.next_frame())
-            .await
-            .expect("the replay once Redis is back")
-            .expect("the connection stays open")
-            .expect("a data frame, not a close");
-        assert_eq!(
-            (&frame["type"], &frame["data"], &frame["offset"]),
-            (&json!("message"), &json!(n), &offsets[n - 1]),
-            "{frame}"
-        );
-    }
-    let subscribed = second.recv().await;
-    assert_eq!(
-        (
-            &subscribed["type"],
-            &subscribed["id"],
-            &subscribed["recovered"]
-        ),
-        (&json!("subscribed"), &json!("r"), &json!(true)),
-        "{subscribed}"
-    );
-    assert_eq!(
-        gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
-            .await,
-        0.0
-    );
 }
 
 /// Redis stays down longer than a resume waits (10 s): the client is told `redis_unavailable`
@@ -694,6 +705,7 @@ async fn a_resume_made_while_redis_is_down_is_answered_once_redis_is_back() {
 /// the same `since` once Redis is back replays everything it missed.
 #[tokio::test]
 async fn a_resume_redis_cannot_answer_is_refused_as_unavailable_not_as_lost() {
+    deadline(TEST_DEADLINE, async {
     let mut redis = Redis::start_with_aof();
     let prefix = unique_prefix("resume-refused");
     let (gw, mut first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
@@ -755,52 +767,57 @@ async fn a_resume_redis_cannot_answer_is_refused_as_unavailable_not_as_lost() {
             .await,
         0.0
     );
+    })
+    .await;
 }
 
 /// A resume that missed more than one page of history (the replica reads 500 entries per round
 /// trip): every missed message comes back once, in order, then `recovered: true`.
 #[tokio::test]
 async fn a_resume_that_missed_many_pages_gets_all_of_them_in_order() {
-    const MISSED: u64 = 1_234;
-    let redis = Redis::start();
-    let prefix = unique_prefix("resume-pages");
-    let gw = Gateway::spawn(&with_history(&redis, &prefix, 5_000), &prefix, &[]);
-    gw.wait_ready().await;
-    let (status, answer) = gw
-        .post(
-            "/send",
-            &json!({"to": {"channel": "room:pages"}, "data": "first"}),
-        )
-        .await;
-    assert_eq!(status, 202, "{answer}");
-    let since = answer["offsets"][0].clone();
-    let mut offsets = Vec::new();
-    for chunk in (0..MISSED).collect::<Vec<_>>().chunks(400) {
-        let body: Vec<Value> = chunk
-            .iter()
-            .map(|n| json!({"to": {"channel": "room:pages"}, "data": n}))
-            .collect();
-        let (status, answer) = gw.post("/send", &Value::Array(body)).await;
+    deadline(TEST_DEADLINE, async {
+        const MISSED: u64 = 1_234;
+        let redis = Redis::start();
+        let prefix = unique_prefix("resume-pages");
+        let gw = Gateway::spawn(&with_history(&redis, &prefix, 5_000), &prefix, &[]);
+        gw.wait_ready().await;
+        let (status, answer) = gw
+            .post(
+                "/send",
+                &json!({"to": {"channel": "room:pages"}, "data": "first"}),
+            )
+            .await;
         assert_eq!(status, 202, "{answer}");
-        offsets.extend(answer["offsets"].as_array().unwrap().iter().cloned());
-    }
+        let since = answer["offsets"][0].clone();
+        let mut offsets = Vec::new();
+        for chunk in (0..MISSED).collect::<Vec<_>>().chunks(400) {
+            let body: Vec<Value> = chunk
+                .iter()
+                .map(|n| json!({"to": {"channel": "room:pages"}, "data": n}))
+                .collect();
+            let (status, answer) = gw.post("/send", &Value::Array(body)).await;
+            assert_eq!(status, 202, "{answer}");
+            offsets.extend(answer["offsets"].as_array().unwrap().iter().cloned());
+        }
 
-    let mut client = Client::connect(&gw).await;
-    client
-        .send(json!({"type": "subscribe", "channel": "room:pages", "since": since, "id": "r"}))
-        .await;
-    for (n, offset) in offsets.iter().enumerate() {
-        let frame = client.recv().await;
+        let mut client = Client::connect(&gw).await;
+        client
+            .send(json!({"type": "subscribe", "channel": "room:pages", "since": since, "id": "r"}))
+            .await;
+        for (n, offset) in offsets.iter().enumerate() {
+            let frame = client.recv().await;
+            assert_eq!(
+                (&frame["type"], &frame["data"], &frame["offset"]),
+                (&json!("message"), &json!(n), offset),
+                "replayed message {n}"
+            );
+        }
+        let subscribed = client.recv().await;
         assert_eq!(
-            (&frame["type"], &frame["data"], &frame["offset"]),
-            (&json!("message"), &json!(n), offset),
-            "replayed message {n}"
+            (&subscribed["type"], &subscribed["recovered"]),
+            (&json!("subscribed"), &json!(true)),
+            "{subscribed}"
         );
-    }
-    let subscribed = client.recv().await;
-    assert_eq!(
-        (&subscribed["type"], &subscribed["recovered"]),
-        (&json!("subscribed"), &json!(true)),
-        "{subscribed}"
-    );
+    })
+    .await;
 }
