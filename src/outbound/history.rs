@@ -70,6 +70,18 @@ pub const MAX_CONCURRENT_READS: usize = 8;
 /// The longest wait between two attempts of a read Redis did not answer.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Reads a page of a channel's history: its epoch, its oldest entry (to tell whether anything
+/// after the cursor was trimmed) and the entries after the cursor. One script rather than a
+/// MULTI: a script is one command routed by its keys, so on a cluster a MOVED reply (a slot that
+/// moved) is followed like any command's, where a MULTI would fail until the client refreshed its
+/// slot map on its own.
+const READ_PAGE: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local after = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+return {epoch, oldest, after}
+";
+
 /// Reads channel histories for resumes and catch-ups; cheap to clone.
 #[derive(Clone)]
 pub struct HistoryReader {
@@ -141,8 +153,9 @@ impl HistoryReader {
         }
     }
 
-    /// One page: the epoch, the oldest entry, and up to `count` entries after `cursor`, in one
-    /// MULTI; tried again while Redis does not answer and `keep_trying()` allows.
+    /// One page: the epoch, the oldest entry, and up to `count` entries after `cursor`, read
+    /// atomically by one script ([`READ_PAGE`]); tried again while Redis does not answer and
+    /// `keep_trying()` allows.
     async fn page(
         &self,
         channel: &str,
@@ -150,27 +163,17 @@ impl HistoryReader {
         count: u64,
         keep_trying: &mut impl FnMut() -> bool,
     ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply), RedisFailure> {
-        let stream = self.keys.history(channel);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("GET")
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(READ_PAGE)
+            .arg(2)
+            .arg(self.keys.history(channel))
             .arg(self.keys.epoch(channel))
-            .cmd("XRANGE")
-            .arg(&stream)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .cmd("XRANGE")
-            .arg(&stream)
             .arg(format!("({}-{}", cursor.0, cursor.1))
-            .arg("+")
-            .arg("COUNT")
             .arg(count);
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
-            match self.backplane.query_pipeline(&pipe).await {
+            match self.backplane.query(&cmd).await {
                 Ok(page) => return Ok(page),
                 Err(e) if e.is_transient() && keep_trying() => {
                     attempt += 1;
