@@ -451,3 +451,44 @@ impl Backplane {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error redis-rs makes of an error reply.
+    fn reply(text: &str) -> RedisFailure {
+        let value = redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).unwrap();
+        RedisFailure::Redis(value.extract_error().unwrap_err())
+    }
+
+    #[test]
+    fn failures_worth_waiting_out_are_transient() {
+        let io = |kind| RedisFailure::Redis(std::io::Error::new(kind, "test").into());
+        assert!(RedisFailure::Timeout(1000).is_transient());
+        assert!(io(std::io::ErrorKind::ConnectionRefused).is_transient());
+        assert!(io(std::io::ErrorKind::BrokenPipe).is_transient());
+        assert!(io(std::io::ErrorKind::ConnectionReset).is_transient());
+        for text in [
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "LOADING Redis is loading the dataset in memory",
+            "MOVED 12005 127.0.0.1:7001",
+            "MASTERDOWN Link with MASTER is down",
+        ] {
+            assert!(reply(text).is_transient(), "{text}");
+        }
+    }
+
+    #[test]
+    fn errors_about_the_command_itself_are_not_transient() {
+        for text in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR unknown command",
+            "NOSCRIPT No matching script",
+            "NOPERM this user has no permissions",
+        ] {
+            assert!(!reply(text).is_transient(), "{text}");
+        }
+    }
+}
