@@ -4,6 +4,7 @@ mod api;
 mod auth;
 mod cluster;
 mod common;
+mod coverage_ops;
 mod dashboard;
 mod delivery;
 mod deploy;
