@@ -5,6 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -196,6 +197,16 @@ async fn sigterm_drains_readyz_503_refuses_upgrades_stores_queued_sends_closes_1
         Some(std::io::ErrorKind::ConnectionRefused)
     );
 
+    // Once the connection has ended on the replica too, the replica still runs, waiting for
+    // the appends: its API listener answers (it stops when the drain is over).
+    let _ = c.ws.flush().await; // our answer to the close frame
+    let closed_line = format!("connection closed connection={}", c.connection);
+    eventually("the connection ended on the replica", || async {
+        gw.log_text().contains(&closed_line)
+    })
+    .await;
+    assert_eq!(gw.readyz().await, (503, "shutting down\n".to_string()));
+
     redis.freeze(false);
     let status = gw.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", gw.log_text());
@@ -386,11 +397,15 @@ async fn unsubscribe_by_user_takes_each_of_their_connections_out_of_the_channel_
     let prefix = unique_prefix("unsubscribe-user");
     let secret = "s";
     let (a, b) = two_replicas_with_auth(&redis, &prefix, secret).await;
-    let mut alice_a = Client::connect_as(&a, secret, "alice", false).await;
-    let mut alice_b = Client::connect_as(&b, secret, "alice", true).await;
+    // Alice twice on a (once in MessagePack), once on b; bob once on each.
+    let mut alice = vec![
+        Client::connect_as(&a, secret, "alice", false).await,
+        Client::connect_as(&a, secret, "alice", true).await,
+        Client::connect_as(&b, secret, "alice", false).await,
+    ];
     let mut bob_a = Client::connect_as(&a, secret, "bob", false).await;
     let mut bob_b = Client::connect_as(&b, secret, "bob", false).await;
-    for c in [&mut alice_a, &mut alice_b, &mut bob_a, &mut bob_b] {
+    for c in alice.iter_mut().chain([&mut bob_a, &mut bob_b]) {
         c.subscribe("news").await;
     }
 
@@ -398,7 +413,7 @@ async fn unsubscribe_by_user_takes_each_of_their_connections_out_of_the_channel_
         .post("/unsubscribe", &json!({"user": "alice", "channel": "news"}))
         .await;
     assert_eq!((status, answer), (202, json!({"accepted": 1})));
-    for c in [&mut alice_a, &mut alice_b] {
+    for c in &mut alice {
         let left = c.recv().await;
         assert_eq!(left["type"], "unsubscribed", "{left}");
         assert_eq!(left["channel"], "news", "{left}");
@@ -416,8 +431,9 @@ async fn unsubscribe_by_user_takes_each_of_their_connections_out_of_the_channel_
     // is her next frame, so the headline never came.
     b.send(json!({"to": {"user": "alice"}, "data": "after"}))
         .await;
-    assert_eq!(next_data(&mut alice_a).await, "after");
-    assert_eq!(next_data(&mut alice_b).await, "after");
+    for c in &mut alice {
+        assert_eq!(next_data(c).await, "after");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -573,15 +589,20 @@ async fn inbound_and_events_streams_are_trimmed_to_near_their_max_len() {
     let mut conn = redis.conn().await;
 
     let mut c = Client::connect(&gw).await;
+    // Half the sends carry an id (appended by the once-per-id script), half not (plain XADD).
+    let id = |i: u64| (i % 2 == 0).then(|| format!("s{i}"));
     for i in 0..SENDS {
-        c.send(json!({"type": "send", "stream": "chat", "data": i, "id": format!("s{i}")}))
-            .await;
+        let mut frame = json!({"type": "send", "stream": "chat", "data": i});
+        if let Some(id) = id(i) {
+            frame["id"] = json!(id);
+        }
+        c.send(frame).await;
     }
     for i in 0..SENDS {
         let ack = c.recv().await;
         assert_eq!(
             (ack["type"].as_str(), ack["id"].as_str()),
-            (Some("ack"), Some(format!("s{i}").as_str())),
+            (Some("ack"), id(i).as_deref()),
             "{ack}"
         );
     }
@@ -589,13 +610,12 @@ async fn inbound_and_events_streams_are_trimmed_to_near_their_max_len() {
     let len = xlen(&mut conn, &key).await;
     assert!((MAX..MAX + node).contains(&len), "{key} holds {len}");
     // What is kept is the newest entries, in order.
-    let kept: Vec<String> = xrange(&mut conn, &key)
+    let kept: Vec<u64> = xrange(&mut conn, &key)
         .await
         .iter()
-        .map(|(_, f)| text(&f["id"]).to_string())
+        .map(|(_, f)| text(&f["data"]).parse().unwrap())
         .collect();
-    let newest: Vec<String> = (SENDS - len..SENDS).map(|i| format!("s{i}")).collect();
-    assert_eq!(kept, newest);
+    assert_eq!(kept, (SENDS - len..SENDS).collect::<Vec<_>>());
 
     // Lifecycle events: a subscribe and an unsubscribe each, then the disconnect, last.
     for i in 0..SENDS / 2 {
@@ -633,23 +653,34 @@ async fn inbound_and_events_streams_are_trimmed_to_near_their_max_len() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn a_frozen_redis_counts_timeouts_in_redis_errors_total() {
+async fn a_command_that_times_out_on_a_frozen_redis_is_counted_as_a_timeout() {
     let redis = Redis::start();
     let prefix = unique_prefix("timeouts");
-    let gw = Gateway::start(&redis, &prefix).await;
-    let timeouts = "wsbridge_redis_errors_total{kind=\"timeout\"}";
-    let before = gw.metric(timeouts).await;
-    assert_eq!(before, 0.0);
+    // Health checks only at start, so that the one command the test sends while Redis is
+    // frozen is the only one that can fail.
+    let gw = Gateway::start_with(
+        &redis,
+        &prefix,
+        &[
+            ("WSBRIDGE__REDIS__HEALTH_INTERVAL_MS", "600000"),
+            ("WSBRIDGE__REDIS__UNHEALTHY_AFTER_MS", "1200000"),
+        ],
+    )
+    .await;
+    let errors = |kind: &str| format!("wsbridge_redis_errors_total{{kind=\"{kind}\"}}");
+    for kind in ["timeout", "connection", "server"] {
+        assert_eq!(gw.metric(&errors(kind)).await, 0.0, "{kind}");
+    }
 
     redis.freeze(true);
-    // A backend's send times out (and says so), and so do the health checks.
     let (status, answer) = gw
         .post("/send", &json!({"to": {"all": true}, "data": 1}))
         .await;
     redis.freeze(false);
     assert_eq!(status, 503, "{answer}");
-    assert!(gw.metric(timeouts).await >= 1.0);
-    gw.wait_ready().await;
+    assert_eq!(gw.metric(&errors("timeout")).await, 1.0);
+    assert_eq!(gw.metric(&errors("connection")).await, 0.0);
+    assert_eq!(gw.metric(&errors("server")).await, 0.0);
 }
 
 #[tokio::test]
