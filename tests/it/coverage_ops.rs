@@ -138,6 +138,7 @@ fn upgrade_request(host: &str) -> String {
 async fn sigterm_drains_readyz_503_refuses_upgrades_stores_queued_sends_closes_1012_exits_0() {
     let redis = Redis::start();
     let prefix = unique_prefix("drain");
+    let secret = "s";
     // Appends sent while Redis is frozen must wait for the thaw rather than time out.
     let mut gw = Gateway::start_with(
         &redis,
@@ -145,11 +146,15 @@ async fn sigterm_drains_readyz_503_refuses_upgrades_stores_queued_sends_closes_1
         &[
             ("WSBRIDGE__REDIS__COMMAND_TIMEOUT_MS", "30000"),
             ("WSBRIDGE__SERVER__SHUTDOWN_DRAIN_SECONDS", "30"),
+            ("WSBRIDGE__AUTH__JWT_SECRET", secret),
         ],
     )
     .await;
+    // The replica the client moves to.
+    let other =
+        Gateway::start_with(&redis, &prefix, &[("WSBRIDGE__AUTH__JWT_SECRET", secret)]).await;
     assert_eq!(gw.readyz().await, (200, "ready\n".to_string()));
-    let mut c = Client::connect(&gw).await;
+    let mut c = Client::connect_as(&gw, secret, "dana", false).await;
     // A connection whose upgrade request is under way when the signal comes: half of it was
     // read before, the rest arrives after.
     let public = host_port(&gw.ws_url);
@@ -222,6 +227,25 @@ async fn sigterm_drains_readyz_503_refuses_upgrades_stores_queued_sends_closes_1
         .expect("a disconnect event");
     assert_eq!(text(&disconnect.1["code"]), "1012");
     assert_eq!(text(&disconnect.1["connection"]), c.connection);
+
+    // The client never saw those acks (its connection closed first), so it resends on another
+    // replica with the same ids: each is acked with the entry already stored, none is stored
+    // twice.
+    let mut moved = Client::connect_as(&other, secret, "dana", false).await;
+    for i in 0..5 {
+        moved
+            .send(json!({"type": "send", "stream": "chat", "data": i, "id": format!("d{i}")}))
+            .await;
+    }
+    for (entry, _) in &stored {
+        let ack = moved.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["entry"].as_str(), Some(entry.as_str()), "{ack}");
+    }
+    assert_eq!(
+        xrange(&mut conn, &format!("{prefix}:in:chat")).await.len(),
+        5
+    );
 }
 
 #[tokio::test]
