@@ -5,6 +5,7 @@ mod auth;
 mod cluster;
 mod common;
 mod coverage_inbound;
+mod coverage_ops;
 mod dashboard;
 mod delivery;
 mod deploy;
