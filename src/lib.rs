@@ -279,7 +279,10 @@ pub async fn run(
     background.cancel();
     tasks.close();
     http_conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // The background tasks watch `background`; this bound keeps one that is still waiting on
+    // Redis (a publish under way for `/send`) from stretching the shutdown past the deadline.
+    let background_due = deadline.min(tokio::time::Instant::now() + Duration::from_secs(2));
+    let _ = tokio::time::timeout_at(background_due, async {
         tasks.wait().await;
         http_conns.wait().await;
     })

@@ -332,14 +332,14 @@ async fn a_drain_whose_appends_cannot_finish_answers_them_unconfirmed_before_101
         let took = signalled.elapsed();
         redis.freeze(false);
         assert_eq!(status.code(), Some(0), "{}", gw.log_text());
-        // The client was closed within the deadline; the background tasks get at most 2 s more
-        // (ARCHITECTURE.md, "Shutdown").
+        // The client was closed within the deadline, and the whole shutdown honoured it too: the
+        // Redis health check and the background tasks get no time beyond it.
         assert!(
             closed_after < Duration::from_secs(2),
             "closed after {closed_after:?}"
         );
         assert!(took >= Duration::from_millis(900), "exited after {took:?}");
-        assert!(took < Duration::from_secs(6), "exited after {took:?}");
+        assert!(took < Duration::from_millis(2800), "exited after {took:?}");
         assert!(
             gw.log_text().contains("answered as not confirmed"),
             "{}",
