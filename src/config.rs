@@ -79,7 +79,8 @@ pub struct ServerConfig {
     pub ping_interval_seconds: u64,
     /// A client silent for this long is closed.
     pub idle_timeout_seconds: u64,
-    /// How long shutdown waits for connections to close before exiting anyway.
+    /// How long shutdown may take from the signal to the exit: the drain of every connection
+    /// (sends answered, then 1012), the queued appends and the background tasks.
     pub shutdown_drain_seconds: u64,
 }
 

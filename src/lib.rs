@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use backplane::{Backplane, Health, Keys};
 use config::Config;
 use inbound::{Appender, Inbound};
-use metrics::{CloseReason, Metrics};
+use metrics::Metrics;
 use outbound::dispatch::Dispatcher;
 use outbound::Publisher;
 use registry::Registry;
@@ -48,9 +48,10 @@ const INTEREST_CHANGES: usize = 65_536;
 
 /// Runs one replica until `shutdown` resolves, then drains and returns.
 ///
-/// On shutdown the replica stops accepting, answers `/readyz` with 503, closes every client with
-/// 1012 (reconnect elsewhere), waits up to `server.shutdown_drain_seconds` for connections and
-/// queued stream appends to finish, and returns `Ok`.
+/// On shutdown the replica stops accepting, answers `/readyz` with 503, drains every client
+/// (new sends are refused; each send already taken is answered, then the client is closed with
+/// 1012: reconnect elsewhere), and returns `Ok`, all within `server.shutdown_drain_seconds`
+/// (`ARCHITECTURE.md`, "Shutdown").
 ///
 /// # Errors
 /// When a listener cannot be bound or the auth key cannot be loaded.
@@ -118,6 +119,7 @@ pub async fn run(
     let stopping = CancellationToken::new();
     let background = CancellationToken::new();
     let append_stop = CancellationToken::new();
+    let append_give_up = CancellationToken::new();
     let state = AppState {
         config: config.clone(),
         replica_id: replica_id.clone(),
@@ -183,6 +185,7 @@ pub async fn run(
         metrics.clone(),
         config.inbound.append_batch_max,
         append_stop.clone(),
+        append_give_up.clone(),
     ));
     tasks.spawn({
         let background = background.clone();
@@ -234,29 +237,38 @@ pub async fn run(
     ));
 
     shutdown.await;
-    // One deadline covers the whole drain: connections first, then queued stream appends.
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(config.server.shutdown_drain_seconds);
+    // One deadline covers the whole shutdown. Its last part (`CLOSE_GRACE`, at most half of it) is
+    // kept for closing handshakes: sends still waiting for Redis when that part begins are
+    // answered as not confirmed, so their clients hear about them before the close frame.
+    let drain = Duration::from_secs(config.server.shutdown_drain_seconds);
+    let deadline = tokio::time::Instant::now() + drain;
+    let answers_due = deadline - connection::CLOSE_GRACE.min(drain / 2);
     tracing::info!(
         connections = registry.len(),
-        "shutting down: closing clients with 1012"
+        "shutting down: draining clients (sends answered, then 1012)"
     );
     health.set_shutting_down();
     stopping.cancel();
     for conn in registry.all() {
-        conn.close(1012, "replica shutting down", CloseReason::Shutdown);
+        conn.drain();
     }
     state.connections.close();
-    let drained = tokio::time::timeout_at(deadline, state.connections.wait())
+    let mut drained = tokio::time::timeout_at(answers_due, state.connections.wait())
         .await
         .is_ok();
+    if !drained {
+        append_give_up.cancel();
+        drained = tokio::time::timeout_at(deadline, state.connections.wait())
+            .await
+            .is_ok();
+    }
     if !drained {
         tracing::warn!(
             left = registry.len(),
             "drain deadline passed; dropping remaining connections"
         );
     }
-    // Stream appends already queued (acks, disconnect events) still go out, within the deadline.
+    // Disconnect events (and anything else still queued) still go out, within the deadline.
     append_stop.cancel();
     if tokio::time::timeout_at(deadline, appender_task)
         .await
@@ -267,7 +279,10 @@ pub async fn run(
     background.cancel();
     tasks.close();
     http_conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // The background tasks watch `background`; this bound keeps one that is still waiting on
+    // Redis (a publish under way for `/send`) from stretching the shutdown past the deadline.
+    let background_due = deadline.min(tokio::time::Instant::now() + Duration::from_secs(2));
+    let _ = tokio::time::timeout_at(background_due, async {
         tasks.wait().await;
         http_conns.wait().await;
     })

@@ -103,11 +103,13 @@ pub enum ErrorCode {
     RateLimited,
     /// The connection is in `limits.max_subscriptions_per_connection` channels already.
     TooManySubscriptions,
+    /// The replica is shutting down: a `send` was not taken (not stored).
+    ShuttingDown,
 }
 
 impl ErrorCode {
     /// Every code, for pre-registering counters.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
         ErrorCode::BadFrame,
@@ -117,6 +119,7 @@ impl ErrorCode {
         ErrorCode::ChannelNotAllowed,
         ErrorCode::Overloaded,
         ErrorCode::RedisUnavailable,
+        ErrorCode::ShuttingDown,
     ];
 
     /// The wire value.
@@ -131,6 +134,7 @@ impl ErrorCode {
             ErrorCode::RedisUnavailable => "redis_unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 }

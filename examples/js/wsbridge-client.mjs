@@ -16,7 +16,7 @@
 const OPEN = 1; // WebSocket.OPEN, the same in every implementation
 
 /** Error codes after which resending the same frame (same id) may succeed. */
-const RETRYABLE = new Set(['overloaded', 'redis_unavailable', 'rate_limited']);
+const RETRYABLE = new Set(['overloaded', 'redis_unavailable', 'rate_limited', 'shutting_down']);
 
 /** An error frame from the gateway, or a refusal by this library (code `queue_full`, `closed`...). */
 export class WsBridgeError extends Error {
@@ -592,6 +592,11 @@ export class WsBridgeClient {
   _onError(f) {
     const err = new WsBridgeError(f.code ?? 'error', f.message ?? '', f.id ?? null);
     const s = f.id != null ? this._sends.get(f.id) : undefined;
+    if (s && err.code === 'shutting_down') {
+      // The replica is draining (a 1012 close follows) and did not store it: keep the send, it
+      // is resent with the same id on the next connection, like any send without an ack.
+      return;
+    }
     if (s) {
       this._sends.delete(f.id);
       s.reject(err);

@@ -29,7 +29,14 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match backplane.query::<String>(&redis::cmd("PING")).await {
+        // A Redis that does not answer must not hold up shutdown: the PING (and the group
+        // creation below) waits up to `redis.command_timeout_ms`, so it is cancelled with the loop.
+        let ping = redis::cmd("PING");
+        let pinged = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            pinged = backplane.query::<String>(&ping) => pinged,
+        };
+        match pinged {
             Ok(_) => {
                 if up != Some(true) {
                     tracing::info!(url = %config.redis_url_redacted(), "Redis command link up");
@@ -37,7 +44,11 @@ pub async fn run(
                 up = Some(true);
                 metrics.redis_up.set(1.0);
                 if !groups_ready {
-                    match backplane.ensure_groups(&config, &keys).await {
+                    let ensured = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        ensured = backplane.ensure_groups(&config, &keys) => ensured,
+                    };
+                    match ensured {
                         Ok(()) => groups_ready = true,
                         Err(e) => {
                             tracing::warn!(error = %e, "could not create consumer groups; retrying");

@@ -2,7 +2,7 @@
 //! reach a connection without touching its socket.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -91,6 +91,9 @@ pub struct Closing {
     pub reason: String,
     /// Metric label.
     pub why: CloseReason,
+    /// Whether the replies queued when the close was asked for are written before the close
+    /// frame (a drained connection's acks); otherwise the close frame goes first.
+    pub replies_first: bool,
 }
 
 /// The channels a connection is in, and whether it has left the registry for good.
@@ -134,6 +137,36 @@ pub struct ConnHandle {
     pub direct: DirectWrite,
     /// The dispatcher's number of the last payload that wrote to this connection directly.
     direct_payload: AtomicU64,
+    /// Set by [`ConnHandle::drain`]: no new `send` is taken.
+    draining: AtomicBool,
+    /// Answers owed to the client: one per [`OwedAnswer`] alive.
+    owed: AtomicUsize,
+}
+
+/// An answer the connection owes its client: a `send` taken and not yet acked or refused, or a
+/// frame the reader is handling. Counted on the connection while it lives; dropped once the
+/// answer is queued. A draining connection closes when the last one drops (see
+/// [`ConnHandle::drain`]), so the close frame never overtakes an answer it owes.
+pub struct OwedAnswer {
+    conn: Arc<ConnHandle>,
+}
+
+impl OwedAnswer {
+    /// The connection the answer goes to.
+    pub fn conn(&self) -> &Arc<ConnHandle> {
+        &self.conn
+    }
+}
+
+impl Drop for OwedAnswer {
+    fn drop(&mut self) {
+        // SeqCst pairs with `drain`: of the last release and the drain, whichever comes second
+        // sees the other (count 0, or draining set) and closes. Both may; the first close wins.
+        let left = self.conn.owed.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 && self.conn.draining.load(Ordering::SeqCst) {
+            self.conn.close_drained();
+        }
+    }
 }
 
 impl ConnHandle {
@@ -168,6 +201,8 @@ impl ConnHandle {
             metrics,
             direct: DirectWrite::default(),
             direct_payload: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            owed: AtomicUsize::new(0),
         })
     }
 
@@ -368,20 +403,57 @@ impl ConnHandle {
         }
     }
 
+    /// Records an answer owed to the client until the returned guard is dropped: take it before
+    /// acting on a frame, drop it after its answer is queued.
+    pub fn owe_answer(self: &Arc<Self>) -> OwedAnswer {
+        self.owed.fetch_add(1, Ordering::SeqCst);
+        OwedAnswer { conn: self.clone() }
+    }
+
+    /// Whether the connection is draining: it takes no new `send`.
+    ///
+    /// Read while holding an [`OwedAnswer`], it decides for good: a send taken because this
+    /// said false is answered before the drain closes the connection.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown: stop taking sends, and close with 1012 once every answer owed is queued (at
+    /// once when none is). The close frame follows those answers.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        if self.owed.load(Ordering::SeqCst) == 0 {
+            self.close_drained();
+        }
+    }
+
+    fn close_drained(&self) {
+        self.request_close(Closing {
+            code: 1012,
+            reason: "replica shutting down".to_owned(),
+            why: CloseReason::Shutdown,
+            replies_first: true,
+        });
+    }
+
     /// Asks the connection to close. The first request wins; later ones are ignored.
     pub fn close(&self, code: u16, reason: &str, why: CloseReason) {
-        let first = self
-            .close
-            .set(Closing {
-                code,
-                reason: reason.to_owned(),
-                why,
-            })
-            .is_ok();
+        self.request_close(Closing {
+            code,
+            reason: reason.to_owned(),
+            why,
+            replies_first: false,
+        });
+    }
+
+    fn request_close(&self, closing: Closing) {
+        let (code, why) = (closing.code, closing.why);
+        let first = self.close.set(closing).is_ok();
         if first {
             // The decision is logged when it is taken: the close frame may leave much later (it
             // waits behind what a slow client has not read), and the connection is counted as
             // closed only then.
+            let reason = self.close.get().map_or("", |c| c.reason.as_str());
             tracing::debug!(connection = %self.id, code, reason, why = ?why, "closing connection");
             self.closing.cancel();
         }

@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 pub use direct::server_frame;
-pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, Reply};
+pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, OwedAnswer, Reply};
 
 use reader::{EchoSink, GatewaySink, MessageSink};
 
@@ -38,7 +38,7 @@ use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
 
 /// How long a closing connection may take to hear the client's close frame once ours is sent.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long our close frame may wait behind what the socket still holds. A slow consumer is
 /// closed because it does not read: its socket buffers are full, and the close frame (1013)
@@ -87,10 +87,10 @@ pub async fn serve(
         user: handle.user.as_deref(),
     });
     state.registry.insert(&handle);
-    // Shutdown closes the connections it finds in the registry; one that registered after that
-    // snapshot closes itself here.
+    // Shutdown drains the connections it finds in the registry; one that registered after that
+    // snapshot drains itself here (it owes nothing yet, so it closes with 1012 at once).
     if state.stopping.is_cancelled() {
-        handle.close(1012, "replica shutting down", CloseReason::Shutdown);
+        handle.drain();
     }
     state.metrics.connections.increment(1.0);
     state.metrics.connections_opened.increment(1);

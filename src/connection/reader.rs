@@ -228,6 +228,10 @@ fn on_message(
     state: &AppState,
     bucket: &mut TokenBucket,
 ) {
+    // Held until this frame's answer is queued (an error, `subscribed`, ...; a send taken hands
+    // the appender an answer of its own to owe): a draining connection does not close between
+    // taking a frame and answering it.
+    let _owed = handle.owe_answer();
     let result = match decoded {
         Ok(_) if !bucket.take() => {
             state.metrics.refused(Limit::Rate).increment(1);
@@ -266,7 +270,19 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
             data,
             encoding,
             id,
-        } => state.inbound.send(handle, stream, data, encoding, id),
+        } => {
+            // Decided under the reader's `OwedAnswer`: a send taken here is answered before the
+            // drain's close frame; one refused here was not stored.
+            if handle.is_draining() {
+                return Err(FrameError::new(
+                    id,
+                    ErrorCode::ShuttingDown,
+                    "this replica is shutting down and takes no new sends: not stored; resend \
+                     with the same id after reconnecting",
+                ));
+            }
+            state.inbound.send(handle, stream, data, encoding, id)
+        }
         ClientFrame::Subscribe { channel, since, id } => {
             if !handle.identity.may_join(&channel) {
                 return Err(FrameError::new(

@@ -51,6 +51,18 @@ pub async fn run<S: AsyncWrite + Unpin>(
             biased;
             _ = &mut closed => {
                 let closing = handle.closing().expect("closed implies a reason");
+                if closing.replies_first {
+                    // A drained connection: the answers it owed were queued before the close was
+                    // asked for, so they are all here. Only those: what arrives later is not
+                    // waited for.
+                    for _ in 0..handle.replies.len() {
+                        let Some(reply) = handle.replies.try_pop() else { break };
+                        metrics.sent_bytes.increment(reply.len() as u64);
+                        if write_reply(&mut ws, opcode, reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 handle.direct.handed(1);
                 let _ = ws.write_frame(Frame::close(closing.code, closing.reason.as_bytes())).await;
                 let _ = ws.flush().await;

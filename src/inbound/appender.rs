@@ -5,6 +5,7 @@
 //! Entries therefore keep each connection's order, many connections share round trips, and a
 //! full queue refuses the frame with `overloaded` instead of growing.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,14 +14,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, RedisFailure};
-use crate::connection::ConnHandle;
+use crate::connection::OwedAnswer;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, FrameId, ServerFrame};
 
 /// Who gets told how an append went.
 pub struct AppendReply {
-    /// The connection that sent the frame.
-    pub conn: Arc<ConnHandle>,
+    /// The connection that sent the frame, which is owed the ack or error until this is
+    /// dropped (after the answer is queued).
+    pub answer: OwedAnswer,
     /// Its frame id.
     pub id: Option<FrameId>,
     /// Stream name, for the per-stream counter.
@@ -85,18 +87,31 @@ impl Appender {
 
 /// Drains the queue into pipelines. After `stop`, new appends are refused and what is already
 /// queued is still sent, then the task ends.
+///
+/// `give_up` is the drain's last call for answers: every append pending at that moment (sent
+/// and waiting for Redis, or still queued) is answered at once with `redis_unavailable` (lifecycle
+/// events are counted as failed), so the connections waiting for those answers can close.
+/// Appends queued later are sent as usual.
 pub async fn run(
     mut rx: mpsc::Receiver<AppendRequest>,
     backplane: Backplane,
     metrics: Metrics,
     batch_max: usize,
     stop: CancellationToken,
+    give_up: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
+    let mut groups: Vec<Vec<AppendRequest>> = Vec::new();
     let mut stopping = false;
+    let mut gave_up = false;
     loop {
         let received = tokio::select! {
             biased;
+            _ = give_up.cancelled(), if !gave_up => {
+                gave_up = true;
+                abandon(&mut rx, [], &metrics);
+                continue;
+            }
             received = rx.recv_many(&mut batch, batch_max) => received,
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
@@ -110,21 +125,88 @@ pub async fn run(
         if backplane.is_cluster() {
             // A pipeline must stay in one slot: one per stream (its dedupe keys share its slot),
             // all in flight together. Each connection's entries in a stream keep their order.
-            let mut groups: Vec<Vec<AppendRequest>> = Vec::new();
+            groups.clear();
             for request in batch.drain(..) {
                 match groups.iter_mut().find(|g| g[0].key == request.key) {
                     Some(group) => group.push(request),
                     None => groups.push(vec![request]),
                 }
             }
-            let appends = groups
-                .iter_mut()
-                .map(|group| append(group, &backplane, &metrics));
-            futures_util::future::join_all(appends).await;
-        } else {
-            // The batch's buffer is kept for the next round.
-            append(&mut batch, &backplane, &metrics).await;
         }
+        // `append` takes requests out of their vector only once Redis answered, so when the
+        // drain gives up midway, what is left there is exactly what was sent and not answered.
+        let answered = {
+            let appends = pin!(async {
+                if backplane.is_cluster() {
+                    let appends = groups
+                        .iter_mut()
+                        .map(|group| append(group, &backplane, &metrics));
+                    futures_util::future::join_all(appends).await;
+                } else {
+                    // The batch's buffer is kept for the next round.
+                    append(&mut batch, &backplane, &metrics).await;
+                }
+            });
+            if gave_up {
+                appends.await;
+                true
+            } else {
+                tokio::select! {
+                    biased;
+                    () = appends => true,
+                    () = give_up.cancelled() => false,
+                }
+            }
+        };
+        if !answered {
+            gave_up = true;
+            let sent = batch
+                .drain(..)
+                .chain(groups.iter_mut().flat_map(|g| g.drain(..)));
+            abandon(&mut rx, sent, &metrics);
+        }
+    }
+}
+
+/// Answers the appends `sent` (may have been stored) and those still queued in `rx` (not stored)
+/// as not confirmed, because the drain cannot wait for Redis any longer.
+fn abandon(
+    rx: &mut mpsc::Receiver<AppendRequest>,
+    sent: impl IntoIterator<Item = AppendRequest>,
+    metrics: &Metrics,
+) {
+    let in_flight = Failure(
+        "the replica is shutting down and Redis did not confirm the append in time; it may have \
+         been stored: resend with the same id, and backends can drop the duplicate by user (or \
+         connection) and id"
+            .to_owned(),
+    );
+    let queued = Failure(
+        "the replica is shutting down and Redis did not take the append in time: not stored; \
+         resend with the same id"
+            .to_owned(),
+    );
+    let (mut sends, mut events) = (0usize, 0usize);
+    let mut answer = |request: AppendRequest, failure: &Failure| {
+        if request.reply.is_some() {
+            sends += 1;
+        } else {
+            events += 1;
+        }
+        finish::<Failure>(request, Err(failure.clone()), metrics);
+    };
+    for request in sent {
+        answer(request, &in_flight);
+    }
+    while let Ok(request) = rx.try_recv() {
+        answer(request, &queued);
+    }
+    if sends + events > 0 {
+        tracing::warn!(
+            sends,
+            events,
+            "drain: appends Redis had not confirmed in time were answered as not confirmed"
+        );
     }
 }
 
@@ -205,7 +287,7 @@ fn finish<E: Into<Failure>>(request: AppendRequest, result: Result<String, E>, m
                 .stream_append_seconds
                 .record(request.started.elapsed().as_secs_f64());
             metrics.inbound(&reply.stream).increment(1);
-            reply.conn.reply(&ServerFrame::Ack {
+            reply.answer.conn().reply(&ServerFrame::Ack {
                 id: reply.id.as_ref(),
                 entry: &entry,
             });
@@ -213,7 +295,7 @@ fn finish<E: Into<Failure>>(request: AppendRequest, result: Result<String, E>, m
         Err(e) => {
             let Failure(message) = e.into();
             metrics.rejected(ErrorCode::RedisUnavailable).increment(1);
-            reply.conn.reply(&ServerFrame::Error {
+            reply.answer.conn().reply(&ServerFrame::Error {
                 id: reply.id.as_ref(),
                 code: ErrorCode::RedisUnavailable.as_str(),
                 message: &message,

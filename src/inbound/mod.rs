@@ -133,7 +133,7 @@ impl Inbound {
             max_len: self.stream_max_len,
             fields,
             reply: Some(AppendReply {
-                conn: conn.clone(),
+                answer: conn.owe_answer(),
                 id,
                 stream,
             }),

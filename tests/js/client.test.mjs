@@ -437,6 +437,28 @@ describe('without a gateway', () => {
     assert.deepEqual(resub, { type: 'subscribe', channel: 'room:d', id: resub.id, since: 'e2:1-0' });
   });
 
+  test('a send refused with shutting_down (a draining replica) is kept and resent on the next connection', async () => {
+    const c = client({ url: 'ws://fake/ws', WebSocket: FakeWebSocket });
+    const rec = record(c);
+    const connected = c.connect();
+    await eventually(() => FakeWebSocket.last?.onmessage, 'the fake socket');
+    const ws = FakeWebSocket.last;
+    ws.deliver({ type: 'welcome', connection: 'r.1.1', user: null });
+    await connected;
+    const sent = c.send('chat', 'hi');
+    const frame = ws.sent.at(-1);
+    ws.deliver({ type: 'error', id: frame.id, code: 'shutting_down', message: 'not stored' });
+    assert.equal(c.pendingSends, 1);
+    assert.equal(rec.errors.length, 0);
+    ws.close(1012, 'replica shutting down');
+    await eventually(() => FakeWebSocket.last !== ws && FakeWebSocket.last.onmessage, 'the new socket');
+    const next = FakeWebSocket.last;
+    next.deliver({ type: 'welcome', connection: 'r.2.1', user: null });
+    assert.deepEqual(next.sent.at(-1), frame);
+    next.deliver({ type: 'ack', id: frame.id, entry: '1-0' });
+    assert.equal(await sent, '1-0');
+  });
+
   test('offsets compare within an epoch; backoff caps double up to the maximum', () => {
     assert.equal(compareOffsets('a:1-0', 'a:1-0'), 0);
     assert.ok(compareOffsets('a:2-0', 'a:1-9') > 0);
