@@ -115,7 +115,7 @@ impl HistoryReader {
         loop {
             let want = PAGE.min(limit - entries.len() as u64);
             let page = self.page(channel, cursor, want, &mut keep_trying).await?;
-            let (epoch, oldest, after) = page;
+            let (epoch, oldest, after, len) = page;
             let Some(epoch) = epoch else {
                 return Ok(Replay::Incomplete);
             };
@@ -123,8 +123,15 @@ impl HistoryReader {
                 return Ok(Replay::Incomplete);
             }
             // Entries are trimmed from the front: if the oldest one kept is newer than the
-            // cursor, some entries after it may be gone.
-            if oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor) {
+            // cursor, some entries after it may be gone. From `0-0` (the history was empty when
+            // the offset was taken: see `read_start`) nothing is gone if nothing was ever
+            // trimmed, which `MAXLEN` (exact) leaves the stream shorter than its limit.
+            let trimmed = if cursor == (0, 0) {
+                len >= limit
+            } else {
+                oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor)
+            };
+            if trimmed {
                 return Ok(Replay::Incomplete);
             }
             let got = after.ids.len() as u64;
@@ -141,15 +148,59 @@ impl HistoryReader {
         }
     }
 
-    /// One page: the epoch, the oldest entry, and up to `count` entries after `cursor`, in one
-    /// MULTI; tried again while Redis does not answer and `keep_trying()` allows.
+    /// Where `channel`'s history stands now: its epoch and last entry, or `<epoch>:0-0` when it
+    /// has no entry. A history without an epoch gets one here (with the history's TTL), which
+    /// the next publish then uses: so "empty now" is tied to an epoch, and a history lost
+    /// before the next read shows as another epoch rather than as a short replay. One attempt:
+    /// a joining client does not wait out an outage for this (see `CatchUps`).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not answer.
+    pub async fn read_start(
+        &self,
+        channel: &str,
+        ttl_seconds: u64,
+    ) -> Result<Offset, RedisFailure> {
+        let epoch_key = self.keys.epoch(channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&epoch_key)
+            .arg(format!("{:08x}", crate::random_u32()))
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_seconds.max(1))
+            .ignore()
+            .cmd("GET")
+            .arg(&epoch_key)
+            .cmd("XREVRANGE")
+            .arg(self.keys.history(channel))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let (epoch, last): (Option<String>, StreamRangeReply) =
+            self.backplane.query_pipeline(&pipe).await?;
+        // Set just before, in the same transaction: absent only if it expired in between.
+        let epoch = epoch.unwrap_or_default();
+        let id = last
+            .ids
+            .first()
+            .and_then(|e| parse_id(&e.id))
+            .unwrap_or((0, 0));
+        Ok(Offset { epoch, id })
+    }
+
+    /// One page: the epoch, the oldest entry, up to `count` entries after `cursor`, and the
+    /// stream's length, in one MULTI; tried again while Redis does not answer and
+    /// `keep_trying()` allows.
     async fn page(
         &self,
         channel: &str,
         cursor: (u64, u64),
         count: u64,
         keep_trying: &mut impl FnMut() -> bool,
-    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply), RedisFailure> {
+    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply, u64), RedisFailure> {
         let stream = self.keys.history(channel);
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -166,7 +217,9 @@ impl HistoryReader {
             .arg(format!("({}-{}", cursor.0, cursor.1))
             .arg("+")
             .arg("COUNT")
-            .arg(count);
+            .arg(count)
+            .cmd("XLEN")
+            .arg(&stream);
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
