@@ -168,14 +168,16 @@ async fn a_reconnect_on_a_channel_without_history_yet_is_caught_up() {
 /// Bug: while a catch-up read the history, the channel's live messages were held, at most
 /// `redis.pubsub_buffer_messages` of them, and when more came the subscribers were told
 /// `recovered: false` although the history held everything. Here every payload is one `/send`
-/// of 50 messages to the channel: the stopped replica's 32-payload buffer overflows when it
-/// resumes, the catch-up starts holding, and the first payload it holds already holds more
-/// than 32 messages. The subscriber must still get every message once, in order, and never
+/// of 16 messages to the channel: the stopped replica's 32-payload buffer overflows when it
+/// resumes, the catch-up starts holding, and the payloads still buffered hold far more than
+/// 32 messages. The subscriber must still get every message once, in order, and never
 /// `recovered: false`.
 #[tokio::test]
 async fn a_catch_up_whose_hold_overflows_catches_up_again() {
-    const PAYLOADS: i64 = 100;
-    const PER_PAYLOAD: i64 = 50;
+    // 2,400 messages in all: fewer than a send queue holds (4,096), so that a catch-up that
+    // queues them in one go does not close the subscriber as a slow consumer.
+    const PAYLOADS: i64 = 150;
+    const PER_PAYLOAD: i64 = 16;
     deadline(TEST_DEADLINE, async {
         let redis = Redis::start();
         let prefix = unique_prefix("cu-hold-overflow");
