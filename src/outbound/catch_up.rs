@@ -298,7 +298,10 @@ mod tests {
         Arrive,
         /// The oldest payload on its way is dropped (the buffer was full): a catch-up signal.
         Drop,
-        /// The history read in flight (if any) lands, with everything published so far.
+        /// The history read in flight (if any) runs in Redis: it will return everything
+        /// published so far.
+        Read,
+        /// The history read that ran (if any) lands at the dispatcher.
         Land,
     }
 
@@ -310,7 +313,8 @@ mod tests {
         let mut published = published_before_join;
         let mut on_the_way = std::collections::VecDeque::new();
         let mut got = Vec::new();
-        let mut reading: Option<Offset> = None;
+        // The read in flight: after which offset, and up to which one once it ran in Redis.
+        let mut reading: Option<(Offset, Option<u64>)> = None;
         fn deliver(c: &mut CatchUps<()>, got: &mut Vec<u64>, id: u64) {
             got.push(id);
             c.delivered("ch", &o(id));
@@ -338,8 +342,10 @@ mod tests {
             }
             f.again
         }
-        let begin = |c: &mut CatchUps<()>, reading: &mut Option<Offset>| match c.begin("ch") {
-            Begin::Read(since) => *reading = Some(since),
+        let begin = |c: &mut CatchUps<()>, reading: &mut Option<(Offset, Option<u64>)>| match c
+            .begin("ch")
+        {
+            Begin::Read(since) => *reading = Some((since, None)),
             Begin::Running => {}
             Begin::Unknown => panic!("the start was known"),
         };
@@ -359,9 +365,15 @@ mod tests {
                         begin(&mut c, &mut reading);
                     }
                 }
+                Step::Read => {
+                    if let Some((_, upto @ None)) = &mut reading {
+                        *upto = Some(published);
+                    }
+                }
                 Step::Land => {
-                    if let Some(since) = reading.take() {
-                        reading = land(&mut c, &mut got, since, published);
+                    // A read that has not run in Redis yet stays in flight.
+                    if let Some((since, Some(upto))) = reading.clone() {
+                        reading = land(&mut c, &mut got, since, upto).map(|since| (since, None));
                     }
                 }
             }
@@ -369,8 +381,9 @@ mod tests {
         // Everything on its way arrives, reads land, and one last message shows whether the
         // member's stream is whole.
         loop {
-            if let Some(since) = reading.take() {
-                reading = land(&mut c, &mut got, since, published);
+            if let Some((since, upto)) = reading.take() {
+                let upto = upto.unwrap_or(published);
+                reading = land(&mut c, &mut got, since, upto).map(|since| (since, None));
             } else if let Some(id) = on_the_way.pop_front() {
                 arrive(&mut c, &mut got, id);
             } else {
@@ -392,7 +405,14 @@ mod tests {
             out = out
                 .into_iter()
                 .flat_map(|seq| {
-                    [Step::Publish, Step::Arrive, Step::Drop, Step::Land].map(|s| {
+                    [
+                        Step::Publish,
+                        Step::Arrive,
+                        Step::Drop,
+                        Step::Read,
+                        Step::Land,
+                    ]
+                    .map(|s| {
                         let mut seq = seq.clone();
                         seq.push(s);
                         seq
