@@ -198,6 +198,15 @@ async fn a_catch_up_whose_hold_overflows_catches_up_again() {
             b.send(Value::Array(batch)).await;
         }
         a.signal("-CONT");
+        // Counted when a read lands with its hold whole, not for the reads before it. Only
+        // then is "end" published: it must come live, after the catch-up let go of the channel
+        // (a catch-up that never lets go would keep it).
+        eventually("A caught up", || async {
+            a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
+                .await
+                >= 1.0
+        })
+        .await;
         b.send(json!({"to": {"channel": "room:4"}, "data": "end"}))
             .await;
         let seen = read_until_end(&mut c).await;
