@@ -131,20 +131,38 @@ impl Registry {
         max: usize,
     ) -> Result<bool, TooManyChannels> {
         self.subscribe_announced(handle, channel, max, || {})
+            .map(|joined| joined.is_some())
     }
 
-    /// As [`Registry::subscribe`]; `announce` runs when the connection does join, before any
+    /// As [`Registry::subscribe`], saying whether the connection is the channel's first local
+    /// member: `Ok(Some(first))` when it joined, `Ok(None)` when it was in already or removed.
+    ///
+    /// # Errors
+    /// [`TooManyChannels`] when the connection is in `max` channels already.
+    pub fn join(
+        &self,
+        handle: &Arc<ConnHandle>,
+        channel: &str,
+        max: usize,
+    ) -> Result<Option<bool>, TooManyChannels> {
+        self.subscribe_announced(handle, channel, max, || {})
+    }
+
+    /// As [`Registry::join`]; `announce` runs when the connection does join, before any
     /// message of the channel can reach it (the client's `subscribed` goes first that way).
+    ///
+    /// # Errors
+    /// [`TooManyChannels`] when the connection is in `max` channels already.
     pub fn subscribe_announced(
         &self,
         handle: &Arc<ConnHandle>,
         channel: &str,
         max: usize,
         announce: impl FnOnce(),
-    ) -> Result<bool, TooManyChannels> {
+    ) -> Result<Option<bool>, TooManyChannels> {
         let mut membership = handle.channels.lock().expect("channel set lock");
         if membership.removed || membership.joined.contains(channel) {
-            return Ok(false);
+            return Ok(None);
         }
         if membership.joined.len() >= max {
             return Err(TooManyChannels);
@@ -152,11 +170,11 @@ impl Registry {
         announce();
         let channel: Arc<str> = Arc::from(channel);
         membership.joined.insert(channel.clone());
-        self.channels
-            .entry(channel)
-            .or_default()
-            .insert(handle.seq, handle.clone());
-        Ok(true)
+        // Under the shard's lock: of two connections joining at once, one is first.
+        let mut members = self.channels.entry(channel).or_default();
+        let first = members.is_empty();
+        members.insert(handle.seq, handle.clone());
+        Ok(Some(first))
     }
 
     /// Leaves `channel`. Returns false when the connection was not in it.

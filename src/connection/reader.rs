@@ -14,7 +14,7 @@ use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
 use crate::inbound::Event;
 use crate::metrics::{CloseReason, Limit, Metrics};
-use crate::outbound::dispatch::{Control, ResumeDone};
+use crate::outbound::dispatch::{Control, Joined, ResumeDone};
 use crate::outbound::history::Offset;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
@@ -205,7 +205,41 @@ impl MessageSink for GatewaySink<'_> {
             }
             _ => None,
         };
-        on_message(decoded, self.handle, self.state, &mut self.bucket);
+        // The first local member of a history channel reads where the channel's history stands
+        // before it joins: a catch-up starts there when nothing was delivered since (see
+        // `outbound::catch_up`). Read before the join, so every message after it is owed; a
+        // member joining a channel that has members already needs none.
+        let start = match &decoded {
+            Ok(ClientFrame::Subscribe { channel, .. })
+                if self.handle.identity.may_join(channel)
+                    && !self.handle.is_in(channel)
+                    && !self.state.registry.has_channel(channel) =>
+            {
+                match self.state.config.history_for(channel) {
+                    Some(settings) => {
+                        let ttl = settings.history_ttl_seconds;
+                        let read = self.state.history.read_start(channel, ttl).await;
+                        read.inspect_err(|e| {
+                            tracing::debug!(error = %e, channel = %channel, "history position not read; a catch-up will say recovered: false");
+                        })
+                        .ok()
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let joined = on_message(decoded, self.handle, self.state, &mut self.bucket);
+        if let Some((channel, first)) = joined {
+            if self.state.config.history_for(&channel).is_some() {
+                let joined = Joined {
+                    channel,
+                    start,
+                    first,
+                };
+                let _ = self.state.control_tx.send(Control::Joined(joined)).await;
+            }
+        }
     }
 }
 
@@ -222,12 +256,14 @@ impl MessageSink for EchoSink<'_> {
     }
 }
 
+/// Acts on a decoded client frame. Returns the channel a `subscribe` joined, and whether the
+/// connection is its first local member.
 fn on_message(
     decoded: Result<ClientFrame, FrameError>,
     handle: &Arc<ConnHandle>,
     state: &AppState,
     bucket: &mut TokenBucket,
-) {
+) -> Option<(String, bool)> {
     // Held until this frame's answer is queued (an error, `subscribed`, ...; a send taken hands
     // the appender an answer of its own to owe): a draining connection does not close between
     // taking a frame and answering it.
@@ -244,13 +280,17 @@ fn on_message(
         Ok(frame) => act(frame, handle, state),
         Err(e) => Err(e),
     };
-    if let Err(e) = result {
-        state.metrics.rejected(e.code).increment(1);
-        handle.reply(&ServerFrame::Error {
-            id: e.id.as_ref(),
-            code: e.code.as_str(),
-            message: &e.message,
-        });
+    match result {
+        Ok(joined) => joined,
+        Err(e) => {
+            state.metrics.rejected(e.code).increment(1);
+            handle.reply(&ServerFrame::Error {
+                id: e.id.as_ref(),
+                code: e.code.as_str(),
+                message: &e.message,
+            });
+            None
+        }
     }
 }
 
@@ -263,7 +303,11 @@ fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::Frame
     }
 }
 
-fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result<(), FrameError> {
+fn act(
+    frame: ClientFrame,
+    handle: &Arc<ConnHandle>,
+    state: &AppState,
+) -> Result<Option<(String, bool)>, FrameError> {
     match frame {
         ClientFrame::Send {
             stream,
@@ -281,7 +325,10 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                      with the same id after reconnecting",
                 ));
             }
-            state.inbound.send(handle, stream, data, encoding, id)
+            state
+                .inbound
+                .send(handle, stream, data, encoding, id)
+                .map(|()| None)
         }
         ClientFrame::Subscribe { channel, since, id } => {
             if !handle.identity.may_join(&channel) {
@@ -309,13 +356,14 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                 _ => None,
             };
             if let Some((since, limit)) = resume {
-                let joined = state.registry.subscribe(handle, &channel, max);
-                if joined.is_ok() {
-                    if joined == Ok(true) {
+                let joined = state.registry.join(handle, &channel, max);
+                if let Ok(first) = joined {
+                    if first.is_some() {
                         state.inbound.event(handle, Event::Subscribe(&channel));
                     }
+                    let joined = first.map(|first| (channel.clone(), first));
                     spawn_resume(handle.clone(), state, channel, id, since, limit);
-                    return Ok(());
+                    return Ok(joined);
                 }
                 handle.finish_resume(&channel);
             }
@@ -334,8 +382,11 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                 .registry
                 .subscribe_announced(handle, &channel, max, subscribed)
             {
-                Ok(true) => state.inbound.event(handle, Event::Subscribe(&channel)),
-                Ok(false) => subscribed(),
+                Ok(Some(first)) => {
+                    state.inbound.event(handle, Event::Subscribe(&channel));
+                    return Ok(Some((channel, first)));
+                }
+                Ok(None) => subscribed(),
                 Err(_) => {
                     state.metrics.refused(Limit::Subscriptions).increment(1);
                     return Err(FrameError::new(
@@ -345,7 +396,7 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                     ));
                 }
             }
-            Ok(())
+            Ok(None)
         }
         ClientFrame::Unsubscribe { channel, id } => {
             if state.registry.unsubscribe(handle, &channel) {
@@ -355,7 +406,7 @@ fn act(frame: ClientFrame, handle: &Arc<ConnHandle>, state: &AppState) -> Result
                 channel: &channel,
                 id: id.as_ref(),
             });
-            Ok(())
+            Ok(None)
         }
     }
 }

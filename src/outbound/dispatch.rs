@@ -3,7 +3,6 @@
 //! One task handles payloads in arrival order, so messages of one call reach a connection in call
 //! order. Each message is encoded at most once per encoding; all recipients share the bytes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use super::catch_up::{Begin, CatchUps, Live};
 use super::envelope::{split_payload, Batch, Item, Op};
 use super::history::{HistoryReader, Offset, Replay};
 use super::routes::Acks;
@@ -30,6 +30,19 @@ pub enum Control {
     Resume(ResumeDone),
     /// A channel's history after the pub/sub link came back.
     CatchUp(CatchUp),
+    /// A connection joined a history channel.
+    Joined(Joined),
+}
+
+/// A connection joined a history channel: where the channel's members stand is recorded from
+/// it (see [`CatchUps::joined`]), so a gap before anything is delivered can be caught up too.
+pub struct Joined {
+    /// The channel.
+    pub channel: String,
+    /// Where the channel's history stood just before the join, when the joining task read it.
+    pub start: Option<Offset>,
+    /// The channel had no local member before.
+    pub first: bool,
 }
 
 /// What a channel missed while this replica's pub/sub link was down.
@@ -41,13 +54,6 @@ pub struct CatchUp {
     /// The history read: the entries published since, or that the history cannot fill the gap,
     /// or an error that waiting could not cure.
     pub read: Result<Replay, RedisFailure>,
-}
-
-/// Live messages of a catching-up channel, held until its history read is queued.
-#[derive(Default)]
-struct Hold {
-    messages: Vec<(String, String, u64)>,
-    overflowed: bool,
 }
 
 /// A resume's history read, handed to the dispatcher so that the replay, the `subscribed`
@@ -81,14 +87,12 @@ pub struct Dispatcher {
     interest: Option<Arc<Interest>>,
     /// Interest routing: acknowledgements awaited by this replica's publisher.
     acks: Arc<Acks>,
-    /// The last offset delivered on each history channel that has local subscribers, for
-    /// catching up after a pub/sub reconnect.
-    last_offsets: HashMap<String, String>,
-    /// Channels catching up now, with the live messages held meanwhile.
-    catching_up: HashMap<String, Hold>,
-    /// After a catch-up, the last offset it delivered per channel: live messages not after it
-    /// were caught up already (their payload was still on its way) and are dropped.
-    floors: HashMap<String, Offset>,
+    /// Per history channel with local members: where they stand, what is held while the
+    /// channel catches up (data JSON and `Batch.ts`), and which replayed offsets live messages
+    /// must not repeat. Every rule about that lives there.
+    catch_ups: CatchUps<(String, u64)>,
+    /// `catch_ups` is pruned of channels without local members when it grows past this.
+    prune_at: usize,
     /// Reused for every message, so finding recipients does not allocate.
     scratch: Vec<Arc<ConnHandle>>,
     /// Direct writes left for the payload being dispatched (see [`DIRECT_BUDGET`]); 0 when the
@@ -112,6 +116,11 @@ pub struct Dispatcher {
 /// dispatcher in syscalls: past it, the writer tasks (on every worker thread) take over.
 const DIRECT_BUDGET: usize = 2048;
 
+/// How many channels `Dispatcher::catch_ups` tracks before it forgets those without local
+/// members (then at twice what is left): joins and leaves of many channels between catch-ups
+/// cannot grow it without bound.
+const PRUNE_AT: usize = 1024;
+
 impl Dispatcher {
     /// A dispatcher over this replica's registry.
     pub fn new(state: &AppState) -> Self {
@@ -126,9 +135,8 @@ impl Dispatcher {
             control: state.control_tx.clone(),
             interest: state.interest.clone(),
             acks: state.publisher.acks().clone(),
-            last_offsets: HashMap::new(),
-            catching_up: HashMap::new(),
-            floors: HashMap::new(),
+            catch_ups: CatchUps::new(state.config.redis.pubsub_buffer_messages),
+            prune_at: PRUNE_AT,
             scratch: Vec::new(),
             direct_budget: 0,
             multi: false,
@@ -150,13 +158,16 @@ impl Dispatcher {
                 // received after it, so the catch-up starts (and holds the channel) before the
                 // first live payload of the new link is dispatched. Taken in the other order,
                 // that payload would move the channel's last offset past the gap, and the
-                // catch-up would read from after it.
+                // catch-up would read from after it. Control work goes first of all: a join
+                // reported before a catch-up signal must be known when the signal is taken, or
+                // its channel would have no starting point.
                 biased;
-                Some(()) = resubscribed.recv() => self.start_catch_up(),
                 Some(work) = control.recv() => match work {
                     Control::Resume(done) => self.finish_resume(done),
                     Control::CatchUp(caught) => self.finish_catch_up(caught),
+                    Control::Joined(joined) => self.joined(joined),
                 },
+                Some(()) = resubscribed.recv() => self.start_catch_up(),
                 payload = rx.recv() => match payload {
                     Some(payload) => {
                         let alone = rx.is_empty();
@@ -236,26 +247,45 @@ impl Dispatcher {
                     // once it does, without holding up the dispatcher.
                     Some(interest) if !self.scratch.is_empty() && !interest.listening(channel) => {
                         let conns: Vec<_> = self.scratch.drain(..).collect();
-                        let (interest, registry, inbound) = (
+                        let (interest, registry, inbound, control) = (
                             interest.clone(),
                             self.registry.clone(),
                             self.inbound.clone(),
+                            self.control.clone(),
                         );
+                        let history = self.config.history_for(channel).is_some();
                         let channel = channel.to_owned();
                         tokio::spawn(async move {
                             let prepared = interest.prepare(&channel).await;
+                            let mut first = false;
                             for conn in conns {
-                                server_join(&registry, &inbound, &conn, &channel);
+                                first |= server_join(&registry, &inbound, &conn, &channel);
                             }
                             drop(prepared);
+                            if history {
+                                let joined = Joined {
+                                    channel,
+                                    start: None,
+                                    first,
+                                };
+                                let _ = control.send(Control::Joined(joined)).await;
+                            }
                             if let Some(ack) = ack {
                                 ack.send().await;
                             }
                         });
                     }
                     _ => {
+                        let mut first = false;
                         for conn in self.scratch.drain(..) {
-                            server_join(&self.registry, &self.inbound, &conn, channel);
+                            first |= server_join(&self.registry, &self.inbound, &conn, channel);
+                        }
+                        if self.config.history_for(channel).is_some() {
+                            self.joined(Joined {
+                                channel: channel.to_owned(),
+                                start: None,
+                                first,
+                            });
                         }
                         if let Some(ack) = ack {
                             tokio::spawn(ack.send());
@@ -294,25 +324,27 @@ impl Dispatcher {
         data: &RawValue,
         ts: u64,
     ) {
-        let per_recipient = matches!(target, Target::Connection(_) | Target::User(_));
         if let (Some(channel), Some(offset)) = (channel, offset) {
-            if let Some(floor) = self.floors.get(channel) {
-                let parsed = Offset::parse(offset);
-                if parsed.is_some_and(|o| o.epoch == floor.epoch && !o.is_after(floor)) {
-                    return;
-                }
-                self.floors.remove(channel);
-            }
-            if let Some(hold) = self.catching_up.get_mut(channel) {
-                if hold.messages.len() >= self.config.redis.pubsub_buffer_messages {
-                    hold.overflowed = true;
-                } else {
-                    hold.messages
-                        .push((offset.to_owned(), data.get().to_owned(), ts));
-                }
-                return;
+            let keep = || (data.get().to_owned(), ts);
+            match self.catch_ups.offer(channel, offset, keep) {
+                Live::Deliver => {}
+                Live::Held | Live::Duplicate => return,
             }
         }
+        self.fan_out(target, channel, offset, data, ts);
+    }
+
+    /// Hands a message to its local recipients, with no catch-up rule applied: live messages
+    /// come through [`Dispatcher::deliver`], replays and released held messages straight here.
+    fn fan_out(
+        &mut self,
+        target: Target<'_>,
+        channel: Option<&str>,
+        offset: Option<&str>,
+        data: &RawValue,
+        ts: u64,
+    ) {
+        let per_recipient = matches!(target, Target::Connection(_) | Target::User(_));
         self.metrics.pubsub_received.increment(1);
         let started = Instant::now();
         self.registry.recipients(target, &mut self.scratch);
@@ -326,16 +358,7 @@ impl Dispatcher {
             return;
         }
         if let (Some(channel), Some(offset)) = (channel, offset) {
-            match self.last_offsets.get_mut(channel) {
-                Some(last) => {
-                    last.clear();
-                    last.push_str(offset);
-                }
-                None => {
-                    self.last_offsets
-                        .insert(channel.to_owned(), offset.to_owned());
-                }
-            }
+            self.catch_ups.delivered(channel, offset);
         }
         // Serialized once per encoding, as a payload (for the queue) and as a whole WebSocket
         // frame (for direct writes); every recipient shares the same bytes.
@@ -469,113 +492,132 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    /// After a pub/sub reconnect: for every history channel with local subscribers, hold its live
-    /// messages and read what was published since the last offset delivered here.
+    /// Records a join on a history channel (see [`CatchUps::joined`]).
+    fn joined(&mut self, joined: Joined) {
+        self.catch_ups
+            .joined(&joined.channel, joined.start, joined.first);
+        if self.catch_ups.len() > self.prune_at {
+            let registry = &self.registry;
+            self.catch_ups
+                .retain(|channel| registry.has_channel(channel));
+            self.prune_at = (2 * self.catch_ups.len()).max(PRUNE_AT);
+        }
+    }
+
+    /// After a pub/sub reconnect or a dropped payload: for every history channel with local
+    /// members, hold its live messages and read what was published since where they stand; or,
+    /// when that is unknown, tell them `recovered: false`.
     fn start_catch_up(&mut self) {
-        let registry = &self.registry;
-        self.last_offsets
-            .retain(|channel, _| registry.has_channel(channel));
-        for (channel, last) in &self.last_offsets {
-            if self.catching_up.contains_key(channel) {
+        let registry = self.registry.clone();
+        self.catch_ups
+            .retain(|channel| registry.has_channel(channel));
+        self.prune_at = (2 * self.catch_ups.len()).max(PRUNE_AT);
+        let mut reads = 0;
+        for channel in registry.channel_names() {
+            if self.config.history_for(&channel).is_none() {
                 continue;
             }
-            let (Some(since), Some(settings)) =
-                (Offset::parse(last), self.config.history_for(channel))
-            else {
-                continue;
-            };
-            self.catching_up.insert(channel.clone(), Hold::default());
-            let history = self.history.clone();
-            let registry = self.registry.clone();
-            let control = self.control.clone();
-            let (channel, limit) = (channel.clone(), settings.history_size);
-            tokio::spawn(async move {
-                // No deadline: while Redis does not answer, nothing new is published either,
-                // and the held live messages are bounded. Giving up would tell subscribers the
-                // history lost what it most likely still holds. The read stops trying once the
-                // channel has no local subscriber left.
-                let keep_trying = || registry.has_channel(&channel);
-                let read = history
-                    .read_since(&channel, &since, limit, keep_trying)
-                    .await;
-                if let Err(e) = &read {
-                    tracing::warn!(error = %e, channel = %channel, "catch-up history read failed");
+            match self.catch_ups.begin(&channel) {
+                Begin::Read(since) => {
+                    reads += 1;
+                    self.read_history(&channel, since);
                 }
-                let caught = CatchUp {
-                    channel,
-                    since,
-                    read,
-                };
-                let _ = control.send(Control::CatchUp(caught)).await;
-            });
+                Begin::Unknown => {
+                    tracing::info!(channel = %channel, "catch-up: where this channel's subscribers stand is unknown; telling them recovered: false");
+                    self.tell_not_recovered(&channel);
+                    self.metrics.catch_ups(false).increment(1);
+                }
+                Begin::Running => {}
+            }
         }
-        if !self.catching_up.is_empty() {
+        if reads > 0 {
             tracing::info!(
-                channels = self.catching_up.len(),
-                "pub/sub link back: catching up history channels"
+                channels = reads,
+                "messages missed on pub/sub: catching up history channels"
             );
         }
     }
 
-    /// Delivers what a channel missed, then the live messages held meanwhile that are newer.
-    /// When the gap cannot be filled, every local subscriber gets `subscribed` with
-    /// `recovered: false` first, so it knows to reload.
-    fn finish_catch_up(&mut self, caught: CatchUp) {
-        let Some(hold) = self.catching_up.remove(&caught.channel) else {
+    /// Reads `channel`'s history after `since` and hands it back as [`Control::CatchUp`].
+    fn read_history(&self, channel: &str, since: Offset) {
+        let Some(settings) = self.config.history_for(channel) else {
             return;
         };
+        let history = self.history.clone();
+        let registry = self.registry.clone();
+        let control = self.control.clone();
+        let (channel, limit) = (channel.to_owned(), settings.history_size);
+        tokio::spawn(async move {
+            // No deadline: while Redis does not answer, nothing new is published either, and
+            // the held live messages are bounded. Giving up would tell subscribers the history
+            // lost what it most likely still holds. The read stops trying once the channel has
+            // no local subscriber left.
+            let keep_trying = || registry.has_channel(&channel);
+            let read = history
+                .read_since(&channel, &since, limit, keep_trying)
+                .await;
+            if let Err(e) = &read {
+                tracing::warn!(error = %e, channel = %channel, "catch-up history read failed");
+            }
+            let caught = CatchUp {
+                channel,
+                since,
+                read,
+            };
+            let _ = control.send(Control::CatchUp(caught)).await;
+        });
+    }
+
+    /// Every local subscriber of `channel` gets an unsolicited `subscribed` with
+    /// `recovered: false`: it missed messages nobody can give back.
+    fn tell_not_recovered(&mut self, channel: &str) {
+        self.registry
+            .recipients(Target::Channel(channel), &mut self.scratch);
+        for conn in self.scratch.drain(..) {
+            let notice = ServerFrame::Subscribed {
+                channel,
+                id: None,
+                recovered: Some(false),
+            };
+            conn.deliver(&notice.encode(conn.encoding), None, 0);
+        }
+    }
+
+    /// Delivers what a channel missed, then the live messages held meanwhile that are newer;
+    /// when the hold could not keep every live message, reads again from the end of the
+    /// replay. When the gap cannot be filled, every local subscriber gets `subscribed` with
+    /// `recovered: false` first, so it knows to reload.
+    fn finish_catch_up(&mut self, caught: CatchUp) {
         let channel = caught.channel.as_str();
-        let mut last = caught.since.clone();
         let replay = match caught.read {
             Ok(Replay::Complete(entries)) => Some(entries),
             Ok(Replay::Incomplete) | Err(_) => None,
         };
-        let recovered = replay.is_some() && !hold.overflowed;
-        if let (true, Some(entries)) = (recovered, &replay) {
-            for (offset, data) in entries {
-                let raw = RawValue::from_string(data.clone()).unwrap_or_else(|_| null().to_owned());
-                self.deliver(
-                    Target::Channel(channel),
-                    Some(channel),
-                    Some(offset),
-                    &raw,
-                    0,
-                );
-                if let Some(parsed) = Offset::parse(offset) {
-                    last = parsed;
-                }
-            }
-        } else {
-            self.registry
-                .recipients(Target::Channel(channel), &mut self.scratch);
-            for conn in self.scratch.drain(..) {
-                let notice = ServerFrame::Subscribed {
+        let Some(finish) = self.catch_ups.finish(channel, replay) else {
+            return;
+        };
+        if !finish.recovered {
+            self.tell_not_recovered(channel);
+        }
+        for (offset, data) in finish.replay {
+            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+            let target = Target::Channel(channel);
+            self.fan_out(target, Some(channel), Some(&offset), &raw, 0);
+        }
+        for (offset, (data, ts)) in finish.held {
+            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+            let target = Target::Channel(channel);
+            self.fan_out(target, Some(channel), Some(&offset), &raw, ts);
+        }
+        match finish.again {
+            Some(since) => {
+                tracing::debug!(
                     channel,
-                    id: None,
-                    recovered: Some(false),
-                };
-                conn.deliver(&notice.encode(conn.encoding), None, 0);
-            }
-        }
-        self.metrics.catch_ups(recovered).increment(1);
-        if recovered {
-            self.floors.insert(caught.channel.clone(), last.clone());
-        }
-        for (offset, data, ts) in hold.messages {
-            let newer = match Offset::parse(&offset) {
-                Some(parsed) => !recovered || parsed.is_after(&last) || parsed.epoch != last.epoch,
-                None => true,
-            };
-            if newer {
-                let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-                self.deliver(
-                    Target::Channel(channel),
-                    Some(channel),
-                    Some(&offset),
-                    &raw,
-                    ts,
+                    "catch-up: more live messages than held; reading on"
                 );
+                self.read_history(channel, since);
             }
+            None => self.metrics.catch_ups(finish.recovered).increment(1),
         }
     }
 }
@@ -601,9 +643,16 @@ impl Ack {
 }
 
 /// A backend's subscribe, applied to one local connection. It is not bound by the
-/// per-connection limit, which protects the replica from clients.
-fn server_join(registry: &Registry, inbound: &Inbound, conn: &Arc<ConnHandle>, channel: &str) {
-    if registry.subscribe(conn, channel, usize::MAX) == Ok(true) {
+/// per-connection limit, which protects the replica from clients. True when the connection is
+/// the channel's first local member.
+fn server_join(
+    registry: &Registry,
+    inbound: &Inbound,
+    conn: &Arc<ConnHandle>,
+    channel: &str,
+) -> bool {
+    let joined = registry.join(conn, channel, usize::MAX);
+    if let Ok(Some(_)) = joined {
         inbound.event(conn, Event::Subscribe(channel));
     }
     conn.reply(&ServerFrame::Subscribed {
@@ -611,6 +660,7 @@ fn server_join(registry: &Registry, inbound: &Inbound, conn: &Arc<ConnHandle>, c
         id: None,
         recovered: None,
     });
+    joined == Ok(Some(true))
 }
 
 fn null() -> &'static RawValue {

@@ -71,7 +71,8 @@ pub const MAX_CONCURRENT_READS: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Reads a page of a channel's history: its epoch, its oldest entry (to tell whether anything
-/// after the cursor was trimmed) and the entries after the cursor. One script rather than a
+/// after the cursor was trimmed), the entries after the cursor and the stream's length (a read
+/// from `0-0` is complete only while the stream was never trimmed). One script rather than a
 /// MULTI: a script is one command routed by its keys, so on a cluster a MOVED reply (a slot that
 /// moved) is followed like any command's, where a MULTI would fail until the client refreshed its
 /// slot map on its own.
@@ -79,7 +80,15 @@ const READ_PAGE: &str = r"
 local epoch = redis.call('GET', KEYS[2])
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local after = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-return {epoch, oldest, after}
+return {epoch, oldest, after, redis.call('XLEN', KEYS[1])}
+";
+
+/// Where a channel's history stands: creates its epoch if missing (ARGV: a new epoch, the TTL
+/// in seconds), then returns the epoch and the last entry. A script for the same reason as
+/// [`READ_PAGE`].
+const READ_START: &str = r"
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
+return {redis.call('GET', KEYS[2]), redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
 ";
 
 /// Reads channel histories for resumes and catch-ups; cheap to clone.
@@ -127,7 +136,7 @@ impl HistoryReader {
         loop {
             let want = PAGE.min(limit - entries.len() as u64);
             let page = self.page(channel, cursor, want, &mut keep_trying).await?;
-            let (epoch, oldest, after) = page;
+            let (epoch, oldest, after, len) = page;
             let Some(epoch) = epoch else {
                 return Ok(Replay::Incomplete);
             };
@@ -135,8 +144,15 @@ impl HistoryReader {
                 return Ok(Replay::Incomplete);
             }
             // Entries are trimmed from the front: if the oldest one kept is newer than the
-            // cursor, some entries after it may be gone.
-            if oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor) {
+            // cursor, some entries after it may be gone. From `0-0` (the history was empty when
+            // the offset was taken: see `read_start`) nothing is gone if nothing was ever
+            // trimmed, which `MAXLEN` (exact) leaves the stream shorter than its limit.
+            let trimmed = if cursor == (0, 0) {
+                len >= limit
+            } else {
+                oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor)
+            };
+            if trimmed {
                 return Ok(Replay::Incomplete);
             }
             let got = after.ids.len() as u64;
@@ -153,8 +169,40 @@ impl HistoryReader {
         }
     }
 
-    /// One page: the epoch, the oldest entry, and up to `count` entries after `cursor`, read
-    /// atomically by one script ([`READ_PAGE`]); tried again while Redis does not answer and
+    /// Where `channel`'s history stands now: its epoch and last entry, or `<epoch>:0-0` when it
+    /// has no entry. A history without an epoch gets one here (with the history's TTL), which
+    /// the next publish then uses: so "empty now" is tied to an epoch, and a history lost
+    /// before the next read shows as another epoch rather than as a short replay. One attempt:
+    /// a joining client does not wait out an outage for this (see `CatchUps`).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not answer.
+    pub async fn read_start(
+        &self,
+        channel: &str,
+        ttl_seconds: u64,
+    ) -> Result<Offset, RedisFailure> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(READ_START)
+            .arg(2)
+            .arg(self.keys.history(channel))
+            .arg(self.keys.epoch(channel))
+            .arg(format!("{:08x}", crate::random_u32()))
+            .arg(ttl_seconds.max(1));
+        let (epoch, last): (Option<String>, StreamRangeReply) = self.backplane.query(&cmd).await?;
+        // Set just before, in the same script: absent only if it expired in between.
+        let epoch = epoch.unwrap_or_default();
+        let id = last
+            .ids
+            .first()
+            .and_then(|e| parse_id(&e.id))
+            .unwrap_or((0, 0));
+        Ok(Offset { epoch, id })
+    }
+
+    /// One page: the epoch, the oldest entry, up to `count` entries after `cursor`, and the
+    /// stream's length, read atomically by one script ([`READ_PAGE`]); tried again while Redis
+    /// does not answer and
     /// `keep_trying()` allows.
     async fn page(
         &self,
@@ -162,7 +210,7 @@ impl HistoryReader {
         cursor: (u64, u64),
         count: u64,
         keep_trying: &mut impl FnMut() -> bool,
-    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply), RedisFailure> {
+    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply, u64), RedisFailure> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(READ_PAGE)
             .arg(2)

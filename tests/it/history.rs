@@ -316,7 +316,7 @@ async fn a_resent_send_is_stored_once_even_after_a_reconnect() {
 /// Cuts every pub/sub link and keeps them from reconnecting (Redis refuses new connections)
 /// until the returned guard's `restore` runs; command links stay up, so publishing works. On a
 /// cluster, on every node.
-async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::MultiplexedConnection> {
+pub(crate) async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::MultiplexedConnection> {
     let mut nodes = redis.node_conns().await;
     let mut cut = 0;
     for conn in &mut nodes {
@@ -360,7 +360,7 @@ async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::MultiplexedConnectio
     nodes
 }
 
-async fn restore_connections(nodes: &mut [redis::aio::MultiplexedConnection]) {
+pub(crate) async fn restore_connections(nodes: &mut [redis::aio::MultiplexedConnection]) {
     for conn in nodes {
         let _: () = redis::cmd("CONFIG")
             .arg("SET")

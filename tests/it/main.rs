@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+mod catch_up;
 mod cluster;
 mod common;
 mod coverage_inbound;
