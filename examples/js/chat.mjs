@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// A terminal chat client for wsbridge, built on wsbridge-client.mjs: what the README's
-// "Try it" runs, and a small example of the library in use.
+// A terminal chat client for wsbridge, built on wsbridge-client.mjs: what docs/try-it.md
+// ("Try it: two clients ...") runs, and a small example of the library in use.
 //
 //   node examples/js/chat.mjs [URL[,URL...]] [--channel room:lobby] [--token JWT]
 //

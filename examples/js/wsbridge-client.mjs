@@ -1,7 +1,8 @@
 // wsbridge-client.mjs — a client for the wsbridge gateway, for browsers and Node.
 //
 // Plain JavaScript, one ES module, no dependencies and no build step. It speaks the JSON
-// protocol described in the README ("The client protocol", "History and resume"):
+// protocol described in the README ("The client protocol"), docs/protocol.md and
+// docs/history-and-resume.md:
 //
 //   - connects to `ws(s)://HOST/ws` (one URL, a list tried round-robin, or a function), with an
 //     optional token sent as `?token=`;

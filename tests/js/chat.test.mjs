@@ -1,4 +1,4 @@
-// The README's "Try it", for real: two replicas, the Python backend (examples/backends/python/backend.py) and
+// docs/try-it.md's "Try it: two clients", for real: two replicas, the Python backend (examples/backends/python/backend.py) and
 // two terminal chat clients (examples/js/chat.mjs, on wsbridge-client.mjs) on different
 // replicas. Lines typed in one reach both; when one client's replica is killed it fails over,
 // resumes its channel and gets what was said meanwhile, exactly once.
