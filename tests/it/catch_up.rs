@@ -231,3 +231,85 @@ async fn a_catch_up_whose_hold_overflows_catches_up_again() {
     })
     .await;
 }
+
+/// A backend's `POST /subscribe` joins a connection without the start read a client's own
+/// subscribe makes, so the replica does not know where that member stands. When payloads for it
+/// are then dropped, the replica cannot fill the gap and must say so: `subscribed` with
+/// `recovered: false`, never silence.
+#[tokio::test]
+async fn a_gap_before_any_delivery_to_a_backend_joined_member_is_announced() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("cu-backend-join");
+        let a = small_buffer_replica(&redis, &prefix).await;
+        let b = replica(&redis, &prefix).await;
+        let mut c = Client::connect(&a).await;
+        let (status, answer) = b
+            .post(
+                "/subscribe",
+                &json!({"connection": c.connection, "channel": "room:9"}),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        let joined = c.recv().await;
+        assert_eq!(
+            (&joined["type"], &joined["channel"]),
+            (&json!("subscribed"), &json!("room:9")),
+            "{joined}"
+        );
+
+        a.signal("-STOP");
+        publish(&b, "room:9", 0..100).await;
+        a.signal("-CONT");
+
+        // What arrives before the notice is in order; then the notice must come.
+        let mut got = Vec::new();
+        loop {
+            let frame = c.recv().await;
+            if frame["type"] == "subscribed" {
+                assert_eq!(frame["recovered"], false, "{frame}");
+                break;
+            }
+            assert_eq!(frame["type"], "message", "{frame}");
+            got.push(frame["data"].as_i64().unwrap());
+        }
+        assert!(
+            got.len() < 100,
+            "all {} arrived, yet a gap was announced",
+            got.len()
+        );
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+        assert!(
+            a.metric("wsbridge_delivery_dropped_total{reason=\"pubsub_backlog\"}")
+                .await
+                > 0.0
+        );
+        assert!(
+            a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
+                .await
+                >= 1.0
+        );
+        // And the channel still delivers: a message published now arrives (published again
+        // while the replica may still be working through the backlog and dropping).
+        for attempt in 0.. {
+            assert!(
+                attempt < 20,
+                "nothing arrives on the channel after the notice"
+            );
+            b.send(json!({"to": {"channel": "room:9"}, "data": "after"}))
+                .await;
+            let wait = std::time::Duration::from_millis(500);
+            let mut arrived = false;
+            while let Ok(frame) = tokio::time::timeout(wait, c.recv()).await {
+                if frame["data"] == "after" {
+                    arrived = true;
+                    break;
+                }
+            }
+            if arrived {
+                break;
+            }
+        }
+    })
+    .await;
+}
