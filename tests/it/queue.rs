@@ -93,10 +93,10 @@ async fn close_policy_closes_the_slow_client_with_1013() {
             gw.closing_decided(&slow.connection, 1013)
         })
         .await;
-        // A slow client is slow: it comes back to its socket seconds later (here 4 s, twice the
+        // A slow client is slow: it comes back to its socket seconds later (here 3 s, more than the
         // 2 s close handshake grace and well within the 10 s our close frame may wait). This
         // pause is the scenario itself, not a wait for an event.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         slow.expect_close(1013).await;
         eventually("slow client counted as closed", || async {
             gw.metric("wsbridge_connections_closed_total{reason=\"slow_consumer\"}")
