@@ -494,6 +494,12 @@ impl Dispatcher {
 impl Dispatcher {
     /// Records a join on a history channel (see [`CatchUps::joined`]).
     fn joined(&mut self, joined: Joined) {
+        tracing::debug!(
+            channel = %joined.channel,
+            start = ?joined.start,
+            first = joined.first,
+            "history channel joined"
+        );
         self.catch_ups
             .joined(&joined.channel, joined.start, joined.first);
         if self.catch_ups.len() > self.prune_at {
