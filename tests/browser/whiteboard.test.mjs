@@ -174,6 +174,20 @@ async function inkAt(page, point) {
 const confirmedIds = (page) => page.evaluate(() => window.whiteboard.ids({ confirmed: true }));
 const pixels = (page) => page.evaluate(() => document.querySelector('canvas').toDataURL());
 
+/**
+ * Waits until two windows' canvases hold the same pixels, then asserts it: a window paints the
+ * strokes it holds a frame or so after it got them, so the picture is polled like any event.
+ */
+async function samePicture(p, q, what) {
+  const until = Date.now() + PATIENCE;
+  let [x, y] = [await pixels(p), await pixels(q)];
+  while (x !== y && Date.now() < until) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    [x, y] = [await pixels(p), await pixels(q)];
+  }
+  assert.equal(x, y, what);
+}
+
 async function shot(page, name) {
   mkdirSync(ARTIFACTS, { recursive: true });
   await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`) });
@@ -260,7 +274,7 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   const [r, g, bl, alpha] = await pixelAt(a, [600, 300]);
   assert.ok(r > 200 && g < 100 && bl < 100 && alpha > 100, `A shows B's red stroke drawn while A was cut off: ${[r, g, bl, alpha]}`);
   assert.ok(await inkAt(b, [250, 400]), "B shows A's stroke drawn while A was cut off");
-  assert.equal(await pixels(a), await pixels(b), 'both windows show the same picture');
+  await samePicture(a, b, 'both windows show the same picture');
   await shot(a, '2-a-after-replica-killed');
   await shot(b, '2-b-after-replica-killed');
 
@@ -281,7 +295,7 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   assert.equal(await again.evaluate(() => window.whiteboard.loads), 0, 'the reopened window did not load the board');
   assert.equal(await again.evaluate((ch) => window.whiteboard.client.recovered(ch), `board:${board}`), true);
   assert.deepEqual(await confirmedIds(again), await confirmedIds(b));
-  assert.equal(await pixels(again), await pixels(b), 'the reopened window shows the same picture');
+  await samePicture(again, b, 'the reopened window shows the same picture');
   await shot(again, '3-a-reopened');
 
   // A window in a new browser profile loads the board: the same picture. Redis holds each
@@ -290,7 +304,7 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   await untilStored(c, all, 'every stroke');
   assert.equal(await c.evaluate(() => window.whiteboard.loads), 1, 'a new window loads the board');
   assert.deepEqual(await confirmedIds(c), await confirmedIds(b));
-  assert.equal(await pixels(c), await pixels(b), 'the late window shows the same picture');
+  await samePicture(c, b, 'the late window shows the same picture');
   await shot(c, '4-c-opened-late');
   const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
   assert.equal(String(stored).trim(), '4');
@@ -351,7 +365,7 @@ clusterTest('Redis comes back empty: the open windows put the board back', {}, a
   const c = await open(browser, cluster, board, 'page C');
   await untilStored(c, ids, 'both strokes');
   await until(a, (n) => window.whiteboard.ids({ confirmed: true }).length === n, 2, 'A holds the two strokes');
-  assert.equal(await pixels(c), await pixels(a), 'the new window shows the same picture');
+  await samePicture(c, a, 'the new window shows the same picture');
   await shot(c, '5-c-after-redis-came-back-empty');
   for (const page of [a, b, c]) assert.deepEqual(page.errors, [], `${page.label}: no page errors`);
 });
