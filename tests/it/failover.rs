@@ -612,6 +612,29 @@ async fn clients_stay_connected_through_a_redis_restart_and_miss_nothing() {
     .await;
 }
 
+/// The next data frame within `wait` (longer than [`Client::recv`]'s patience).
+async fn frame_within(client: &mut Client, wait: Duration, what: &str) -> Value {
+    tokio::time::timeout(wait, client.next_frame())
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {wait:?}: {what}"))
+        .expect("the connection stays open")
+        .expect("a data frame, not a close")
+}
+
+/// Asserts that `frame` ends a resume made with frame id `id`, and that it recovered.
+fn assert_recovered(frame: &Value, id: &str) {
+    assert_eq!(
+        (&frame["type"], &frame["id"], &frame["recovered"]),
+        (&json!("subscribed"), &json!(id), &json!(true)),
+        "{frame}"
+    );
+}
+
+/// A `subscribe` frame resuming `channel` from `since`.
+fn resume(channel: &str, since: &Value, id: &str) -> Value {
+    json!({"type": "subscribe", "channel": channel, "since": since, "id": id})
+}
+
 /// Two clients on a history channel, the first of which saw three messages; returns the
 /// replica, the second client (not subscribed yet) and the three offsets.
 async fn three_messages_seen(redis: &Redis, prefix: &str) -> (Gateway, Client, Client, Vec<Value>) {
@@ -656,11 +679,7 @@ async fn a_resume_made_while_redis_is_down_is_answered_once_redis_is_back() {
         let (gw, _first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
 
         redis.kill();
-        second
-        .send(
-            json!({"type": "subscribe", "channel": "room:outage", "since": offsets[0], "id": "r"}),
-        )
-        .await;
+        second.send(resume("room:outage", &offsets[0], "r")).await;
         // Keep Redis down well past the first failures (six attempts take about 2.5 s), then
         // bring it back.
         eventually("the resume's history read failed six times", || async {
@@ -669,29 +688,16 @@ async fn a_resume_made_while_redis_is_down_is_answered_once_redis_is_back() {
         .await;
         redis.restart();
 
-        let wait = Duration::from_secs(30);
         for n in [2, 3] {
-            let frame = tokio::time::timeout(wait, second.next_frame())
-                .await
-                .expect("the replay once Redis is back")
-                .expect("the connection stays open")
-                .expect("a data frame, not a close");
+            let wait = Duration::from_secs(30);
+            let frame = frame_within(&mut second, wait, "the replay once Redis is back").await;
             assert_eq!(
                 (&frame["type"], &frame["data"], &frame["offset"]),
                 (&json!("message"), &json!(n), &offsets[n - 1]),
                 "{frame}"
             );
         }
-        let subscribed = second.recv().await;
-        assert_eq!(
-            (
-                &subscribed["type"],
-                &subscribed["id"],
-                &subscribed["recovered"]
-            ),
-            (&json!("subscribed"), &json!("r"), &json!(true)),
-            "{subscribed}"
-        );
+        assert_recovered(&second.recv().await, "r");
         assert_eq!(
             gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
                 .await,
@@ -707,67 +713,50 @@ async fn a_resume_made_while_redis_is_down_is_answered_once_redis_is_back() {
 #[tokio::test]
 async fn a_resume_redis_cannot_answer_is_refused_as_unavailable_not_as_lost() {
     deadline(TEST_DEADLINE, async {
-    let mut redis = Redis::start_with_aof();
-    let prefix = unique_prefix("resume-refused");
-    let (gw, mut first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
+        let mut redis = Redis::start_with_aof();
+        let prefix = unique_prefix("resume-refused");
+        let (gw, mut first, mut second, offsets) = three_messages_seen(&redis, &prefix).await;
 
-    redis.kill();
-    second
-        .send(
-            json!({"type": "subscribe", "channel": "room:outage", "since": offsets[0], "id": "r"}),
-        )
-        .await;
-    let answer = tokio::time::timeout(Duration::from_secs(30), second.next_frame())
-        .await
-        .expect("an answer within 30 s")
-        .expect("the connection stays open")
-        .expect("a data frame, not a close");
-    assert_eq!(
-        (&answer["type"], &answer["id"], &answer["code"]),
-        (&json!("error"), &json!("r"), &json!("redis_unavailable")),
-        "{answer}"
-    );
-    assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("subscribe again"),
-        "{answer}"
-    );
-
-    // Not in the channel: a message published now reaches the first client only, and the
-    // second gets it through its new resume, after 2 and 3, exactly once.
-    redis.restart();
-    gw.wait_ready().await;
-    gw.send(json!({"to": {"channel": "room:outage"}, "data": 4}))
-        .await;
-    assert_eq!(first.recv().await["data"], 4);
-    second
-        .send(json!({"type": "subscribe", "channel": "room:outage", "since": offsets[0], "id": "again"}))
-        .await;
-    for n in [2, 3, 4] {
-        let frame = second.recv().await;
+        redis.kill();
+        second.send(resume("room:outage", &offsets[0], "r")).await;
+        let answer = frame_within(&mut second, Duration::from_secs(30), "the refusal").await;
         assert_eq!(
-            (&frame["type"], &frame["data"]),
-            (&json!("message"), &json!(n)),
-            "{frame}"
+            (&answer["type"], &answer["id"], &answer["code"]),
+            (&json!("error"), &json!("r"), &json!("redis_unavailable")),
+            "{answer}"
         );
-    }
-    let subscribed = second.recv().await;
-    assert_eq!(
-        (
-            &subscribed["type"],
-            &subscribed["id"],
-            &subscribed["recovered"]
-        ),
-        (&json!("subscribed"), &json!("again"), &json!(true)),
-        "{subscribed}"
-    );
-    assert_eq!(
-        gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
-            .await,
-        0.0
-    );
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("subscribe again"),
+            "{answer}"
+        );
+
+        // Not in the channel: a message published now reaches the first client only, and the
+        // second gets it through its new resume, after 2 and 3, exactly once.
+        redis.restart();
+        gw.wait_ready().await;
+        gw.send(json!({"to": {"channel": "room:outage"}, "data": 4}))
+            .await;
+        assert_eq!(first.recv().await["data"], 4);
+        second
+            .send(resume("room:outage", &offsets[0], "again"))
+            .await;
+        for n in [2, 3, 4] {
+            let frame = second.recv().await;
+            assert_eq!(
+                (&frame["type"], &frame["data"]),
+                (&json!("message"), &json!(n)),
+                "{frame}"
+            );
+        }
+        assert_recovered(&second.recv().await, "again");
+        assert_eq!(
+            gw.metric("wsbridge_resumes_total{recovered=\"false\"}")
+                .await,
+            0.0
+        );
     })
     .await;
 }
@@ -802,9 +791,7 @@ async fn a_resume_that_missed_many_pages_gets_all_of_them_in_order() {
         }
 
         let mut client = Client::connect(&gw).await;
-        client
-            .send(json!({"type": "subscribe", "channel": "room:pages", "since": since, "id": "r"}))
-            .await;
+        client.send(resume("room:pages", &since, "r")).await;
         for (n, offset) in offsets.iter().enumerate() {
             let frame = client.recv().await;
             assert_eq!(
@@ -813,12 +800,7 @@ async fn a_resume_that_missed_many_pages_gets_all_of_them_in_order() {
                 "replayed message {n}"
             );
         }
-        let subscribed = client.recv().await;
-        assert_eq!(
-            (&subscribed["type"], &subscribed["recovered"]),
-            (&json!("subscribed"), &json!(true)),
-            "{subscribed}"
-        );
+        assert_recovered(&client.recv().await, "r");
     })
     .await;
 }
