@@ -100,14 +100,7 @@ async fn a_backlog_before_any_delivery_is_caught_up() {
                 > 0.0,
             "the buffer never overflowed: the test did not test anything"
         );
-        // The catch-up counts itself once a read lands with nothing left out; with the hold
-        // overflowing, "end" can arrive in an earlier read's replay, before that.
-        eventually("the catch-up counted as recovered", || async {
-            a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-                .await
-                >= 1.0
-        })
-        .await;
+        a.caught_up().await;
         assert_eq!(
             a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
                 .await,
@@ -131,12 +124,7 @@ async fn a_reconnect_gap_is_caught_up(name: &str, channel: &str, before: std::op
     let mut nodes = cut_pubsub_links(&redis).await;
     publish(&b, channel, 0..20).await;
     restore_connections(&mut nodes).await;
-    eventually("A caught up", || async {
-        a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-            .await
-            >= 1.0
-    })
-    .await;
+    a.caught_up().await;
     b.send(json!({"to": {"channel": channel}, "data": "end"}))
         .await;
     assert_eq!(read_until_end(&mut c).await, (0..20).collect::<Vec<_>>());
@@ -202,15 +190,9 @@ async fn a_catch_up_whose_hold_overflows_catches_up_again() {
             b.send(Value::Array(batch)).await;
         }
         a.signal("-CONT");
-        // Counted when a read lands with its hold whole, not for the reads before it. Only
-        // then is "end" published: it must come live, after the catch-up let go of the channel
+        // Only once the catch-up let go of the channel is "end" published: it must come live
         // (a catch-up that never lets go would keep it).
-        eventually("A caught up", || async {
-            a.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-                .await
-                >= 1.0
-        })
-        .await;
+        a.caught_up().await;
         b.send(json!({"to": {"channel": "room:4"}, "data": "end"}))
             .await;
         let seen = read_until_end(&mut c).await;

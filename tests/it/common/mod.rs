@@ -530,6 +530,18 @@ impl Gateway {
         })
     }
 
+    /// Waits until the replica has counted a catch-up that recovered everything. The count comes
+    /// when a history read lands with nothing left out, which may follow the last message a
+    /// client saw (a read again after the hold overflowed or a new gap opened).
+    pub async fn caught_up(&self) {
+        eventually("a catch-up counted as recovered", || async {
+            self.metric("wsbridge_catch_ups_total{recovered=\"true\"}")
+                .await
+                >= 1.0
+        })
+        .await;
+    }
+
     pub fn log_text(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
