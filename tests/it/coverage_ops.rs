@@ -470,6 +470,18 @@ async fn two_replicas_with_auth(redis: &Redis, prefix: &str, secret: &str) -> (G
     (a, b)
 }
 
+/// Alice twice on `a` (once in MessagePack) and once on `b`; bob once on each.
+async fn alice_and_bob(a: &Gateway, b: &Gateway, secret: &str) -> (Vec<Client>, Client, Client) {
+    let alice = vec![
+        Client::connect_as(a, secret, "alice", false).await,
+        Client::connect_as(a, secret, "alice", true).await,
+        Client::connect_as(b, secret, "alice", false).await,
+    ];
+    let bob_a = Client::connect_as(a, secret, "bob", false).await;
+    let bob_b = Client::connect_as(b, secret, "bob", false).await;
+    (alice, bob_a, bob_b)
+}
+
 #[tokio::test]
 async fn disconnect_by_user_closes_each_of_their_connections_on_every_replica_with_4000() {
     deadline(TEST_DEADLINE, async {
@@ -477,13 +489,7 @@ async fn disconnect_by_user_closes_each_of_their_connections_on_every_replica_wi
         let prefix = unique_prefix("disconnect-user");
         let secret = "s";
         let (a, b) = two_replicas_with_auth(&redis, &prefix, secret).await;
-        let mut alice = vec![
-            Client::connect_as(&a, secret, "alice", false).await,
-            Client::connect_as(&a, secret, "alice", true).await,
-            Client::connect_as(&b, secret, "alice", false).await,
-        ];
-        let mut bob_a = Client::connect_as(&a, secret, "bob", false).await;
-        let mut bob_b = Client::connect_as(&b, secret, "bob", false).await;
+        let (mut alice, mut bob_a, mut bob_b) = alice_and_bob(&a, &b, secret).await;
 
         // No code given: the documented default, 4000.
         let (status, answer) = b.post("/disconnect", &json!({"user": "alice"})).await;
@@ -513,14 +519,7 @@ async fn unsubscribe_by_user_takes_each_of_their_connections_out_of_the_channel_
         let prefix = unique_prefix("unsubscribe-user");
         let secret = "s";
         let (a, b) = two_replicas_with_auth(&redis, &prefix, secret).await;
-        // Alice twice on a (once in MessagePack), once on b; bob once on each.
-        let mut alice = vec![
-            Client::connect_as(&a, secret, "alice", false).await,
-            Client::connect_as(&a, secret, "alice", true).await,
-            Client::connect_as(&b, secret, "alice", false).await,
-        ];
-        let mut bob_a = Client::connect_as(&a, secret, "bob", false).await;
-        let mut bob_b = Client::connect_as(&b, secret, "bob", false).await;
+        let (mut alice, mut bob_a, mut bob_b) = alice_and_bob(&a, &b, secret).await;
         for c in alice.iter_mut().chain([&mut bob_a, &mut bob_b]) {
             c.subscribe("news").await;
         }
