@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backplane;
 pub mod config;
 pub mod connection;
+pub mod cursor;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

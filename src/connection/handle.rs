@@ -14,46 +14,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::config::QueueFullPolicy;
+use crate::cursor::{Cursor, Entry, Finish, Live, Offset};
 use crate::metrics::{CloseReason, DropReason, Metrics};
-use crate::outbound::history::Offset;
 use crate::protocol::{Encoding, ServerFrame};
 
 /// A message frame waiting in a connection's send queue. `frame` is shared by all recipients.
+#[derive(Clone)]
 pub struct Outgoing {
     /// Encoded `message` frame, in the connection's encoding.
     pub frame: Bytes,
     /// Unix microseconds when `/send` accepted the message (for the latency histogram); 0 for
     /// frames with no such moment (replayed history, the `subscribed` that ends a replay).
     pub accepted_us: u64,
-}
-
-/// A live channel message held back while the connection replays that channel's history.
-pub struct Held {
-    /// Its history offset.
-    pub offset: Option<String>,
-    /// The encoded frame.
-    pub frame: Bytes,
-    /// As in [`Outgoing`].
-    pub accepted_us: u64,
-}
-
-/// A channel's state around a resume.
-enum Resume {
-    /// The history is being read: live messages are held.
-    Holding(HeldBack),
-    /// The replay was queued up to this offset: live messages not after it were replayed
-    /// already (their payload was still on its way when the replay was queued) and are dropped.
-    /// Cleared by the first newer message.
-    Floor(Offset),
-}
-
-/// The messages held for one resuming channel; bounded by the send queue's capacity.
-#[derive(Default)]
-pub struct HeldBack {
-    /// In arrival order.
-    pub messages: Vec<Held>,
-    /// More arrived than could be held: the replay cannot be made whole.
-    pub overflowed: bool,
 }
 
 /// A frame on the reply path: replies to the client's own frames and protocol obligations.
@@ -130,7 +102,9 @@ pub struct ConnHandle {
     /// Set while any channel of this connection is resuming; read on every delivery, so the
     /// common case costs one atomic load.
     resuming_any: AtomicBool,
-    resuming: Mutex<HashMap<Arc<str>, Resume>>,
+    /// The order of each resuming channel's messages, from before the join until the first
+    /// live message after the replay (see `crate::cursor`).
+    resuming: Mutex<HashMap<Arc<str>, Cursor<Outgoing>>>,
     warned_drop: AtomicBool,
     metrics: Metrics,
     /// Writes that skip the queue when nothing is waiting (see `direct.rs`).
@@ -280,32 +254,45 @@ impl ConnHandle {
             .contains(channel)
     }
 
-    /// Starts holding back live messages of `channel` (before joining it), until
-    /// [`ConnHandle::finish_resume`].
-    pub fn begin_resume(&self, channel: &str) {
+    /// Starts holding back live messages of `channel` (before joining it): a resume from
+    /// `since`, until [`ConnHandle::finish_resume`] or [`ConnHandle::cancel_resume`]. At most a
+    /// send queue's worth is held.
+    pub fn begin_resume(&self, channel: &str, since: Offset) {
+        let cursor = Cursor::resuming(since, self.messages.capacity());
         let mut resuming = self.resuming.lock().expect("resume lock");
-        resuming.insert(Arc::from(channel), Resume::Holding(HeldBack::default()));
+        resuming.insert(Arc::from(channel), cursor);
         self.resuming_any.store(true, Ordering::Release);
     }
 
-    /// After a replay up to `last`: drop live messages of `channel` that are not newer.
-    pub fn set_floor(&self, channel: &str, last: Offset) {
+    /// The resume's history read landed (`None`: the history cannot fill the gap): what to
+    /// queue, in order (see [`Finish`]). The cursor stays while it has replayed offsets to
+    /// drop. `None` when `channel` was not resuming.
+    pub fn finish_resume(
+        &self,
+        channel: &str,
+        replay: Option<Vec<Entry>>,
+    ) -> Option<Finish<Outgoing>> {
         let mut resuming = self.resuming.lock().expect("resume lock");
-        resuming.insert(Arc::from(channel), Resume::Floor(last));
-        self.resuming_any.store(true, Ordering::Release);
+        let finish = resuming.get_mut(channel)?.finish(replay);
+        if resuming.get(channel).is_some_and(Cursor::is_settled) {
+            resuming.remove(channel);
+        }
+        self.update_resuming_any(&resuming);
+        finish
     }
 
-    /// Stops holding back `channel` and returns what was held.
-    pub fn finish_resume(&self, channel: &str) -> HeldBack {
+    /// Stops following `channel`'s resume: the join failed, the read did, or the replay was
+    /// not queued. Live messages flow again as they come.
+    pub fn cancel_resume(&self, channel: &str) {
         let mut resuming = self.resuming.lock().expect("resume lock");
-        let held = match resuming.remove(channel) {
-            Some(Resume::Holding(held)) => held,
-            _ => HeldBack::default(),
-        };
+        resuming.remove(channel);
+        self.update_resuming_any(&resuming);
+    }
+
+    fn update_resuming_any(&self, resuming: &HashMap<Arc<str>, Cursor<Outgoing>>) {
         if resuming.is_empty() {
             self.resuming_any.store(false, Ordering::Release);
         }
-        held
     }
 
     /// Delivers a channel message, or holds it back while that channel is resuming.
@@ -322,30 +309,20 @@ impl ConnHandle {
     ) {
         if self.resuming_any.load(Ordering::Acquire) {
             let mut resuming = self.resuming.lock().expect("resume lock");
-            match resuming.get_mut(channel) {
-                Some(Resume::Holding(held)) => {
-                    if held.messages.len() >= self.messages.capacity() {
-                        held.overflowed = true;
-                    } else {
-                        held.messages.push(Held {
-                            offset: offset.map(str::to_owned),
-                            frame: frame.clone(),
-                            accepted_us,
-                        });
-                    }
-                    return;
-                }
-                Some(Resume::Floor(floor)) => {
-                    let parsed = offset.and_then(Offset::parse);
-                    if parsed.is_some_and(|o| o.epoch == floor.epoch && !o.is_after(floor)) {
-                        return;
-                    }
-                    resuming.remove(channel);
-                    if resuming.is_empty() {
-                        self.resuming_any.store(false, Ordering::Release);
+            if let Some(cursor) = resuming.get_mut(channel) {
+                let keep = || Outgoing {
+                    frame: frame.clone(),
+                    accepted_us,
+                };
+                match cursor.offer(offset, keep) {
+                    Live::Held | Live::Duplicate => return,
+                    Live::Deliver => {
+                        if cursor.is_settled() {
+                            resuming.remove(channel);
+                            self.update_resuming_any(&resuming);
+                        }
                     }
                 }
-                None => {}
             }
         }
         if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {

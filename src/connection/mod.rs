@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 pub use direct::server_frame;
-pub use handle::{Closing, ConnHandle, Held, HeldBack, Membership, Outgoing, OwedAnswer, Reply};
+pub use handle::{Closing, ConnHandle, Membership, Outgoing, OwedAnswer, Reply};
 
 use reader::{EchoSink, GatewaySink, MessageSink};
 

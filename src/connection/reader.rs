@@ -12,10 +12,10 @@ use super::assembler::{AssembleError, Assembler};
 use super::frames::{FrameReader, ReadError};
 use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
+use crate::cursor::Offset;
 use crate::inbound::Event;
 use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::outbound::dispatch::{Control, Joined, ResumeDone};
-use crate::outbound::history::Offset;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
 use crate::state::AppState;
 
@@ -207,7 +207,7 @@ impl MessageSink for GatewaySink<'_> {
         };
         // The first local member of a history channel reads where the channel's history stands
         // before it joins: a catch-up starts there when nothing was delivered since (see
-        // `outbound::catch_up`). Read before the join, so every message after it is owed; a
+        // `crate::cursor`). Read before the join, so every message after it is owed; a
         // member joining a channel that has members already needs none.
         let start = match &decoded {
             Ok(ClientFrame::Subscribe { channel, .. })
@@ -350,7 +350,7 @@ fn act(
                             format!("`since` must be an offset this gateway gave, not `{since}`"),
                         ));
                     };
-                    handle.begin_resume(&channel);
+                    handle.begin_resume(&channel, since.clone());
                     Some((since, settings.history_size))
                 }
                 _ => None,
@@ -365,7 +365,7 @@ fn act(
                     spawn_resume(handle.clone(), state, channel, id, since, limit);
                     return Ok(joined);
                 }
-                handle.finish_resume(&channel);
+                handle.cancel_resume(&channel);
             }
             // A `since` on a channel without history (or one already joined) cannot be honoured:
             // say so rather than pretend.

@@ -10,14 +10,14 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::catch_up::{Begin, CatchUps, Live};
 use super::envelope::{split_payload, Batch, Item, Op};
-use super::history::{HistoryReader, Offset, Replay};
+use super::history::{HistoryReader, Replay};
 use super::routes::Acks;
 use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
 use crate::connection::{server_frame, ConnHandle, Outgoing};
+use crate::cursor::{Begin, ChannelCursors, Entry, Finish, Live, Offset};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{message, Encoding, ErrorCode, FrameId, ServerFrame};
@@ -35,7 +35,7 @@ pub enum Control {
 }
 
 /// A connection joined a history channel: where the channel's members stand is recorded from
-/// it (see [`CatchUps::joined`]), so a gap before anything is delivered can be caught up too.
+/// it (see [`ChannelCursors::joined`]), so a gap before anything is delivered can be caught up too.
 pub struct Joined {
     /// The channel.
     pub channel: String,
@@ -87,10 +87,10 @@ pub struct Dispatcher {
     interest: Option<Arc<Interest>>,
     /// Interest routing: acknowledgements awaited by this replica's publisher.
     acks: Arc<Acks>,
-    /// Per history channel with local members: where they stand, what is held while the
-    /// channel catches up (data JSON and `Batch.ts`), and which replayed offsets live messages
-    /// must not repeat. Every rule about that lives there.
-    catch_ups: CatchUps<(String, u64)>,
+    /// Per history channel with local members, its ordering cursor: where the members stand,
+    /// what is held while the channel catches up (data JSON and `Batch.ts`), and which replayed
+    /// offsets live messages must not repeat. Every rule about that lives in `crate::cursor`.
+    catch_ups: ChannelCursors<(String, u64)>,
     /// `catch_ups` is pruned of channels without local members when it grows past this.
     prune_at: usize,
     /// Reused for every message, so finding recipients does not allocate.
@@ -135,7 +135,7 @@ impl Dispatcher {
             control: state.control_tx.clone(),
             interest: state.interest.clone(),
             acks: state.publisher.acks().clone(),
-            catch_ups: CatchUps::new(state.config.redis.pubsub_buffer_messages),
+            catch_ups: ChannelCursors::new(state.config.redis.pubsub_buffer_messages),
             prune_at: PRUNE_AT,
             scratch: Vec::new(),
             direct_budget: 0,
@@ -403,13 +403,14 @@ impl Dispatcher {
     /// again with the same `since`.
     fn finish_resume(&mut self, done: ResumeDone) {
         let conn = &done.conn;
-        let held = conn.finish_resume(&done.channel);
+        let channel = done.channel.as_str();
         let replay = match done.read {
             Ok(Replay::Complete(entries)) => Some(entries),
             Ok(Replay::Incomplete) => None,
             Err(e) => {
-                if self.registry.unsubscribe(conn, &done.channel) {
-                    self.inbound.event(conn, Event::Unsubscribe(&done.channel));
+                conn.cancel_resume(channel);
+                if self.registry.unsubscribe(conn, channel) {
+                    self.inbound.event(conn, Event::Unsubscribe(channel));
                 }
                 self.metrics
                     .rejected(ErrorCode::RedisUnavailable)
@@ -426,61 +427,56 @@ impl Dispatcher {
                 return;
             }
         };
-        if held.overflowed {
-            conn.close(
-                1013,
-                "too many messages arrived while resuming",
-                CloseReason::SlowConsumer,
-            );
+        let Some(finish) = conn.finish_resume(channel, replay) else {
             return;
-        }
+        };
         let subscribed = |recovered: bool| Outgoing {
             frame: ServerFrame::Subscribed {
-                channel: &done.channel,
+                channel,
                 id: done.id.as_ref(),
                 recovered: Some(recovered),
             }
             .encode(conn.encoding),
             accepted_us: 0,
         };
-        if let Some(entries) = &replay {
-            let mut last = done.since.clone();
-            let mut frames = Vec::with_capacity(entries.len() + 1 + held.messages.len());
-            for (offset, data) in entries {
-                let raw = RawValue::from_string(data.clone()).unwrap_or_else(|_| null().to_owned());
-                frames.push(Outgoing {
-                    frame: message(conn.encoding, Some(&done.channel), Some(offset), &raw),
-                    accepted_us: 0,
-                });
-                if let Some(parsed) = Offset::parse(offset) {
-                    last = parsed;
-                }
-            }
-            frames.push(subscribed(true));
-            for live in &held.messages {
-                let newer = match live.offset.as_deref().and_then(Offset::parse) {
-                    Some(offset) => offset.is_after(&last) || offset.epoch != last.epoch,
-                    None => true,
-                };
-                if newer {
-                    frames.push(Outgoing {
-                        frame: live.frame.clone(),
-                        accepted_us: live.accepted_us,
-                    });
-                }
-            }
-            if conn.deliver_all(frames) {
-                conn.set_floor(&done.channel, last);
-                self.metrics.resumes(true).increment(1);
+        let held = match finish {
+            // More arrived meanwhile than a send queue holds: the client resumes again.
+            Finish::ReadAgain { .. } | Finish::NotRecovered { whole: false, .. } => {
+                conn.cancel_resume(channel);
+                conn.close(
+                    1013,
+                    "too many messages arrived while resuming",
+                    CloseReason::SlowConsumer,
+                );
                 return;
             }
-        }
+            Finish::Recovered { replay, held } => {
+                let held: Vec<Outgoing> = held.into_iter().map(|h| h.item).collect();
+                let mut frames = Vec::with_capacity(replay.len() + 1 + held.len());
+                for Entry { offset, data } in replay {
+                    let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+                    frames.push(Outgoing {
+                        frame: message(conn.encoding, Some(channel), Some(&offset), &raw),
+                        accepted_us: 0,
+                    });
+                }
+                frames.push(subscribed(true));
+                frames.extend(held.iter().cloned());
+                if conn.deliver_all(frames) {
+                    self.metrics.resumes(true).increment(1);
+                    return;
+                }
+                // The replay does not fit the send queue: given up, and the client told.
+                conn.cancel_resume(channel);
+                held
+            }
+            Finish::NotRecovered { held, whole: true } => {
+                held.into_iter().map(|h| h.item).collect()
+            }
+        };
         self.metrics.resumes(false).increment(1);
         let mut frames = vec![subscribed(false)];
-        frames.extend(held.messages.into_iter().map(|live| Outgoing {
-            frame: live.frame,
-            accepted_us: live.accepted_us,
-        }));
+        frames.extend(held);
         if !conn.deliver_all(frames) {
             conn.close(
                 1013,
@@ -492,7 +488,7 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    /// Records a join on a history channel (see [`CatchUps::joined`]).
+    /// Records a join on a history channel (see [`ChannelCursors::joined`]).
     fn joined(&mut self, joined: Joined) {
         tracing::debug!(
             channel = %joined.channel,
@@ -602,28 +598,48 @@ impl Dispatcher {
         let Some(finish) = self.catch_ups.finish(channel, replay) else {
             return;
         };
-        if !finish.recovered {
-            self.tell_not_recovered(channel);
-        }
-        for (offset, data) in finish.replay {
-            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-            let target = Target::Channel(channel);
-            self.fan_out(target, Some(channel), Some(&offset), &raw, 0);
-        }
-        for (offset, (data, ts)) in finish.held {
-            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-            let target = Target::Channel(channel);
-            self.fan_out(target, Some(channel), Some(&offset), &raw, ts);
-        }
-        match finish.again {
-            Some(since) => {
+        let target = Target::Channel(channel);
+        match finish {
+            Finish::Recovered { replay, held } => {
+                self.replay(channel, replay);
+                for held in held {
+                    let (data, ts) = held.item;
+                    let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+                    self.fan_out(target, Some(channel), held.offset.as_deref(), &raw, ts);
+                }
+                self.metrics.catch_ups(true).increment(1);
+            }
+            Finish::ReadAgain { replay, since } => {
+                self.replay(channel, replay);
                 tracing::debug!(
                     channel,
                     "catch-up: more live messages than held; reading on"
                 );
                 self.read_history(channel, since);
             }
-            None => self.metrics.catch_ups(finish.recovered).increment(1),
+            Finish::NotRecovered { held, .. } => {
+                self.tell_not_recovered(channel);
+                for held in held {
+                    let (data, ts) = held.item;
+                    let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+                    self.fan_out(target, Some(channel), held.offset.as_deref(), &raw, ts);
+                }
+                self.metrics.catch_ups(false).increment(1);
+            }
+        }
+    }
+
+    /// Hands replayed history entries of `channel` to its local members.
+    fn replay(&mut self, channel: &str, replay: Vec<Entry>) {
+        for Entry { offset, data } in replay {
+            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+            self.fan_out(
+                Target::Channel(channel),
+                Some(channel),
+                Some(&offset),
+                &raw,
+                0,
+            );
         }
     }
 }

@@ -12,7 +12,6 @@
 //! "gone". Reads are paged and few run at once ([`MAX_CONCURRENT_READS`]), so that many clients
 //! resuming together queue here instead of timing out together on the shared command link.
 
-use std::cmp::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,42 +19,13 @@ use redis::streams::StreamRangeReply;
 use tokio::sync::Semaphore;
 
 use crate::backplane::{Backplane, Keys, RedisFailure};
-
-/// A parsed offset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offset {
-    /// The history's epoch.
-    pub epoch: String,
-    /// The stream entry id as (milliseconds, sequence).
-    pub id: (u64, u64),
-}
-
-impl Offset {
-    /// Parses `<epoch>:<ms>-<seq>`.
-    pub fn parse(text: &str) -> Option<Self> {
-        let (epoch, id) = text.rsplit_once(':')?;
-        Some(Self {
-            epoch: epoch.to_owned(),
-            id: parse_id(id)?,
-        })
-    }
-
-    /// Whether `self` comes after `other` in the same epoch (different epochs never compare).
-    pub fn is_after(&self, other: &Offset) -> bool {
-        self.epoch == other.epoch && self.id.cmp(&other.id) == Ordering::Greater
-    }
-}
-
-fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
+use crate::cursor::{parse_id, Entry, Offset};
 
 /// What a read found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Replay {
-    /// Everything after the offset is still there: these entries, in order (offset, data).
-    Complete(Vec<(String, String)>),
+    /// Everything after the offset is still there: these entries, in order.
+    Complete(Vec<Entry>),
     /// The history no longer holds the offset (trimmed, expired, lost, or another epoch).
     Incomplete,
 }
@@ -161,7 +131,10 @@ impl HistoryReader {
                     cursor = id;
                 }
                 let data = entry.get::<String>("data").unwrap_or_else(|| "null".into());
-                entries.push((format!("{epoch}:{}", entry.id), data));
+                entries.push(Entry {
+                    offset: format!("{epoch}:{}", entry.id),
+                    data,
+                });
             }
             if got < want || entries.len() as u64 >= limit {
                 return Ok(Replay::Complete(entries));
@@ -173,7 +146,7 @@ impl HistoryReader {
     /// has no entry. A history without an epoch gets one here (with the history's TTL), which
     /// the next publish then uses: so "empty now" is tied to an epoch, and a history lost
     /// before the next read shows as another epoch rather than as a short replay. One attempt:
-    /// a joining client does not wait out an outage for this (see `CatchUps`).
+    /// a joining client does not wait out an outage for this (see `crate::cursor::ChannelCursors`).
     ///
     /// # Errors
     /// [`RedisFailure`] when Redis did not answer.
@@ -232,22 +205,5 @@ impl HistoryReader {
                 Err(e) => return Err(e),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offsets_parse_and_compare_within_an_epoch() {
-        let a = Offset::parse("e1:1700-0").unwrap();
-        let b = Offset::parse("e1:1700-1").unwrap();
-        let c = Offset::parse("e2:1800-0").unwrap();
-        assert!(b.is_after(&a));
-        assert!(!a.is_after(&b));
-        assert!(!c.is_after(&a));
-        assert_eq!(Offset::parse("nonsense"), None);
-        assert_eq!(Offset::parse("e:1-x"), None);
     }
 }

@@ -1,7 +1,6 @@
 //! The outbound path: `POST /send` → one PUBLISH → every replica's [`dispatch::Dispatcher`] →
 //! local recipients' bounded send queues → socket writers.
 
-pub mod catch_up;
 pub mod dispatch;
 pub mod envelope;
 pub mod history;
