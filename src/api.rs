@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
+use crate::clock::unix_us;
 use crate::http::{error, json, text, HttpResponse};
-use crate::inbound::unix_us;
 use crate::metrics::Limit;
 use crate::outbound::envelope::{Batch, Item, Op, To};
 use crate::state::AppState;

@@ -11,20 +11,22 @@
 pub mod api;
 pub mod auth;
 pub mod backplane;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod cursor;
 pub mod http;
+pub mod ids;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod public;
 pub mod registry;
+pub mod session;
 pub mod state;
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ use tokio_util::task::TaskTracker;
 
 use backplane::{Backplane, Health, Keys};
 use config::Config;
+// `crate::random_u32` for callers written before `ids` existed.
+pub(crate) use ids::random_u32;
 use inbound::{Appender, Inbound};
 use metrics::Metrics;
 use outbound::dispatch::Dispatcher;
@@ -170,7 +174,18 @@ pub async fn run(
             background.clone(),
         ));
     }
-    let dispatcher = Dispatcher::new(&state);
+    let dispatcher = Dispatcher::new(outbound::dispatch::Parts {
+        registry: registry.clone(),
+        inbound: inbound.clone(),
+        metrics: metrics.clone(),
+        backplane: backplane.clone(),
+        keys: keys.clone(),
+        history: state.history.clone(),
+        config: config.clone(),
+        control: control_tx.clone(),
+        interest: state.interest.clone(),
+        acks: state.publisher.acks().clone(),
+    });
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
     tasks.spawn(backplane::health::run(
         backplane.clone(),
@@ -290,18 +305,4 @@ pub async fn run(
     .await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// A random number from the standard library's per-process hash seed, the time and the pid:
-/// enough to tell processes apart without a random-number dependency.
-pub(crate) fn random_u32() -> u32 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    h.finish() as u32
 }

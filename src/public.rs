@@ -9,10 +9,10 @@ use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use hyper::Request;
 
 use crate::auth::AuthError;
-use crate::connection;
 use crate::http::{error, HttpResponse};
 use crate::metrics::Limit;
 use crate::protocol::{Encoding, MSGPACK_SUBPROTOCOL};
+use crate::session;
 use crate::state::AppState;
 
 /// Handles one HTTP request on the public listener.
@@ -82,7 +82,7 @@ pub async fn handle(
     let state2 = state.clone();
     state.connections.spawn(async move {
         match upgrade.await {
-            Ok(ws) => connection::serve(ws.into_inner(), state2, identity, encoding).await,
+            Ok(ws) => session::serve(ws.into_inner(), state2, identity, encoding).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
         }
         drop(permit);

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
-use crate::backplane::interest::Interest;
+use crate::backplane::interest::{Interest, LocalChannels};
 use crate::connection::ConnHandle;
 
 /// Who a message or an action is for.
@@ -250,5 +250,15 @@ fn remove_from(index: &Index, key: &str, seq: u64) -> Option<Arc<str>> {
             .map(|(k, _)| k)
     } else {
         None
+    }
+}
+
+impl LocalChannels for Registry {
+    fn has_channel(&self, channel: &str) -> bool {
+        Registry::has_channel(self, channel)
+    }
+
+    fn channel_names(&self) -> Vec<Arc<str>> {
+        Registry::channel_names(self)
     }
 }

@@ -17,7 +17,14 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::registry::Registry;
+/// The channels with local members. The registry (`crate::registry`, above this module) is the
+/// one implementation; the link asks through this trait, so it never imports the registry.
+pub trait LocalChannels: Send + Sync {
+    /// Whether `channel` has a local member.
+    fn has_channel(&self, channel: &str) -> bool;
+    /// Every channel with a local member.
+    fn channel_names(&self) -> Vec<Arc<str>>;
+}
 
 /// A change the pub/sub task acts on.
 pub enum Change {
@@ -138,7 +145,7 @@ impl Interest {
     /// Decides, for the channels a batch of changes touched, what the link must subscribe to and
     /// unsubscribe from. Channels to drop leave the link's set here, under the lock a join
     /// checks, so a join from now on asks for a new subscription rather than trust this one.
-    pub fn plan(&self, touched: HashSet<Arc<str>>, registry: &Registry) -> Plan {
+    pub fn plan(&self, touched: HashSet<Arc<str>>, registry: &dyn LocalChannels) -> Plan {
         let mut state = self.lock();
         let mut plan = Plan::default();
         for channel in touched {
@@ -160,7 +167,7 @@ impl Interest {
     }
 
     /// Every wanted channel, for a fresh link.
-    pub fn all_wanted(&self, registry: &Registry) -> Vec<Arc<str>> {
+    pub fn all_wanted(&self, registry: &dyn LocalChannels) -> Vec<Arc<str>> {
         let mut all: HashSet<Arc<str>> = registry.channel_names().into_iter().collect();
         all.extend(self.lock().pending.keys().cloned());
         all.into_iter().collect()

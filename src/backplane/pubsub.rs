@@ -20,7 +20,6 @@ use super::interest::{Change, Interest};
 use super::{Health, Keys};
 use crate::config::RedisConfig;
 use crate::metrics::{DropReason, Metrics};
-use crate::registry::Registry;
 
 /// Interest routing's part of the link: the wanted channels and their changes.
 pub struct InterestLink {
@@ -29,7 +28,7 @@ pub struct InterestLink {
     /// Changes to act on.
     pub changes: mpsc::Receiver<Change>,
     /// Local channel members.
-    pub registry: Arc<Registry>,
+    pub registry: Arc<dyn super::interest::LocalChannels>,
 }
 
 /// The most changes taken into one SUBSCRIBE / UNSUBSCRIBE pair.
@@ -387,7 +386,7 @@ async fn connect(
     let wanted = match interest {
         Some(link) => {
             names.push(keys.own.clone());
-            let wanted = link.interest.all_wanted(&link.registry);
+            let wanted = link.interest.all_wanted(&*link.registry);
             names.extend(wanted.iter().map(|c| keys.channel(c)));
             wanted
         }
@@ -435,7 +434,7 @@ async fn apply_changes(
             next = link.changes.try_recv().ok();
         }
     }
-    let plan = link.interest.plan(touched, &link.registry);
+    let plan = link.interest.plan(touched, &*link.registry);
     if !plan.remove.is_empty() {
         let names: Vec<String> = plan.remove.iter().map(|c| keys.channel(c)).collect();
         conn.set(&names, false).await?;

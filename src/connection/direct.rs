@@ -44,6 +44,30 @@ struct Gate {
     partial: Option<Bytes>,
 }
 
+/// Frames on the books of direct writes, on their way into a queue. Dropped, it takes them off
+/// again (the push failed); [`Handed::queued`] leaves them to the writer task, which takes them
+/// off once they are written. So no exit path can leave the count unbalanced.
+#[must_use = "dropping the guard takes the frames off the books at once"]
+pub struct Handed<'a> {
+    direct: &'a DirectWrite,
+    frames: usize,
+}
+
+impl Handed<'_> {
+    /// The frames are queued: the writer task accounts for them from now on.
+    pub fn queued(mut self) {
+        self.frames = 0;
+    }
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        if self.frames > 0 {
+            self.direct.done(self.frames);
+        }
+    }
+}
+
 /// What became of a direct write.
 pub enum Direct {
     /// On the socket (or its rest parked for the writer task): delivered.
@@ -67,13 +91,25 @@ impl DirectWrite {
         gate.partial = None;
     }
 
-    /// One more frame for the writer task; call before queueing it.
-    pub fn handed(&self, frames: usize) {
+    /// Puts `frames` on the books before they are queued for the writer task: direct writes
+    /// wait from now on. The guard takes them off again when dropped, unless
+    /// [`Handed::queued`] says the writer task has them.
+    pub fn hand(&self, frames: usize) -> Handed<'_> {
+        self.handed(frames);
+        Handed {
+            direct: self,
+            frames,
+        }
+    }
+
+    /// Frames the writer task makes itself (pings, the close frame), on the books before it
+    /// writes them.
+    pub(super) fn handed(&self, frames: usize) {
         self.inflight.fetch_add(frames, Ordering::AcqRel);
     }
 
-    /// Frames the writer task has entirely written, or that were never queued after all.
-    pub fn done(&self, frames: usize) {
+    /// Frames the writer task has entirely written.
+    pub(super) fn done(&self, frames: usize) {
         self.inflight.fetch_sub(frames, Ordering::AcqRel);
     }
 
@@ -93,6 +129,7 @@ impl DirectWrite {
             Ok(n) if n == frame.len() => Direct::Written,
             Ok(n) => {
                 gate.partial = Some(frame.slice(n..));
+                // The writer task writes the rest, and takes it off the books with its own.
                 self.handed(1);
                 self.kick.notify_one();
                 Direct::Written

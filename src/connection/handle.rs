@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::direct::{Direct, DirectWrite};
 use super::queue::{PushError, Queue};
-use crate::inbound::unix_us;
+use crate::clock::unix_us;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
@@ -97,8 +97,10 @@ pub struct ConnHandle {
     /// Replies, read by the writer before messages (`queue.rs`).
     pub(crate) replies: Queue<Reply>,
     policy: QueueFullPolicy,
-    closing: CancellationToken,
-    close: OnceLock<Closing>,
+    /// Why the connection is closing, once it is: the first request wins.
+    closing: OnceLock<Closing>,
+    /// Cancelled when `closing` is set, to wake the tasks that wait for it.
+    close_requested: CancellationToken,
     /// Set while any channel of this connection is resuming; read on every delivery, so the
     /// common case costs one atomic load.
     resuming_any: AtomicBool,
@@ -167,8 +169,8 @@ impl ConnHandle {
             messages: Queue::new(queue_capacity),
             replies: Queue::new(reply_capacity),
             policy,
-            closing: CancellationToken::new(),
-            close: OnceLock::new(),
+            closing: OnceLock::new(),
+            close_requested: CancellationToken::new(),
             resuming_any: AtomicBool::new(false),
             resuming: Mutex::new(HashMap::new()),
             warned_drop: AtomicBool::new(false),
@@ -200,7 +202,7 @@ impl ConnHandle {
 
     /// Tries a direct write; true when the message is delivered (or the connection failed).
     fn direct_write(&self, payload_len: usize, whole: &Bytes, accepted_us: u64) -> bool {
-        if self.close.get().is_some() {
+        if self.closing.get().is_some() {
             return false;
         }
         match self.direct.try_write(whole) {
@@ -223,11 +225,11 @@ impl ConnHandle {
     /// policy the connection is closed with 1013 instead: the client resumes from its last
     /// offset and gets the message from the history.
     fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) {
-        self.direct.handed(1);
+        let handed = self.direct.hand(1);
         match self.messages.try_push(Outgoing { frame, accepted_us }) {
-            Ok(()) => {}
+            Ok(()) => handed.queued(),
             Err(PushError::Full(_)) => {
-                self.direct.done(1);
+                drop(handed);
                 self.metrics.dropped(DropReason::QueueFull).increment(1);
                 if self.policy == QueueFullPolicy::Close || resumable {
                     self.close(1013, "send queue full", CloseReason::SlowConsumer);
@@ -239,7 +241,7 @@ impl ConnHandle {
                 }
             }
             Err(PushError::Closed(_)) => {
-                self.direct.done(1);
+                drop(handed);
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
         }
@@ -333,12 +335,11 @@ impl ConnHandle {
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.
     pub fn deliver_all(&self, frames: Vec<Outgoing>) -> bool {
-        let count = frames.len();
-        self.direct.handed(count);
+        let handed = self.direct.hand(frames.len());
         if self.messages.try_push_all(frames).is_err() {
-            self.direct.done(count);
             return false;
         }
+        handed.queued();
         true
     }
 
@@ -356,27 +357,27 @@ impl ConnHandle {
     ///
     /// Returns false when the reply could not be queued.
     pub fn reply_raw(&self, reply: Reply) -> bool {
-        self.direct.handed(1);
+        let handed = self.direct.hand(1);
         match self.replies.try_push(reply) {
-            Ok(()) => true,
+            Ok(()) => {
+                handed.queued();
+                true
+            }
             Err(PushError::Full(_)) => {
-                self.direct.done(1);
+                drop(handed);
                 self.close(1013, "reply queue full", CloseReason::SlowConsumer);
                 false
             }
-            Err(PushError::Closed(_)) => {
-                self.direct.done(1);
-                false
-            }
+            Err(PushError::Closed(_)) => false,
         }
     }
 
     /// Queues a reply, waiting for room: backpressure for the conformance echo, which must
     /// answer every message rather than apply a policy.
     pub async fn reply_wait(&self, reply: Reply) {
-        self.direct.handed(1);
-        if self.replies.push(reply).await.is_err() {
-            self.direct.done(1);
+        let handed = self.direct.hand(1);
+        if self.replies.push(reply).await.is_ok() {
+            handed.queued();
         }
     }
 
@@ -425,24 +426,24 @@ impl ConnHandle {
 
     fn request_close(&self, closing: Closing) {
         let (code, why) = (closing.code, closing.why);
-        let first = self.close.set(closing).is_ok();
+        let first = self.closing.set(closing).is_ok();
         if first {
             // The decision is logged when it is taken: the close frame may leave much later (it
             // waits behind what a slow client has not read), and the connection is counted as
             // closed only then.
-            let reason = self.close.get().map_or("", |c| c.reason.as_str());
+            let reason = self.closing.get().map_or("", |c| c.reason.as_str());
             tracing::debug!(connection = %self.id, code, reason, why = ?why, "closing connection");
-            self.closing.cancel();
+            self.close_requested.cancel();
         }
     }
 
     /// Resolves once a close was asked for.
-    pub async fn closed(&self) {
-        self.closing.cancelled().await;
+    pub async fn close_requested(&self) {
+        self.close_requested.cancelled().await;
     }
 
     /// Why the connection is closing, if it is.
     pub fn closing(&self) -> Option<&Closing> {
-        self.close.get()
+        self.closing.get()
     }
 }

@@ -1,4 +1,7 @@
-//! One WebSocket connection: a reader task body and a writer task body joined by a supervisor.
+//! One WebSocket connection's socket: a reader task body and a writer task body joined by a
+//! supervisor ([`drive`]). What the client's frames mean is the session's business
+//! (`crate::session`); this module reads and writes frames, and holds the connection's shared
+//! half ([`ConnHandle`]: its queues, channel set, resume cursors and close request).
 //!
 //! The reader parses frames itself (`frames.rs`); fastwebsockets frames what the writer sends.
 //! The reader is only dropped once the connection is closing. The writer owns the write
@@ -17,7 +20,7 @@ mod writer;
 use std::pin::pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::future::{FusedFuture, FutureExt};
 use hyper::upgrade::Upgraded;
@@ -28,14 +31,13 @@ use tokio::net::TcpStream;
 pub use direct::server_frame;
 pub use handle::{Closing, ConnHandle, Membership, Outgoing, OwedAnswer, Reply};
 
-use reader::{EchoSink, GatewaySink, MessageSink};
+use reader::EchoSink;
+pub(crate) use reader::MessageSink;
 
 use crate::auth::Identity;
 use crate::config::LimitsConfig;
-use crate::inbound::Event;
 use crate::metrics::{CloseReason, DropReason, Metrics};
-use crate::protocol::{Encoding, ServerFrame};
-use crate::state::AppState;
+use crate::protocol::Encoding;
 
 /// How long a closing connection may take to hear the client's close frame once ours is sent.
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -46,94 +48,6 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// connection without a close frame (a reset, 1006 in a browser) for a client that is merely
 /// slow; a client that reads nothing for this long is reset.
 const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(10);
-
-/// Serves an upgraded connection until it closes, then removes every trace of it.
-pub async fn serve(
-    io: TokioIo<Upgraded>,
-    state: Arc<AppState>,
-    identity: Identity,
-    encoding: Encoding,
-) {
-    let config = &state.config;
-    // Interest routing: messages to this user must reach this replica from the welcome on.
-    if let (Some(_), Some(user)) = (&state.interest, identity.user.as_deref()) {
-        let ttl = Duration::from_secs(config.outbound.user_route_ttl_seconds);
-        let listed = crate::outbound::routes::list_user(
-            &state.backplane,
-            &state.keys,
-            &state.replica_id,
-            user,
-            ttl,
-        );
-        if let Err(e) = listed.await {
-            tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
-        }
-    }
-    let (seq, id) = state.registry.next_id();
-    let expires_at = identity.expires_at;
-    let handle = ConnHandle::new(
-        seq,
-        id,
-        identity,
-        encoding,
-        config.outbound.queue_capacity_messages,
-        config.outbound.reply_queue_capacity,
-        config.outbound.queue_full_policy,
-        state.metrics.clone(),
-    );
-    // The welcome is queued before the connection is visible to anyone, so it is always first.
-    handle.reply(&ServerFrame::Welcome {
-        connection: &handle.id,
-        user: handle.user.as_deref(),
-    });
-    state.registry.insert(&handle);
-    // Shutdown drains the connections it finds in the registry; one that registered after that
-    // snapshot drains itself here (it owes nothing yet, so it closes with 1012 at once).
-    if state.stopping.is_cancelled() {
-        handle.drain();
-    }
-    state.metrics.connections.increment(1.0);
-    state.metrics.connections_opened.increment(1);
-    state.inbound.event(&handle, Event::Connect);
-    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), "connection opened");
-
-    let timing = Timing {
-        ping_every: Duration::from_secs(config.server.ping_interval_seconds),
-        idle: Duration::from_secs(config.server.idle_timeout_seconds),
-    };
-    let mut sink = GatewaySink::new(&handle, &state);
-    drive(
-        io,
-        &handle,
-        &config.limits,
-        timing,
-        &state.metrics,
-        &mut sink,
-        until_expiry(expires_at),
-    )
-    .await;
-
-    let closing = handle
-        .closing()
-        .cloned()
-        .expect("close was requested above");
-    state.registry.remove(&handle);
-    state.metrics.connections.decrement(1.0);
-    state.metrics.closed(closing.why).increment(1);
-    state.inbound.event(
-        &handle,
-        Event::Disconnect {
-            code: closing.code,
-            reason: &closing.reason,
-        },
-    );
-    tracing::info!(
-        connection = %handle.id,
-        code = closing.code,
-        reason = closing.why.as_str(),
-        "connection closed"
-    );
-}
 
 /// Ping and idle settings of the writer.
 #[derive(Debug, Clone, Copy)]
@@ -148,7 +62,7 @@ pub struct Timing {
 /// handshake: the writer sends our close frame (within [`CLOSE_WRITE_GRACE`]), then the reader
 /// waits for the client's (within [`CLOSE_GRACE`]). `expiry` resolving closes the connection with 1008.
 #[allow(clippy::too_many_arguments)]
-async fn drive(
+pub(crate) async fn drive(
     io: TokioIo<Upgraded>,
     handle: &ConnHandle,
     limits: &LimitsConfig,
@@ -186,7 +100,7 @@ async fn drive(
     tokio::select! {
         _ = &mut reader => {}
         _ = &mut writer => {}
-        _ = handle.closed() => {}
+        _ = handle.close_requested() => {}
         _ = expiry => handle.close(1008, "token expired", CloseReason::TokenExpired),
     }
     // Whatever ended first has said why; this only fills in when nothing did.
@@ -249,18 +163,4 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
         std::future::pending(),
     )
     .await;
-}
-
-async fn until_expiry(expires_at: Option<u64>) {
-    match expires_at {
-        Some(exp) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            let left = (exp as f64 - now).max(0.0);
-            tokio::time::sleep(Duration::from_secs_f64(left)).await;
-        }
-        None => std::future::pending().await,
-    }
 }

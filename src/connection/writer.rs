@@ -12,7 +12,7 @@ use tokio::io::AsyncWrite;
 
 use super::Timing;
 use super::{ConnHandle, Outgoing, Reply};
-use crate::inbound::unix_us;
+use crate::clock::unix_us;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::Encoding;
 
@@ -40,7 +40,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
     let mut accepted = Vec::new();
     // Created once: a fresh `cancelled()` future per wake-up would lock the token and register
     // a waiter every time.
-    let mut closed = std::pin::pin!(handle.closed());
+    let mut closed = std::pin::pin!(handle.close_requested());
     let mut sent_bytes = 0usize;
     // Frames taken for writing since the last flush: once flushed, they are off the books of
     // direct writes (`direct.rs`), which wait while any is pending. Frames this task makes itself

@@ -5,7 +5,7 @@ pub mod appender;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -126,7 +126,7 @@ impl Inbound {
                     .unwrap_or_default(),
             ),
             ("replica", self.replica.clone()),
-            ("ts", Bytes::from(unix_ms().to_string())),
+            ("ts", Bytes::from(crate::clock::unix_ms().to_string())),
         ];
         let request = AppendRequest {
             key: key.clone(),
@@ -166,7 +166,7 @@ impl Inbound {
             ("user", user_field(conn)),
             ("channel", Bytes::copy_from_slice(channel.as_bytes())),
             ("replica", self.replica.clone()),
-            ("ts", Bytes::from(unix_ms().to_string())),
+            ("ts", Bytes::from(crate::clock::unix_ms().to_string())),
         ];
         if let Some((code, reason)) = close {
             fields.push(("code", Bytes::from(code.to_string())));
@@ -191,20 +191,4 @@ fn user_field(conn: &ConnHandle) -> Bytes {
         .as_deref()
         .map(|u| Bytes::copy_from_slice(u.as_bytes()))
         .unwrap_or_default()
-}
-
-/// Unix time in milliseconds.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Unix time in microseconds.
-pub fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }

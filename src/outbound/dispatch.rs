@@ -22,7 +22,6 @@ use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DropReason, Metrics};
 use crate::protocol::{message, Encoding, ErrorCode, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
-use crate::state::AppState;
 
 /// Work handed back to the dispatcher by the tasks that read history for it.
 pub enum Control {
@@ -71,6 +70,30 @@ pub struct ResumeDone {
     /// The history read: the missed entries (offset, data JSON), or that the history cannot
     /// make the client whole, or that Redis could not be read (so nobody can tell yet).
     pub read: Result<Replay, RedisFailure>,
+}
+
+/// What the dispatcher uses of the replica.
+pub struct Parts {
+    /// Local connections.
+    pub registry: Arc<Registry>,
+    /// Subscribe and unsubscribe events of backend-made joins.
+    pub inbound: Arc<Inbound>,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// The command link (acknowledgements of interest-routed subscribes).
+    pub backplane: Backplane,
+    /// Key names.
+    pub keys: Keys,
+    /// Reads channel histories for catch-ups.
+    pub history: HistoryReader,
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Where history reads hand their results back.
+    pub control: mpsc::Sender<Control>,
+    /// Interest routing: the channels the pub/sub link listens to.
+    pub interest: Option<Arc<Interest>>,
+    /// Interest routing: acknowledgements awaited by this replica's publisher.
+    pub acks: Arc<Acks>,
 }
 
 /// Routes received payloads to local connections.
@@ -123,19 +146,20 @@ const PRUNE_AT: usize = 1024;
 
 impl Dispatcher {
     /// A dispatcher over this replica's registry.
-    pub fn new(state: &AppState) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let capacity = parts.config.redis.pubsub_buffer_messages;
         Self {
-            registry: state.registry.clone(),
-            inbound: state.inbound.clone(),
-            metrics: state.metrics.clone(),
-            backplane: state.backplane.clone(),
-            keys: state.keys.clone(),
-            history: state.history.clone(),
-            config: state.config.clone(),
-            control: state.control_tx.clone(),
-            interest: state.interest.clone(),
-            acks: state.publisher.acks().clone(),
-            catch_ups: ChannelCursors::new(state.config.redis.pubsub_buffer_messages),
+            registry: parts.registry,
+            inbound: parts.inbound,
+            metrics: parts.metrics,
+            backplane: parts.backplane,
+            keys: parts.keys,
+            history: parts.history,
+            config: parts.config,
+            control: parts.control,
+            interest: parts.interest,
+            acks: parts.acks,
+            catch_ups: ChannelCursors::new(capacity),
             prune_at: PRUNE_AT,
             scratch: Vec::new(),
             direct_budget: 0,

@@ -160,7 +160,7 @@ impl HistoryReader {
             .arg(2)
             .arg(self.keys.history(channel))
             .arg(self.keys.epoch(channel))
-            .arg(format!("{:08x}", crate::random_u32()))
+            .arg(format!("{:08x}", crate::ids::random_u32()))
             .arg(ttl_seconds.max(1));
         let (epoch, last): (Option<String>, StreamRangeReply) = self.backplane.query(&cmd).await?;
         // Set just before, in the same script: absent only if it expired in between.

@@ -28,7 +28,7 @@ const CHANNEL: &str = "room:failover";
 /// The 200-client tests take 15–25 s alone; on a loaded 2-core machine, more.
 const CROWD_DEADLINE: Duration = Duration::from_secs(150);
 
-/// An offset as `(epoch, entry id)`, to check the order (docs/contract-differences.md:
+/// An offset as `(epoch, entry id)`, to check the order (docs/history-and-resume.md:
 /// `<epoch>:<stream entry id>`).
 fn parse_offset(offset: &str) -> (String, (u64, u64)) {
     let (epoch, id) = offset.rsplit_once(':').expect("offset");

@@ -1,0 +1,20 @@
+//! Wall-clock time as the wire formats carry it. Below every other module: it imports nothing
+//! from the crate.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix time in milliseconds (the `ts` field of inbound stream entries).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Unix time in microseconds (when `/send` accepted a message, for the delivery latency).
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,317 @@
+//! The protocol frames of one client: decode, rate limit, act (`send`, `subscribe` with or
+//! without `since`, `unsubscribe`), answer. A resume's history read is started here and handed
+//! to the dispatcher, which queues the replay in order with live messages (`crate::cursor`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fastwebsockets::OpCode;
+
+use crate::connection::{ConnHandle, MessageSink};
+use crate::cursor::Offset;
+use crate::inbound::Event;
+use crate::metrics::Limit;
+use crate::outbound::dispatch::{Control, Joined, ResumeDone};
+use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
+use crate::state::AppState;
+
+/// A token bucket: `rate` frames per second sustained, `burst` at once.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The gateway protocol: decode, rate limit, act, answer.
+pub(crate) struct ClientFrames<'a> {
+    handle: &'a Arc<ConnHandle>,
+    state: &'a AppState,
+    bucket: TokenBucket,
+}
+
+impl<'a> ClientFrames<'a> {
+    /// A sink for one gateway connection.
+    pub(crate) fn new(handle: &'a Arc<ConnHandle>, state: &'a AppState) -> Self {
+        let limits = &state.config.limits;
+        Self {
+            handle,
+            state,
+            bucket: TokenBucket::new(
+                limits.client_messages_per_second,
+                limits.client_burst_messages,
+            ),
+        }
+    }
+}
+
+impl MessageSink for ClientFrames<'_> {
+    async fn on_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        let decoded = if opcode == OpCode::Text {
+            protocol::decode_json(payload)
+        } else {
+            protocol::decode_msgpack(payload)
+        };
+        // Interest routing: the replica listens to a channel before a client joins it, so
+        // `subscribed` promises every message published after it.
+        let _prepared = match (&self.state.interest, &decoded) {
+            (Some(interest), Ok(ClientFrame::Subscribe { channel, .. }))
+                if self.handle.identity.may_join(channel) && !self.handle.is_in(channel) =>
+            {
+                Some(interest.prepare(channel).await)
+            }
+            _ => None,
+        };
+        // The first local member of a history channel reads where the channel's history stands
+        // before it joins: a catch-up starts there when nothing was delivered since (see
+        // `crate::cursor`). Read before the join, so every message after it is owed; a
+        // member joining a channel that has members already needs none.
+        let start = match &decoded {
+            Ok(ClientFrame::Subscribe { channel, .. })
+                if self.handle.identity.may_join(channel)
+                    && !self.handle.is_in(channel)
+                    && !self.state.registry.has_channel(channel) =>
+            {
+                match self.state.config.history_for(channel) {
+                    Some(settings) => {
+                        let ttl = settings.history_ttl_seconds;
+                        let read = self.state.history.read_start(channel, ttl).await;
+                        read.inspect_err(|e| {
+                            tracing::debug!(error = %e, channel = %channel, "history position not read; a catch-up will say recovered: false");
+                        })
+                        .ok()
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let joined = on_message(decoded, self.handle, self.state, &mut self.bucket);
+        if let Some((channel, first)) = joined {
+            if self.state.config.history_for(&channel).is_some() {
+                let joined = Joined {
+                    channel,
+                    start,
+                    first,
+                };
+                let _ = self.state.control_tx.send(Control::Joined(joined)).await;
+            }
+        }
+    }
+}
+
+/// Acts on a decoded client frame. Returns the channel a `subscribe` joined, and whether the
+/// connection is its first local member.
+fn on_message(
+    decoded: Result<ClientFrame, FrameError>,
+    handle: &Arc<ConnHandle>,
+    state: &AppState,
+    bucket: &mut TokenBucket,
+) -> Option<(String, bool)> {
+    // Held until this frame's answer is queued (an error, `subscribed`, ...; a send taken hands
+    // the appender an answer of its own to owe): a draining connection does not close between
+    // taking a frame and answering it.
+    let _owed = handle.owe_answer();
+    let result = match decoded {
+        Ok(_) if !bucket.take() => {
+            state.metrics.refused(Limit::Rate).increment(1);
+            Err(FrameError::new(
+                frame_id(&decoded),
+                ErrorCode::RateLimited,
+                "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
+            ))
+        }
+        Ok(frame) => act(frame, handle, state),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(joined) => joined,
+        Err(e) => {
+            state.metrics.rejected(e.code).increment(1);
+            handle.reply(&ServerFrame::Error {
+                id: e.id.as_ref(),
+                code: e.code.as_str(),
+                message: &e.message,
+            });
+            None
+        }
+    }
+}
+
+fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::FrameId> {
+    match decoded {
+        Ok(ClientFrame::Send { id, .. })
+        | Ok(ClientFrame::Subscribe { id, .. })
+        | Ok(ClientFrame::Unsubscribe { id, .. }) => id.clone(),
+        Err(e) => e.id.clone(),
+    }
+}
+
+fn act(
+    frame: ClientFrame,
+    handle: &Arc<ConnHandle>,
+    state: &AppState,
+) -> Result<Option<(String, bool)>, FrameError> {
+    match frame {
+        ClientFrame::Send {
+            stream,
+            data,
+            encoding,
+            id,
+        } => {
+            // Decided under the reader's `OwedAnswer`: a send taken here is answered before the
+            // drain's close frame; one refused here was not stored.
+            if handle.is_draining() {
+                return Err(FrameError::new(
+                    id,
+                    ErrorCode::ShuttingDown,
+                    "this replica is shutting down and takes no new sends: not stored; resend \
+                     with the same id after reconnecting",
+                ));
+            }
+            state
+                .inbound
+                .send(handle, stream, data, encoding, id)
+                .map(|()| None)
+        }
+        ClientFrame::Subscribe { channel, since, id } => {
+            if !handle.identity.may_join(&channel) {
+                return Err(FrameError::new(
+                    id,
+                    ErrorCode::ChannelNotAllowed,
+                    format!("the token's channels claim does not allow `{channel}`"),
+                ));
+            }
+            let max = state.config.limits.max_subscriptions_per_connection;
+            // A resume on a channel with history: hold back live messages, join, then read
+            // what was missed; the dispatcher queues replay, `subscribed` and live in order.
+            let resume = match (&since, state.config.history_for(&channel)) {
+                (Some(since), Some(settings)) if !handle.is_in(&channel) => {
+                    let Some(since) = Offset::parse(since) else {
+                        return Err(FrameError::new(
+                            id,
+                            ErrorCode::BadRequest,
+                            format!("`since` must be an offset this gateway gave, not `{since}`"),
+                        ));
+                    };
+                    handle.begin_resume(&channel, since.clone());
+                    Some((since, settings.history_size))
+                }
+                _ => None,
+            };
+            if let Some((since, limit)) = resume {
+                let joined = state.registry.join(handle, &channel, max);
+                if let Ok(first) = joined {
+                    if first.is_some() {
+                        state.inbound.event(handle, Event::Subscribe(&channel));
+                    }
+                    let joined = first.map(|first| (channel.clone(), first));
+                    spawn_resume(handle.clone(), state, channel, id, since, limit);
+                    return Ok(joined);
+                }
+                handle.cancel_resume(&channel);
+            }
+            // A `since` on a channel without history (or one already joined) cannot be honoured:
+            // say so rather than pretend.
+            let subscribed = || {
+                handle.reply(&ServerFrame::Subscribed {
+                    channel: &channel,
+                    id: id.as_ref(),
+                    recovered: since.as_ref().map(|_| false),
+                })
+            };
+            // `subscribed` is queued as the connection joins, before the channel's messages can
+            // reach it: a message published at that moment cannot overtake it.
+            match state
+                .registry
+                .subscribe_announced(handle, &channel, max, subscribed)
+            {
+                Ok(Some(first)) => {
+                    state.inbound.event(handle, Event::Subscribe(&channel));
+                    return Ok(Some((channel, first)));
+                }
+                Ok(None) => subscribed(),
+                Err(_) => {
+                    state.metrics.refused(Limit::Subscriptions).increment(1);
+                    return Err(FrameError::new(
+                        id,
+                        ErrorCode::TooManySubscriptions,
+                        format!("a connection may be in at most {max} channels (limits.max_subscriptions_per_connection)"),
+                    ));
+                }
+            }
+            Ok(None)
+        }
+        ClientFrame::Unsubscribe { channel, id } => {
+            if state.registry.unsubscribe(handle, &channel) {
+                state.inbound.event(handle, Event::Unsubscribe(&channel));
+            }
+            handle.reply(&ServerFrame::Unsubscribed {
+                channel: &channel,
+                id: id.as_ref(),
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// How long a resume keeps trying to read the history while Redis does not answer. After that
+/// the client gets `redis_unavailable` (try the subscribe again), never `recovered: false`: the
+/// history may well hold everything, this replica just cannot tell yet.
+const RESUME_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads what the client missed and hands it to the dispatcher, which queues the replay (or
+/// says why there is none) in order with the live messages held meanwhile.
+fn spawn_resume(
+    conn: Arc<ConnHandle>,
+    state: &AppState,
+    channel: String,
+    id: Option<protocol::FrameId>,
+    since: Offset,
+    limit: u64,
+) {
+    let history = state.history.clone();
+    let control_tx = state.control_tx.clone();
+    tokio::spawn(async move {
+        let give_up = Instant::now() + RESUME_PATIENCE;
+        let keep_trying = || Instant::now() < give_up && conn.closing().is_none();
+        let read = history
+            .read_since(&channel, &since, limit, keep_trying)
+            .await;
+        if let Err(e) = &read {
+            tracing::debug!(error = %e, channel = %channel, "history read failed; resume refused");
+        }
+        let done = ResumeDone {
+            conn,
+            channel,
+            id,
+            since,
+            read,
+        };
+        let _ = control_tx.send(Control::Resume(done)).await;
+    });
+}

@@ -1,0 +1,122 @@
+//! One client's session: what a connection is to the gateway once the handshake is done. It
+//! registers the connection (welcome first), runs its socket (`crate::connection::drive`) with
+//! the client's frames handed to [`client::ClientFrames`], and, once the socket is gone, removes
+//! every trace of it and reports the disconnect to the backends.
+
+mod client;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+
+use crate::auth::Identity;
+use crate::connection::{drive, ConnHandle, Timing};
+use crate::inbound::Event;
+use crate::protocol::{Encoding, ServerFrame};
+use crate::state::AppState;
+
+use client::ClientFrames;
+
+/// Serves an upgraded connection until it closes, then removes every trace of it.
+pub async fn serve(
+    io: TokioIo<Upgraded>,
+    state: Arc<AppState>,
+    identity: Identity,
+    encoding: Encoding,
+) {
+    let config = &state.config;
+    // Interest routing: messages to this user must reach this replica from the welcome on.
+    if let (Some(_), Some(user)) = (&state.interest, identity.user.as_deref()) {
+        let ttl = Duration::from_secs(config.outbound.user_route_ttl_seconds);
+        let listed = crate::outbound::routes::list_user(
+            &state.backplane,
+            &state.keys,
+            &state.replica_id,
+            user,
+            ttl,
+        );
+        if let Err(e) = listed.await {
+            tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
+        }
+    }
+    let (seq, id) = state.registry.next_id();
+    let expires_at = identity.expires_at;
+    let handle = ConnHandle::new(
+        seq,
+        id,
+        identity,
+        encoding,
+        config.outbound.queue_capacity_messages,
+        config.outbound.reply_queue_capacity,
+        config.outbound.queue_full_policy,
+        state.metrics.clone(),
+    );
+    // The welcome is queued before the connection is visible to anyone, so it is always first.
+    handle.reply(&ServerFrame::Welcome {
+        connection: &handle.id,
+        user: handle.user.as_deref(),
+    });
+    state.registry.insert(&handle);
+    // Shutdown drains the connections it finds in the registry; one that registered after that
+    // snapshot drains itself here (it owes nothing yet, so it closes with 1012 at once).
+    if state.stopping.is_cancelled() {
+        handle.drain();
+    }
+    state.metrics.connections.increment(1.0);
+    state.metrics.connections_opened.increment(1);
+    state.inbound.event(&handle, Event::Connect);
+    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), "connection opened");
+
+    let timing = Timing {
+        ping_every: Duration::from_secs(config.server.ping_interval_seconds),
+        idle: Duration::from_secs(config.server.idle_timeout_seconds),
+    };
+    let mut sink = ClientFrames::new(&handle, &state);
+    drive(
+        io,
+        &handle,
+        &config.limits,
+        timing,
+        &state.metrics,
+        &mut sink,
+        until_expiry(expires_at),
+    )
+    .await;
+
+    let closing = handle
+        .closing()
+        .cloned()
+        .expect("close was requested above");
+    state.registry.remove(&handle);
+    state.metrics.connections.decrement(1.0);
+    state.metrics.closed(closing.why).increment(1);
+    state.inbound.event(
+        &handle,
+        Event::Disconnect {
+            code: closing.code,
+            reason: &closing.reason,
+        },
+    );
+    tracing::info!(
+        connection = %handle.id,
+        code = closing.code,
+        reason = closing.why.as_str(),
+        "connection closed"
+    );
+}
+
+async fn until_expiry(expires_at: Option<u64>) {
+    match expires_at {
+        Some(exp) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let left = (exp as f64 - now).max(0.0);
+            tokio::time::sleep(Duration::from_secs_f64(left)).await;
+        }
+        None => std::future::pending().await,
+    }
+}
