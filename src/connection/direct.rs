@@ -113,6 +113,12 @@ impl DirectWrite {
         self.inflight.fetch_sub(frames, Ordering::AcqRel);
     }
 
+    /// Frames on the books now.
+    #[cfg(test)]
+    pub(super) fn on_books(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
     /// Writes a whole encoded frame now if nothing else is waiting to be written.
     pub fn try_write(&self, frame: &Bytes) -> Direct {
         if self.inflight.load(Ordering::Acquire) != 0 {
@@ -243,5 +249,21 @@ mod tests {
         assert_eq!(f.len(), 304);
         let f = server_frame(Encoding::Json, &vec![b'x'; 70_000]);
         assert_eq!(&f[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[test]
+    fn a_handed_frame_is_off_the_books_when_its_guard_drops_unless_queued() {
+        let direct = DirectWrite::default();
+        let books = |d: &DirectWrite| d.inflight.load(Ordering::Acquire);
+        drop(direct.hand(2));
+        assert_eq!(
+            books(&direct),
+            0,
+            "a push that failed leaves nothing on the books"
+        );
+        direct.hand(3).queued();
+        assert_eq!(books(&direct), 3, "queued frames wait for the writer task");
+        direct.done(3);
+        assert_eq!(books(&direct), 0);
     }
 }

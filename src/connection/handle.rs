@@ -447,3 +447,104 @@ impl ConnHandle {
         self.closing.get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cursor::Entry;
+
+    fn handle(queue: usize) -> Arc<ConnHandle> {
+        ConnHandle::new(
+            1,
+            Arc::from("c1"),
+            Identity::default(),
+            Encoding::Json,
+            queue,
+            8,
+            QueueFullPolicy::Drop,
+            Metrics::new(&[]),
+        )
+    }
+
+    fn o(id: u64) -> String {
+        format!("e:{id}-0")
+    }
+
+    fn live(conn: &ConnHandle, id: u64) {
+        let frame = Bytes::from(format!("live {id}"));
+        conn.deliver_channel("ch", Some(&o(id)), &frame, None, 0);
+    }
+
+    fn queued(conn: &ConnHandle) -> Vec<Bytes> {
+        std::iter::from_fn(|| conn.messages.try_pop().map(|out| out.frame)).collect()
+    }
+
+    #[test]
+    fn a_resuming_channel_holds_live_messages_then_drops_the_replayed_ones() {
+        let conn = handle(8);
+        conn.begin_resume("ch", Offset::parse(&o(1)).unwrap());
+        live(&conn, 2);
+        live(&conn, 3);
+        // Another channel is not held.
+        conn.deliver_channel("other", None, &Bytes::from("x"), None, 0);
+        assert_eq!(queued(&conn), vec![Bytes::from("x")]);
+        let replay = vec![Entry {
+            offset: o(2),
+            data: "2".into(),
+        }];
+        match conn.finish_resume("ch", Some(replay)) {
+            Some(Finish::Recovered { held, .. }) => {
+                let held: Vec<_> = held.into_iter().map(|h| h.item.frame).collect();
+                assert_eq!(held, vec![Bytes::from("live 3")], "2 was in the replay");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // 2's live copy was still on its way: dropped; 3 is newer and lets the cursor go.
+        live(&conn, 2);
+        live(&conn, 4);
+        live(&conn, 5);
+        assert_eq!(
+            queued(&conn),
+            vec![Bytes::from("live 4"), Bytes::from("live 5")]
+        );
+        assert!(!conn.resuming_any.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_resume_holds_at_most_a_send_queue_and_then_asks_for_the_close() {
+        let conn = handle(2);
+        conn.begin_resume("ch", Offset::parse(&o(1)).unwrap());
+        for id in 2..=4 {
+            live(&conn, id);
+        }
+        assert!(matches!(
+            conn.finish_resume("ch", Some(Vec::new())),
+            Some(Finish::ReadAgain { .. })
+        ));
+        conn.cancel_resume("ch");
+        assert!(!conn.resuming_any.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_full_queue_leaves_the_direct_write_books_balanced() {
+        let conn = handle(1);
+        conn.deliver(&Bytes::from("a"), None, 0);
+        conn.deliver(&Bytes::from("b"), None, 0);
+        conn.reply(&ServerFrame::Unsubscribed {
+            channel: "ch",
+            id: None,
+        });
+        assert_eq!(conn.direct.on_books(), 2, "a and the reply; b was dropped");
+        let two = Outgoing {
+            frame: Bytes::from("d"),
+            accepted_us: 0,
+        };
+        assert!(!conn.deliver_all(vec![two.clone(), two]));
+        assert_eq!(
+            conn.direct.on_books(),
+            2,
+            "a refused batch leaves nothing behind"
+        );
+        assert_eq!(queued(&conn), vec![Bytes::from("a")]);
+    }
+}
