@@ -85,11 +85,11 @@ pub enum ClientFrame {
 /// Error codes sent in `error` frames and counted in `wsbridge_inbound_rejected_total{code}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
-    /// The frame is not valid JSON / MessagePack, or not an object.
+    /// The frame is not valid JSON / MessagePack, not an object, or a field has the wrong type.
     BadFrame,
     /// `type` is missing or unknown.
     UnknownType,
-    /// A required field is missing or has the wrong type.
+    /// A required field is missing or empty, or `since` is not an offset this gateway gave.
     BadRequest,
     /// The stream is not in `inbound.streams`.
     StreamNotAllowed,

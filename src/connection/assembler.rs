@@ -2,7 +2,7 @@
 //!
 //! fastwebsockets' own collector has no total limit, so a client could grow one endless
 //! fragmented message without bound. This one refuses a message as soon as it would exceed
-//! `server.max_message_bytes`, and checks UTF-8 of text messages as the fragments arrive, so an
+//! `limits.max_message_bytes`, and checks UTF-8 of text messages as the fragments arrive, so an
 //! invalid text message fails on the fragment that breaks it (RFC 6455 §8.1).
 
 use fastwebsockets::OpCode;
