@@ -2,7 +2,14 @@
 # The benchmark: the same scenarios against wsbridge, socket.io 4.8 + @socket.io/redis-adapter,
 # and nchan, in one run on this machine, with examples/loadgen as the client fleet.
 #
-#   bench/run.sh [--quick] [--targets wsbridge,socketio,nchan] [--out DIR]
+#   bench/run.sh [--quick] [--targets wsbridge,socketio,nchan] [--scenarios LIST] [--out DIR]
+#
+# --scenarios: a comma-separated subset of paced,burst,direct,user,inbound,idle10k,idle50k
+# (default: all of them; --quick leaves out idle50k). Scenarios a target does not run are skipped.
+# Binaries: built here with cargo (target/release), unless given as WSBRIDGE_BIN (the gateway)
+# and LOADGEN_BIN (examples/loadgen) in the environment; what is given is not built.
+# WSBRIDGE_CONFIG overrides the gateway's config file (default config/wsbridge.toml).
+# bench/compare.sh runs this script for a before/after comparison of two sets of binaries.
 #
 # Every target runs as replicas sharing one fresh redis-server. Gateways and Redis are pinned
 # to CPU 0, the load generator to CPU 1 (taskset). Scenarios (loadgen --scenario):
@@ -26,11 +33,13 @@ ROOT=$(pwd)
 
 QUICK=0
 TARGETS=wsbridge,socketio,nchan
+SCENARIOS=paced,burst,direct,user,inbound,idle10k,idle50k
 OUT=target/bench/$(date -u +%Y%m%dT%H%M%SZ)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --targets) TARGETS=$2; shift ;;
+    --scenarios) SCENARIOS=$2; shift ;;
     --out) OUT=$2; shift ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -50,10 +59,25 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-say "building release binaries"
-cargo build --release --bin wsbridge --example loadgen 2>>"$LOG"
-LOADGEN="$ROOT/target/release/examples/loadgen"
-GW="$ROOT/target/release/wsbridge"
+for s in ${SCENARIOS//,/ }; do
+  case "$s" in
+    paced|burst|direct|user|inbound|idle10k|idle50k) ;;
+    *) echo "bench/run.sh: unknown scenario $s" >&2; exit 2 ;;
+  esac
+done
+want() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+
+build=()
+[ -z "${WSBRIDGE_BIN:-}" ] && build+=(--bin wsbridge)
+[ -z "${LOADGEN_BIN:-}" ] && build+=(--example loadgen)
+if [ ${#build[@]} -gt 0 ]; then
+  say "building release binaries"
+  cargo build --release "${build[@]}" 2>>"$LOG"
+fi
+LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
+GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
+GW_CONFIG=${WSBRIDGE_CONFIG:-config/wsbridge.toml}
+say "gateway $GW ($GW_CONFIG), load generator $LOADGEN"
 ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 
@@ -102,7 +126,7 @@ start_target() {
         WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
         WSBRIDGE__REDIS__URL=redis://127.0.0.1:$REDIS_PORT WSBRIDGE__AUTH__JWT_SECRET=$SECRET \
         WSBRIDGE__LIMITS__MAX_CONNECTIONS=100000 RUST_LOG=warn \
-          taskset -c 0 "$GW" --config config/wsbridge.toml >>"$OUT/wsbridge-$i.log" 2>&1 &
+          taskset -c 0 "$GW" --config "$GW_CONFIG" >>"$OUT/wsbridge-$i.log" 2>&1 &
         pids+=($!)
         wait_for "wsbridge replica $i" curl -sf "http://127.0.0.1:$q/readyz"
         ws+=("ws://127.0.0.1:$p/ws"); apis+=("http://127.0.0.1:$q") ;;
@@ -150,27 +174,38 @@ for target in ${TARGETS//,/ }; do
     nchan) bench/peers/nchan/run.sh install >>"$LOG" ;;
   esac
 
-  start_redis; start_target "$target" 2
-  loadgen "$target-paced" "$target" --scenario fanout --clients 1000 --messages "$PACED_MESSAGES" --rate 20
-  loadgen "$target-burst" "$target" --scenario fanout --clients 1000 --messages "$BURST_MESSAGES" --batch 100
-  if [ "$target" != nchan ]; then
-    loadgen "$target-direct" "$target" --scenario direct --clients 1000 --messages "$ROUNDS" --batch 100
+  # The scenarios this target runs, of those asked for.
+  run=()
+  for s in paced burst direct user inbound; do
+    case "$target:$s" in nchan:direct|socketio:user|nchan:user|socketio:inbound|nchan:inbound) continue ;; esac
+    want "$s" && run+=("$s")
+  done
+  if [ ${#run[@]} -gt 0 ]; then
+    start_redis; start_target "$target" 2
+    for s in "${run[@]}"; do
+      case "$s" in
+        paced) loadgen "$target-paced" "$target" --scenario fanout --clients 1000 --messages "$PACED_MESSAGES" --rate 20 ;;
+        burst) loadgen "$target-burst" "$target" --scenario fanout --clients 1000 --messages "$BURST_MESSAGES" --batch 100 ;;
+        direct) loadgen "$target-direct" "$target" --scenario direct --clients 1000 --messages "$ROUNDS" --batch 100 ;;
+        user) loadgen "$target-user" "$target" --scenario user --clients 1000 --messages "$ROUNDS" --batch 100 ;;
+        inbound)
+          loadgen "$target-inbound" "$target" --scenario inbound --clients 1000 --messages "$SENDS" --window 16
+          say "redis-benchmark: pipelined XADD on the same Redis"
+          taskset -c 1 redis-benchmark -p "$REDIS_PORT" -n 200000 -P 16 -c 50 -q --csv \
+            XADD bench:xadd '*' data seq-1-t-1-pad-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx \
+            >"$OUT/redis-benchmark-xadd.csv" 2>>"$LOG" ;;
+      esac
+    done
+    stop_all
   fi
-  if [ "$target" = wsbridge ]; then
-    loadgen "$target-user" "$target" --scenario user --clients 1000 --messages "$ROUNDS" --batch 100
-    loadgen "$target-inbound" "$target" --scenario inbound --clients 1000 --messages "$SENDS" --window 16
-    say "redis-benchmark: pipelined XADD on the same Redis"
-    taskset -c 1 redis-benchmark -p "$REDIS_PORT" -n 200000 -P 16 -c 50 -q --csv \
-      XADD bench:xadd '*' data seq-1-t-1-pad-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx \
-      >"$OUT/redis-benchmark-xadd.csv" 2>>"$LOG"
-  fi
-  stop_all
 
   # Idle connections, on fresh processes each time.
-  start_redis; start_target "$target" 2
-  loadgen "$target-idle10k" "$target" --scenario idle --clients 10000 --settle-ms 3000
-  stop_all
-  if [ "$IDLE_BIG" = 1 ]; then
+  if want idle10k; then
+    start_redis; start_target "$target" 2
+    loadgen "$target-idle10k" "$target" --scenario idle --clients 10000 --settle-ms 3000
+    stop_all
+  fi
+  if [ "$IDLE_BIG" = 1 ] && want idle50k; then
     start_redis; start_target "$target" 3
     IFS=, read -r -a ws_all <<<"$WS"; IFS=, read -r -a pid_all <<<"$PIDS"; IFS=, read -r -a api_all <<<"$APIS"
     say "$target-idle50k: 3 load generators x 16,667 connections, one replica each"
