@@ -614,9 +614,14 @@ async fn dead_letter_an_entry_it_can_never_handle(lang: Lang) {
     }
     let poison = acks["p1"].as_str().unwrap().to_string();
 
-    let log = backend.log_text();
     // In the stream's hash slot (the braces), so that the move is atomic on a cluster too.
     let dead_key = format!("{{{prefix}:in:chat}}:dead");
+    // Logged before the message behind it was answered, but read from the backend's output by
+    // a thread of the test: awaited, not read once (a loaded machine failed that once).
+    backend
+        .wait_log(&format!("{poison} moved to {dead_key} after 3 deliveries"))
+        .await;
+    let log = backend.log_text();
     assert_eq!(
         log.matches(&format!(
             "{poison} chat room:d from {}: handler failed",
