@@ -1,7 +1,8 @@
 //! The example backends (`examples/backends/`: Python, Node, Rust) as real child processes
 //! against real replicas: the chat round trip, the echo to a MessagePack client, XACK only
 //! after 202, retry while the API is down, XAUTOCLAIM of a dead consumer's entries, SIGTERM, a
-//! killed instance's work taken over, dead letters, and the whiteboard.
+//! killed instance's work taken over, dead letters, and the whiteboard; and the minimal
+//! consumers (`minimal.py`, `minimal.mjs`, `minimal.rs`): the round trip, XACK only after 202.
 //!
 //! Each behaviour runs once per language (`examples::python::`, `examples::node::`,
 //! `examples::rust::`). Needs `python3` with `pip install -r
@@ -18,14 +19,15 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 #[derive(Clone, Copy, Debug)]
-enum Lang {
+pub(crate) enum Lang {
     Python,
     Node,
     Rust,
 }
 
 /// The built example `name` (from `examples/<name>.rs`, `examples/<name>/main.rs`, or for the
-/// backend `examples/backends/rust/backend.rs`), checked to be newer than its source.
+/// backends `examples/backends/rust/backend.rs` and `minimal.rs`), checked to be newer than its
+/// source.
 pub(crate) fn rust_example(name: &str) -> PathBuf {
     // Cargo puts examples in `examples/` next to the package's binaries.
     let bin = Path::new(env!("CARGO_BIN_EXE_wsbridge"));
@@ -38,6 +40,8 @@ pub(crate) fn rust_example(name: &str) -> PathBuf {
     let single = dir.join(format!("{name}.rs"));
     let source = if name == "backend" {
         dir.join("backends/rust/backend.rs")
+    } else if name == "minimal_consumer" {
+        dir.join("backends/rust/minimal.rs")
     } else if single.exists() {
         single
     } else {
@@ -59,8 +63,23 @@ fn backends_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/backends")
 }
 
+fn assert_node_modules() {
+    assert!(
+        backends_dir().join("node/node_modules").exists(),
+        "the Node backend's packages are missing: run the tests with tests/run.sh \
+         (or `npm ci --prefix examples/backends/node` first)"
+    );
+}
+
+/// Clears the settings a test does not give, so that the developer's environment cannot leak in.
+fn unset_settings(cmd: &mut Command) {
+    for name in ["WSBRIDGE_API_KEY", "GROUP", "CONSUMER", "STREAM"] {
+        cmd.env_remove(name);
+    }
+}
+
 /// A backend example running as a child process, killed on drop; stdout and stderr collected.
-struct Backend {
+pub(crate) struct Backend {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -76,11 +95,7 @@ impl Backend {
             }
             Lang::Node => {
                 let script = backends_dir().join("node/backend.mjs");
-                assert!(
-                    backends_dir().join("node/node_modules").exists(),
-                    "the Node backend's packages are missing: run the tests with tests/run.sh \
-                     (or `npm ci --prefix examples/backends/node` first)"
-                );
+                assert_node_modules();
                 let mut cmd = Command::new("node");
                 cmd.arg(script);
                 cmd
@@ -93,14 +108,46 @@ impl Backend {
         } else {
             cmd.env_remove("REDIS_CLUSTER");
         }
-        cmd.args(args)
-            .env("REDIS_URL", redis.url())
+        cmd.args(args);
+        unset_settings(&mut cmd);
+        Self::run(cmd, lang, api_url, redis, prefix)
+    }
+
+    /// The minimal consumer of `lang` (`examples/backends/*/minimal.*`), with `env` set.
+    pub(crate) fn minimal(
+        lang: Lang,
+        api_url: &str,
+        redis: &Redis,
+        prefix: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cmd = match lang {
+            Lang::Python => {
+                let mut cmd = Command::new("python3");
+                cmd.arg(backends_dir().join("python/minimal.py"));
+                cmd
+            }
+            Lang::Node => {
+                assert_node_modules();
+                let mut cmd = Command::new("node");
+                cmd.arg(backends_dir().join("node/minimal.mjs"));
+                cmd
+            }
+            Lang::Rust => Command::new(rust_example("minimal_consumer")),
+        };
+        unset_settings(&mut cmd);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::run(cmd, lang, api_url, redis, prefix)
+    }
+
+    /// Starts `cmd` against `redis` and the API at `api_url`, collecting its output.
+    fn run(mut cmd: Command, lang: Lang, api_url: &str, redis: &Redis, prefix: &str) -> Self {
+        cmd.env("REDIS_URL", redis.url())
             .env("WSBRIDGE_API", api_url)
             .env("PREFIX", prefix)
-            .env_remove("WSBRIDGE_API_KEY")
-            .env_remove("GROUP")
-            .env_remove("CONSUMER")
-            .env_remove("STREAM")
+            .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -125,11 +172,11 @@ impl Backend {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
-    async fn wait_log(&self, what: &str) {
+    pub(crate) async fn wait_log(&self, what: &str) {
         eventually(&format!("backend log line containing {what:?}"), || {
             let found = self.log_text().contains(what);
             async move { found }
@@ -567,9 +614,14 @@ async fn dead_letter_an_entry_it_can_never_handle(lang: Lang) {
     }
     let poison = acks["p1"].as_str().unwrap().to_string();
 
-    let log = backend.log_text();
     // In the stream's hash slot (the braces), so that the move is atomic on a cluster too.
     let dead_key = format!("{{{prefix}:in:chat}}:dead");
+    // Logged before the message behind it was answered, but read from the backend's output by
+    // a thread of the test: awaited, not read once (a loaded machine failed that once).
+    backend
+        .wait_log(&format!("{poison} moved to {dead_key} after 3 deliveries"))
+        .await;
+    let log = backend.log_text();
     assert_eq!(
         log.matches(&format!(
             "{poison} chat room:d from {}: handler failed",
@@ -787,6 +839,110 @@ async fn whiteboard(lang: Lang) {
     .await;
 }
 
+/// The minimal consumer (`examples/backends/*/minimal.*`) on two replicas and a single Redis
+/// (it speaks to no cluster, so this runs one in the cluster pass too): a chat message stored
+/// before it starts and one sent after are each answered on the channel, to clients on both
+/// replicas, and acknowledged; anything else is acknowledged without an answer. Nothing is left
+/// pending.
+async fn minimal_round_trip(lang: Lang) {
+    let redis = Redis::start_single();
+    let prefix = unique_prefix("example-minimal");
+    let a = Gateway::start(&redis, &prefix).await;
+    let b = Gateway::start(&redis, &prefix).await;
+    let mut on_a = Client::connect(&a).await;
+    let mut on_b = Client::connect(&b).await;
+    on_a.subscribe("room:m").await;
+    on_b.subscribe("room:m").await;
+
+    // Stored before the consumer runs: the gateway's group starts at the stream's beginning.
+    on_a.send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:m", "text": "early"}, "id": "m1"}))
+        .await;
+    let early = on_a.recv().await;
+    assert_eq!(early["type"], "ack", "{early}");
+    let consumer = Backend::minimal(lang, &b.api_url, &redis, &prefix, &[]);
+    let expected = |from: &str, text: &str| json!({"type": "message", "channel": "room:m", "data": {"from": from, "text": text}});
+    assert_eq!(
+        on_a.recv().await,
+        expected(&on_a.connection, "early"),
+        "consumer log:\n{}",
+        consumer.log_text()
+    );
+    assert_eq!(on_b.recv().await, expected(&on_a.connection, "early"));
+
+    on_b.send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:m", "text": "late"}, "id": "m2"}))
+        .await;
+    let (late, message) = ack_and_message(&mut on_b, "m2").await;
+    assert_eq!(message, expected(&on_b.connection, "late"));
+    assert_eq!(on_a.recv().await, expected(&on_b.connection, "late"));
+
+    on_a.send(json!({"type": "send", "stream": "chat", "data": {"n": 1}, "id": "m3"}))
+        .await;
+    let other = on_a.recv().await;
+    assert_eq!(other["type"], "ack", "{other}");
+
+    for (ack, from, channel) in [
+        (&early, &on_a.connection, " chat room:m from "),
+        (&late, &on_b.connection, " chat room:m from "),
+    ] {
+        let entry = ack["entry"].as_str().unwrap();
+        consumer
+            .wait_log(&format!("{entry}{channel}{from}: sent, acknowledged"))
+            .await;
+    }
+    let entry = other["entry"].as_str().unwrap();
+    consumer
+        .wait_log(&format!("{entry} not a chat message: acknowledged"))
+        .await;
+    assert_eq!(pending_count(&redis, &prefix).await, 0);
+}
+
+/// XACK only after a 202: a minimal consumer whose gateway cannot be reached leaves the entry
+/// pending (and says so); killed and started again under the same consumer name with a gateway
+/// that answers, it reads its own pending entry first and delivers it.
+async fn minimal_acknowledges_only_after_202(lang: Lang) {
+    let redis = Redis::start_single();
+    let prefix = unique_prefix("example-minimal-pending");
+    let gw = Gateway::start(&redis, &prefix).await;
+    let mut client = Client::connect(&gw).await;
+    client.subscribe("room:p").await;
+    client
+        .send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:p", "text": "kept"}, "id": "k1"}))
+        .await;
+    let ack = client.recv().await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let entry = ack["entry"].as_str().unwrap();
+
+    let dead_api = format!("http://127.0.0.1:{}", free_port());
+    let env = [("CONSUMER", "worker-1")];
+    let failing = Backend::minimal(lang, &dead_api, &redis, &prefix, &env);
+    failing
+        .wait_log(&format!(
+            "{entry} chat room:p: the gateway answered 0, left pending"
+        ))
+        .await;
+    assert_eq!(pending_count(&redis, &prefix).await, 1);
+    drop(failing); // killed
+
+    let consumer = Backend::minimal(lang, &gw.api_url, &redis, &prefix, &env);
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "message", "channel": "room:p",
+               "data": {"from": client.connection, "text": "kept"}}),
+        "consumer log:\n{}",
+        consumer.log_text()
+    );
+    consumer
+        .wait_log(&format!("{entry} chat room:p from "))
+        .await;
+    eventually("nothing left pending", || async {
+        pending_count(&redis, &prefix).await == 0
+    })
+    .await;
+}
+
 /// How long one example test may take: it starts Redis, replicas and a backend process (Python,
 /// Node or Rust) and waits for the backend's claim timers. The Rust ones take ~10 s; the Python
 /// and Node ones start interpreters and were given twice the usual deadline without a measure.
@@ -821,6 +977,16 @@ macro_rules! backend_tests {
             #[tokio::test]
             async fn whiteboard() {
                 deadline(EXAMPLE_DEADLINE, super::whiteboard($lang)).await;
+            }
+
+            #[tokio::test]
+            async fn minimal_consumer_round_trip() {
+                deadline(EXAMPLE_DEADLINE, super::minimal_round_trip($lang)).await;
+            }
+
+            #[tokio::test]
+            async fn minimal_consumer_acknowledges_only_after_202() {
+                deadline(EXAMPLE_DEADLINE, super::minimal_acknowledges_only_after_202($lang)).await;
             }
         }
     )*};

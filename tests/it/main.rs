@@ -21,3 +21,4 @@ mod limits;
 mod loadgen;
 mod queue;
 mod routing;
+mod walkthrough;

@@ -1,5 +1,5 @@
-//! A small chat and whiteboard backend for wsbridge, in Rust (redis-rs, hyper): the same flags,
-//! behaviour and log lines (error texts aside) as its siblings
+//! A small chat and whiteboard backend for wsbridge, in Rust (redis-rs, hyper-util's pooled HTTP
+//! client, base64): the same flags, behaviour and log lines (error texts aside) as its siblings
 //! `examples/backends/python/backend.py` and `examples/backends/node/backend.mjs`.
 //!
 //! ```text
@@ -74,13 +74,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RedisFuture, ServerErrorKind, Value};
 use serde_json::{json, Value as J};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: backend [--redis-url URL] [--redis-cluster] [--api URL] \
@@ -227,14 +227,18 @@ fn settings() -> Result<Settings, String> {
     })
 }
 
-/// The gateway's backend API: one plain HTTP/1.1 connection per call (loopback is cheap, and no
-/// stale keep-alive connection can ever turn a good reply into a failure).
+/// The gateway's backend API, through hyper-util's pooled client: calls reuse kept-alive
+/// connections instead of opening one each. The client retries a request on a pooled connection
+/// that the gateway had closed before the request went out, so a stale connection does not turn
+/// a good reply into a failure.
 struct Api {
     base: String,
-    authority: String,
-    send_path: String,
+    send_uri: hyper::Uri,
     key: Option<String>,
+    client: HttpClient,
 }
+
+type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
 /// Why an entry was not handled.
 enum Failure {
@@ -251,23 +255,23 @@ enum Failure {
 
 impl Api {
     fn new(base: &str, key: Option<String>) -> Result<Self, String> {
-        let uri: hyper::Uri = base
+        let base = base.trim_end_matches('/');
+        let send_uri: hyper::Uri = format!("{base}/send")
             .parse()
             .map_err(|e| format!("WSBRIDGE_API `{base}`: {e}"))?;
-        if uri.scheme_str() != Some("http") {
+        if send_uri.scheme_str() != Some("http") {
             return Err(format!(
                 "WSBRIDGE_API `{base}`: only http:// is supported by this example"
             ));
         }
-        let host = uri
-            .host()
-            .ok_or(format!("WSBRIDGE_API `{base}`: no host"))?;
-        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http();
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
-            authority,
-            send_path: format!("{}/send", uri.path().trim_end_matches('/')),
+            base: base.to_string(),
+            send_uri,
             key,
+            client,
         })
     }
 
@@ -294,15 +298,7 @@ impl Api {
     }
 
     async fn post(&self, body: &J) -> Result<(u16, String), String> {
-        let stream = TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let mut request = hyper::Request::post(self.send_path.as_str())
-            .header(hyper::header::HOST, self.authority.as_str())
+        let mut request = hyper::Request::post(self.send_uri.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if let Some(key) = &self.key {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
@@ -310,8 +306,9 @@ impl Api {
         let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
+        let response = self
+            .client
+            .request(request)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
@@ -458,23 +455,10 @@ fn msgpack_to_json(v: rmpv::Value) -> Option<J> {
     })
 }
 
+/// Standard base64 with padding, as the Python and Node siblings write it.
 fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(input)
 }
 
 /// What one entry asks for, before any Redis work.

@@ -100,6 +100,20 @@ impl Redis {
         Self::start_inner(false)
     }
 
+    /// Starts one redis-server even in the cluster pass, for what speaks to a single Redis only
+    /// (the minimal example consumers, the local stack of the walk-throughs).
+    pub fn start_single() -> Self {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: scratch_dir(),
+            aof: false,
+            cluster: None,
+        };
+        redis.spawn();
+        redis
+    }
+
     fn start_inner(aof: bool) -> Self {
         if on_cluster() {
             let cluster = Cluster::start_with(3, 0, aof);
