@@ -20,7 +20,8 @@ use subtle::ConstantTimeEq;
 use crate::clock::unix_us;
 use crate::http::{error, json, text, HttpResponse};
 use crate::metrics::Limit;
-use crate::outbound::envelope::{Batch, Item, Op, To};
+use crate::outbound::envelope::{Batch, Close, Item, Join, Leave, Member, Message, Recipient};
+use crate::registry::Target;
 use crate::state::AppState;
 
 /// Why an API call was refused; one mapping to status and code.
@@ -132,8 +133,18 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                         }
                     })?
                 }
-                "/subscribe" => vec![membership_item(raw, Op::Subscribe)?],
-                "/unsubscribe" => vec![membership_item(raw, Op::Unsubscribe)?],
+                "/subscribe" => {
+                    let (to, channel) = membership(raw)?;
+                    vec![Item::Subscribe(Join {
+                        to,
+                        channel,
+                        ack: None,
+                    })]
+                }
+                "/unsubscribe" => {
+                    let (to, channel) = membership(raw)?;
+                    vec![Item::Unsubscribe(Leave { to, channel })]
+                }
                 _ => vec![disconnect_item(raw)?],
             };
             let accepted = items.len();
@@ -258,17 +269,11 @@ fn send_items(raw: &RawValue, max_batch: usize) -> Result<Vec<Item<'_>>, ApiErro
             };
             let message: SendMessage = object(element, "a message").map_err(at)?;
             let to: To = object(message.to, "`to`").map_err(at)?;
-            to.target().map_err(at)?;
-            Ok(Item {
-                op: Op::Send,
-                to,
-                channel: None,
-                data: Some(message.data),
-                code: None,
-                reason: None,
+            Ok(Item::Send(Message {
+                to: to.into_recipient().map_err(at)?,
+                data: message.data,
                 history: false,
-                ack: None,
-            })
+            }))
         })
         .collect()
 }
@@ -284,22 +289,14 @@ struct Membership<'a> {
     channel: Cow<'a, str>,
 }
 
-fn membership_item(raw: &RawValue, op: Op) -> Result<Item<'_>, ApiError> {
+/// Who joins or leaves, and the channel, from a `/subscribe` or `/unsubscribe` body.
+fn membership(raw: &RawValue) -> Result<(Member<'_>, Cow<'_, str>), ApiError> {
     let body: Membership = object(raw, "the body").map_err(ApiError::BadRequest)?;
     if body.channel.is_empty() {
         return Err(ApiError::BadRequest("`channel` must not be empty".into()));
     }
     let to = who(body.connection, body.user)?;
-    Ok(Item {
-        op,
-        to,
-        channel: Some(body.channel),
-        data: None,
-        code: None,
-        reason: None,
-        history: false,
-        ack: None,
-    })
+    Ok((to, body.channel))
 }
 
 #[derive(Deserialize)]
@@ -329,22 +326,17 @@ fn disconnect_item(raw: &RawValue) -> Result<Item<'_>, ApiError> {
         ));
     }
     let to = who(body.connection, body.user)?;
-    Ok(Item {
-        op: Op::Disconnect,
+    Ok(Item::Disconnect(Close {
         to,
-        channel: None,
-        data: None,
-        code: Some(code),
+        code,
         reason: body.reason,
-        history: false,
-        ack: None,
-    })
+    }))
 }
 
 fn who<'a>(
     connection: Option<Cow<'a, str>>,
     user: Option<Cow<'a, str>>,
-) -> Result<To<'a>, ApiError> {
+) -> Result<Member<'a>, ApiError> {
     let to = To {
         connection,
         user,
@@ -354,11 +346,96 @@ fn who<'a>(
     match (&to.connection, &to.user) {
         (Some(_), None) | (None, Some(_)) => {
             to.target().map_err(ApiError::BadRequest)?;
-            Ok(to)
+            Ok(match to {
+                To {
+                    connection: Some(id),
+                    ..
+                } => Member::Connection(id),
+                To { user: Some(id), .. } => Member::User(id),
+                _ => unreachable!("exactly one of them was given"),
+            })
         }
         _ => Err(ApiError::BadRequest(
             "give exactly one of `connection` or `user`".into(),
         )),
+    }
+}
+
+/// A recipient as written in API bodies: exactly one of the fields.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct To<'a> {
+    /// A connection id.
+    #[serde(borrow, default)]
+    connection: Option<Cow<'a, str>>,
+    /// A user id.
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    /// A channel.
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    /// Everyone, when true.
+    #[serde(default)]
+    all: Option<bool>,
+}
+
+impl<'a> To<'a> {
+    /// The registry target.
+    ///
+    /// # Errors
+    /// A sentence naming the problem when not exactly one recipient kind is given.
+    fn target(&self) -> Result<Target<'_>, String> {
+        let mut found = Vec::with_capacity(1);
+        if let Some(c) = &self.connection {
+            found.push(Target::Connection(c));
+        }
+        if let Some(u) = &self.user {
+            found.push(Target::User(u));
+        }
+        if let Some(c) = &self.channel {
+            found.push(Target::Channel(c));
+        }
+        match self.all {
+            Some(true) => found.push(Target::All),
+            Some(false) => return Err("`all` must be true when given".into()),
+            None => {}
+        }
+        match found.as_slice() {
+            [one] => {
+                let empty = match one {
+                    Target::Connection(s) | Target::User(s) | Target::Channel(s) => s.is_empty(),
+                    Target::All => false,
+                };
+                if empty {
+                    return Err("the recipient id must not be empty".into());
+                }
+                Ok(*one)
+            }
+            [] => Err("`to` needs one of `connection`, `user`, `channel` or `all`".into()),
+            _ => {
+                Err("`to` must name exactly one of `connection`, `user`, `channel` or `all`".into())
+            }
+        }
+    }
+
+    /// The recipient, once [`To::target`] found exactly one.
+    ///
+    /// # Errors
+    /// [`To::target`]'s.
+    fn into_recipient(self) -> Result<Recipient<'a>, String> {
+        self.target()?;
+        Ok(match self {
+            To {
+                connection: Some(id),
+                ..
+            } => Recipient::Connection(id),
+            To { user: Some(id), .. } => Recipient::User(id),
+            To {
+                channel: Some(channel),
+                ..
+            } => Recipient::Channel(channel),
+            _ => Recipient::All,
+        })
     }
 }
 
@@ -368,7 +445,6 @@ mod tests {
     //! whole or refused with a typed error, never a panic.
 
     use super::*;
-    use crate::registry::Target;
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
@@ -547,9 +623,11 @@ mod tests {
             match (expected_target(&to), result) {
                 (Some(target), Ok(items)) => {
                     prop_assert_eq!(items.len(), 1);
-                    prop_assert_eq!(items[0].op, Op::Send);
-                    prop_assert_eq!(items[0].to.target().unwrap(), target);
-                    prop_assert_eq!(items[0].data.unwrap().get(), data.to_string());
+                    let Item::Send(message) = &items[0] else {
+                        return Err(TestCaseError::fail("not a send"));
+                    };
+                    prop_assert_eq!(message.to.target(), target);
+                    prop_assert_eq!(message.data.get(), data.to_string());
                 }
                 (None, Err(ApiError::BadRequest(message))) => {
                     prop_assert!(!message.contains("message 0"), "{}", message);
@@ -599,9 +677,11 @@ mod tests {
                 let items = result.map_err(|e| TestCaseError::fail(format!("{body}: {e:?}")))?;
                 prop_assert_eq!(items.len(), messages.len());
                 for (item, (to, data)) in items.iter().zip(&messages) {
-                    prop_assert_eq!(item.op, Op::Send);
-                    prop_assert_eq!(item.to.target().unwrap(), expected_target(to).unwrap());
-                    prop_assert_eq!(item.data.unwrap().get(), data.to_string());
+                    let Item::Send(message) = item else {
+                        return Err(TestCaseError::fail("not a send"));
+                    };
+                    prop_assert_eq!(message.to.target(), expected_target(to).unwrap());
+                    prop_assert_eq!(message.data.get(), data.to_string());
                 }
             }
         }

@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 
 use backplane::{Backplane, Health, Keys};
 use config::Config;
-// `crate::random_u32` for callers written before `ids` existed.
-pub(crate) use ids::random_u32;
+
+use ids::random_u32;
 use inbound::{Appender, Inbound};
 use metrics::Metrics;
 use outbound::dispatch::Dispatcher;

@@ -4,6 +4,7 @@
 pub mod health;
 pub mod interest;
 pub mod pubsub;
+pub mod script;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -351,10 +352,32 @@ impl Backplane {
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, RedisFailure> {
+        let result = match tokio::time::timeout(self.timeout, self.send(cmd)).await {
+            Ok(result) => result.map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        };
+        self.count(result)
+    }
+
+    /// Calls a script by its SHA (EVALSHA) with the configured timeout; where Redis answers
+    /// NOSCRIPT, loads it and calls it again (see [`script`]).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis failed or did not answer in time.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &script::Invocation<'_>,
+    ) -> Result<T, RedisFailure> {
+        let cmd = invocation.cmd();
         let run = async {
-            match &self.link {
-                Link::Single(conn) => cmd.query_async(&mut conn.clone()).await,
-                Link::Cluster(link) => cmd.query_async(&mut link.conn().await?).await,
+            match self.send(&cmd).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.send::<()>(&invocation.script().load()).await?;
+                    self.send(&cmd).await
+                }
+                result => result,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
@@ -362,6 +385,14 @@ impl Backplane {
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
         };
         self.count(result)
+    }
+
+    /// Sends one command, with neither timeout nor counting.
+    async fn send<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match &self.link {
+            Link::Single(conn) => cmd.query_async(&mut conn.clone()).await,
+            Link::Cluster(link) => cmd.query_async(&mut link.conn().await?).await,
+        }
     }
 
     /// Counts a failure in `wsbridge_redis_errors_total`; expected replies (an existing

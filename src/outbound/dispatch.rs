@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::envelope::{split_payload, Batch, Item, Op};
+use super::envelope::{self, Item, Payload};
 use super::history::{HistoryReader, Replay};
 use super::routes::Acks;
 use crate::backplane::interest::Interest;
@@ -205,65 +205,45 @@ impl Dispatcher {
 
     /// Handles one pub/sub payload; `alone` when no other payload waits behind it.
     pub fn dispatch(&mut self, payload: &[u8], alone: bool) {
-        if let Some(token) = payload.strip_prefix(b"!") {
-            // An acknowledgement of a subscribe this replica published (interest routing).
-            self.acks.arrived(&String::from_utf8_lossy(token));
-            return;
-        }
-        let decoded = split_payload(payload)
-            .and_then(|(offsets, json)| Ok((offsets, serde_json::from_slice::<Batch>(json)?)));
-        let (offsets, batch) = match decoded {
-            Ok(decoded) => decoded,
+        let (offsets, ts, items) = match envelope::decode(payload) {
+            Ok(Payload::Batch {
+                offsets, ts, items, ..
+            }) => (offsets, ts, items),
+            Ok(Payload::Ack { token, .. }) => {
+                // An acknowledgement of a subscribe this replica published (interest routing).
+                self.acks.arrived(&token);
+                return;
+            }
             Err(e) => {
                 self.metrics.dropped(DropReason::BadPayload).increment(1);
                 tracing::warn!(error = %e, "undecodable pub/sub payload dropped");
                 return;
             }
         };
-        let mut offsets = offsets.iter();
         self.direct_budget = if alone { DIRECT_BUDGET } else { 0 };
-        self.multi = batch.items.len() > 1;
+        self.multi = items.len() > 1;
         self.payload_seq += 1;
-        for item in &batch.items {
-            let offset = if item.history {
-                offsets.next().map(String::as_str)
-            } else {
-                None
-            };
-            self.apply(item, offset, batch.ts);
+        for (item, offset) in envelope::with_offsets(&items, &offsets) {
+            self.apply(item, offset, ts);
         }
     }
 
     fn apply(&mut self, item: &Item<'_>, offset: Option<&str>, ts: u64) {
-        let target = match item.to.target() {
-            Ok(target) => target,
-            Err(e) => {
-                self.metrics.dropped(DropReason::BadPayload).increment(1);
-                tracing::warn!(error = %e, "pub/sub item with a bad target dropped");
-                return;
-            }
-        };
-        match item.op {
-            Op::Send => {
-                let data: &RawValue = match item.data {
-                    Some(data) => data,
-                    None => null(),
-                };
+        let target = item.target();
+        match item {
+            Item::Send(message) => {
                 let channel = match target {
                     Target::Channel(c) => Some(c),
                     _ => None,
                 };
-                self.deliver(target, channel, offset, data, ts);
+                self.deliver(target, channel, offset, message.data, ts);
             }
-            Op::Subscribe => {
-                let Some(channel) = item.channel.as_deref() else {
-                    return;
-                };
+            Item::Subscribe(join) => {
+                let channel = &*join.channel;
                 self.registry.recipients(target, &mut self.scratch);
-                let ack = item.ack.as_deref().and_then(|a| a.split_once(' '));
-                let ack = ack.map(|(replica, token)| Ack {
-                    channel: self.keys.replica(replica),
-                    notice: format!("!{token}"),
+                let ack = join.ack.as_ref().map(|ack| Ack {
+                    channel: self.keys.replica(&ack.replica),
+                    notice: envelope::ack(&ack.token),
                     backplane: self.backplane.clone(),
                 });
                 match &self.interest {
@@ -317,10 +297,8 @@ impl Dispatcher {
                     }
                 }
             }
-            Op::Unsubscribe => {
-                let Some(channel) = item.channel.as_deref() else {
-                    return;
-                };
+            Item::Unsubscribe(leave) => {
+                let channel = &*leave.channel;
                 self.registry.recipients(target, &mut self.scratch);
                 for conn in self.scratch.drain(..) {
                     if self.registry.unsubscribe(&conn, channel) {
@@ -329,9 +307,9 @@ impl Dispatcher {
                     conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
                 }
             }
-            Op::Disconnect => {
-                let code = item.code.unwrap_or(4000);
-                let reason = item.reason.as_deref().unwrap_or("disconnected by backend");
+            Item::Disconnect(close) => {
+                let (code, reason) = (close.code, close.reason.as_deref());
+                let reason = reason.unwrap_or("disconnected by backend");
                 self.registry.recipients(target, &mut self.scratch);
                 for conn in self.scratch.drain(..) {
                     conn.close(code, reason, CloseReason::Backend);

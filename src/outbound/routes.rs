@@ -3,30 +3,25 @@
 //! A batch is split into runs of consecutive items for one destination: channel messages go to
 //! `<prefix>:ch:<channel>`, connection messages to the pub/sub channel of the replica the
 //! connection id names, user messages to every replica listed for the user, and messages to
-//! everyone to the broadcast channel. One Lua script publishes every part (and appends history),
-//! so a call is still taken whole or not at all.
+//! everyone to the broadcast channel. One call of the publish script (`publish.rs`, which the
+//! broadcast path uses too) publishes every part and appends its history, so a call is still
+//! taken whole or not at all (on a cluster, see `publish_sharded`).
 //!
 //! Replicas list themselves for their users in `<prefix>:user-replicas:<user>`, a sorted set of
 //! replica ids scored by expiry (Redis time, ms): when a user's connection opens, and for every
 //! local user each third of `outbound.user_route_ttl_seconds`.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::envelope::{Batch, Item};
+use super::envelope::{Batch, Item, Unpublished};
+use super::publish::{self, lua_now, Destination, Ran, Step};
+use crate::backplane::script::Script;
 use crate::backplane::{Backplane, Keys, RedisFailure};
-use crate::config::ChannelConfig;
+use crate::config::Config;
 use crate::registry::{Registry, Target};
-
-/// Lua that sets `now` to Redis' clock in milliseconds: user routes expire by Redis time, so
-/// that replicas whose clocks differ agree.
-macro_rules! lua_now {
-    () => {
-        "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-    };
-}
 
 /// Lists a replica for a user until Redis time + ARGV[2] ms. KEYS[1]: the user's set. ARGV[1]:
 /// the replica id.
@@ -40,82 +35,17 @@ return 1
 "#
 );
 
-/// Publishes the parts of one batch. KEYS: per history part its stream and epoch keys, per user
-/// part the user's set (in part order). ARGV[1]: an epoch to use where a channel has none;
-/// ARGV[2]: the replica channel prefix (`<prefix>:replica:`); ARGV[3]: `PUBLISH`, or `SPUBLISH`
-/// on a cluster (then with one part per call); then per part: its kind, then
-/// - `p` (plain): the pub/sub channel, the payload;
-/// - `h` (history): the pub/sub channel, the payload, MAXLEN, TTL, the number of messages, and
-///   their data; published as `["<offset>",...]` + newline + payload;
-/// - `u` (user): the payload, published to every replica listed and not expired.
-///
-/// Returns the offsets of every history message, in order, and per part the number of
-/// replicas that received it.
-const PUBLISH_ROUTED: &str = concat!(
-    lua_now!(),
-    r#"
-local publish = ARGV[3]
-local offsets, receivers = {}, {}
-local k, a = 1, 4
-while a <= #ARGV do
-  local kind = ARGV[a]
-  if kind == 'p' then
-    receivers[#receivers + 1] = redis.call(publish, ARGV[a + 1], ARGV[a + 2])
-    a = a + 3
-  elseif kind == 'h' then
-    local channel, payload = ARGV[a + 1], ARGV[a + 2]
-    local maxlen, ttl, n = ARGV[a + 3], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-    local stream, epoch_key = KEYS[k], KEYS[k + 1]
-    k = k + 2
-    local epoch = redis.call('GET', epoch_key)
-    if not epoch then
-      epoch = ARGV[1]
-      redis.call('SET', epoch_key, epoch)
-    end
-    local mine = {}
-    for i = 1, n do
-      local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'data', ARGV[a + 5 + i])
-      mine[i] = epoch .. ':' .. id
-      offsets[#offsets + 1] = mine[i]
-    end
-    redis.call('EXPIRE', stream, ttl)
-    redis.call('EXPIRE', epoch_key, ttl)
-    receivers[#receivers + 1] = redis.call(publish, channel, cjson.encode(mine) .. '\n' .. payload)
-    a = a + 6 + n
-  else
-    local payload = ARGV[a + 1]
-    local replicas = redis.call('ZRANGEBYSCORE', KEYS[k], now, '+inf')
-    k = k + 1
-    local got = 0
-    for _, replica in ipairs(replicas) do
-      got = got + redis.call(publish, ARGV[2] .. replica, payload)
-    end
-    receivers[#receivers + 1] = got
-    a = a + 2
-  end
-end
-return {offsets, receivers}
-"#
-);
-
 /// The replicas listed for a user and not expired (Redis time). KEYS[1]: the user's set.
-const LIVE_REPLICAS: &str = concat!(
-    lua_now!(),
-    "return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')\n"
-);
-
-/// One part's share of the publish script: its keys, its arguments, and the items that get
-/// history offsets.
-#[derive(Default)]
-struct Step {
-    keys: Vec<String>,
-    args: Vec<Vec<u8>>,
-    history: Vec<usize>,
-}
+static LIVE_REPLICAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')\n"
+    ))
+});
 
 /// Where a part of a batch goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Destination<'a> {
+enum Route<'a> {
     Channel(&'a str),
     Replica(&'a str),
     User(&'a str),
@@ -126,89 +56,34 @@ enum Destination<'a> {
 pub struct Published {
     /// Each item's history offset, if any.
     pub offsets: Vec<Option<String>>,
-    /// How many replicas received items that ask for an acknowledgement (`Item::ack`).
+    /// How many replicas received items that ask for an acknowledgement
+    /// ([`Join::ack`](super::envelope::Join::ack)).
     pub ack_receivers: usize,
 }
 
-/// Publishes `batch` by interest, in one atomic script; `history` lists the items bound for a
-/// channel with history, with its settings.
+/// Publishes `batch` by interest, in one call of the publish script (one per part on a
+/// cluster); the sends marked for history are appended to it.
 ///
 /// # Errors
-/// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
+/// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored (on a
+/// cluster, see [`publish_sharded`]).
 pub async fn publish(
     backplane: &Backplane,
     keys: &Keys,
-    history: &[(usize, &ChannelConfig)],
+    config: &Config,
     batch: &Batch<'_>,
 ) -> Result<Published, RedisFailure> {
     // Parts are runs of consecutive items for the same destination: published in call order,
     // they reach a connection that several of them are for in call order too.
-    let mut parts: Vec<(Destination<'_>, Vec<usize>)> = Vec::new();
+    let mut parts: Vec<(Route<'_>, Vec<usize>)> = Vec::new();
     for (index, item) in batch.items.iter().enumerate() {
-        let Some(destination) = destination(item) else {
+        let Some(route) = route(item) else {
             continue;
         };
         match parts.last_mut() {
-            Some((last, indexes)) if *last == destination => indexes.push(index),
-            _ => parts.push((destination, vec![index])),
+            Some((last, indexes)) if *last == route => indexes.push(index),
+            _ => parts.push((route, vec![index])),
         }
-    }
-    let mut steps = Vec::with_capacity(parts.len());
-    for (destination, indexes) in &parts {
-        let items: Vec<&Item<'_>> = indexes.iter().map(|&i| &batch.items[i]).collect();
-        let payload = serde_json::to_vec(&Part {
-            ts: batch.ts,
-            items: &items,
-        })
-        .expect("batches serialize");
-        let mut step = Step::default();
-        match destination {
-            Destination::Channel(channel) => {
-                let with_history: Vec<usize> = indexes
-                    .iter()
-                    .copied()
-                    .filter(|&i| batch.items[i].history)
-                    .collect();
-                // A part's history items are all for its one channel: they share its settings.
-                let settings = with_history
-                    .first()
-                    .and_then(|first| history.iter().find(|(i, _)| i == first))
-                    .map(|&(_, settings)| settings);
-                match settings {
-                    Some(settings) => {
-                        step.keys = vec![keys.history(channel), keys.epoch(channel)];
-                        step.args = vec![
-                            b"h".to_vec(),
-                            keys.channel(channel).into_bytes(),
-                            payload,
-                            settings.history_size.to_string().into_bytes(),
-                            settings.history_ttl_seconds.to_string().into_bytes(),
-                            with_history.len().to_string().into_bytes(),
-                        ];
-                        for &i in &with_history {
-                            let data = batch.items[i].data.map(|d| d.get()).unwrap_or("null");
-                            step.args.push(data.as_bytes().to_vec());
-                        }
-                        step.history = with_history;
-                    }
-                    _ => {
-                        step.args =
-                            vec![b"p".to_vec(), keys.channel(channel).into_bytes(), payload];
-                    }
-                }
-            }
-            Destination::Replica(replica) => {
-                step.args = vec![b"p".to_vec(), keys.replica(replica).into_bytes(), payload];
-            }
-            Destination::All => {
-                step.args = vec![b"p".to_vec(), keys.broadcast.clone().into_bytes(), payload];
-            }
-            Destination::User(user) => {
-                step.keys = vec![keys.user_replicas(user)];
-                step.args = vec![b"u".to_vec(), payload];
-            }
-        }
-        steps.push(step);
     }
     let mut offsets = vec![None; batch.items.len()];
     if parts.is_empty() {
@@ -217,33 +92,39 @@ pub async fn publish(
             ack_receivers: 0,
         });
     }
-    let epoch = format!("{:08x}", crate::random_u32());
-    let (got, receivers) = if backplane.is_cluster() {
-        publish_sharded(backplane, keys, &epoch, &steps).await?
+    let steps: Vec<Step<'_>> = parts
+        .iter()
+        .map(|(route, indexes)| {
+            let items: Vec<&Item<'_>> = indexes.iter().map(|&i| &batch.items[i]).collect();
+            let to = match route {
+                Route::Channel(channel) => Destination::Channel(keys.channel(channel)),
+                Route::Replica(replica) => Destination::Channel(keys.replica(replica)),
+                Route::All => Destination::Channel(keys.broadcast.clone()),
+                Route::User(user) => Destination::UserReplicas(keys.user_replicas(user)),
+            };
+            Step {
+                to,
+                payload: Unpublished::batch(batch.ts, &items),
+                appends: publish::appends(keys, config, &batch.items, indexes.iter().copied()),
+            }
+        })
+        .collect();
+    let ran = if backplane.is_cluster() {
+        publish_sharded(backplane, keys, &steps).await?
     } else {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(PUBLISH_ROUTED)
-            .arg(steps.iter().map(|s| s.keys.len()).sum::<usize>());
-        for key in steps.iter().flat_map(|s| &s.keys) {
-            cmd.arg(key);
-        }
-        cmd.arg(&epoch).arg(keys.replica("")).arg("PUBLISH");
-        for arg in steps.iter().flat_map(|s| &s.args) {
-            cmd.arg(arg.as_slice());
-        }
-        backplane.query(&cmd).await?
+        publish::run(backplane, keys, &steps).await?
     };
-    let history_items = steps.iter().flat_map(|s| s.history.iter().copied());
-    for (index, offset) in history_items.zip(got) {
+    let appended = steps.iter().flat_map(|s| s.appends.iter().map(|a| a.item));
+    for (index, offset) in appended.zip(ran.offsets) {
         offsets[index] = Some(offset);
     }
     let ack_receivers = parts
         .iter()
-        .zip(receivers)
+        .zip(ran.receivers)
         .map(|((_, indexes), got)| {
             let asking = indexes
                 .iter()
-                .filter(|&&i| batch.items[i].ack.is_some())
+                .filter(|&&i| matches!(&batch.items[i], Item::Subscribe(j) if j.ack.is_some()))
                 .count();
             asking * got
         })
@@ -254,7 +135,7 @@ pub async fn publish(
     })
 }
 
-/// Acknowledgements of items that ask for one (`Item::ack`), awaited by the replica that
+/// Acknowledgements of items that ask for one ([`Join::ack`](super::envelope::Join::ack)), awaited by the replica that
 /// published them.
 #[derive(Default)]
 pub struct Acks {
@@ -322,77 +203,59 @@ impl Acks {
     }
 }
 
-/// On a Redis Cluster each part is published on its own shard: a channel's history part with the
-/// script (its keys and pub/sub channel share a hash tag), a user part after reading the user's
-/// replicas, the rest with SPUBLISH. Parts are published in order, but a call whose parts live
-/// on several shards is no longer one atomic step: if Redis fails part-way, the parts before
-/// the failure were published.
+/// On a Redis Cluster each part is published on its own shard: a part with history by the
+/// publish script (its keys and pub/sub channel share a hash tag), a user part after reading
+/// the user's replicas, the rest with SPUBLISH. Parts are published in order, but a call whose
+/// parts live on several shards is no longer one atomic step: if Redis fails part-way, the
+/// parts before the failure were published.
 async fn publish_sharded(
     backplane: &Backplane,
     keys: &Keys,
-    epoch: &str,
-    steps: &[Step],
-) -> Result<(Vec<String>, Vec<usize>), RedisFailure> {
-    let (mut offsets, mut receivers) = (Vec::new(), Vec::new());
+    steps: &[Step<'_>],
+) -> Result<Ran, RedisFailure> {
+    let mut done = Ran {
+        offsets: Vec::new(),
+        receivers: Vec::new(),
+    };
     for step in steps {
-        match step.args[0].as_slice() {
-            b"h" => {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(PUBLISH_ROUTED).arg(step.keys.len());
-                for key in &step.keys {
-                    cmd.arg(key);
-                }
-                cmd.arg(epoch).arg(keys.replica("")).arg("SPUBLISH");
-                for arg in &step.args {
-                    cmd.arg(arg.as_slice());
-                }
-                let (got, counts): (Vec<String>, Vec<usize>) = backplane.query(&cmd).await?;
-                offsets.extend(got);
-                receivers.extend(counts);
+        if !step.appends.is_empty() {
+            let ran = publish::run(backplane, keys, std::slice::from_ref(step)).await?;
+            done.offsets.extend(ran.offsets);
+            done.receivers.extend(ran.receivers);
+            continue;
+        }
+        let payload = step.payload.json.as_slice();
+        match &step.to {
+            Destination::Channel(channel) => {
+                let mut cmd = redis::cmd("SPUBLISH");
+                cmd.arg(channel).arg(payload);
+                done.receivers.push(backplane.query::<usize>(&cmd).await?);
             }
-            b"u" => {
+            Destination::UserReplicas(set) => {
                 let live: Vec<String> = backplane
-                    .query(
-                        redis::cmd("EVAL")
-                            .arg(LIVE_REPLICAS)
-                            .arg(1)
-                            .arg(&step.keys[0]),
-                    )
+                    .invoke(LIVE_REPLICAS.call().key(set.as_str()))
                     .await?;
                 let mut got = 0;
                 for replica in live {
                     let mut cmd = redis::cmd("SPUBLISH");
-                    cmd.arg(keys.replica(&replica)).arg(step.args[1].as_slice());
+                    cmd.arg(keys.replica(&replica)).arg(payload);
                     got += backplane.query::<usize>(&cmd).await?;
                 }
-                receivers.push(got);
-            }
-            _ => {
-                let mut cmd = redis::cmd("SPUBLISH");
-                cmd.arg(step.args[1].as_slice())
-                    .arg(step.args[2].as_slice());
-                receivers.push(backplane.query::<usize>(&cmd).await?);
+                done.receivers.push(got);
             }
         }
     }
-    Ok((offsets, receivers))
-}
-
-/// A part of a batch, serialized as a [`Batch`].
-#[derive(serde::Serialize)]
-struct Part<'a, 'b> {
-    ts: u64,
-    items: &'a [&'a Item<'b>],
+    Ok(done)
 }
 
 /// Where `item` goes; `None` when no replica can hold its recipient (a connection id that
 /// names none).
-fn destination<'a>(item: &'a Item<'_>) -> Option<Destination<'a>> {
-    match item.to.target().ok()? {
-        Target::Channel(channel) => Some(Destination::Channel(channel)),
-        Target::Connection(id) => id.split_once('.').map(|(r, _)| Destination::Replica(r)),
-        Target::User(user) => Some(Destination::User(user)),
-        Target::All => Some(Destination::All),
+fn route<'a>(item: &'a Item<'_>) -> Option<Route<'a>> {
+    match item.target() {
+        Target::Channel(channel) => Some(Route::Channel(channel)),
+        Target::Connection(id) => id.split_once('.').map(|(r, _)| Route::Replica(r)),
+        Target::User(user) => Some(Route::User(user)),
+        Target::All => Some(Route::All),
     }
 }
 

@@ -536,3 +536,37 @@ async fn a_slow_client_on_a_history_channel_is_closed_not_given_a_gap_and_resume
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_send_with_history_is_published_after_redis_forgot_the_publish_script() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("noscript");
+        let gw = start(&redis, &prefix, 100, &[]).await;
+        let mut c = Client::connect(&gw).await;
+        c.subscribe("room:1").await;
+        let send = |n: u64| json!({"to": {"channel": "room:1"}, "data": {"n": n}});
+        let (status, first) = gw.post("/send", &send(1)).await;
+        assert_eq!(status, 202, "{first}");
+        // A restart or a failover loses the scripts Redis had loaded: the next call by SHA
+        // answers NOSCRIPT, and the gateway loads the script and calls it again.
+        for mut node in redis.node_conns().await {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut node)
+                .await
+                .unwrap();
+        }
+        let (status, second) = gw.post("/send", &send(2)).await;
+        assert_eq!(status, 202, "{second}");
+        for (n, answer) in [(1, &first), (2, &second)] {
+            let m = c.recv().await;
+            assert_eq!(m["data"]["n"], n, "{m}");
+            assert_eq!(m["offset"], answer["offsets"][0], "{m} {answer}");
+        }
+        // NOSCRIPT is part of calling by SHA, not a failure.
+        let errors = r#"wsbridge_redis_errors_total{kind="server"}"#;
+        assert_eq!(gw.metric(errors).await, 0.0);
+    })
+    .await;
+}
