@@ -152,13 +152,11 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                 ts: unix_us(),
                 items,
             };
-            let offsets = state.publisher.publish(&mut batch).await.map_err(|e| {
-                ApiError::Unavailable(if e.maybe_applied() {
-                    format!("Redis did not confirm the publish ({e}); it may have been delivered")
-                } else {
-                    format!("not accepted, nothing was sent ({e}); retry")
-                })
-            })?;
+            let offsets = state
+                .publisher
+                .publish(&mut batch)
+                .await
+                .map_err(|e| ApiError::Unavailable(e.explain()))?;
             // Where history is kept, the answer carries each message's offset (null elsewhere).
             let body = if offsets.iter().any(Option::is_some) {
                 serde_json::json!({ "accepted": accepted, "offsets": offsets })

@@ -15,6 +15,50 @@ use crate::metrics::Metrics;
 use envelope::{AckRequest, Batch, Item, Recipient, Unpublished};
 use publish::{Destination, Step};
 
+/// Why a `/send` (or subscribe, unsubscribe, disconnect) call was not wholly published.
+#[derive(Debug)]
+pub struct PublishError {
+    /// What Redis said, or that it did not answer.
+    pub failure: RedisFailure,
+    /// Parts of the call published before the failure. Always 0 on a single Redis, where a call
+    /// is one atomic step; a Redis Cluster publishes a call part by part.
+    pub published_parts: usize,
+}
+
+impl PublishError {
+    /// What the backend is told (with a 503): whether anything of the call may have been
+    /// delivered, so whether a retry may deliver it twice.
+    pub fn explain(&self) -> String {
+        let e = &self.failure;
+        if self.published_parts > 0 {
+            format!(
+                "Redis failed after {} part(s) of this call were published ({e}): those may have \
+                 been delivered, and a retry delivers them again",
+                self.published_parts
+            )
+        } else if e.maybe_applied() {
+            format!("Redis did not confirm the publish ({e}); it may have been delivered")
+        } else {
+            format!("not accepted, nothing was sent ({e}); retry")
+        }
+    }
+}
+
+impl From<RedisFailure> for PublishError {
+    fn from(failure: RedisFailure) -> Self {
+        Self {
+            failure,
+            published_parts: 0,
+        }
+    }
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.explain())
+    }
+}
+
 /// Publishes batches on the broadcast channel, keeping channel history where configured.
 #[derive(Clone)]
 pub struct Publisher {
@@ -57,7 +101,7 @@ impl Publisher {
         &self,
         batch: &mut Batch<'_>,
         sends: usize,
-    ) -> Result<Vec<Option<String>>, RedisFailure> {
+    ) -> Result<Vec<Option<String>>, PublishError> {
         let token = batch
             .items
             .iter()
@@ -106,11 +150,12 @@ impl Publisher {
     /// to it in the same atomic step. Returns each item's history offset, if any.
     ///
     /// # Errors
-    /// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored.
+    /// [`PublishError`] when Redis did not take it: nothing of the batch was sent or stored,
+    /// except, on a Redis Cluster, the parts published before the failure.
     pub async fn publish(
         &self,
         batch: &mut Batch<'_>,
-    ) -> Result<Vec<Option<String>>, RedisFailure> {
+    ) -> Result<Vec<Option<String>>, PublishError> {
         // Sends bound for a channel with history take an offset each.
         let mut sends = 0;
         for item in &mut batch.items {
@@ -146,5 +191,37 @@ impl Publisher {
         }
         self.metrics.outbound_published.increment(sends as u64);
         Ok(offsets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_is_told_whether_a_failed_call_may_have_been_delivered() {
+        let refused = || {
+            RedisFailure::Redis(
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused").into(),
+            )
+        };
+        let nothing = PublishError::from(refused());
+        assert!(nothing
+            .explain()
+            .starts_with("not accepted, nothing was sent"));
+        let unconfirmed = PublishError::from(RedisFailure::Timeout(1000));
+        assert!(unconfirmed.explain().contains("it may have been delivered"));
+        // A cluster call that failed after its first part: however the failure reads, the
+        // backend must not be told that nothing was sent.
+        let part = PublishError {
+            failure: refused(),
+            published_parts: 1,
+        };
+        let told = part.explain();
+        assert!(!told.contains("nothing was sent"), "{told}");
+        assert!(
+            told.contains("1 part(s) of this call were published"),
+            "{told}"
+        );
     }
 }

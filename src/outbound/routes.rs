@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::envelope::{Batch, Item, Unpublished};
 use super::publish::{self, lua_now, Destination, Ran, Step};
+use super::PublishError;
 use crate::backplane::script::Script;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
@@ -65,14 +66,14 @@ pub struct Published {
 /// cluster); the sends marked for history are appended to it.
 ///
 /// # Errors
-/// [`RedisFailure`] when Redis did not take it: nothing of the batch was sent or stored (on a
-/// cluster, see [`publish_sharded`]).
+/// [`PublishError`] when Redis did not take it: on a single Redis nothing of the batch was sent
+/// or stored; on a cluster the parts before the failure were (see [`publish_sharded`]).
 pub async fn publish(
     backplane: &Backplane,
     keys: &Keys,
     config: &Config,
     batch: &Batch<'_>,
-) -> Result<Published, RedisFailure> {
+) -> Result<Published, PublishError> {
     // Parts are runs of consecutive items for the same destination: published in call order,
     // they reach a connection that several of them are for in call order too.
     let mut parts: Vec<(Route<'_>, Vec<usize>)> = Vec::new();
@@ -212,17 +213,35 @@ async fn publish_sharded(
     backplane: &Backplane,
     keys: &Keys,
     steps: &[Step<'_>],
-) -> Result<Ran, RedisFailure> {
+) -> Result<Ran, PublishError> {
     let mut done = Ran {
         offsets: Vec::new(),
         receivers: Vec::new(),
     };
-    for step in steps {
+    for (published, step) in steps.iter().enumerate() {
+        publish_part(backplane, keys, step, &mut done)
+            .await
+            .map_err(|failure| PublishError {
+                failure,
+                published_parts: published,
+            })?;
+    }
+    Ok(done)
+}
+
+/// Publishes one part of a call on a cluster (see [`publish_sharded`]).
+async fn publish_part(
+    backplane: &Backplane,
+    keys: &Keys,
+    step: &Step<'_>,
+    done: &mut Ran,
+) -> Result<(), RedisFailure> {
+    {
         if !step.appends.is_empty() {
             let ran = publish::run(backplane, keys, std::slice::from_ref(step)).await?;
             done.offsets.extend(ran.offsets);
             done.receivers.extend(ran.receivers);
-            continue;
+            return Ok(());
         }
         let payload = step.payload.json.as_slice();
         match &step.to {
@@ -245,7 +264,7 @@ async fn publish_sharded(
             }
         }
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Where `item` goes; `None` when no replica can hold its recipient (a connection id that
