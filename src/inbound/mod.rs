@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::connection::ConnHandle;
 use crate::metrics::Metrics;
 use crate::protocol::{Encoding, ErrorCode, FrameError, FrameId};
+use crate::registry::Registry;
 
 /// A lifecycle event kind (field `event` of `<prefix>:events`).
 #[derive(Debug, Clone, Copy)]
@@ -148,6 +149,16 @@ impl Inbound {
                 "the gateway's append queue is full; not stored, resend with the same id",
             )
         })
+    }
+
+    /// Takes `conn` out of `channel` and, when it was in, tells the backends (an `unsubscribe`
+    /// event): the one way a connection leaves a channel, whoever asks. True when it was in.
+    pub fn leave(&self, registry: &Registry, conn: &ConnHandle, channel: &str) -> bool {
+        let left = registry.unsubscribe(conn, channel);
+        if left {
+            self.event(conn, Event::Unsubscribe(channel));
+        }
+        left
     }
 
     /// Queues a lifecycle event; when Redis or the queue cannot take it, it is counted in

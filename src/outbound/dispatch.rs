@@ -301,9 +301,7 @@ impl Dispatcher {
                 let channel = &*leave.channel;
                 self.registry.recipients(target, &mut self.scratch);
                 for conn in self.scratch.drain(..) {
-                    if self.registry.unsubscribe(&conn, channel) {
-                        self.inbound.event(&conn, Event::Unsubscribe(channel));
-                    }
+                    self.inbound.leave(&self.registry, &conn, channel);
                     conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
                 }
             }
@@ -411,9 +409,7 @@ impl Dispatcher {
             Ok(Replay::Incomplete) => None,
             Err(e) => {
                 conn.cancel_resume(channel);
-                if self.registry.unsubscribe(conn, channel) {
-                    self.inbound.event(conn, Event::Unsubscribe(channel));
-                }
+                self.inbound.leave(&self.registry, conn, channel);
                 self.metrics
                     .rejected(ErrorCode::RedisUnavailable)
                     .increment(1);

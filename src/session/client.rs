@@ -267,9 +267,7 @@ fn act(
             Ok(None)
         }
         ClientFrame::Unsubscribe { channel, id } => {
-            if state.registry.unsubscribe(handle, &channel) {
-                state.inbound.event(handle, Event::Unsubscribe(&channel));
-            }
+            state.inbound.leave(&state.registry, handle, &channel);
             handle.reply(&ServerFrame::Unsubscribed {
                 channel: &channel,
                 id: id.as_ref(),
