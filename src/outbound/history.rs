@@ -12,12 +12,13 @@
 //! "gone". Reads are paged and few run at once ([`MAX_CONCURRENT_READS`]), so that many clients
 //! resuming together queue here instead of timing out together on the shared command link.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
 use tokio::sync::Semaphore;
 
+use crate::backplane::script::Script;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::cursor::{parse_id, Entry, Offset};
 
@@ -46,20 +47,28 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// MULTI: a script is one command routed by its keys, so on a cluster a MOVED reply (a slot that
 /// moved) is followed like any command's, where a MULTI would fail until the client refreshed its
 /// slot map on its own.
-const READ_PAGE: &str = r"
+static READ_PAGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local epoch = redis.call('GET', KEYS[2])
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local after = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 return {epoch, oldest, after, redis.call('XLEN', KEYS[1])}
-";
+",
+    )
+});
 
 /// Where a channel's history stands: creates its epoch if missing (ARGV: a new epoch, the TTL
 /// in seconds), then returns the epoch and the last entry. A script for the same reason as
 /// [`READ_PAGE`].
-const READ_START: &str = r"
+static READ_START: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
 return {redis.call('GET', KEYS[2]), redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
-";
+",
+    )
+});
 
 /// Reads channel histories for resumes and catch-ups; cheap to clone.
 #[derive(Clone)]
@@ -155,14 +164,13 @@ impl HistoryReader {
         channel: &str,
         ttl_seconds: u64,
     ) -> Result<Offset, RedisFailure> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(READ_START)
-            .arg(2)
-            .arg(self.keys.history(channel))
-            .arg(self.keys.epoch(channel))
-            .arg(format!("{:08x}", crate::ids::random_u32()))
-            .arg(ttl_seconds.max(1));
-        let (epoch, last): (Option<String>, StreamRangeReply) = self.backplane.query(&cmd).await?;
+        let mut call = READ_START.call();
+        call.key(self.keys.history(channel))
+            .key(self.keys.epoch(channel))
+            .arg(format!("{:08x}", crate::ids::random_u32()).into_bytes())
+            .number(ttl_seconds.max(1));
+        let (epoch, last): (Option<String>, StreamRangeReply) =
+            self.backplane.invoke(&call).await?;
         // Set just before, in the same script: absent only if it expired in between.
         let epoch = epoch.unwrap_or_default();
         let id = last
@@ -184,17 +192,15 @@ impl HistoryReader {
         count: u64,
         keep_trying: &mut impl FnMut() -> bool,
     ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply, u64), RedisFailure> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(READ_PAGE)
-            .arg(2)
-            .arg(self.keys.history(channel))
-            .arg(self.keys.epoch(channel))
-            .arg(format!("({}-{}", cursor.0, cursor.1))
-            .arg(count);
+        let mut call = READ_PAGE.call();
+        call.key(self.keys.history(channel))
+            .key(self.keys.epoch(channel))
+            .arg(format!("({}-{}", cursor.0, cursor.1).into_bytes())
+            .number(count);
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
-            match self.backplane.query(&cmd).await {
+            match self.backplane.invoke(&call).await {
                 Ok(page) => return Ok(page),
                 Err(e) if e.is_transient() && keep_trying() => {
                     attempt += 1;
