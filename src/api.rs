@@ -75,6 +75,61 @@ impl ApiError {
     }
 }
 
+/// The body of `POST /presence`.
+struct PresenceBody {
+    channel: String,
+    view: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Reads a `POST /presence` body, naming the field at fault when it is wrong.
+fn presence_body(body: &[u8]) -> Result<PresenceBody, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let Some(fields) = value.as_object() else {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object: {\"channel\": ...}".to_owned(),
+        ));
+    };
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| !["channel", "view", "cursor", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field `{unknown}`; expected channel, view, cursor, limit"
+        )));
+    }
+    let text = |name: &str| -> Result<Option<String>, ApiError> {
+        match fields.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "`{name}` must be a string, not {other}"
+            ))),
+        }
+    };
+    let channel =
+        text("channel")?.ok_or_else(|| ApiError::BadRequest("`channel` is required".to_owned()))?;
+    let limit = match fields.get("limit") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(n) => Some(
+            n.as_u64()
+                .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
+                .map(|n| n as u32)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!("`limit` must be a positive integer, not {n}"))
+                })?,
+        ),
+    };
+    Ok(PresenceBody {
+        channel,
+        view: text("view")?,
+        cursor: text("cursor")?,
+        limit,
+    })
+}
+
 /// Handles one request on the API listener.
 pub async fn handle(
     req: Request<Incoming>,
@@ -112,6 +167,43 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
             );
             Ok(response)
+        }
+        "/presence" => {
+            only(&req, Method::POST)?;
+            authorize(&req, state)?;
+            let body = read_body(req, state.config.api.max_body_bytes).await?;
+            let ask = presence_body(&body)?;
+            let channel = ask.channel;
+            if channel.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "`channel` must not be empty".to_owned(),
+                ));
+            }
+            if state.config.presence_for(&channel).is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "`{channel}` does not keep presence (no [[channels]] pattern with presence = true matches it)"
+                )));
+            }
+            let users = match ask.view.as_deref() {
+                None | Some("connections") => false,
+                Some("users") => true,
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "`view` must be \"connections\" or \"users\", not `{other}`"
+                    )))
+                }
+            };
+            let query = crate::protocol::PresenceQuery {
+                users,
+                cursor: ask.cursor,
+                limit: ask.limit,
+            };
+            let page = state.presence.page(&channel, &query).await.map_err(|e| {
+                ApiError::Unavailable(format!("presence could not be read ({e}); ask again"))
+            })?;
+            let mut body = serde_json::to_value(&page).expect("pages serialize");
+            body["channel"] = channel.into();
+            Ok(json(200, &body))
         }
         "/send" | "/subscribe" | "/unsubscribe" | "/disconnect" => {
             only(&req, Method::POST)?;

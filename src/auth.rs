@@ -16,6 +16,8 @@ pub struct Identity {
     pub channels: Option<Vec<String>>,
     /// `exp` in unix seconds.
     pub expires_at: Option<u64>,
+    /// The `info` claim, shown to others in presence (any JSON).
+    pub info: Option<serde_json::Value>,
 }
 
 impl Identity {
@@ -33,6 +35,7 @@ struct Claims {
     sub: Option<String>,
     exp: Option<u64>,
     channels: Option<Vec<String>>,
+    info: Option<serde_json::Value>,
 }
 
 /// Why a token was refused.
@@ -114,6 +117,7 @@ impl Authenticator {
             user: data.claims.sub,
             channels: data.claims.channels,
             expires_at: data.claims.exp,
+            info: data.claims.info,
         })
     }
 }

@@ -59,6 +59,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Presence: liveness of replicas and limits of presence queries.
+    pub presence: PresenceConfig,
     /// Per-channel-pattern settings.
     pub channels: Vec<ChannelConfig>,
 }
@@ -322,6 +324,35 @@ impl Default for LogConfig {
     }
 }
 
+/// `[presence]`: how presence (`[[channels]] presence = true`) is kept in Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How long a replica counts as alive after its last heartbeat. The members of a replica
+    /// that stopped (SIGKILL, a lost host) leave presence at most this long, plus one heartbeat
+    /// interval, after its last heartbeat.
+    pub replica_ttl_seconds: u64,
+    /// How often a replica proves it is alive, and looks for replicas that are not.
+    pub heartbeat_interval_ms: u64,
+    /// Joins and leaves waiting to be written to Redis; past it they are counted as dropped and
+    /// the next heartbeat puts presence right.
+    pub queue_capacity: usize,
+    /// The most members (or users) one presence query returns; a query asks for fewer with
+    /// `limit` and gets the rest page by page with `cursor`.
+    pub max_page: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            replica_ttl_seconds: 10,
+            heartbeat_interval_ms: 2000,
+            queue_capacity: 65536,
+            max_page: 1000,
+        }
+    }
+}
+
 /// `[[channels]]`: settings for channels whose name matches `pattern`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +365,13 @@ pub struct ChannelConfig {
     /// How long history is kept after the last message.
     #[serde(default)]
     pub history_ttl_seconds: u64,
+    /// Keep the channel's members in Redis: clients and backends can ask who is there.
+    #[serde(default)]
+    pub presence: bool,
+    /// Send `join` and `leave` frames to the channel's subscribers when a user (or an anonymous
+    /// connection) comes or goes; needs `presence`.
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 impl Config {
@@ -588,12 +626,44 @@ impl Config {
                     "must not be empty",
                 ));
             }
+            if ch.join_leave && !ch.presence {
+                return Err(ConfigError::key(
+                    &format!("channels[{i}].join_leave"),
+                    "needs presence = true in the same [[channels]] entry (join and leave follow presence)",
+                ));
+            }
             if ch.history_size > 0 && ch.history_ttl_seconds == 0 {
                 return Err(ConfigError::key(
                     &format!("channels[{i}].history_ttl_seconds"),
                     "must be greater than 0 when history_size is set (history would never expire)",
                 ));
             }
+        }
+        if self.presence.replica_ttl_seconds == 0 {
+            return Err(ConfigError::key(
+                "presence.replica_ttl_seconds",
+                "must be greater than 0",
+            ));
+        }
+        if self.presence.heartbeat_interval_ms == 0
+            || self.presence.heartbeat_interval_ms >= self.presence.replica_ttl_seconds * 1000
+        {
+            return Err(ConfigError::key(
+                "presence.heartbeat_interval_ms",
+                "must be greater than 0 and shorter than presence.replica_ttl_seconds (a live replica would look dead)",
+            ));
+        }
+        if self.presence.queue_capacity == 0 {
+            return Err(ConfigError::key(
+                "presence.queue_capacity",
+                "must be greater than 0",
+            ));
+        }
+        if self.presence.max_page == 0 {
+            return Err(ConfigError::key(
+                "presence.max_page",
+                "must be greater than 0",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", format!("`{}`: {e}", self.log.level)))?;
@@ -612,6 +682,15 @@ impl Config {
             .iter()
             .find(|c| glob_match(&c.pattern, channel))
             .filter(|c| c.history_size > 0)
+    }
+
+    /// The presence settings of `channel`: the first `[[channels]]` pattern that matches it, if
+    /// that pattern keeps presence.
+    pub fn presence_for(&self, channel: &str) -> Option<&ChannelConfig> {
+        self.channels
+            .iter()
+            .find(|c| glob_match(&c.pattern, channel))
+            .filter(|c| c.presence)
     }
 
     /// The public listener address (validated).

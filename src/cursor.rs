@@ -175,7 +175,10 @@ impl<T> Cursor<T> {
         if let Some(floor) = &self.floor {
             match offset.and_then(Offset::parse) {
                 Some(o) if o.is_covered_by(floor) => return Live::Duplicate,
-                _ => self.floor = None,
+                Some(_) => self.floor = None,
+                // Not a history message (a presence event): never a replayed one, and no sign
+                // that the replayed ones are all through.
+                None => {}
             }
         }
         if let Some(hold) = &mut self.hold {

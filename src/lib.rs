@@ -20,6 +20,7 @@ pub mod ids;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod presence;
 pub mod protocol;
 pub mod public;
 pub mod registry;
@@ -88,6 +89,14 @@ pub async fn run(
         }
         config::Routing::Broadcast => (None, None),
     };
+    let (presence, presence_changes) = presence::Presence::new(
+        config.clone(),
+        keys.clone(),
+        backplane.clone(),
+        metrics.clone(),
+        replica_id.clone(),
+    );
+    registry.set_watch(Arc::new(presence.clone()));
     let (appender, append_rx) = Appender::new(config.inbound.append_queue_capacity);
     let inbound = Arc::new(Inbound::new(
         &config,
@@ -143,10 +152,18 @@ pub async fn run(
         control_tx: control_tx.clone(),
         stopping: stopping.clone(),
         interest: interest.clone(),
+        presence: presence.clone(),
     }
     .shared();
 
     let tasks = TaskTracker::new();
+    // Its last act, once the connections are gone, removes this replica's presence members.
+    tasks.spawn(presence::run(
+        presence,
+        presence_changes,
+        registry.clone(),
+        background.clone(),
+    ));
     let (pubsub_tx, pubsub_rx) = mpsc::channel(config.redis.pubsub_buffer_messages);
     tasks.spawn(backplane::pubsub::run(
         config.redis.clone(),

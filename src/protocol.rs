@@ -73,6 +73,15 @@ pub enum ClientFrame {
         /// Client frame id.
         id: Option<FrameId>,
     },
+    /// Ask who is in a channel (one page of its presence).
+    Presence {
+        /// Channel name.
+        channel: String,
+        /// Which view, and where the page starts.
+        query: PresenceQuery,
+        /// Client frame id.
+        id: Option<FrameId>,
+    },
     /// Leave a channel.
     Unsubscribe {
         /// Channel name.
@@ -80,6 +89,17 @@ pub enum ClientFrame {
         /// Client frame id.
         id: Option<FrameId>,
     },
+}
+
+/// What a presence query asks for: a view, and a page of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceQuery {
+    /// Distinct users (with how many connections each) instead of connections.
+    pub users: bool,
+    /// Where the page starts: the `cursor` of the previous page; `None` for the first.
+    pub cursor: Option<String>,
+    /// The most entries wanted (capped by `presence.max_page`).
+    pub limit: Option<u32>,
 }
 
 /// Error codes sent in `error` frames and counted in `wsbridge_inbound_rejected_total{code}`.
@@ -93,6 +113,8 @@ pub enum ErrorCode {
     BadRequest,
     /// The stream is not in `inbound.streams`.
     StreamNotAllowed,
+    /// The channel does not keep presence (`[[channels]] presence = true`).
+    PresenceDisabled,
     /// The token's `channels` claim does not allow this channel.
     ChannelNotAllowed,
     /// The gateway's append queue is full.
@@ -109,7 +131,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for pre-registering counters.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
         ErrorCode::BadFrame,
@@ -120,6 +142,7 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::RedisUnavailable,
         ErrorCode::ShuttingDown,
+        ErrorCode::PresenceDisabled,
     ];
 
     /// The wire value.
@@ -135,6 +158,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::PresenceDisabled => "presence_disabled",
         }
     }
 }
@@ -170,6 +194,9 @@ struct JsonFrame<'a> {
     stream: Option<String>,
     channel: Option<String>,
     since: Option<String>,
+    view: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -182,6 +209,9 @@ struct MsgpackFrame {
     stream: Option<String>,
     channel: Option<String>,
     since: Option<String>,
+    view: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
     data: Option<rmpv::Value>,
 }
 
@@ -231,9 +261,14 @@ pub fn decode_json(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
     build(
         frame.kind.as_deref(),
         frame.id,
-        frame.stream,
-        frame.channel,
-        frame.since,
+        Fields {
+            stream: frame.stream,
+            channel: frame.channel,
+            since: frame.since,
+            view: frame.view,
+            cursor: frame.cursor,
+            limit: frame.limit,
+        },
         data,
         Encoding::Json,
     )
@@ -273,20 +308,33 @@ pub fn decode_msgpack(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
     build(
         frame.kind.as_deref(),
         frame.id,
-        frame.stream,
-        frame.channel,
-        frame.since,
+        Fields {
+            stream: frame.stream,
+            channel: frame.channel,
+            since: frame.since,
+            view: frame.view,
+            cursor: frame.cursor,
+            limit: frame.limit,
+        },
         data,
         Encoding::Msgpack,
     )
 }
 
-fn build(
-    kind: Option<&str>,
-    id: Option<FrameId>,
+/// The fields of a client frame besides `type`, `id` and `data`.
+struct Fields {
     stream: Option<String>,
     channel: Option<String>,
     since: Option<String>,
+    view: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+fn build(
+    kind: Option<&str>,
+    id: Option<FrameId>,
+    fields: Fields,
     data: Bytes,
     encoding: Encoding,
 ) -> Result<ClientFrame, FrameError> {
@@ -298,6 +346,14 @@ fn build(
             format!("field `{name}` is required and must be a non-empty string"),
         )),
     };
+    let Fields {
+        stream,
+        channel,
+        since,
+        view,
+        cursor,
+        limit,
+    } = fields;
     match kind {
         Some("send") => Ok(ClientFrame::Send {
             stream: need(stream, "stream", &id)?,
@@ -314,10 +370,34 @@ fn build(
             channel: need(channel, "channel", &id)?,
             id,
         }),
+        Some("presence") => {
+            let users = match view.as_deref() {
+                None | Some("connections") => false,
+                Some("users") => true,
+                Some(other) => {
+                    return Err(FrameError::new(
+                        id,
+                        ErrorCode::BadRequest,
+                        format!("field `view` must be \"connections\" or \"users\", not `{other}`"),
+                    ))
+                }
+            };
+            Ok(ClientFrame::Presence {
+                channel: need(channel, "channel", &id)?,
+                query: PresenceQuery {
+                    users,
+                    cursor,
+                    limit,
+                },
+                id,
+            })
+        }
         Some(other) => Err(FrameError::new(
             id,
             ErrorCode::UnknownType,
-            format!("unknown frame type `{other}`; expected send, subscribe or unsubscribe"),
+            format!(
+                "unknown frame type `{other}`; expected send, subscribe, unsubscribe or presence"
+            ),
         )),
         None => Err(FrameError::new(
             id,
@@ -364,6 +444,32 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a FrameId>,
     },
+    /// One page of a channel's presence, in reply to `presence`.
+    Presence {
+        /// Channel.
+        channel: &'a str,
+        /// Client frame id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a FrameId>,
+        /// The page, with the channel's counts.
+        #[serde(flatten)]
+        page: &'a PresencePage,
+    },
+    /// A user (or an anonymous connection) joined a channel with `join_leave`.
+    Join {
+        /// Channel.
+        channel: &'a str,
+        /// Who: `connection`, `user`, `info`.
+        member: &'a serde_json::Value,
+    },
+    /// A user (or an anonymous connection) left a channel with `join_leave`: its last
+    /// connection there left.
+    Leave {
+        /// Channel.
+        channel: &'a str,
+        /// Who: `connection`, `user`, `info`.
+        member: &'a serde_json::Value,
+    },
     /// A frame could not be taken.
     Error {
         /// Client frame id (null when it could not be read).
@@ -373,6 +479,20 @@ pub enum ServerFrame<'a> {
         /// Human sentence.
         message: &'a str,
     },
+}
+
+/// One page of a channel's presence, as clients and backends get it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresencePage {
+    /// Connections in the channel, across all replicas.
+    pub connections: u64,
+    /// Distinct users in the channel (an anonymous connection counts as one).
+    pub users: u64,
+    /// This page: connections (`connection`, `user`, `info`), or, for the users view, users
+    /// (`user`, `connections`; an anonymous connection also has `connection`).
+    pub members: Vec<serde_json::Value>,
+    /// Where the next page starts; `null` on the last page.
+    pub cursor: Option<String>,
 }
 
 impl ServerFrame<'_> {

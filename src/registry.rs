@@ -27,6 +27,16 @@ pub enum Target<'a> {
     All,
 }
 
+/// Told of every change of channel membership (presence). For one connection the calls come in
+/// the order the changes happen: they are made under its channel-set lock, or after it was
+/// removed for good. They must not block.
+pub trait MembershipWatch: Send + Sync {
+    /// `handle` joined `channel`.
+    fn joined(&self, handle: &ConnHandle, channel: &str);
+    /// `handle` left `channel` (or was removed while in it).
+    fn left(&self, handle: &ConnHandle, channel: &str);
+}
+
 /// A connection is in as many channels as it may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyChannels;
@@ -43,6 +53,8 @@ pub struct Registry {
     channels: Index,
     /// Told when a channel loses its last local member (interest routing only).
     interest: OnceLock<Arc<Interest>>,
+    /// Told of every join and leave (presence).
+    watch: OnceLock<Arc<dyn MembershipWatch>>,
 }
 
 impl Registry {
@@ -58,7 +70,13 @@ impl Registry {
             users: DashMap::new(),
             channels: DashMap::new(),
             interest: OnceLock::new(),
+            watch: OnceLock::new(),
         }
+    }
+
+    /// Reports every join and leave to `watch` from now on.
+    pub fn set_watch(&self, watch: Arc<dyn MembershipWatch>) {
+        let _ = self.watch.set(watch);
     }
 
     /// Reports channels that lose their last local member to `interest` from now on.
@@ -116,6 +134,9 @@ impl Registry {
         };
         for channel in joined {
             self.leave(&channel, handle.seq);
+            if let Some(watch) = self.watch.get() {
+                watch.left(handle, &channel);
+            }
         }
     }
 
@@ -171,9 +192,15 @@ impl Registry {
         let channel: Arc<str> = Arc::from(channel);
         membership.joined.insert(channel.clone());
         // Under the shard's lock: of two connections joining at once, one is first.
-        let mut members = self.channels.entry(channel).or_default();
-        let first = members.is_empty();
-        members.insert(handle.seq, handle.clone());
+        let first = {
+            let mut members = self.channels.entry(channel.clone()).or_default();
+            let first = members.is_empty();
+            members.insert(handle.seq, handle.clone());
+            first
+        };
+        if let Some(watch) = self.watch.get() {
+            watch.joined(handle, &channel);
+        }
         Ok(Some(first))
     }
 
@@ -184,6 +211,9 @@ impl Registry {
             return false;
         }
         self.leave(channel, handle.seq);
+        if let Some(watch) = self.watch.get() {
+            watch.left(handle, channel);
+        }
         true
     }
 

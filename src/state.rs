@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::outbound::dispatch::Control;
 use crate::outbound::history::HistoryReader;
 use crate::outbound::Publisher;
+use crate::presence::Presence;
 use crate::registry::Registry;
 
 /// Shared state of one replica.
@@ -53,6 +54,8 @@ pub struct AppState {
     pub stopping: CancellationToken,
     /// Interest routing: the channels this replica's pub/sub link must listen to.
     pub interest: Option<Arc<Interest>>,
+    /// Presence: who is in the channels that keep it.
+    pub presence: Presence,
 }
 
 impl AppState {

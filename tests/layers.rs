@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "registry",
     "inbound",
     "outbound",
+    "presence",
     "state",
     "session",
     "api",

@@ -83,6 +83,37 @@ impl Keys {
         format!("{}:epoch:{{{channel}}}", self.prefix)
     }
 
+    /// A presence channel's members: connection id → `<user key>\n<member JSON>`. In the
+    /// channel's hash slot, with the keys below.
+    pub fn presence(&self, channel: &str) -> String {
+        format!("{}:presence:{{{channel}}}", self.prefix)
+    }
+
+    /// A presence channel's users: user key → how many of its connections are in.
+    pub fn presence_users(&self, channel: &str) -> String {
+        format!("{}:presence-users:{{{channel}}}", self.prefix)
+    }
+
+    /// The members of a presence channel that `replica` holds (a set of connection ids).
+    pub fn presence_of(&self, channel: &str, replica: &str) -> String {
+        format!("{}:presence-of:{{{channel}}}:{replica}", self.prefix)
+    }
+
+    /// The presence channels where `replica` has (or had) members.
+    pub fn presence_channels(&self, replica: &str) -> String {
+        format!("{}:presence-channels:{replica}", self.prefix)
+    }
+
+    /// Replicas and when each stops counting as alive (unix ms, Redis's clock).
+    pub fn replicas_alive(&self) -> String {
+        format!("{}:replicas-alive", self.prefix)
+    }
+
+    /// Held by the replica that removes a dead `replica`'s presence members.
+    pub fn presence_sweep(&self, replica: &str) -> String {
+        format!("{}:presence-sweep:{replica}", self.prefix)
+    }
+
     /// The key remembering which entry a client frame id produced.
     pub fn dedupe(&self, stream: &str, scope: &str, id: &str) -> String {
         format!("{{{}}}:dedupe:{scope}:{id}", self.inbound(stream))

@@ -47,6 +47,10 @@ pub mod names {
     pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
     pub const RESUMES: &str = "wsbridge_resumes_total";
     pub const CATCH_UPS: &str = "wsbridge_catch_ups_total";
+    pub const PRESENCE_CHANGES: &str = "wsbridge_presence_changes_total";
+    pub const PRESENCE_DROPPED: &str = "wsbridge_presence_dropped_total";
+    pub const PRESENCE_GHOSTS: &str = "wsbridge_presence_ghosts_removed_total";
+    pub const PRESENCE_QUERIES: &str = "wsbridge_presence_queries_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -265,6 +269,14 @@ pub struct MetricsInner {
     resumes_not_recovered: Counter,
     catch_ups_recovered: Counter,
     catch_ups_not_recovered: Counter,
+    presence_joins: Counter,
+    presence_leaves: Counter,
+    /// Presence joins and leaves dropped because the presence queue was full.
+    pub presence_dropped: Counter,
+    /// Members of dead replicas this replica removed from presence.
+    pub presence_ghosts: Counter,
+    /// Presence queries answered (clients and backends).
+    pub presence_queries: Counter,
 }
 
 /// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
@@ -352,6 +364,11 @@ impl Metrics {
             catch_ups_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "true"),
             catch_ups_not_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "false"),
             limit_refusals: by_label(names::LIMIT_REFUSALS, "limit", &Limit::ALL, Limit::as_str),
+            presence_joins: metrics::counter!(names::PRESENCE_CHANGES, "change" => "join"),
+            presence_leaves: metrics::counter!(names::PRESENCE_CHANGES, "change" => "leave"),
+            presence_dropped: metrics::counter!(names::PRESENCE_DROPPED),
+            presence_ghosts: metrics::counter!(names::PRESENCE_GHOSTS),
+            presence_queries: metrics::counter!(names::PRESENCE_QUERIES),
         }))
     }
 
@@ -371,6 +388,15 @@ impl Metrics {
             &self.resumes_recovered
         } else {
             &self.resumes_not_recovered
+        }
+    }
+
+    /// Connections this replica added to (`true`) or removed from (`false`) presence.
+    pub fn presence_changes(&self, joined: bool) -> &Counter {
+        if joined {
+            &self.presence_joins
+        } else {
+            &self.presence_leaves
         }
     }
 
@@ -539,5 +565,21 @@ fn describe() {
     describe_counter!(
         CATCH_UPS,
         "History channels caught up after a pub/sub reconnect, by whether the gap could be filled."
+    );
+    describe_counter!(
+        PRESENCE_CHANGES,
+        "Connections this replica wrote into presence (change=join) or removed from it (change=leave, a dead replica's included)."
+    );
+    describe_counter!(
+        PRESENCE_DROPPED,
+        "Presence joins and leaves dropped because presence.queue_capacity was reached (the next heartbeat puts presence right)."
+    );
+    describe_counter!(
+        PRESENCE_GHOSTS,
+        "Members of replicas that stopped without saying goodbye, removed from presence by this replica."
+    );
+    describe_counter!(
+        PRESENCE_QUERIES,
+        "Presence pages answered, to clients and backends."
     );
 }

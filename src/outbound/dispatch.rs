@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::envelope::{self, Item, Payload};
+use super::envelope::{self, Item, Payload, PresenceEvent, PresenceKind};
 use super::history::{HistoryReader, Replay};
 use super::routes::Acks;
 use crate::backplane::interest::Interest;
@@ -313,6 +313,43 @@ impl Dispatcher {
                     conn.close(code, reason, CloseReason::Backend);
                 }
             }
+            Item::Presence(event) => self.presence_event(target, event),
+        }
+    }
+
+    /// Hands a `join` or `leave` to the channel's local subscribers, in order with its
+    /// messages (and held with them while a subscriber resumes).
+    fn presence_event(&mut self, target: Target<'_>, event: &PresenceEvent<'_>) {
+        let member: serde_json::Value = match serde_json::from_str(event.member.get()) {
+            Ok(member) => member,
+            Err(e) => {
+                self.metrics.dropped(DropReason::BadPayload).increment(1);
+                tracing::warn!(error = %e, "presence event with a bad member dropped");
+                return;
+            }
+        };
+        let channel = &*event.channel;
+        let frame = |encoding| {
+            let frame = match event.kind {
+                PresenceKind::Join => ServerFrame::Join {
+                    channel,
+                    member: &member,
+                },
+                PresenceKind::Leave => ServerFrame::Leave {
+                    channel,
+                    member: &member,
+                },
+            };
+            frame.encode(encoding)
+        };
+        self.registry.recipients(target, &mut self.scratch);
+        let (mut json, mut msgpack) = (None, None);
+        for conn in self.scratch.drain(..) {
+            let bytes = match conn.encoding {
+                Encoding::Json => json.get_or_insert_with(|| frame(Encoding::Json)),
+                Encoding::Msgpack => msgpack.get_or_insert_with(|| frame(Encoding::Msgpack)),
+            };
+            conn.deliver_channel(channel, None, bytes, None, 0);
         }
     }
 

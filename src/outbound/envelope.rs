@@ -199,6 +199,49 @@ pub enum Item<'a> {
     Unsubscribe(#[serde(borrow)] Leave<'a>),
     /// Close connections.
     Disconnect(#[serde(borrow)] Close<'a>),
+    /// A member came to or left a channel with `join_leave` (written by the presence scripts).
+    Presence(#[serde(borrow)] PresenceEvent<'a>),
+}
+
+/// A presence change, for the channel's subscribers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PresenceEvent<'a> {
+    /// The channel.
+    #[serde(borrow)]
+    pub channel: Cow<'a, str>,
+    /// Joined or left.
+    pub kind: PresenceKind,
+    /// Who (`connection`, `user`, `info`), as presence stores it; last, so that the presence
+    /// scripts can write it between a prefix and a suffix (see [`presence_event`]).
+    #[serde(borrow)]
+    pub member: &'a RawValue,
+}
+
+/// Which presence change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceKind {
+    /// The first connection of a user (or an anonymous connection) joined.
+    Join,
+    /// The last connection of a user (or an anonymous connection) left.
+    Leave,
+}
+
+/// A presence event payload without its member: the text before and after where the member's
+/// JSON goes. The presence scripts write `before`, the stored member, `after`, so that one
+/// script call can announce members it finds in Redis (a dead replica's) without asking them
+/// back first.
+pub fn presence_event(kind: PresenceKind, channel: &str, ts: u64) -> (String, String) {
+    let placeholder = RawValue::from_string("null".into()).expect("null is JSON");
+    let items = [Item::Presence(PresenceEvent {
+        channel: channel.into(),
+        kind,
+        member: &placeholder,
+    })];
+    let json = String::from_utf8(Unpublished::batch(ts, &items[..]).json).expect("JSON is UTF-8");
+    // The member is the last value written: after it come only closing brackets.
+    let at = json.rfind("null").expect("the placeholder is there");
+    (json[..at].to_owned(), json[at + "null".len()..].to_owned())
 }
 
 impl Item<'_> {
@@ -209,6 +252,7 @@ impl Item<'_> {
             Item::Subscribe(join) => join.to.target(),
             Item::Unsubscribe(leave) => leave.to.target(),
             Item::Disconnect(close) => close.to.target(),
+            Item::Presence(event) => Target::Channel(&event.channel),
         }
     }
 }
@@ -372,6 +416,11 @@ mod tests {
                     token: "00c0ffee00c0ffee".into(),
                 }),
             }),
+            Item::Presence(PresenceEvent {
+                channel: "room:\"x\"".into(),
+                kind: PresenceKind::Leave,
+                member: data(r#"{"connection":"r1.c1","user":null,"info":{"name":"A"}}"#),
+            }),
             Item::Unsubscribe(Leave {
                 to: Member::Connection("r2.c9".into()),
                 channel: "room:1".into(),
@@ -406,6 +455,9 @@ mod tests {
             (Item::Unsubscribe(a), Item::Unsubscribe(b)) => a.to == b.to && a.channel == b.channel,
             (Item::Disconnect(a), Item::Disconnect(b)) => {
                 a.to == b.to && a.code == b.code && a.reason == b.reason
+            }
+            (Item::Presence(a), Item::Presence(b)) => {
+                a.channel == b.channel && a.kind == b.kind && a.member.get() == b.member.get()
             }
             _ => false,
         }
@@ -564,5 +616,24 @@ mod tests {
         refused(&whole[..whole.len() - 1]);
         refused(b"");
         refused(&[0xff, 0xfe]);
+    }
+
+    #[test]
+    fn a_presence_event_written_around_a_stored_member_is_a_payload() {
+        let member = r#"{"connection":"r1.c1","user":"ann","info":null}"#;
+        let (before, after) = presence_event(PresenceKind::Join, "room:\"q\"", 7);
+        let json = format!("{before}{member}{after}");
+        let Payload::Batch { ts, items, .. } = decode(json.as_bytes()).unwrap() else {
+            panic!("{json}");
+        };
+        assert_eq!(ts, 7);
+        match &items[..] {
+            [Item::Presence(event)] => {
+                assert_eq!(event.channel, "room:\"q\"");
+                assert_eq!(event.kind, PresenceKind::Join);
+                assert_eq!(event.member.get(), member);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

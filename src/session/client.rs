@@ -12,7 +12,9 @@ use crate::cursor::Offset;
 use crate::inbound::Event;
 use crate::metrics::Limit;
 use crate::outbound::dispatch::{Control, Joined, ResumeDone};
-use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
+use crate::protocol::{
+    self, ClientFrame, ErrorCode, FrameError, PresencePage, PresenceQuery, ServerFrame,
+};
 use crate::state::AppState;
 
 /// A token bucket: `rate` frames per second sustained, `burst` at once.
@@ -76,6 +78,36 @@ impl MessageSink for ClientFrames<'_> {
         } else {
             protocol::decode_msgpack(payload)
         };
+        if let Ok(ClientFrame::Presence { channel, query, id }) = &decoded {
+            // Answered here: it waits for Redis, which `act` never does.
+            let _owed = self.handle.owe_answer();
+            let page = if self.bucket.take() {
+                presence_page(self.handle, self.state, channel, query, id).await
+            } else {
+                self.state.metrics.refused(Limit::Rate).increment(1);
+                Err(FrameError::new(
+                    id.clone(),
+                    ErrorCode::RateLimited,
+                    "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
+                ))
+            };
+            match page {
+                Ok(page) => self.handle.reply(&ServerFrame::Presence {
+                    channel,
+                    id: id.as_ref(),
+                    page: &page,
+                }),
+                Err(e) => {
+                    self.state.metrics.rejected(e.code).increment(1);
+                    self.handle.reply(&ServerFrame::Error {
+                        id: e.id.as_ref(),
+                        code: e.code.as_str(),
+                        message: &e.message,
+                    });
+                }
+            }
+            return;
+        }
         // Interest routing: the replica listens to a channel before a client joins it, so
         // `subscribed` promises every message published after it.
         let _prepared = match (&self.state.interest, &decoded) {
@@ -166,7 +198,8 @@ fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::Frame
     match decoded {
         Ok(ClientFrame::Send { id, .. })
         | Ok(ClientFrame::Subscribe { id, .. })
-        | Ok(ClientFrame::Unsubscribe { id, .. }) => id.clone(),
+        | Ok(ClientFrame::Unsubscribe { id, .. })
+        | Ok(ClientFrame::Presence { id, .. }) => id.clone(),
         Err(e) => e.id.clone(),
     }
 }
@@ -266,6 +299,8 @@ fn act(
             }
             Ok(None)
         }
+        // Answered by `ClientFrames::on_message` before it gets here.
+        ClientFrame::Presence { .. } => Ok(None),
         ClientFrame::Unsubscribe { channel, id } => {
             state.inbound.leave(&state.registry, handle, &channel);
             handle.reply(&ServerFrame::Unsubscribed {
@@ -312,4 +347,35 @@ fn spawn_resume(
         };
         let _ = control_tx.send(Control::Resume(done)).await;
     });
+}
+
+/// A page of `channel`'s presence for the client, or why not.
+async fn presence_page(
+    handle: &ConnHandle,
+    state: &AppState,
+    channel: &str,
+    query: &PresenceQuery,
+    id: &Option<protocol::FrameId>,
+) -> Result<PresencePage, FrameError> {
+    if !handle.identity.may_join(channel) {
+        return Err(FrameError::new(
+            id.clone(),
+            ErrorCode::ChannelNotAllowed,
+            format!("the token's channels claim does not allow `{channel}`"),
+        ));
+    }
+    if state.config.presence_for(channel).is_none() {
+        return Err(FrameError::new(
+            id.clone(),
+            ErrorCode::PresenceDisabled,
+            format!("`{channel}` does not keep presence (no [[channels]] pattern with presence = true matches it)"),
+        ));
+    }
+    state.presence.page(channel, query).await.map_err(|e| {
+        FrameError::new(
+            id.clone(),
+            ErrorCode::RedisUnavailable,
+            format!("presence could not be read ({e}); ask again"),
+        )
+    })
 }

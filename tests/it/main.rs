@@ -19,6 +19,7 @@ mod inbound;
 mod lifecycle;
 mod limits;
 mod loadgen;
+mod presence;
 mod queue;
 mod routing;
 mod walkthrough;
