@@ -47,6 +47,9 @@ pub mod names {
     pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
     pub const RESUMES: &str = "wsbridge_resumes_total";
     pub const CATCH_UPS: &str = "wsbridge_catch_ups_total";
+    pub const REACH_QUERIES: &str = "wsbridge_reach_queries_total";
+    pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
+    pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -265,6 +268,12 @@ pub struct MetricsInner {
     resumes_not_recovered: Counter,
     catch_ups_recovered: Counter,
     catch_ups_not_recovered: Counter,
+    reach_complete: Counter,
+    reach_incomplete: Counter,
+    /// `POST /send` with a reach report: publish returned → every answer in (or the wait over).
+    pub reach_wait_seconds: Histogram,
+    /// Reach answers received from replicas (this one included) for calls published here.
+    pub reach_answers: Counter,
 }
 
 /// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
@@ -352,6 +361,10 @@ impl Metrics {
             catch_ups_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "true"),
             catch_ups_not_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "false"),
             limit_refusals: by_label(names::LIMIT_REFUSALS, "limit", &Limit::ALL, Limit::as_str),
+            reach_complete: metrics::counter!(names::REACH_QUERIES, "complete" => "true"),
+            reach_incomplete: metrics::counter!(names::REACH_QUERIES, "complete" => "false"),
+            reach_wait_seconds: metrics::histogram!(names::REACH_WAIT_SECONDS),
+            reach_answers: metrics::counter!(names::REACH_ANSWERS),
         }))
     }
 
@@ -381,6 +394,16 @@ impl Metrics {
             &self.catch_ups_recovered
         } else {
             &self.catch_ups_not_recovered
+        }
+    }
+
+    /// The reach-queries counter (`POST /send` calls with a reach report), by whether every
+    /// replica answered in time.
+    pub fn reach_queries(&self, complete: bool) -> &Counter {
+        if complete {
+            &self.reach_complete
+        } else {
+            &self.reach_incomplete
         }
     }
 
@@ -434,6 +457,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )?
         .set_buckets_for_metric(Matcher::Full(names::FANOUT_RECIPIENTS.into()), &fanout)?
         .set_buckets_for_metric(Matcher::Full(names::SEND_QUEUE_DEPTH.into()), &depth)?
+        .set_buckets_for_metric(Matcher::Full(names::REACH_WAIT_SECONDS.into()), &latency)?
         .install_recorder()?;
     Ok(handle)
 }
@@ -539,5 +563,18 @@ fn describe() {
     describe_counter!(
         CATCH_UPS,
         "History channels caught up after a pub/sub reconnect, by whether the gap could be filled."
+    );
+    describe_counter!(
+        REACH_QUERIES,
+        "POST /send calls with a reach report, by whether every replica reached answered in time."
+    );
+    describe_histogram!(
+        REACH_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a POST /send with a reach report waited for the replicas' answers after publishing."
+    );
+    describe_counter!(
+        REACH_ANSWERS,
+        "Reach answers received from replicas for POST /send calls published on this replica."
     );
 }
