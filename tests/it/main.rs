@@ -20,5 +20,6 @@ mod lifecycle;
 mod limits;
 mod loadgen;
 mod queue;
+mod reach;
 mod routing;
 mod walkthrough;
