@@ -379,8 +379,8 @@ impl Dispatcher {
                 answer.counts.push(count);
             }
             answer => {
-                // One call's messages share a token; a payload holds one call, so this is its
-                // first requested message.
+                // The payload's first requested message. A payload holds the messages of one
+                // call, which share a token; another token would be answered on its own.
                 if let Some(done) = answer.take() {
                     done.send(&self.keys, &self.backplane);
                 }
