@@ -20,7 +20,9 @@ use subtle::ConstantTimeEq;
 use crate::clock::unix_us;
 use crate::http::{error, json, text, HttpResponse};
 use crate::metrics::Limit;
-use crate::outbound::envelope::{Batch, Close, Item, Join, Leave, Member, Message, Recipient};
+use crate::outbound::envelope::{
+    Batch, Close, Item, Join, Leave, Member, Message, ReachRequest, Recipient,
+};
 use crate::registry::Target;
 use crate::state::AppState;
 
@@ -244,17 +246,23 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                 ts: unix_us(),
                 items,
             };
-            let offsets = state
+            let sent = state
                 .publisher
-                .publish(&mut batch)
+                .publish_reporting(&mut batch)
                 .await
                 .map_err(|e| ApiError::Unavailable(e.explain()))?;
+            let offsets = sent.offsets;
             // Where history is kept, the answer carries each message's offset (null elsewhere).
-            let body = if offsets.iter().any(Option::is_some) {
+            let mut body = if offsets.iter().any(Option::is_some) {
                 serde_json::json!({ "accepted": accepted, "offsets": offsets })
             } else {
                 serde_json::json!({ "accepted": accepted })
             };
+            // Where a message asked, each message's reach (null for those that did not ask).
+            if let Some(reach) = sent.reach {
+                body["reach"] = serde_json::json!(reach.counts);
+                body["reach_complete"] = serde_json::json!(reach.complete);
+            }
             Ok(json(202, &body))
         }
         _ => Err(ApiError::NotFound(path)),
@@ -319,6 +327,24 @@ struct SendMessage<'a> {
     to: &'a RawValue,
     #[serde(borrow)]
     data: &'a RawValue,
+    /// Read as raw JSON, so that a value that is not a boolean is refused naming the field.
+    #[serde(borrow, default)]
+    reach: Option<&'a RawValue>,
+}
+
+/// Whether a message asks for a reach report: `reach` is `true`; `false`, `null` or absent
+/// mean no.
+///
+/// # Errors
+/// A sentence naming the field when it is not a boolean.
+fn wants_reach(reach: Option<&RawValue>) -> Result<bool, String> {
+    match reach.map(RawValue::get) {
+        None | Some("false" | "null") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!(
+            "`reach` must be a boolean (true or false), not {other}"
+        )),
+    }
 }
 
 /// Parses `raw` as `T` if it is a JSON object: serde would also read a struct from an array of
@@ -359,10 +385,15 @@ fn send_items(raw: &RawValue, max_batch: usize) -> Result<Vec<Item<'_>>, ApiErro
             };
             let message: SendMessage = object(element, "a message").map_err(at)?;
             let to: To = object(message.to, "`to`").map_err(at)?;
+            // The publisher fills in where the reach answers go.
+            let reach = wants_reach(message.reach)
+                .map_err(at)?
+                .then(ReachRequest::default);
             Ok(Item::Send(Message {
                 to: to.into_recipient().map_err(at)?,
                 data: message.data,
                 history: false,
+                reach,
             }))
         })
         .collect()
@@ -798,6 +829,43 @@ mod tests {
             let body = serde_json::to_vec(&messages).unwrap();
             let message = bad_request(parse(&body))?;
             prop_assert!(message.starts_with(&format!("message {at}: ")), "{}", message);
+        }
+    }
+
+    #[test]
+    fn reach_is_a_boolean_per_message() {
+        let asked = |body: &str| -> Result<Vec<bool>, ApiError> {
+            let raw: &RawValue = serde_json::from_str(body).unwrap();
+            send_items(raw, MAX_BATCH).map(|items| {
+                items
+                    .iter()
+                    .map(|item| matches!(item, Item::Send(m) if m.reach.is_some()))
+                    .collect()
+            })
+        };
+        assert_eq!(
+            asked(r#"{"to":{"all":true},"data":1,"reach":true}"#).unwrap(),
+            [true]
+        );
+        let batch = r#"[{"to":{"all":true},"data":1,"reach":false},
+            {"to":{"all":true},"data":2,"reach":null},{"to":{"all":true},"data":3},
+            {"to":{"all":true},"data":4,"reach":true}]"#;
+        assert_eq!(asked(batch).unwrap(), [false, false, false, true]);
+        for bad in [r#""yes""#, "1", "[]", "{}"] {
+            let one = format!(r#"{{"to":{{"all":true}},"data":1,"reach":{bad}}}"#);
+            match asked(&one) {
+                Err(ApiError::BadRequest(m)) => {
+                    assert!(m.starts_with("`reach` must be a boolean"), "{m}")
+                }
+                other => panic!("{one}: {:?}", other.map(|v| v.len())),
+            }
+            let array = format!(r#"[{{"to":{{"all":true}},"data":1}},{one}]"#);
+            match asked(&array) {
+                Err(ApiError::BadRequest(m)) => {
+                    assert!(m.starts_with("message 1: `reach` must be a boolean"), "{m}")
+                }
+                other => panic!("{array}: {:?}", other.map(|v| v.len())),
+            }
         }
     }
 

@@ -202,6 +202,7 @@ pub async fn run(
         control: control_tx.clone(),
         interest: state.interest.clone(),
         acks: state.publisher.acks().clone(),
+        reaches: state.publisher.reaches().clone(),
     });
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
     tasks.spawn(backplane::health::run(

@@ -25,7 +25,8 @@ pub struct Keys {
     pub events: String,
     /// This replica's pub/sub health channel.
     pub health: String,
-    /// Interest routing: this replica's own pub/sub channel (connection and user messages).
+    /// This replica's own pub/sub channel: answers addressed to it (reach reports; under
+    /// interest routing also subscribe acknowledgements, and connection and user messages).
     pub own: String,
 }
 
@@ -53,7 +54,7 @@ impl Keys {
             .strip_suffix('}')
     }
 
-    /// Interest routing: the pub/sub channel of replica `replica`.
+    /// The pub/sub channel of replica `replica` ([`Keys::own`] is this replica's).
     pub fn replica(&self, replica: &str) -> String {
         format!("{}:replica:{replica}", self.prefix)
     }
@@ -472,15 +473,27 @@ impl Backplane {
     /// # Errors
     /// [`RedisFailure`] when Redis did not take it.
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), RedisFailure> {
+        self.publish_counted(channel, payload).await.map(|_| ())
+    }
+
+    /// Publishes `payload` on `channel`, as [`Backplane::publish`] does, and returns how many
+    /// subscribers received it (on a cluster, those on the channel's shard).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not take it.
+    pub async fn publish_counted(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<usize, RedisFailure> {
         // SPUBLISH on a cluster: sharded pub/sub.
         let command = if self.is_cluster() {
             "SPUBLISH"
         } else {
             "PUBLISH"
         };
-        self.query::<i64>(redis::cmd(command).arg(channel).arg(payload))
+        self.query::<usize>(redis::cmd(command).arg(channel).arg(payload))
             .await
-            .map(|_| ())
     }
 
     /// Creates the configured consumer groups (with MKSTREAM); existing groups are kept.

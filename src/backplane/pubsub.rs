@@ -1,5 +1,5 @@
 //! The pub/sub link: a RESP3 connection subscribed to the broadcast channel and to this
-//! replica's health channel, owned by one supervising task.
+//! replica's health and own channels, owned by one supervising task.
 //!
 //! The task reconnects with backoff and resubscribes whenever the connection drops, and it proves
 //! the link end to end on every health tick by publishing a token to its own health channel and
@@ -382,10 +382,14 @@ async fn connect(
             .build()?;
         Conn::Cluster(client.get_async_connection().await?)
     };
-    let mut names = vec![keys.broadcast.clone(), keys.health.clone()];
+    // The replica's own channel under either routing: reach reports come back on it.
+    let mut names = vec![
+        keys.broadcast.clone(),
+        keys.health.clone(),
+        keys.own.clone(),
+    ];
     let wanted = match interest {
         Some(link) => {
-            names.push(keys.own.clone());
             let wanted = link.interest.all_wanted(&*link.registry);
             names.extend(wanted.iter().map(|c| keys.channel(c)));
             wanted

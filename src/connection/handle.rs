@@ -186,11 +186,16 @@ impl ConnHandle {
     /// as a complete WebSocket frame, shared by all recipients) is given and nothing else is
     /// waiting there; else queued. When the queue is full the configured policy applies and the
     /// drop is counted; the caller never waits.
-    pub fn deliver(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) {
-        if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {
-            return;
+    ///
+    /// True when the message was written or queued; false when it was dropped (a full queue, a
+    /// closing connection or a failed write).
+    pub fn deliver(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) -> bool {
+        if let Some(written) =
+            whole.and_then(|whole| self.direct_write(frame.len(), whole, accepted_us))
+        {
+            return written;
         }
-        self.enqueue(frame.clone(), accepted_us, false);
+        self.enqueue(frame.clone(), accepted_us, false)
     }
 
     /// True the first time it is asked for payload `seq` (payload numbers only grow): the
@@ -200,22 +205,23 @@ impl ConnHandle {
         self.direct_payload.swap(seq, Ordering::Relaxed) != seq
     }
 
-    /// Tries a direct write; true when the message is delivered (or the connection failed).
-    fn direct_write(&self, payload_len: usize, whole: &Bytes, accepted_us: u64) -> bool {
+    /// Tries a direct write: `Some(true)` when the message is written, `Some(false)` when the
+    /// connection failed (nothing more to do), `None` when it must be queued instead.
+    fn direct_write(&self, payload_len: usize, whole: &Bytes, accepted_us: u64) -> Option<bool> {
         if self.closing.get().is_some() {
-            return false;
+            return None;
         }
         match self.direct.try_write(whole) {
             Direct::Written => {
                 self.metrics.deliveries.increment(1);
                 self.metrics.sent_bytes.increment(payload_len as u64);
                 self.metrics.delivered_after(accepted_us, unix_us());
-                true
+                Some(true)
             }
-            Direct::Busy => false,
+            Direct::Busy => None,
             Direct::Failed(e) => {
                 self.close(1000, &e.to_string(), CloseReason::Error);
-                true
+                Some(false)
             }
         }
     }
@@ -223,11 +229,14 @@ impl ConnHandle {
     /// Queues a message; `resumable` when it carries a history offset. Dropping such a message
     /// would leave a gap the client cannot see (offsets are not consecutive), so under either
     /// policy the connection is closed with 1013 instead: the client resumes from its last
-    /// offset and gets the message from the history.
-    fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) {
+    /// offset and gets the message from the history. True when queued.
+    fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) -> bool {
         let handed = self.direct.hand(1);
         match self.messages.try_push(Outgoing { frame, accepted_us }) {
-            Ok(()) => handed.queued(),
+            Ok(()) => {
+                handed.queued();
+                return true;
+            }
             Err(PushError::Full(_)) => {
                 drop(handed);
                 self.metrics.dropped(DropReason::QueueFull).increment(1);
@@ -245,6 +254,7 @@ impl ConnHandle {
                 self.metrics.dropped(DropReason::Closed).increment(1);
             }
         }
+        false
     }
 
     /// Whether the connection is in `channel`.
@@ -300,7 +310,8 @@ impl ConnHandle {
     /// Delivers a channel message, or holds it back while that channel is resuming.
     ///
     /// `whole` is the same message as a complete WebSocket frame, when a direct write may be
-    /// tried.
+    /// tried. True when the message was written, queued or held for the resume (or the resume's
+    /// replay has it already); false when it was dropped, as [`ConnHandle::deliver`] says.
     pub fn deliver_channel(
         &self,
         channel: &str,
@@ -308,7 +319,7 @@ impl ConnHandle {
         frame: &Bytes,
         whole: Option<&Bytes>,
         accepted_us: u64,
-    ) {
+    ) -> bool {
         if self.resuming_any.load(Ordering::Acquire) {
             let mut resuming = self.resuming.lock().expect("resume lock");
             if let Some(cursor) = resuming.get_mut(channel) {
@@ -317,7 +328,7 @@ impl ConnHandle {
                     accepted_us,
                 };
                 match cursor.offer(offset, keep) {
-                    Live::Held | Live::Duplicate => return,
+                    Live::Held | Live::Duplicate => return true,
                     Live::Deliver => {
                         if cursor.is_settled() {
                             resuming.remove(channel);
@@ -327,10 +338,12 @@ impl ConnHandle {
                 }
             }
         }
-        if whole.is_some_and(|whole| self.direct_write(frame.len(), whole, accepted_us)) {
-            return;
+        if let Some(written) =
+            whole.and_then(|whole| self.direct_write(frame.len(), whole, accepted_us))
+        {
+            return written;
         }
-        self.enqueue(frame.clone(), accepted_us, offset.is_some());
+        self.enqueue(frame.clone(), accepted_us, offset.is_some())
     }
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.

@@ -51,6 +51,9 @@ pub mod names {
     pub const PRESENCE_DROPPED: &str = "wsbridge_presence_dropped_total";
     pub const PRESENCE_GHOSTS: &str = "wsbridge_presence_ghosts_removed_total";
     pub const PRESENCE_QUERIES: &str = "wsbridge_presence_queries_total";
+    pub const REACH_QUERIES: &str = "wsbridge_reach_queries_total";
+    pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
+    pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -277,6 +280,12 @@ pub struct MetricsInner {
     pub presence_ghosts: Counter,
     /// Presence queries answered (clients and backends).
     pub presence_queries: Counter,
+    reach_complete: Counter,
+    reach_incomplete: Counter,
+    /// `POST /send` with a reach report: publish returned → every answer in (or the wait over).
+    pub reach_wait_seconds: Histogram,
+    /// Reach answers received from replicas (this one included) for calls published here.
+    pub reach_answers: Counter,
 }
 
 /// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
@@ -369,6 +378,10 @@ impl Metrics {
             presence_dropped: metrics::counter!(names::PRESENCE_DROPPED),
             presence_ghosts: metrics::counter!(names::PRESENCE_GHOSTS),
             presence_queries: metrics::counter!(names::PRESENCE_QUERIES),
+            reach_complete: metrics::counter!(names::REACH_QUERIES, "complete" => "true"),
+            reach_incomplete: metrics::counter!(names::REACH_QUERIES, "complete" => "false"),
+            reach_wait_seconds: metrics::histogram!(names::REACH_WAIT_SECONDS),
+            reach_answers: metrics::counter!(names::REACH_ANSWERS),
         }))
     }
 
@@ -407,6 +420,16 @@ impl Metrics {
             &self.catch_ups_recovered
         } else {
             &self.catch_ups_not_recovered
+        }
+    }
+
+    /// The reach-queries counter (`POST /send` calls with a reach report), by whether every
+    /// replica answered in time.
+    pub fn reach_queries(&self, complete: bool) -> &Counter {
+        if complete {
+            &self.reach_complete
+        } else {
+            &self.reach_incomplete
         }
     }
 
@@ -460,6 +483,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         )?
         .set_buckets_for_metric(Matcher::Full(names::FANOUT_RECIPIENTS.into()), &fanout)?
         .set_buckets_for_metric(Matcher::Full(names::SEND_QUEUE_DEPTH.into()), &depth)?
+        .set_buckets_for_metric(Matcher::Full(names::REACH_WAIT_SECONDS.into()), &latency)?
         .install_recorder()?;
     Ok(handle)
 }
@@ -581,5 +605,18 @@ fn describe() {
     describe_counter!(
         PRESENCE_QUERIES,
         "Presence pages answered, to clients and backends."
+    );
+    describe_counter!(
+        REACH_QUERIES,
+        "POST /send calls with a reach report, by whether every replica reached answered in time."
+    );
+    describe_histogram!(
+        REACH_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time a POST /send with a reach report waited for the replicas' answers after publishing."
+    );
+    describe_counter!(
+        REACH_ANSWERS,
+        "Reach answers received from replicas for POST /send calls published on this replica."
     );
 }

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::envelope::{self, Item, Payload, PresenceEvent, PresenceKind};
+use super::envelope::{self, Item, Payload, PresenceEvent, PresenceKind, ReachCount, ReachRequest};
 use super::history::{HistoryReader, Replay};
+use super::reach::Reaches;
 use super::routes::Acks;
 use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys, RedisFailure};
@@ -94,6 +95,8 @@ pub struct Parts {
     pub interest: Option<Arc<Interest>>,
     /// Interest routing: acknowledgements awaited by this replica's publisher.
     pub acks: Arc<Acks>,
+    /// Reach reports awaited by this replica's publisher.
+    pub reaches: Arc<Reaches>,
 }
 
 /// Routes received payloads to local connections.
@@ -110,6 +113,11 @@ pub struct Dispatcher {
     interest: Option<Arc<Interest>>,
     /// Interest routing: acknowledgements awaited by this replica's publisher.
     acks: Arc<Acks>,
+    /// Reach reports awaited by this replica's publisher.
+    reaches: Arc<Reaches>,
+    /// The reach counts of the payload being dispatched, answered once it is fanned out; `None`
+    /// unless one of its messages asked.
+    reach_answer: Option<ReachAnswer>,
     /// Per history channel with local members, its ordering cursor: where the members stand,
     /// what is held while the channel catches up (data JSON and `Batch.ts`), and which replayed
     /// offsets live messages must not repeat. Every rule about that lives in `crate::cursor`.
@@ -159,6 +167,8 @@ impl Dispatcher {
             control: parts.control,
             interest: parts.interest,
             acks: parts.acks,
+            reaches: parts.reaches,
+            reach_answer: None,
             catch_ups: ChannelCursors::new(capacity),
             prune_at: PRUNE_AT,
             scratch: Vec::new(),
@@ -214,6 +224,12 @@ impl Dispatcher {
                 self.acks.arrived(&token);
                 return;
             }
+            Ok(Payload::Reach { token, counts, .. }) => {
+                // A replica's reach counts for a call this replica published.
+                self.metrics.reach_answers.increment(1);
+                self.reaches.arrived(&token, &counts);
+                return;
+            }
             Err(e) => {
                 self.metrics.dropped(DropReason::BadPayload).increment(1);
                 tracing::warn!(error = %e, "undecodable pub/sub payload dropped");
@@ -226,6 +242,9 @@ impl Dispatcher {
         for (item, offset) in envelope::with_offsets(&items, &offsets) {
             self.apply(item, offset, ts);
         }
+        if let Some(answer) = self.reach_answer.take() {
+            answer.send(&self.keys, &self.backplane);
+        }
     }
 
     fn apply(&mut self, item: &Item<'_>, offset: Option<&str>, ts: u64) {
@@ -236,7 +255,11 @@ impl Dispatcher {
                     Target::Channel(c) => Some(c),
                     _ => None,
                 };
-                self.deliver(target, channel, offset, message.data, ts);
+                let count = message.reach.is_some();
+                let reached = self.deliver(target, channel, offset, message.data, ts, count);
+                if let Some(reach) = &message.reach {
+                    self.count_reach(reach, reached);
+                }
             }
             Item::Subscribe(join) => {
                 let channel = &*join.channel;
@@ -353,6 +376,10 @@ impl Dispatcher {
         }
     }
 
+    /// Hands a live message to its local recipients, unless the channel's catch-up holds it
+    /// or has delivered it already. Returns how many connections it was handed to; for a held
+    /// or replayed message, when `count`, the channel's local members (they get it, or got it,
+    /// from the catch-up), else 0.
     fn deliver(
         &mut self,
         target: Target<'_>,
@@ -360,19 +387,53 @@ impl Dispatcher {
         offset: Option<&str>,
         data: &RawValue,
         ts: u64,
-    ) {
+        count: bool,
+    ) -> usize {
         if let (Some(channel), Some(offset)) = (channel, offset) {
             let keep = || (data.get().to_owned(), ts);
             match self.catch_ups.offer(channel, offset, keep) {
                 Live::Deliver => {}
-                Live::Held | Live::Duplicate => return,
+                Live::Held | Live::Duplicate if count => {
+                    self.registry.recipients(target, &mut self.scratch);
+                    let members = self.scratch.len();
+                    self.scratch.clear();
+                    return members;
+                }
+                Live::Held | Live::Duplicate => return 0,
             }
         }
-        self.fan_out(target, channel, offset, data, ts);
+        self.fan_out(target, channel, offset, data, ts)
+    }
+
+    /// Adds a message's count to the reach answer of the payload being dispatched.
+    fn count_reach(&mut self, reach: &ReachRequest<'_>, reached: usize) {
+        let count = ReachCount {
+            item: reach.item,
+            count: u32::try_from(reached).unwrap_or(u32::MAX),
+        };
+        match &mut self.reach_answer {
+            Some(answer) if answer.token == reach.token && answer.replica == reach.replica => {
+                answer.counts.push(count);
+            }
+            answer => {
+                // The payload's first requested message. A payload holds the messages of one
+                // call, which share a token; another token would be answered on its own.
+                if let Some(done) = answer.take() {
+                    done.send(&self.keys, &self.backplane);
+                }
+                *answer = Some(ReachAnswer {
+                    replica: reach.replica.to_string(),
+                    token: reach.token.to_string(),
+                    counts: vec![count],
+                });
+            }
+        }
     }
 
     /// Hands a message to its local recipients, with no catch-up rule applied: live messages
     /// come through [`Dispatcher::deliver`], replays and released held messages straight here.
+    /// Returns how many recipients it was written to or queued for (not those it was dropped
+    /// for: a full queue, a closing connection).
     fn fan_out(
         &mut self,
         target: Target<'_>,
@@ -380,7 +441,7 @@ impl Dispatcher {
         offset: Option<&str>,
         data: &RawValue,
         ts: u64,
-    ) {
+    ) -> usize {
         let per_recipient = matches!(target, Target::Connection(_) | Target::User(_));
         self.metrics.pubsub_received.increment(1);
         let started = Instant::now();
@@ -392,7 +453,7 @@ impl Dispatcher {
         self.metrics.fanout_recipients.record(recipients as f64);
         if recipients == 0 {
             self.metrics.pubsub_filtered.increment(1);
-            return;
+            return 0;
         }
         if let (Some(channel), Some(offset)) = (channel, offset) {
             self.catch_ups.delivered(channel, offset);
@@ -407,6 +468,7 @@ impl Dispatcher {
             let whole = direct.then(|| server_frame(encoding, &payload));
             (payload, whole)
         };
+        let mut reached = 0;
         for conn in self.scratch.drain(..) {
             let (frame, whole) = match conn.encoding {
                 Encoding::Json => json.get_or_insert_with(|| encode(Encoding::Json)),
@@ -422,11 +484,13 @@ impl Dispatcher {
                 }
                 _ => None,
             };
-            match channel {
+            let handed = match channel {
                 Some(channel) => conn.deliver_channel(channel, offset, frame, whole, ts),
                 None => conn.deliver(frame, whole, ts),
-            }
+            };
+            reached += usize::from(handed);
         }
+        reached
     }
 }
 
@@ -676,6 +740,29 @@ impl Dispatcher {
                 0,
             );
         }
+    }
+}
+
+/// The reach counts one payload's requested messages had on this replica, for the replica that
+/// asked.
+struct ReachAnswer {
+    replica: String,
+    token: String,
+    counts: Vec<ReachCount>,
+}
+
+impl ReachAnswer {
+    /// Publishes the answer to the asking replica's channel, without holding up the dispatcher.
+    fn send(self, keys: &Keys, backplane: &Backplane) {
+        let channel = keys.replica(&self.replica);
+        let notice = envelope::reach(&self.token, &self.counts);
+        let backplane = backplane.clone();
+        tokio::spawn(async move {
+            // Lost, the asking replica reports the counts it got as incomplete.
+            if let Err(e) = backplane.publish(&channel, notice.as_bytes()).await {
+                tracing::debug!(error = %e, "reach answer not sent");
+            }
+        });
     }
 }
 

@@ -11,10 +11,12 @@
 //! ```text
 //! {"batch":{"v":1,"offsets":["<epoch>:<id>",...],"ts":<unix us>,"items":[<item>,...]}}
 //! {"ack":{"v":1,"token":"<token>"}}
+//! {"reach":{"v":1,"token":"<token>","counts":[{"item":0,"count":2},...]}}
 //! ```
 //!
-//! An item is `{"send":{"to":<recipient>,"data":<raw JSON>,"history":true}}` (`history` only
-//! when true), `{"subscribe":{"to":<member>,"channel":"c","ack":{"replica":"r","token":"t"}}}`
+//! An item is `{"send":{"to":<recipient>,"data":<raw JSON>,"history":true,
+//! "reach":{"replica":"r","token":"t","item":0}}}` (`history` only when true, `reach` only when
+//! the backend asked for a reach report), `{"subscribe":{"to":<member>,"channel":"c","ack":{"replica":"r","token":"t"}}}`
 //! (`ack` only under interest routing), `{"unsubscribe":{"to":<member>,"channel":"c"}}` or
 //! `{"disconnect":{"to":<member>,"code":4000,"reason":"r"}}` (`reason` only when given). A
 //! recipient is `{"connection":"id"}`, `{"user":"id"}`, `{"channel":"c"}` or `"all"`; a member
@@ -27,6 +29,11 @@
 //! The publisher writes `offsets` empty; the publish script fills it in, writing the offsets it
 //! assigned at [`Unpublished::OFFSETS_AT`] (the byte right after `"offsets":[`, which every
 //! batch payload starts with). They belong, in order, to the `send` items with `history`.
+//!
+//! A replica that receives a payload with `reach` requests answers the asking replica with one
+//! `reach` payload: per requested item, how many local connections the message was handed to.
+//! Both fields are optional, so a replica that predates them delivers such a message and does
+//! not answer; the asking replica then reports the counts it got as incomplete.
 //!
 //! `v` is the format's version. A replica refuses a payload of another version, counting it as
 //! dropped (`bad_payload`) with an error naming both versions: during a rolling upgrade that
@@ -82,6 +89,18 @@ pub enum Payload<'a, I = Vec<Item<'a>>> {
         #[serde(borrow)]
         token: Cow<'a, str>,
     },
+    /// A replica reached by `send` items asking for a reach report ([`Message::reach`]) says,
+    /// per item, how many of its connections it handed the message to; published to the asking
+    /// replica's channel, once per payload.
+    Reach {
+        /// Always [`VERSION`].
+        v: Version,
+        /// The token of the reach requests.
+        #[serde(borrow)]
+        token: Cow<'a, str>,
+        /// One count per requested item of the payload, in item order.
+        counts: Vec<ReachCount>,
+    },
 }
 
 /// Reads one pub/sub payload.
@@ -99,6 +118,16 @@ pub fn ack(token: &str) -> String {
         token: token.into(),
     };
     serde_json::to_string(&payload).expect("acknowledgements serialize")
+}
+
+/// The reach report of one payload's requested items, serialized.
+pub fn reach(token: &str, counts: &[ReachCount]) -> String {
+    let payload: Payload<'_, ()> = Payload::Reach {
+        v: Version,
+        token: token.into(),
+        counts: counts.to_vec(),
+    };
+    serde_json::to_string(&payload).expect("reach reports serialize")
 }
 
 /// Pairs each item with its history offset: the `send` items with `history` take the offsets
@@ -270,6 +299,33 @@ pub struct Message<'a> {
     /// payload's offsets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub history: bool,
+    /// The backend asked for a reach report: each replica that receives the item answers the
+    /// publishing replica with the number of its connections the message was handed to
+    /// ([`Payload::Reach`]).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<ReachRequest<'a>>,
+}
+
+/// Where a message's reach count goes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReachRequest<'a> {
+    /// The publishing replica's id.
+    #[serde(borrow)]
+    pub replica: Cow<'a, str>,
+    /// What the answer carries back: one token per API call.
+    #[serde(borrow)]
+    pub token: Cow<'a, str>,
+    /// The item's index in the call.
+    pub item: u32,
+}
+
+/// How many local connections one item reached on one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachCount {
+    /// The item's index in the call ([`ReachRequest::item`]).
+    pub item: u32,
+    /// Connections the message was written to or queued for.
+    pub count: u32,
 }
 
 /// A backend's subscribe.
@@ -387,21 +443,35 @@ mod tests {
                 to: Recipient::Connection("r1.c1".into()),
                 data: data(r#"{"text":"hi \"you\"","n":[1,2.5e3]}"#),
                 history: false,
+                reach: None,
             }),
             Item::Send(Message {
                 to: Recipient::Channel("room:1".into()),
                 data: data(r#""with history""#),
                 history: true,
+                reach: None,
             }),
             Item::Send(Message {
                 to: Recipient::User("alice".into()),
                 data: data("null"),
                 history: false,
+                reach: None,
             }),
             Item::Send(Message {
                 to: Recipient::All,
                 data: data("42"),
                 history: false,
+                reach: None,
+            }),
+            Item::Send(Message {
+                to: Recipient::User("carol".into()),
+                data: data("[]"),
+                history: false,
+                reach: Some(ReachRequest {
+                    replica: "r1".into(),
+                    token: "00c0ffee00c0ffee".into(),
+                    item: 4,
+                }),
             }),
             Item::Subscribe(Join {
                 to: Member::User("bob".into()),
@@ -442,7 +512,15 @@ mod tests {
     fn same(a: &Item<'_>, b: &Item<'_>) -> bool {
         match (a, b) {
             (Item::Send(a), Item::Send(b)) => {
-                a.to == b.to && a.data.get() == b.data.get() && a.history == b.history
+                let reach = |m: &Message<'_>| {
+                    m.reach
+                        .as_ref()
+                        .map(|r| (r.replica.to_string(), r.token.to_string(), r.item))
+                };
+                a.to == b.to
+                    && a.data.get() == b.data.get()
+                    && a.history == b.history
+                    && reach(a) == reach(b)
             }
             (Item::Subscribe(a), Item::Subscribe(b)) => {
                 let ack = |j: &Join<'_>| {
@@ -522,6 +600,43 @@ mod tests {
     }
 
     #[test]
+    fn a_reach_report_round_trips_and_is_as_documented() {
+        let counts = [
+            ReachCount { item: 0, count: 2 },
+            ReachCount { item: 3, count: 0 },
+        ];
+        let payload = reach("t1", &counts);
+        assert_eq!(
+            payload,
+            r#"{"reach":{"v":1,"token":"t1","counts":[{"item":0,"count":2},{"item":3,"count":0}]}}"#
+        );
+        let Payload::Reach {
+            token,
+            counts: back,
+            ..
+        } = decode(payload.as_bytes()).unwrap()
+        else {
+            panic!("not a reach report");
+        };
+        assert_eq!((&*token, &back[..]), ("t1", &counts[..]));
+        let asking = [Item::Send(Message {
+            to: Recipient::User("u".into()),
+            data: raw("1"),
+            history: false,
+            reach: Some(ReachRequest {
+                replica: "r1".into(),
+                token: "t1".into(),
+                item: 0,
+            }),
+        })];
+        assert!(String::from_utf8(Unpublished::batch(1, &asking[..]).json)
+            .unwrap()
+            .contains(
+                r#"{"send":{"to":{"user":"u"},"data":1,"reach":{"replica":"r1","token":"t1","item":0}}}"#
+            ));
+    }
+
+    #[test]
     fn the_script_splices_offsets_where_serde_reads_them() {
         let data = raw(r#"{"offsets":["not","these"]}"#);
         let message = |history| {
@@ -529,6 +644,7 @@ mod tests {
                 to: Recipient::Channel("c".into()),
                 data,
                 history,
+                reach: None,
             })
         };
         let items = [message(true), message(false), message(true)];
@@ -575,6 +691,7 @@ mod tests {
             to: Recipient::All,
             data: raw("1"),
             history: false,
+            reach: None,
         })];
         assert!(String::from_utf8(Unpublished::batch(1, &all[..]).json)
             .unwrap()

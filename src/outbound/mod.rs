@@ -5,14 +5,16 @@ pub mod dispatch;
 pub mod envelope;
 pub mod history;
 pub mod publish;
+pub mod reach;
 pub mod routes;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use envelope::{AckRequest, Batch, Item, Recipient, Unpublished};
+use envelope::{AckRequest, Batch, Item, ReachRequest, Recipient, Unpublished};
 use publish::{Destination, Step};
 
 /// Why a `/send` (or subscribe, unsubscribe, disconnect) call was not wholly published.
@@ -59,6 +61,25 @@ impl std::fmt::Display for PublishError {
     }
 }
 
+/// What a published call gives back.
+#[derive(Debug)]
+pub struct Sent {
+    /// Each item's history offset, if any.
+    pub offsets: Vec<Option<String>>,
+    /// The reach report, when a message of the call asked for one
+    /// ([`Message::reach`](envelope::Message::reach)).
+    pub reach: Option<ReachReport>,
+}
+
+/// How many connections a call's messages were handed to, over every replica that answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReachReport {
+    /// Per item: the count, for the messages that asked; `None` for the others.
+    pub counts: Vec<Option<u64>>,
+    /// Every replica that received the messages answered within `redis.command_timeout_ms`.
+    pub complete: bool,
+}
+
 /// Publishes batches on the broadcast channel, keeping channel history where configured.
 #[derive(Clone)]
 pub struct Publisher {
@@ -68,6 +89,7 @@ pub struct Publisher {
     metrics: Metrics,
     replica: String,
     acks: Arc<routes::Acks>,
+    reaches: Arc<reach::Reaches>,
 }
 
 impl Publisher {
@@ -86,7 +108,13 @@ impl Publisher {
             metrics,
             replica: replica.to_owned(),
             acks: Arc::default(),
+            reaches: Arc::default(),
         }
+    }
+
+    /// Reach reports this replica waits for (the dispatcher hands them in).
+    pub fn reaches(&self) -> &Arc<reach::Reaches> {
+        &self.reaches
     }
 
     /// Acknowledgements this replica waits for (the dispatcher hands them in).
@@ -97,11 +125,12 @@ impl Publisher {
     /// Interest routing. A subscribe is answered once every replica it reached has joined
     /// (each acknowledges on this replica's channel), so a message the backend sends to the
     /// channel after the answer reaches the new member; within `redis.command_timeout_ms`.
+    /// Returns each item's history offset, and how many reach answers are due.
     async fn publish_routed(
         &self,
         batch: &mut Batch<'_>,
         sends: usize,
-    ) -> Result<Vec<Option<String>>, PublishError> {
+    ) -> Result<(Vec<Option<String>>, usize), PublishError> {
         let token = batch
             .items
             .iter()
@@ -143,7 +172,7 @@ impl Publisher {
                 tracing::warn!("a subscribe was not acknowledged in time by every replica it reached; answering anyway");
             }
         }
-        Ok(published.offsets)
+        Ok((published.offsets, published.reach_receivers))
     }
 
     /// Serializes the batch once and publishes it; sends to channels with history are appended
@@ -156,26 +185,122 @@ impl Publisher {
         &self,
         batch: &mut Batch<'_>,
     ) -> Result<Vec<Option<String>>, PublishError> {
+        self.publish_reporting(batch).await.map(|sent| sent.offsets)
+    }
+
+    /// [`Publisher::publish`], and, when a message asks for it ([`Message::reach`]: any value
+    /// marks it; this fills in where the answers go), the reach report: the answers of every
+    /// replica that received the call, awaited for at most `redis.command_timeout_ms` after the
+    /// publish.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`]; no report is awaited then.
+    ///
+    /// [`Message::reach`]: envelope::Message::reach
+    pub async fn publish_reporting(&self, batch: &mut Batch<'_>) -> Result<Sent, PublishError> {
         // Sends bound for a channel with history take an offset each.
         let mut sends = 0;
+        let mut asking = false;
         for item in &mut batch.items {
             if let Item::Send(message) = item {
                 sends += 1;
+                asking |= message.reach.is_some();
                 if let Recipient::Channel(channel) = &message.to {
                     message.history = self.config.history_for(channel).is_some();
                 }
             }
         }
-        if self.config.outbound.routing == crate::config::Routing::Interest {
-            return self.publish_routed(batch, sends).await;
+        // Started before publishing: answers may come back before the publish call returns.
+        // Dropped on a failed publish, which stops the wait.
+        let waiting = asking.then(|| self.ask_reach(batch));
+        let (offsets, due) = if self.config.outbound.routing == crate::config::Routing::Interest {
+            self.publish_routed(batch, sends).await?
+        } else {
+            self.publish_broadcast(batch, sends).await?
+        };
+        let reach = match waiting {
+            Some(waiting) => Some(self.reach_report(batch, waiting, due).await),
+            None => None,
+        };
+        Ok(Sent { offsets, reach })
+    }
+
+    /// Marks the messages that ask for a reach report with this replica, a token for the call
+    /// and their index, and starts waiting for the answers.
+    fn ask_reach(&self, batch: &mut Batch<'_>) -> reach::Waiting {
+        let token = format!(
+            "{:08x}{:08x}",
+            crate::ids::random_u32(),
+            crate::ids::random_u32()
+        );
+        for (index, item) in batch.items.iter_mut().enumerate() {
+            if let Item::Send(message) = item {
+                if let Some(reach) = &mut message.reach {
+                    *reach = ReachRequest {
+                        replica: self.replica.clone().into(),
+                        token: token.clone().into(),
+                        item: u32::try_from(index).expect("a batch holds fewer than 2^32 items"),
+                    };
+                }
+            }
         }
+        self.reaches.expect(&token, batch.items.len())
+    }
+
+    /// Waits for `due` reach answers, at most `redis.command_timeout_ms`, and reports per item.
+    async fn reach_report(
+        &self,
+        batch: &Batch<'_>,
+        waiting: reach::Waiting,
+        due: usize,
+    ) -> ReachReport {
+        let started = Instant::now();
+        let within = Duration::from_millis(self.config.redis.command_timeout_ms);
+        let report = waiting.report(due, within).await;
+        self.metrics
+            .reach_wait_seconds
+            .record(started.elapsed().as_secs_f64());
+        self.metrics.reach_queries(report.complete).increment(1);
+        if !report.complete {
+            tracing::warn!(
+                due,
+                answered = report.answered,
+                "a reach report is incomplete: not every replica that received the messages answered within redis.command_timeout_ms; answering with the counts that arrived"
+            );
+        }
+        let counts = batch
+            .items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| match item {
+                Item::Send(message) if message.reach.is_some() => {
+                    Some(report.counts.get(index).copied().unwrap_or(0))
+                }
+                _ => None,
+            })
+            .collect();
+        ReachReport {
+            counts,
+            complete: report.complete,
+        }
+    }
+
+    /// Broadcast routing: the whole batch in one payload to every replica. Returns each item's
+    /// history offset, and how many replicas received it (each answers a reach request).
+    async fn publish_broadcast(
+        &self,
+        batch: &Batch<'_>,
+        sends: usize,
+    ) -> Result<(Vec<Option<String>>, usize), PublishError> {
         let payload = Unpublished::batch(batch.ts, &batch.items[..]);
         let mut offsets = vec![None; batch.items.len()];
         let appends =
             publish::appends(&self.keys, &self.config, &batch.items, 0..batch.items.len());
+        let receivers;
         if appends.is_empty() {
-            self.backplane
-                .publish(&self.keys.broadcast, &payload.json)
+            receivers = self
+                .backplane
+                .publish_counted(&self.keys.broadcast, &payload.json)
                 .await?;
         } else {
             let step = Step {
@@ -188,9 +313,10 @@ impl Publisher {
             for (append, offset) in step.appends.iter().zip(ran.offsets) {
                 offsets[append.item] = Some(offset);
             }
+            receivers = ran.receivers.first().copied().unwrap_or(0);
         }
         self.metrics.outbound_published.increment(sends as u64);
-        Ok(offsets)
+        Ok((offsets, receivers))
     }
 }
 

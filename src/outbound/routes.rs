@@ -60,6 +60,10 @@ pub struct Published {
     /// How many replicas received items that ask for an acknowledgement
     /// ([`Join::ack`](super::envelope::Join::ack)).
     pub ack_receivers: usize,
+    /// How many reach answers are due: per part with a message asking for a reach report
+    /// ([`Message::reach`](super::envelope::Message::reach)), the replicas that received it
+    /// (each answers once per payload).
+    pub reach_receivers: usize,
 }
 
 /// Publishes `batch` by interest, in one call of the publish script (one per part on a
@@ -91,6 +95,7 @@ pub async fn publish(
         return Ok(Published {
             offsets,
             ack_receivers: 0,
+            reach_receivers: 0,
         });
     }
     let steps: Vec<Step<'_>> = parts
@@ -119,6 +124,16 @@ pub async fn publish(
     for (index, offset) in appended.zip(ran.offsets) {
         offsets[index] = Some(offset);
     }
+    let reach_receivers = parts
+        .iter()
+        .zip(&ran.receivers)
+        .filter(|((_, indexes), _)| {
+            indexes
+                .iter()
+                .any(|&i| matches!(&batch.items[i], Item::Send(m) if m.reach.is_some()))
+        })
+        .map(|(_, got)| got)
+        .sum();
     let ack_receivers = parts
         .iter()
         .zip(ran.receivers)
@@ -133,6 +148,7 @@ pub async fn publish(
     Ok(Published {
         offsets,
         ack_receivers,
+        reach_receivers,
     })
 }
 

@@ -21,5 +21,6 @@ mod limits;
 mod loadgen;
 mod presence;
 mod queue;
+mod reach;
 mod routing;
 mod walkthrough;
