@@ -207,6 +207,32 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
             body["channel"] = channel.into();
             Ok(json(200, &body))
         }
+        "/user_status" => {
+            only(&req, Method::POST)?;
+            authorize(&req, state)?;
+            if !state.config.presence.user_status {
+                return Err(ApiError::BadRequest(
+                    "user status is off (presence.user_status = false)".to_owned(),
+                ));
+            }
+            let body = read_body(req, state.config.api.max_body_bytes).await?;
+            let value: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+            let user = match value.as_object().map(|o| (o.get("user"), o.len())) {
+                Some((Some(serde_json::Value::String(user)), 1)) if !user.is_empty() => user,
+                _ => return Err(ApiError::BadRequest(
+                    "the body must be {\"user\": \"<user id>\"} (a non-empty string, nothing else)"
+                        .to_owned(),
+                )),
+            };
+            let status = state.presence.user_status(user).await.map_err(|e| {
+                ApiError::Unavailable(format!("user status could not be read ({e}); ask again"))
+            })?;
+            Ok(json(
+                200,
+                &serde_json::to_value(&status).expect("statuses serialize"),
+            ))
+        }
         "/send" | "/subscribe" | "/unsubscribe" | "/disconnect" => {
             only(&req, Method::POST)?;
             authorize(&req, state)?;

@@ -340,6 +340,11 @@ pub struct PresenceConfig {
     /// The most members (or users) one presence query returns; a query asks for fewer with
     /// `limit` and gets the rest page by page with `cursor`.
     pub max_page: usize,
+    /// Keep every signed-in user's connections in Redis, for `POST /user_status`: one script
+    /// call per connect and disconnect.
+    pub user_status: bool,
+    /// How long a user's last-seen time is kept after its last connection closed.
+    pub last_seen_ttl_seconds: u64,
 }
 
 impl Default for PresenceConfig {
@@ -349,6 +354,8 @@ impl Default for PresenceConfig {
             heartbeat_interval_ms: 2000,
             queue_capacity: 65536,
             max_page: 1000,
+            user_status: true,
+            last_seen_ttl_seconds: 30 * 24 * 3600,
         }
     }
 }
@@ -656,6 +663,12 @@ impl Config {
         if self.presence.queue_capacity == 0 {
             return Err(ConfigError::key(
                 "presence.queue_capacity",
+                "must be greater than 0",
+            ));
+        }
+        if self.presence.last_seen_ttl_seconds == 0 {
+            return Err(ConfigError::key(
+                "presence.last_seen_ttl_seconds",
                 "must be greater than 0",
             ));
         }

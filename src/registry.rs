@@ -35,6 +35,10 @@ pub trait MembershipWatch: Send + Sync {
     fn joined(&self, handle: &ConnHandle, channel: &str);
     /// `handle` left `channel` (or was removed while in it).
     fn left(&self, handle: &ConnHandle, channel: &str);
+    /// `handle` was added to the registry (before any join).
+    fn connected(&self, handle: &ConnHandle);
+    /// `handle` was removed from the registry (after its leaves).
+    fn disconnected(&self, handle: &ConnHandle);
 }
 
 /// A connection is in as many channels as it may be.
@@ -112,6 +116,9 @@ impl Registry {
 
     /// Adds a connection.
     pub fn insert(&self, handle: &Arc<ConnHandle>) {
+        if let Some(watch) = self.watch.get() {
+            watch.connected(handle);
+        }
         self.conns.insert(handle.seq, handle.clone());
         if let Some(user) = &handle.user {
             self.users
@@ -137,6 +144,9 @@ impl Registry {
             if let Some(watch) = self.watch.get() {
                 watch.left(handle, &channel);
             }
+        }
+        if let Some(watch) = self.watch.get() {
+            watch.disconnected(handle);
         }
     }
 

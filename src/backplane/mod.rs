@@ -110,6 +110,21 @@ impl Keys {
         format!("{}:replicas-alive", self.prefix)
     }
 
+    /// A signed-in user's connections anywhere: connection id → replica.
+    pub fn user_connections(&self, user: &str) -> String {
+        format!("{}:user-connections:{{{user}}}", self.prefix)
+    }
+
+    /// When a user's last connection closed (unix ms, Redis's clock).
+    pub fn user_seen(&self, user: &str) -> String {
+        format!("{}:user-seen:{{{user}}}", self.prefix)
+    }
+
+    /// The users with connections on `replica`.
+    pub fn users_of(&self, replica: &str) -> String {
+        format!("{}:users-of:{replica}", self.prefix)
+    }
+
     /// Held by the replica that removes a dead `replica`'s presence members.
     pub fn presence_sweep(&self, replica: &str) -> String {
         format!("{}:presence-sweep:{replica}", self.prefix)

@@ -24,6 +24,10 @@
 //!   while it was cut off), or a write failed or was dropped, it compares Redis with the
 //!   registry and puts its own members right;
 //! - at shutdown it removes its own members at once.
+//!
+//! With `presence.user_status` it also keeps every signed-in user's connections, wherever they
+//! are (`user-connections:{u}`: connection → replica, `user-seen:{u}`: when the last one
+//! closed, `users-of:<replica>`), by the same rules, for [`Presence::user_status`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,14 +114,77 @@ return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2]), page[1], page[
     )
 });
 
+/// A signed-in user's connection opened (KEYS: user-connections; ARGV: connection, replica).
+static USER_ON: LazyLock<Script> =
+    LazyLock::new(|| Script::new("redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\nreturn 1\n"));
+
+/// A user's connections closed (KEYS: user-connections, user-seen; ARGV: last-seen TTL in ms,
+/// `connection` or `replica`, then the connection id or the replica whose connections all
+/// closed). When none is left, the user is last seen now. Returns how many were removed.
+static USER_OFF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local removed = 0
+if ARGV[2] == 'connection' then
+  removed = redis.call('HDEL', KEYS[1], ARGV[3])
+else
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if all[i + 1] == ARGV[3] then
+      removed = removed + redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+end
+if removed > 0 and redis.call('HLEN', KEYS[1]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), 'PX', ARGV[1])
+end
+return removed
+",
+    )
+});
+
+/// A user's status (KEYS: user-connections, user-seen): {connections, last seen or false, now}.
+static USER_STATUS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+return {redis.call('HLEN', KEYS[1]), redis.call('GET', KEYS[2]), t[1] * 1000 + math.floor(t[2] / 1000)}
+",
+    )
+});
+
 /// Members taken from a dead replica's set per script call.
 const SWEEP_BATCH: usize = 500;
 
-/// A join or a leave, as the task writes it.
+/// A join or a leave, a connect or a disconnect, as the task writes it.
 #[derive(Debug)]
 enum Change {
     Join(Member),
     Leave(Member),
+    Connected(UserConnection),
+    Disconnected(UserConnection),
+}
+
+/// A signed-in user's connection.
+#[derive(Debug)]
+struct UserConnection {
+    user: Arc<str>,
+    connection: Arc<str>,
+}
+
+/// Whether a user is connected anywhere, as backends get it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserStatus {
+    /// The user.
+    pub user: String,
+    /// At least one connection, on any replica.
+    pub online: bool,
+    /// Its connections, across replicas.
+    pub connections: u64,
+    /// Unix ms: now when online; else when its last connection closed; `null` when that is
+    /// unknown (never seen, or longer ago than `presence.last_seen_ttl_seconds`).
+    pub last_seen_ms: Option<u64>,
 }
 
 /// A connection in a presence channel.
@@ -268,7 +335,54 @@ fn user_entry(key: &str, count: &str) -> serde_json::Value {
     }
 }
 
+impl Presence {
+    /// Whether `user` is connected anywhere, with how many connections, and when last seen.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not answer.
+    pub async fn user_status(&self, user: &str) -> Result<UserStatus, RedisFailure> {
+        let inner = &self.inner;
+        let mut call = USER_STATUS.call();
+        call.key(inner.keys.user_connections(user))
+            .key(inner.keys.user_seen(user));
+        let (connections, seen, now): (u64, Option<u64>, u64) =
+            inner.backplane.invoke(&call).await?;
+        inner.metrics.presence_queries.increment(1);
+        let online = connections > 0;
+        Ok(UserStatus {
+            user: user.to_owned(),
+            online,
+            connections,
+            last_seen_ms: if online { Some(now) } else { seen },
+        })
+    }
+
+    fn user_change(&self, handle: &ConnHandle, connected: bool) {
+        if !self.inner.config.presence.user_status {
+            return;
+        }
+        let Some(user) = &handle.user else { return };
+        let change = UserConnection {
+            user: user.clone(),
+            connection: handle.id.clone(),
+        };
+        self.submit(if connected {
+            Change::Connected(change)
+        } else {
+            Change::Disconnected(change)
+        });
+    }
+}
+
 impl MembershipWatch for Presence {
+    fn connected(&self, handle: &ConnHandle) {
+        self.user_change(handle, true);
+    }
+
+    fn disconnected(&self, handle: &ConnHandle) {
+        self.user_change(handle, false);
+    }
+
     fn joined(&self, handle: &ConnHandle, channel: &str) {
         if self.inner.config.presence_for(channel).is_some() {
             self.submit(Change::Join(Member::of(handle, channel)));
@@ -294,6 +408,7 @@ pub async fn run(
         inner: presence.inner.clone(),
         registry,
         listed: HashSet::new(),
+        listed_users: HashSet::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(
         task.inner.config.presence.heartbeat_interval_ms,
@@ -324,6 +439,8 @@ struct Task {
     registry: Arc<Registry>,
     /// Channels known to be in this replica's `presence-channels` set.
     listed: HashSet<Arc<str>>,
+    /// Users known to be in this replica's `users-of` set.
+    listed_users: HashSet<Arc<str>>,
 }
 
 impl Task {
@@ -379,6 +496,11 @@ impl Task {
                 )
                 .await
                 .map(|_| ()),
+            Change::Connected(user) => self.user_on(user).await,
+            Change::Disconnected(user) => self
+                .user_off(&user.user, "connection", &user.connection)
+                .await
+                .map(|_| ()),
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, change = ?change, "presence change not written; the next heartbeat puts it right");
@@ -406,6 +528,35 @@ impl Task {
             inner.metrics.presence_changes(true).increment(1);
         }
         Ok(())
+    }
+
+    async fn user_on(&mut self, user: &UserConnection) -> Result<(), RedisFailure> {
+        let inner = self.inner.clone();
+        if !self.listed_users.contains(&user.user) {
+            let mut cmd = redis::cmd("SADD");
+            cmd.arg(inner.keys.users_of(&inner.replica))
+                .arg(&*user.user);
+            inner.backplane.query::<()>(&cmd).await?;
+            self.listed_users.insert(user.user.clone());
+        }
+        let mut call = USER_ON.call();
+        call.key(inner.keys.user_connections(&user.user))
+            .arg(user.connection.as_bytes().to_vec())
+            .arg(inner.replica.as_bytes().to_vec());
+        inner.backplane.invoke::<()>(&call).await
+    }
+
+    /// Removes a user's connection (`by` = `connection`), or all its connections on a replica
+    /// (`by` = `replica`).
+    async fn user_off(&self, user: &str, by: &str, which: &str) -> Result<u64, RedisFailure> {
+        let inner = &self.inner;
+        let mut call = USER_OFF.call();
+        call.key(inner.keys.user_connections(user))
+            .key(inner.keys.user_seen(user))
+            .number(inner.config.presence.last_seen_ttl_seconds * 1000)
+            .arg(by.as_bytes().to_vec())
+            .arg(which.as_bytes().to_vec());
+        inner.backplane.invoke(&call).await
     }
 
     /// Removes `connections` of `replica` from `channel`, with their leave events.
@@ -500,7 +651,7 @@ impl Task {
             pop.arg(keys.presence_channels(replica)).arg(100);
             let channels: Vec<String> = self.inner.backplane.query(&pop).await?;
             if channels.is_empty() {
-                return Ok(removed);
+                break;
             }
             for channel in channels {
                 loop {
@@ -513,6 +664,17 @@ impl Task {
                     }
                     removed += self.remove(&channel, replica, &members).await?;
                 }
+            }
+        }
+        loop {
+            let mut pop = redis::cmd("SPOP");
+            pop.arg(keys.users_of(replica)).arg(SWEEP_BATCH);
+            let users: Vec<String> = self.inner.backplane.query(&pop).await?;
+            if users.is_empty() {
+                return Ok(removed);
+            }
+            for user in users {
+                self.user_off(&user, "replica", replica).await?;
             }
         }
     }
@@ -573,6 +735,48 @@ impl Task {
         }
         if added > 0 {
             tracing::info!(added, "presence: this replica's members put back");
+        }
+        if inner.config.presence.user_status {
+            self.reconcile_users().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes Redis hold exactly this replica's connections of signed-in users.
+    async fn reconcile_users(&mut self) -> Result<(), RedisFailure> {
+        let inner = self.inner.clone();
+        let me = inner.replica.clone();
+        self.listed_users.clear();
+        let local: Vec<Arc<str>> = self.registry.user_names();
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(inner.keys.users_of(&me));
+        let listed: Vec<String> = inner.backplane.query(&smembers).await?;
+        for user in listed.iter().filter(|u| !local.iter().any(|l| **l == ***u)) {
+            self.user_off(user, "replica", &me).await?;
+            let mut srem = redis::cmd("SREM");
+            srem.arg(inner.keys.users_of(&me)).arg(user);
+            inner.backplane.query::<()>(&srem).await?;
+        }
+        for user in local {
+            let mut conns = Vec::new();
+            self.registry.recipients(Target::User(&user), &mut conns);
+            let mut all = redis::cmd("HGETALL");
+            all.arg(inner.keys.user_connections(&user));
+            let stored: std::collections::HashMap<String, String> =
+                inner.backplane.query(&all).await?;
+            for (connection, _) in stored
+                .iter()
+                .filter(|(c, r)| **r == me && !conns.iter().any(|h| *h.id == ***c))
+            {
+                self.user_off(&user, "connection", connection).await?;
+            }
+            for handle in conns.iter().filter(|h| !stored.contains_key(&*h.id)) {
+                let change = UserConnection {
+                    user: user.clone(),
+                    connection: handle.id.clone(),
+                };
+                self.user_on(&change).await?;
+            }
         }
         Ok(())
     }

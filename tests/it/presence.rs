@@ -269,6 +269,12 @@ async fn a_killed_replicas_members_are_removed_by_the_others_with_their_leave() 
             a.metric("wsbridge_presence_ghosts_removed_total").await == 1.0
         })
         .await;
+        // Her connection went with the replica: she is offline, seen when it was swept.
+        eventually("carol offline", || async {
+            let (_, status) = a.post("/user_status", &json!({"user": "carol"})).await;
+            status["online"] == false && status["last_seen_ms"].is_u64()
+        })
+        .await;
         drop(carol);
     })
     .await;
@@ -345,6 +351,11 @@ async fn presence_comes_back_by_itself_after_redis_restarts_empty() {
                 .post("/presence", &json!({"channel": "quiet:restart"}))
                 .await;
             status == 200 && page["connections"] == 3 && page["users"] == 3
+        })
+        .await;
+        eventually("user status put back too", || async {
+            let (_, status) = a.post("/user_status", &json!({"user": "u2"})).await;
+            status["online"] == true && status["connections"] == 1
         })
         .await;
         // The clients stayed connected throughout.
@@ -435,6 +446,79 @@ async fn bad_presence_questions_get_errors_naming_what_was_wrong() {
                 reply["error"]["message"].as_str().unwrap().contains(says),
                 "{body} -> {reply}"
             );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_users_status_counts_its_connections_everywhere_and_when_it_was_last_seen() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("user-status");
+        let (a, b) = (
+            replica(&redis, &prefix).await,
+            replica(&redis, &prefix).await,
+        );
+        let status = |gw: &Gateway, user: &str| {
+            let body = json!({ "user": user });
+            let api = gw.api_url.clone();
+            async move {
+                let (code, text) = http(
+                    "POST",
+                    &format!("{api}/user_status"),
+                    Some(&body.to_string()),
+                    None,
+                )
+                .await;
+                assert_eq!(code, 200, "{text}");
+                serde_json::from_str::<Value>(&text).unwrap()
+            }
+        };
+        let never = status(&a, "nobody").await;
+        assert_eq!(
+            never,
+            json!({"user": "nobody", "online": false, "connections": 0, "last_seen_ms": null})
+        );
+        let tab_1 = member(&a, "ann", None).await;
+        let tab_2 = member(&b, "ann", None).await;
+        eventually("ann on two replicas", || async {
+            status(&b, "ann").await["connections"] == 2
+        })
+        .await;
+        let online = status(&a, "ann").await;
+        assert_eq!(online["online"], true);
+        assert!(
+            online["last_seen_ms"].as_u64().unwrap() > 1_700_000_000_000,
+            "{online}"
+        );
+        drop(tab_1);
+        eventually("one tab left", || async {
+            status(&a, "ann").await["connections"] == 1
+        })
+        .await;
+        assert_eq!(status(&a, "ann").await["online"], true);
+        drop(tab_2);
+        eventually("ann offline", || async {
+            status(&a, "ann").await["online"] == false
+        })
+        .await;
+        let gone = status(&b, "ann").await;
+        assert_eq!(gone["connections"], 0);
+        let seen = gone["last_seen_ms"].as_u64().expect("last seen is kept");
+        assert!(
+            seen >= online["last_seen_ms"].as_u64().unwrap(),
+            "{gone} {online}"
+        );
+        for body in [
+            json!({}),
+            json!({"user": ""}),
+            json!({"user": 7}),
+            json!({"user": "a", "x": 1}),
+        ] {
+            let (code, reply) = a.post("/user_status", &body).await;
+            assert_eq!(code, 400, "{body} -> {reply}");
+            assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
         }
     })
     .await;
