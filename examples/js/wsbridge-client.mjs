@@ -10,7 +10,9 @@
 //   - remembers the last offset seen per channel and resubscribes with `since` after a
 //     reconnect, telling the app whether it was `recovered`;
 //   - keeps every `send` until its `ack` and resends it with the same id after a reconnect (the
-//     gateway stores a resent id once, per user, within its dedupe window).
+//     gateway stores a resent id once, per user, within its dedupe window);
+//   - asks for a channel's presence (`presence`), reports `join` and `leave`, and keeps a live
+//     member list across reconnects (`watchPresence`).
 //
 // See README.md beside this file for the API.
 
@@ -136,6 +138,7 @@ export class WsBridgeClient {
     this._listeners = new Map(); // event -> Set<fn>
     this._channels = new Map(); // channel -> { offset, recovered, subscribed, waiters: [] }
     this._sends = new Map(); // id -> { frame, resolve, reject, transmissions }
+    this._presence = new Map(); // id -> { frame, channel, resolve, reject }, until answered
     this._requests = new Map(); // frame id -> { type, channel, ... } on the current connection
     this._connectWaiters = [];
 
@@ -161,8 +164,8 @@ export class WsBridgeClient {
 
   // ---- events ----------------------------------------------------------------------------
 
-  /** Adds a listener. Events: open, welcome, message, subscribed, unsubscribed, close,
-   * reconnecting, error. Returns the client. */
+  /** Adds a listener. Events: open, welcome, message, subscribed, unsubscribed, join, leave,
+   * close, reconnecting, error. Returns the client. */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
     this._listeners.get(event).add(fn);
@@ -436,6 +439,8 @@ export class WsBridgeClient {
     const err = new WsBridgeError('closed', why);
     for (const s of this._sends.values()) s.reject(err);
     this._sends.clear();
+    for (const q of this._presence.values()) q.reject(err);
+    this._presence.clear();
     for (const ch of this._channels.values()) {
       for (const w of ch.waiters) w.reject(err);
       ch.waiters = [];
@@ -487,6 +492,17 @@ export class WsBridgeClient {
         return this._onSubscribed(f);
       case 'unsubscribed':
         return this._onUnsubscribed(f);
+      case 'presence': {
+        const q = this._presence.get(f.id);
+        if (!q) return; // not ours, or already answered
+        this._presence.delete(f.id);
+        const { type, id, ...page } = f;
+        q.resolve(page);
+        return;
+      }
+      case 'join':
+      case 'leave':
+        return this._emit(f.type, { channel: f.channel, member: f.member });
       case 'error':
         return this._onError(f);
       default:
@@ -513,6 +529,9 @@ export class WsBridgeClient {
       s.transmissions++;
       this._write(s.frame);
     }
+    // Presence questions not answered yet (asked offline, or lost with the last connection):
+    // a question, so asking it again is harmless; a cursor is good on any replica.
+    for (const q of this._presence.values()) this._write(q.frame);
     const info = { connection: this.connectionId, user: this.user, reconnect, url: this.url };
     this._welcomeInfo = info;
     for (const w of this._connectWaiters) w.resolve(info);
@@ -601,6 +620,13 @@ export class WsBridgeClient {
     if (s) {
       this._sends.delete(f.id);
       s.reject(err);
+      return;
+    }
+    const q = f.id != null ? this._presence.get(f.id) : undefined;
+    if (q) {
+      this._presence.delete(f.id);
+      err.channel = q.channel;
+      q.reject(err);
       return;
     }
     const req = f.id != null ? this._requests.get(f.id) : undefined;
@@ -698,6 +724,122 @@ export class WsBridgeClient {
       this._sends.set(id, s);
       if (this._write(frame)) s.transmissions = 1;
     });
+  }
+
+  /**
+   * Asks who is in `channel` (a channel with `presence = true`): one page, across every
+   * replica. `view`: `connections` (default; members are `{connection, user, info}`) or `users`
+   * (`{user, connections}`; an anonymous connection is `{user: null, connection, connections: 1}`).
+   * `cursor`: the previous page's, for the next page; `limit`: the most members wanted (the
+   * gateway may return more: Redis reads a small channel whole). Resolves with
+   * `{channel, connections, users, members, cursor}` (`cursor` null on the last page); rejects
+   * with a WsBridgeError on an error frame (`presence_disabled`, `channel_not_allowed`,
+   * `bad_request`, `redis_unavailable` — retryable) or with `closed` when the client stops.
+   * Asked now, or on the next connection when offline; asked again on the next connection when
+   * the answer was lost with a connection. The client need not be in the channel.
+   */
+  presence(channel, { view, cursor, limit } = {}) {
+    if (this._state === 'closed') {
+      return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
+    }
+    const id = this._nextId();
+    const frame = { type: 'presence', channel, id };
+    if (view != null) frame.view = view;
+    if (cursor != null) frame.cursor = cursor;
+    if (limit != null) frame.limit = limit;
+    const text = JSON.stringify(frame);
+    return new Promise((resolve, reject) => {
+      this._presence.set(id, { frame: text, channel, resolve, reject });
+      this._write(text);
+    });
+  }
+
+  /**
+   * Keeps a live list of who is in `channel`, one entry per user (an anonymous connection is
+   * its own user), for a channel with `presence` and `join_leave`. After every `subscribed` of
+   * the channel — the first, and each one after a reconnect, since the join and leave events
+   * sent while the client was away are not replayed — it reads the whole list, page by page,
+   * then applies on top the join and leave events that arrived meanwhile (so a member who left
+   * while the pages were read does not stay). Between reads, join and leave events keep it
+   * current. Subscribe to the channel as well; this only watches.
+   *
+   * `onChange(members, change)` is called after every change, with the list (an array of
+   * `{connection, user, info}`: for a user with several connections, one of them) and
+   * `{type: 'join' | 'leave', member}` or `{type: 'reset'}` after a full read. A read that
+   * fails with a retryable error is tried again after a second; other errors go to the
+   * `error` event. Returns `{members, refresh(), stop()}`. It reads every page: meant for
+   * channels whose members a page can show, not for one with 100,000.
+   */
+  watchPresence(channel, onChange, { limit } = {}) {
+    const key = (m) => (m.user != null ? `u:${m.user}` : `c:${m.connection}`);
+    let list = new Map(); // user key -> member
+    let reading = 0; // the current read; a newer one makes older ones stop
+    let missed = null; // join and leave events seen during the current read
+    let stopped = false;
+    let retry = null;
+    const notify = (change) => {
+      try {
+        onChange?.([...list.values()], change);
+      } catch (err) {
+        reportListenerError(err);
+      }
+    };
+    const apply = (map, type, member) => {
+      if (type === 'join') map.set(key(member), member);
+      else map.delete(key(member));
+    };
+    const onEvent = (type) => ({ channel: ch, member }) => {
+      if (ch !== channel || stopped) return;
+      missed?.push([type, member]);
+      apply(list, type, member);
+      notify({ type, member });
+    };
+    const onJoin = onEvent('join');
+    const onLeave = onEvent('leave');
+    const read = async () => {
+      clearTimeout(retry);
+      const mine = ++reading;
+      missed = [];
+      const fresh = new Map();
+      let cursor = null;
+      try {
+        do {
+          const page = await this.presence(channel, { cursor, limit });
+          if (mine !== reading || stopped) return;
+          for (const m of page.members) if (!fresh.has(key(m))) fresh.set(key(m), m);
+          cursor = page.cursor;
+        } while (cursor != null);
+      } catch (err) {
+        if (mine !== reading || stopped || err.code === 'closed') return;
+        missed = null;
+        if (err.retryable) retry = setTimeout(read, 1000);
+        else this._emit('error', err);
+        return;
+      }
+      for (const [type, member] of missed) apply(fresh, type, member);
+      missed = null;
+      list = fresh;
+      notify({ type: 'reset' });
+    };
+    const onSubscribed = ({ channel: ch }) => {
+      if (ch === channel && !stopped) read();
+    };
+    this.on('join', onJoin).on('leave', onLeave).on('subscribed', onSubscribed);
+    if (this._channels.get(channel)?.subscribed) read();
+    return {
+      /** The members now, one per user. */
+      get members() {
+        return [...list.values()];
+      },
+      /** Reads the whole list again; resolves when it is read (or given up). */
+      refresh: read,
+      /** Stops watching (no more reads or calls to onChange). */
+      stop: () => {
+        stopped = true;
+        clearTimeout(retry);
+        this.off('join', onJoin).off('leave', onLeave).off('subscribed', onSubscribed);
+      },
+    };
   }
 }
 

@@ -16,6 +16,12 @@
 // - A stroke drawn while offline waits in the client and is sent on reconnect, with its id, so
 //   the gateway stores it once.
 //
+// - The header lists the windows on the board: the board's channel keeps presence, so the
+//   page reads who is in it after every (re)subscribe and follows join and leave events in
+//   between (the client's watchPresence). A window is an anonymous connection, shown as its
+//   replica and connection number; the windows of a replica that died leave the list once the
+//   other replicas count it dead (presence.replica_ttl_seconds in wsbridge.toml).
+//
 // Every page draws the strokes in the backend's order (`seq`, the inbound stream entry id), so
 // all pages show the same picture. Query parameters: ?board=NAME (default "main"),
 // &ws=ws://HOST/ws (default: this page's host, path /ws).
@@ -35,6 +41,7 @@ const ctx = canvas.getContext('2d');
 const statusEl = document.getElementById('status');
 const errorEl = document.getElementById('error');
 const widthEl = document.getElementById('width');
+const whoEl = document.getElementById('who');
 
 const pageId = Math.random().toString(16).slice(2, 10);
 let counter = 0;
@@ -92,6 +99,15 @@ function restoreLost() {
 }
 
 for (const event of ['welcome', 'close', 'reconnecting']) client.on(event, showStatus);
+
+// Who has the board open: one entry per window (each is an anonymous connection, a user of
+// its own), read again after every subscribe and kept current by join and leave events.
+let people = [];
+client.watchPresence(channel, (members) => {
+  people = members;
+  showWho();
+});
+client.on('welcome', showWho); // this window's own entry changes with its connection
 client.on('error', (err) => console.warn('wsbridge:', err));
 
 async function load() {
@@ -332,6 +348,29 @@ function showStatus() {
   statusEl.textContent = `board "${board}" · ${where} · ${strokes.size} strokes${waiting}`;
 }
 
+// A member's name: from the token's `info` claim when the page has tokens, else the replica
+// and the number of its connection (`<replica>.<incarnation>.<n>`).
+function nameOf(member) {
+  if (typeof member.info?.name === 'string') return member.info.name;
+  const parts = member.connection.split('.');
+  return `${parts[0]} #${parts.at(-1)}`;
+}
+
+function showWho() {
+  const entries = [...people]
+    .sort((a, b) => (a.connection < b.connection ? -1 : a.connection > b.connection ? 1 : 0))
+    .map((m) => {
+      const li = document.createElement('li');
+      const you = m.connection === client.connectionId;
+      li.dataset.connection = m.connection;
+      if (you) li.dataset.you = '';
+      li.textContent = you ? `${nameOf(m)} (this window)` : nameOf(m);
+      li.title = m.connection;
+      return li;
+    });
+  whoEl.replaceChildren(...entries);
+}
+
 function showError(text) {
   errorEl.textContent = text;
   setTimeout(() => {
@@ -355,6 +394,10 @@ window.whiteboard = {
   /** How many times this page asked the backend for the board. */
   get loads() {
     return loads;
+  },
+  /** The connection ids of the windows on the board, as the list shows them. */
+  get people() {
+    return people.map((m) => m.connection).sort();
   },
   /** Stroke ids in painting order; `confirmed` only those the backend has stored. */
   ids({ confirmed = false } = {}) {

@@ -116,9 +116,9 @@ async function startCluster(settings = {}) {
   return cluster;
 }
 
-/** Waits for `fn` (run in the page) to return a truthy value. */
-function until(page, fn, arg, what) {
-  return page.waitForFunction(fn, arg, { timeout: PATIENCE, polling: 50 }).catch((err) => {
+/** Waits for `fn` (run in the page) to return a truthy value, for at most `ms`. */
+function until(page, fn, arg, what, ms = PATIENCE) {
+  return page.waitForFunction(fn, arg, { timeout: Math.max(1, ms), polling: 50 }).catch((err) => {
     throw new Error(`${page.label}: timed out waiting for ${what}: ${err.message}`);
   });
 }
@@ -128,6 +128,31 @@ function until(page, fn, arg, what) {
 /** Waits until `page` holds every stroke of `ids` as stored by the backend. */
 function untilStored(page, ids, what = `strokes ${ids.join(', ')}`) {
   return until(page, (ids) => ids.every((id) => window.whiteboard.ids({ confirmed: true }).includes(id)), ids, what);
+}
+
+/** Waits until the page's list of windows ("on the board:") shows exactly `connections`. */
+function untilListed(page, connections, what, ms = PATIENCE) {
+  return until(
+    page,
+    (expected) => {
+      const shown = [...document.querySelectorAll('#who li')].map((li) => li.dataset.connection);
+      return shown.sort().join(' ') === [...expected].sort().join(' ');
+    },
+    connections,
+    `${what} (the list should show ${connections.join(', ')})`,
+    ms
+  );
+}
+
+const connectionOf = (page) => page.evaluate(() => window.whiteboard.client.connectionId);
+
+/** How long after a replica's last heartbeat the others remove its windows at most:
+ * replica_ttl_seconds plus one heartbeat_interval_ms, read from the whiteboard's config. */
+function presenceBoundMs() {
+  const toml = readFileSync(path.join(ROOT, 'examples/whiteboard/wsbridge.toml'), 'utf8');
+  const ttl = Number(/^replica_ttl_seconds\s*=\s*(\d+)/m.exec(toml)[1]);
+  const heartbeat = Number(/^heartbeat_interval_ms\s*=\s*(\d+)/m.exec(toml)[1]);
+  return ttl * 1000 + heartbeat;
 }
 
 async function open(where, cluster, board, label) {
@@ -237,6 +262,11 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   const ra = await a.evaluate(() => window.whiteboard.replica);
   const rb = await b.evaluate(() => window.whiteboard.replica);
   assert.notEqual(ra, rb, 'least_conn puts the second window on another replica');
+  // Each window lists both: itself and the other one.
+  const [ca, cb] = [await connectionOf(a), await connectionOf(b)];
+  await untilListed(a, [ca, cb], 'A lists both windows');
+  await untilListed(b, [ca, cb], 'B lists both windows');
+  assert.match(await a.locator('#who li[data-you]').textContent(), new RegExp(`^${ra} #\\d+ \\(this window\\)$`));
 
   // A draws; B sees the stroke, on its canvas.
   const first = await draw(a, [100, 100], [400, 250]);
@@ -249,17 +279,38 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   // A's replica freezes, then dies. Meanwhile A draws (its send reaches no one) and B draws
   // (A's replica never delivers it).
   const pid = cluster.pidOf(ra);
+  // From here A's replica renews no heartbeat: its windows must leave the others' lists within
+  // replica_ttl + one heartbeat (plus a margin for the page to hear and show it). Watched from
+  // now on, while the test goes on (the freeze can outlast the bound: the backend's POST /send
+  // may wait on the frozen replica until nginx gives up on it).
+  const bound = presenceBoundMs() + 3000;
+  const frozenAt = Date.now();
   process.kill(pid, 'SIGSTOP');
+  const aLeftB = until(
+    b,
+    (old) => ![...document.querySelectorAll('#who li')].some((li) => li.dataset.connection === old),
+    ca,
+    `A's old entry (${ca}) to leave B's list within ${bound} ms of the freeze`,
+    bound
+  ).then(() => Date.now() - frozenAt);
+  aLeftB.catch(() => {}); // awaited below
   const second = await draw(a, [100, 400], [400, 400]);
   await b.locator('.swatch[title="#e53935"]').click(); // B picks red
   const third = await draw(b, [600, 100], [600, 450]);
   await untilStored(b, [third]);
   assert.ok(!(await confirmedIds(a)).includes(third), 'A missed the stroke while its replica was frozen');
   process.kill(pid, 'SIGKILL');
+  const goneAfter = await aLeftB;
+  t.diagnostic(`A's old entry left B's list ${goneAfter} ms after its replica froze (bound ${bound} ms)`);
+  assert.ok(goneAfter <= bound, `A's old entry left B's list after ${goneAfter} ms, over ${bound} ms`);
 
   // A reconnects through nginx to another replica, catches up from its last offset, and its
   // own stroke is resent and stored once.
   await until(a, (dead) => window.whiteboard.state === 'open' && window.whiteboard.replica !== dead, ra, 'A on another replica');
+  // A is back on the list, as its new connection, in both windows.
+  const ca2 = await connectionOf(a);
+  await untilListed(b, [ca2, cb], 'A back on B\'s list');
+  await untilListed(a, [ca2, cb], 'A\'s list read again after its reconnect');
   const all = [first, second, third];
   for (const page of [a, b]) {
     await untilStored(page, all, 'every stroke');
@@ -305,6 +356,8 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   assert.equal(await c.evaluate(() => window.whiteboard.loads), 1, 'a new window loads the board');
   assert.deepEqual(await confirmedIds(c), await confirmedIds(b));
   await samePicture(c, b, 'the late window shows the same picture');
+  // The closed window left; the open ones are listed.
+  await untilListed(c, [cb, await connectionOf(again), await connectionOf(c)], 'C lists the open windows');
   await shot(c, '4-c-opened-late');
   const stored = execFileSync('redis-cli', ['-p', String(cluster.redisPort), 'HLEN', `${cluster.prefix}:whiteboard:${board}`]);
   assert.equal(String(stored).trim(), '4');

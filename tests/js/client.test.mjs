@@ -5,7 +5,7 @@ import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { WsBridgeClient, WsBridgeError, backoff, compareOffsets } from '../../examples/js/wsbridge-client.mjs';
-import { deadline, eventually, freePort, killAll, record, startGateway, startRedis, token, uniquePrefix } from './harness.mjs';
+import { PRESENCE, deadline, eventually, freePort, killAll, record, startGateway, startRedis, token, uniquePrefix } from './harness.mjs';
 
 if (typeof globalThis.WebSocket !== 'function') {
   throw new Error('no global WebSocket: run with `node --experimental-websocket --test` on Node 20/21');
@@ -381,6 +381,206 @@ describe('against real replicas', () => {
   });
 });
 
+describe('presence, against real replicas', () => {
+  const secret = 'js-presence-secret';
+
+  /** Waits until the replica's backend API counts `connections` in `channel`. */
+  function counted(gw, channel, connections) {
+    return eventually(async () => {
+      const { status, body } = await gw.post('/presence', { channel });
+      return status === 200 && body.connections === connections;
+    }, `${connections} connections in ${channel}`);
+  }
+
+  const byUser = (a, b) => String(a.user ?? a.connection).localeCompare(String(b.user ?? b.connection));
+
+  test('a page lists the members of every replica, in both views, with info from the token', async () => {
+    const prefix = uniquePrefix('presence-page');
+    const a = await gateway({ prefix, jwtSecret: secret, presence: true });
+    const b = await gateway({ prefix, jwtSecret: secret, presence: true });
+    const ann = client({ url: a.wsUrl, token: () => token(secret, { sub: 'ann', info: { name: 'Ann' } }) });
+    const bob = client({ url: b.wsUrl, token: () => token(secret, { sub: 'bob' }) });
+    const annWelcome = await deadline(ann.connect(), 'ann welcome');
+    const bobWelcome = await deadline(bob.connect(), 'bob welcome');
+    await deadline(Promise.all([ann.subscribe('room:p'), bob.subscribe('room:p')]), 'subscribed');
+    // Each replica writes its own members, just after `subscribed`.
+    await counted(a, 'room:p', 2);
+
+    const page = await deadline(bob.presence('room:p'), 'the presence page');
+    assert.deepEqual(Object.keys(page).sort(), ['channel', 'connections', 'cursor', 'members', 'users']);
+    assert.equal(page.channel, 'room:p');
+    assert.equal(page.connections, 2);
+    assert.equal(page.users, 2);
+    assert.equal(page.cursor, null);
+    assert.deepEqual(page.members.sort(byUser), [
+      { connection: annWelcome.connection, user: 'ann', info: { name: 'Ann' } },
+      { connection: bobWelcome.connection, user: 'bob', info: null },
+    ]);
+    const users = await deadline(ann.presence('room:p', { view: 'users' }), 'the users view');
+    assert.deepEqual(users.members.sort(byUser), [
+      { user: 'ann', connections: 1 },
+      { user: 'bob', connections: 1 },
+    ]);
+    // The backend API answers the same page.
+    const { status, body } = await b.post('/presence', { channel: 'room:p' });
+    assert.equal(status, 200);
+    assert.deepEqual(body.members.sort(byUser), page.members);
+  });
+
+  test('a user joins once with two tabs and leaves with the last; a watched list follows', async () => {
+    const prefix = uniquePrefix('presence-events');
+    const a = await gateway({ prefix, jwtSecret: secret, presence: true });
+    const b = await gateway({ prefix, jwtSecret: secret, presence: true });
+    const watcher = client({ url: a.wsUrl, token: () => token(secret, { sub: 'watcher' }) });
+    const wrec = record(watcher);
+    await deadline(watcher.connect(), 'welcome');
+    const watch = watcher.watchPresence('room:j');
+    const watched = () => watch.members.map((m) => m.user).sort().join(',');
+    await deadline(watcher.subscribe('room:j'), 'subscribed');
+    // A subscriber hears of its own arrival too.
+    await wrec.until(() => wrec.presence.length === 1, 'its own join');
+    assert.equal(wrec.presence[0].type, 'join');
+    assert.equal(wrec.presence[0].channel, 'room:j');
+    assert.equal(wrec.presence[0].member.user, 'watcher');
+    await eventually(() => watched() === 'watcher', 'the watched list to hold the watcher');
+
+    const annToken = () => token(secret, { sub: 'ann', info: { name: 'Ann' } });
+    const tab1 = client({ url: b.wsUrl, token: annToken });
+    const tab2 = client({ url: a.wsUrl, token: annToken });
+    await deadline(tab1.connect(), 'tab 1 welcome');
+    await deadline(tab1.subscribe('room:j'), 'tab 1 subscribed');
+    await wrec.until(() => wrec.presence.length === 2, "ann's join");
+    assert.deepEqual(wrec.presence[1], {
+      type: 'join',
+      channel: 'room:j',
+      member: { connection: tab1.connectionId, user: 'ann', info: { name: 'Ann' } },
+    });
+    await eventually(() => watched() === 'ann,watcher', 'ann in the watched list');
+
+    // Ann's second tab: no join. Events come in order with messages, so a message published
+    // once the tab is counted arrives with no join before it.
+    await deadline(tab2.connect(), 'tab 2 welcome');
+    await deadline(tab2.subscribe('room:j'), 'tab 2 subscribed');
+    await counted(a, 'room:j', 3);
+    await b.send({ to: { channel: 'room:j' }, data: 'after the second tab' });
+    await wrec.until(() => wrec.messages.length === 1, 'the first marker');
+    assert.equal(wrec.presence.length, 2, 'no second join for a second tab');
+
+    // The first tab goes: ann is still there. The last one goes: ann leaves.
+    await tab1.close();
+    await counted(a, 'room:j', 2);
+    await b.send({ to: { channel: 'room:j' }, data: 'after the first tab left' });
+    await wrec.until(() => wrec.messages.length === 2, 'the second marker');
+    assert.equal(wrec.presence.length, 2, 'no leave while a tab is left');
+    assert.equal(watched(), 'ann,watcher');
+    await tab2.close();
+    await wrec.until(() => wrec.presence.length === 3, "ann's leave");
+    assert.equal(wrec.presence[2].type, 'leave');
+    assert.equal(wrec.presence[2].member.user, 'ann');
+    await eventually(() => watched() === 'watcher', 'ann gone from the watched list');
+    watch.stop();
+  });
+
+  test('errors name what was wrong: presence_disabled, channel_not_allowed, bad_request', async () => {
+    const prefix = uniquePrefix('presence-errors');
+    const gw = await gateway({ prefix, jwtSecret: secret, presence: true });
+    const c = client({ url: gw.wsUrl, token: () => token(secret, { sub: 'ann', channels: ['room:*', 'other:*'] }) });
+    const rec = record(c);
+    await deadline(c.connect(), 'welcome');
+    await assert.rejects(c.presence('other:1'), (err) => {
+      assert.ok(err instanceof WsBridgeError);
+      assert.equal(err.code, 'presence_disabled');
+      assert.equal(err.channel, 'other:1');
+      assert.ok(err.message.length > 0);
+      assert.equal(err.retryable, false);
+      return true;
+    });
+    await assert.rejects(c.presence('secret:1'), { code: 'channel_not_allowed' });
+    await assert.rejects(c.presence('room:1', { view: 'everyone' }), { code: 'bad_request' });
+    assert.equal(rec.errors.length, 0, 'an answered question is no error event');
+    // The connection is fine: a good question gets its page.
+    const page = await deadline(c.presence('room:1'), 'a page');
+    assert.deepEqual(page, { channel: 'room:1', connections: 0, users: 0, members: [], cursor: null });
+  });
+
+  test('pages: a cursor walks every member once; a watched list reads every page', async (t) => {
+    // A small hash is scanned whole whatever the limit; make hashes use the encoding whose
+    // HSCAN honours COUNT, so that five members take several pages.
+    await redis.cli('CONFIG', 'SET', 'hash-max-listpack-entries', '0');
+    t.after(() => redis.cli('CONFIG', 'SET', 'hash-max-listpack-entries', '128'));
+    const prefix = uniquePrefix('presence-pages');
+    const gw = await gateway({ prefix, presence: true });
+    const members = [];
+    for (let i = 0; i < 5; i++) {
+      const c = client({ url: gw.wsUrl });
+      await deadline(c.connect(), 'welcome');
+      await deadline(c.subscribe('room:pages'), 'subscribed');
+      members.push(c);
+    }
+    await counted(gw, 'room:pages', 5);
+    const expected = members.map((c) => c.connectionId).sort();
+
+    for (const view of ['connections', 'users']) {
+      const seen = [];
+      let cursor = null;
+      let pages = 0;
+      do {
+        const page = await deadline(members[0].presence('room:pages', { view, cursor, limit: 2 }), `a page of ${view}`);
+        assert.equal(page.connections, 5);
+        assert.equal(page.users, 5, 'an anonymous connection is a user of its own');
+        seen.push(...page.members);
+        cursor = page.cursor;
+        pages += 1;
+        assert.ok(pages < 50, 'the walk ends');
+      } while (cursor != null);
+      assert.ok(pages >= 2, `a limit of 2 takes more than one page (${view})`);
+      assert.deepEqual(seen.map((m) => m.connection).sort(), expected, `every member once (${view})`);
+      if (view === 'users') for (const m of seen) assert.deepEqual(m, { user: null, connection: m.connection, connections: 1 });
+    }
+
+    const watch = members[1].watchPresence('room:pages', null, { limit: 2 });
+    await eventually(() => watch.members.length === 5, 'the watched list to read every page');
+    assert.deepEqual(watch.members.map((m) => m.connection).sort(), expected);
+    watch.stop();
+  });
+
+  test("a killed replica: its member leaves the others' lists in time; the client's list is read again", async () => {
+    const prefix = uniquePrefix('presence-failover');
+    const a = await gateway({ prefix, presence: true });
+    const b = await gateway({ prefix, presence: true });
+    const w = client({ url: b.wsUrl });
+    await deadline(w.connect(), 'welcome');
+    const watch = w.watchPresence('room:r');
+    await deadline(w.subscribe('room:r'), 'subscribed');
+    const c = client({ urls: [a.wsUrl, b.wsUrl] });
+    const crec = record(c);
+    await deadline(c.connect(), 'welcome');
+    const own = c.watchPresence('room:r');
+    await deadline(c.subscribe('room:r'), 'subscribed');
+    const first = c.connectionId;
+    const list = (x) => x.members.map((m) => m.connection).sort().join(' ');
+    await eventually(() => list(watch) === [w.connectionId, first].sort().join(' '), "both in w's list");
+    await eventually(() => list(own) === [w.connectionId, first].sort().join(' '), "both in c's list");
+
+    // A dies without a word. c moves to B; B counts A dead after its last heartbeat, plus at
+    // most one of its own heartbeats, and sends the leave of A's member.
+    const killedAt = Date.now();
+    await a.kill('SIGKILL');
+    await crec.until(() => crec.subscribed.length === 2, 'the resubscribe on B');
+    const second = c.connectionId;
+    assert.notEqual(second, first);
+    const bound = PRESENCE.replicaTtlSeconds * 1000 + PRESENCE.heartbeatIntervalMs + 2500;
+    const expected = [w.connectionId, second].sort().join(' ');
+    await eventually(() => list(watch) === expected, `A's member to leave w's list within ${bound} ms`, bound);
+    assert.ok(Date.now() - killedAt <= bound, `gone after ${Date.now() - killedAt} ms`);
+    // c's list, read again after the resubscribe (the events sent while it was away are
+    // lost): w and its new connection, and its old one gone with the leave.
+    await eventually(() => list(own) === expected, "c's list read again");
+    watch.stop();
+    own.stop();
+  });
+});
+
 describe('without a gateway', () => {
   // A stand-in WebSocket that the test drives frame by frame.
   class FakeWebSocket {
@@ -457,6 +657,64 @@ describe('without a gateway', () => {
     assert.deepEqual(next.sent.at(-1), frame);
     next.deliver({ type: 'ack', id: frame.id, entry: '1-0' });
     assert.equal(await sent, '1-0');
+  });
+
+  test('a watched list applies the events that came while its pages were read; presence questions wait for a connection', async () => {
+    const c = client({ url: 'ws://fake/ws', WebSocket: FakeWebSocket });
+    const connected = c.connect();
+    await eventually(() => FakeWebSocket.last?.onmessage, 'the fake socket');
+    const ws = FakeWebSocket.last;
+    ws.deliver({ type: 'welcome', connection: 'r.1.1', user: null });
+    await connected;
+    const changes = [];
+    const watch = c.watchPresence('room:w', (members, change) => changes.push([change.type, members.map((m) => m.user)]));
+    c.subscribe('room:w');
+    ws.deliver({ type: 'subscribed', channel: 'room:w', id: ws.sent.at(-1).id });
+    const q1 = ws.sent.at(-1);
+    assert.deepEqual(q1, { type: 'presence', channel: 'room:w', id: q1.id });
+    // While the pages are read, x joins and y leaves; the first page still has y.
+    const member = (user) => ({ connection: `r.1.${user}`, user, info: null });
+    ws.deliver({ type: 'join', channel: 'room:w', member: member('x') });
+    ws.deliver({ type: 'leave', channel: 'room:w', member: member('y') });
+    ws.deliver({ type: 'presence', channel: 'room:w', id: q1.id, connections: 3, users: 3, members: [member('y'), member('z')], cursor: '7' });
+    await eventually(() => ws.sent.length === 3, 'the next page asked');
+    const q2 = ws.sent.at(-1);
+    assert.deepEqual(q2, { type: 'presence', channel: 'room:w', id: q2.id, cursor: '7' });
+    ws.deliver({ type: 'presence', channel: 'room:w', id: q2.id, connections: 3, users: 3, members: [member('w')], cursor: null });
+    await eventually(() => changes.some(([type]) => type === 'reset'), 'the list read');
+    assert.deepEqual(watch.members.map((m) => m.user).sort(), ['w', 'x', 'z']);
+    assert.deepEqual(changes, [
+      ['join', ['x']],
+      ['leave', ['x']],
+      ['reset', ['z', 'w', 'x']],
+    ]);
+    watch.stop();
+
+    // Asked while offline: sent with the next welcome, after the resubscribe.
+    c.reconnect();
+    await eventually(() => FakeWebSocket.last !== ws && FakeWebSocket.last.onmessage, 'the new socket');
+    const next = FakeWebSocket.last;
+    const asked = c.presence('room:w', { view: 'users', limit: 5 });
+    next.deliver({ type: 'welcome', connection: 'r.1.2', user: null });
+    assert.deepEqual(
+      next.sent.map((f) => f.type),
+      ['subscribe', 'presence']
+    );
+    const q3 = next.sent[1];
+    assert.deepEqual(q3, { type: 'presence', channel: 'room:w', id: q3.id, view: 'users', limit: 5 });
+    next.deliver({ type: 'presence', channel: 'room:w', id: q3.id, connections: 1, users: 1, members: [{ user: 'u', connections: 1 }], cursor: null });
+    assert.deepEqual(await asked, { channel: 'room:w', connections: 1, users: 1, members: [{ user: 'u', connections: 1 }], cursor: null });
+
+    // Lost with a connection: asked again on the next one, with the same id.
+    const lost = c.presence('room:w');
+    const q4 = next.sent.at(-1);
+    c.reconnect();
+    await eventually(() => FakeWebSocket.last !== next && FakeWebSocket.last.onmessage, 'the third socket');
+    const third = FakeWebSocket.last;
+    third.deliver({ type: 'welcome', connection: 'r.1.3', user: null });
+    assert.deepEqual(third.sent.at(-1), q4);
+    third.deliver({ type: 'error', id: q4.id, code: 'redis_unavailable', message: 'presence could not be read' });
+    await assert.rejects(lost, (err) => err.code === 'redis_unavailable' && err.retryable && err.channel === 'room:w');
   });
 
   test('offsets compare within an epoch; backoff caps double up to the maximum', () => {

@@ -153,8 +153,27 @@ export function uniquePrefix(name) {
   return `js${process.pid}-${++prefixes}-${name}`;
 }
 
-/** The config file the replicas of these tests use. */
-export function gatewayConfig({ redisUrl, prefix, listen = '127.0.0.1:0', historySize = 1000, jwtSecret = '' }) {
+/** How fast the replicas of `presence: true` tests count a silent replica as dead. */
+export const PRESENCE = { replicaTtlSeconds: 2, heartbeatIntervalMs: 300 };
+
+/**
+ * The config file the replicas of these tests use. With `presence`, `room:*` channels keep
+ * presence and send join and leave events, and a replica counts as dead PRESENCE.replicaTtlSeconds
+ * after its last heartbeat; `other:*` channels keep none.
+ */
+export function gatewayConfig({ redisUrl, prefix, listen = '127.0.0.1:0', historySize = 1000, jwtSecret = '', presence = false }) {
+  const presenceConfig = presence
+    ? `presence = true
+join_leave = true
+
+[[channels]]
+pattern = "other:*"
+
+[presence]
+replica_ttl_seconds = ${PRESENCE.replicaTtlSeconds}
+heartbeat_interval_ms = ${PRESENCE.heartbeatIntervalMs}
+`
+    : '';
   return `
 [server]
 listen = "${listen}"
@@ -181,7 +200,7 @@ jwt_secret = "${jwtSecret}"
 pattern = "room:*"
 history_size = ${historySize}
 history_ttl_seconds = 600
-`;
+${presenceConfig}`;
 }
 
 /**
@@ -291,6 +310,7 @@ export function record(client) {
     reconnecting: [],
     welcomes: [],
     errors: [],
+    presence: [], // join and leave events: {type, channel, member}
     waiters: new Set(),
     until(predicate, what, ms = PATIENCE) {
       if (predicate()) return Promise.resolve();
@@ -320,6 +340,8 @@ export function record(client) {
   client.on('error', (err) => push('error', rec.errors, err));
   client.on('open', (info) => push('open', null, info));
   client.on('unsubscribed', (info) => push('unsubscribed', null, info));
+  client.on('join', (info) => push('join', rec.presence, { type: 'join', ...info }));
+  client.on('leave', (info) => push('leave', rec.presence, { type: 'leave', ...info }));
   return rec;
 }
 
