@@ -48,6 +48,7 @@ pub mod names {
     pub const RESUMES: &str = "wsbridge_resumes_total";
     pub const CATCH_UPS: &str = "wsbridge_catch_ups_total";
     pub const PRESENCE_CHANGES: &str = "wsbridge_presence_changes_total";
+    pub const PRESENCE_MEMBERS: &str = "wsbridge_presence_members";
     pub const PRESENCE_DROPPED: &str = "wsbridge_presence_dropped_total";
     pub const PRESENCE_GHOSTS: &str = "wsbridge_presence_ghosts_removed_total";
     pub const PRESENCE_QUERIES: &str = "wsbridge_presence_queries_total";
@@ -274,6 +275,8 @@ pub struct MetricsInner {
     catch_ups_not_recovered: Counter,
     presence_joins: Counter,
     presence_leaves: Counter,
+    /// This replica's connections in channels with presence (summed over replicas: every member).
+    pub presence_members: Gauge,
     /// Presence joins and leaves dropped because the presence queue was full.
     pub presence_dropped: Counter,
     /// Members of dead replicas this replica removed from presence.
@@ -375,6 +378,7 @@ impl Metrics {
             limit_refusals: by_label(names::LIMIT_REFUSALS, "limit", &Limit::ALL, Limit::as_str),
             presence_joins: metrics::counter!(names::PRESENCE_CHANGES, "change" => "join"),
             presence_leaves: metrics::counter!(names::PRESENCE_CHANGES, "change" => "leave"),
+            presence_members: metrics::gauge!(names::PRESENCE_MEMBERS),
             presence_dropped: metrics::counter!(names::PRESENCE_DROPPED),
             presence_ghosts: metrics::counter!(names::PRESENCE_GHOSTS),
             presence_queries: metrics::counter!(names::PRESENCE_QUERIES),
@@ -593,6 +597,10 @@ fn describe() {
     describe_counter!(
         PRESENCE_CHANGES,
         "Connections this replica wrote into presence (change=join) or removed from it (change=leave, a dead replica's included)."
+    );
+    describe_gauge!(
+        PRESENCE_MEMBERS,
+        "This replica's connections in channels with presence; summed over replicas, every member."
     );
     describe_counter!(
         PRESENCE_DROPPED,

@@ -385,12 +385,14 @@ impl MembershipWatch for Presence {
 
     fn joined(&self, handle: &ConnHandle, channel: &str) {
         if self.inner.config.presence_for(channel).is_some() {
+            self.inner.metrics.presence_members.increment(1.0);
             self.submit(Change::Join(Member::of(handle, channel)));
         }
     }
 
     fn left(&self, handle: &ConnHandle, channel: &str) {
         if self.inner.config.presence_for(channel).is_some() {
+            self.inner.metrics.presence_members.decrement(1.0);
             self.submit(Change::Leave(Member::of(handle, channel)));
         }
     }
@@ -426,7 +428,14 @@ pub async fn run(
     changes.close();
     while changes.try_recv().is_ok() {}
     let me = task.inner.replica.clone();
-    match task.sweep(&me).await {
+    let gone = async {
+        let removed = task.sweep(&me).await?;
+        let mut forget = redis::cmd("ZREM");
+        forget.arg(task.inner.keys.replicas_alive()).arg(&me);
+        task.inner.backplane.query::<()>(&forget).await?;
+        Ok::<_, RedisFailure>(removed)
+    };
+    match gone.await {
         Ok(removed) => tracing::info!(removed, "presence: this replica's members removed"),
         Err(e) => {
             tracing::warn!(error = %e, "presence: this replica's members could not be removed; the other replicas will once its heartbeat runs out")

@@ -112,6 +112,9 @@ async fn members_on_every_replica_are_counted_and_listed_page_by_page() {
             page["connections"] == 4
         })
         .await;
+        let members = a.metric("wsbridge_presence_members").await
+            + b.metric("wsbridge_presence_members").await;
+        assert_eq!(members, 4.0, "each replica counts its own members");
         let page = presence_of(
             &mut bob,
             json!({"type": "presence", "channel": "quiet:list", "id": "p1"}),
