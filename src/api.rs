@@ -186,15 +186,8 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
                     "`{channel}` does not keep presence (no [[channels]] pattern with presence = true matches it)"
                 )));
             }
-            let users = match ask.view.as_deref() {
-                None | Some("connections") => false,
-                Some("users") => true,
-                Some(other) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "`view` must be \"connections\" or \"users\", not `{other}`"
-                    )))
-                }
-            };
+            let users = crate::protocol::PresenceQuery::users_view(ask.view.as_deref())
+                .map_err(ApiError::BadRequest)?;
             let query = crate::protocol::PresenceQuery {
                 users,
                 cursor: ask.cursor,

@@ -91,6 +91,22 @@ pub enum ClientFrame {
     },
 }
 
+impl PresenceQuery {
+    /// Whether `view` (`connections`, the default, or `users`) asks for the users view.
+    ///
+    /// # Errors
+    /// A sentence naming the field when `view` is something else.
+    pub fn users_view(view: Option<&str>) -> Result<bool, String> {
+        match view {
+            None | Some("connections") => Ok(false),
+            Some("users") => Ok(true),
+            Some(other) => Err(format!(
+                "field `view` must be \"connections\" or \"users\", not `{other}`"
+            )),
+        }
+    }
+}
+
 /// What a presence query asks for: a view, and a page of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PresenceQuery {
@@ -371,16 +387,9 @@ fn build(
             id,
         }),
         Some("presence") => {
-            let users = match view.as_deref() {
-                None | Some("connections") => false,
-                Some("users") => true,
-                Some(other) => {
-                    return Err(FrameError::new(
-                        id,
-                        ErrorCode::BadRequest,
-                        format!("field `view` must be \"connections\" or \"users\", not `{other}`"),
-                    ))
-                }
+            let users = match PresenceQuery::users_view(view.as_deref()) {
+                Ok(users) => users,
+                Err(e) => return Err(FrameError::new(id, ErrorCode::BadRequest, e)),
             };
             Ok(ClientFrame::Presence {
                 channel: need(channel, "channel", &id)?,
