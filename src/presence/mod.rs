@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backplane::script::Script;
+use crate::backplane::script::{Invocation, Script};
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::{Config, Routing};
 use crate::connection::ConnHandle;
@@ -454,12 +454,7 @@ struct Task {
 
 impl Task {
     /// The event arguments (ARGV 1–5) of a change in `channel`.
-    fn event_args(
-        &self,
-        call: &mut crate::backplane::script::Invocation<'_>,
-        channel: &str,
-        kind: PresenceKind,
-    ) {
+    fn event_args(&self, call: &mut Invocation<'_>, channel: &str, kind: PresenceKind) {
         let inner = &self.inner;
         let events = inner
             .config
@@ -482,12 +477,8 @@ impl Task {
             .arg(after.into_bytes());
     }
 
-    fn keys_of<'s>(
-        &self,
-        call: &mut crate::backplane::script::Invocation<'s>,
-        channel: &str,
-        replica: &str,
-    ) {
+    /// The keys (KEYS 1–3) of `replica`'s members in `channel`.
+    fn keys_of(&self, call: &mut Invocation<'_>, channel: &str, replica: &str) {
         let keys = &self.inner.keys;
         call.key(keys.presence(channel))
             .key(keys.presence_users(channel))
@@ -497,14 +488,13 @@ impl Task {
     async fn apply(&mut self, change: Change) {
         let result = match &change {
             Change::Join(member) => self.join(member).await,
-            Change::Leave(member) => self
-                .remove(
-                    &member.channel,
-                    &self.inner.replica.clone(),
-                    &[member.connection.to_string()],
-                )
-                .await
-                .map(|_| ()),
+            Change::Leave(member) => {
+                let me = self.inner.replica.clone();
+                let connection = [member.connection.to_string()];
+                self.remove(&member.channel, &me, &connection)
+                    .await
+                    .map(|_| ())
+            }
             Change::Connected(user) => self.user_on(user).await,
             Change::Disconnected(user) => self
                 .user_off(&user.user, "connection", &user.connection)
