@@ -412,18 +412,25 @@ pub async fn run(
         listed: HashSet::new(),
         listed_users: HashSet::new(),
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(
-        task.inner.config.presence.heartbeat_interval_ms,
-    ));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The renewal runs on its own: neither a backlog of joins (a connection storm) nor a long
+    // sweep or reconcile may hold it up, or the other replicas would take this one for dead
+    // and sweep its members while it is busy writing them.
+    let beats = Arc::new(Beats::default());
+    let renewing = CancellationToken::new();
+    let renewer = tokio::spawn(renew(task.inner.clone(), beats.clone(), renewing.clone()));
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = beats.ready.notified() => {
+                let beat = std::mem::take(&mut *beats.found.lock().expect("beats lock"));
+                task.after_beat(beat).await;
+            }
             Some(change) = changes.recv() => task.apply(change).await,
-            _ = tick.tick() => task.heartbeat().await,
         }
     }
+    renewing.cancel();
+    let _ = renewer.await;
     // What is still queued is this replica's own, and goes with the rest of its members.
     changes.close();
     while changes.try_recv().is_ok() {}
@@ -439,6 +446,57 @@ pub async fn run(
         Ok(removed) => tracing::info!(removed, "presence: this replica's members removed"),
         Err(e) => {
             tracing::warn!(error = %e, "presence: this replica's members could not be removed; the other replicas will once its heartbeat runs out")
+        }
+    }
+}
+
+/// Handed from the renewal to the presence task: what renewals found since it last looked.
+#[derive(Default)]
+struct Beats {
+    found: std::sync::Mutex<Beat>,
+    ready: tokio::sync::Notify,
+}
+
+/// What renewals found.
+#[derive(Debug, Default)]
+struct Beat {
+    /// This replica was missing from `replicas-alive`: Redis lost it, or the others took it for
+    /// dead.
+    missing: bool,
+    /// Replicas past their time.
+    dead: Vec<String>,
+}
+
+/// Renews this replica in `replicas-alive` every heartbeat until `stop`, and hands what it finds
+/// to the presence task (the latest dead list; `missing` kept until taken).
+async fn renew(inner: Arc<Inner>, beats: Arc<Beats>, stop: CancellationToken) {
+    let ttl_ms = inner.config.presence.replica_ttl_seconds * 1000;
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        inner.config.presence.heartbeat_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut call = HEARTBEAT.call();
+        call.key(inner.keys.replicas_alive())
+            .arg(inner.replica.as_bytes().to_vec())
+            .number(ttl_ms);
+        match inner.backplane.invoke::<(u64, Vec<String>)>(&call).await {
+            Ok((missing, dead)) => {
+                {
+                    let mut found = beats.found.lock().expect("beats lock");
+                    found.missing |= missing == 1;
+                    found.dead = dead;
+                }
+                beats.ready.notify_one();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "presence heartbeat failed");
+                inner.dirty.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -581,28 +639,18 @@ impl Task {
 
     /// Renews this replica; removes dead replicas' members; puts this replica's right when
     /// Redis lost them or a change was not written.
-    async fn heartbeat(&mut self) {
+    /// After a renewal: puts this replica's members right when Redis lost them (or a write
+    /// failed), and removes the members of replicas past their time.
+    async fn after_beat(&mut self, beat: Beat) {
         let inner = self.inner.clone();
         let ttl_ms = inner.config.presence.replica_ttl_seconds * 1000;
-        let mut call = HEARTBEAT.call();
-        call.key(inner.keys.replicas_alive())
-            .arg(inner.replica.as_bytes().to_vec())
-            .number(ttl_ms);
-        let (missing, dead): (u64, Vec<String>) = match inner.backplane.invoke(&call).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                tracing::debug!(error = %e, "presence heartbeat failed");
-                inner.dirty.store(true, Ordering::Relaxed);
-                return;
-            }
-        };
-        if missing == 1 || inner.dirty.swap(false, Ordering::Relaxed) {
+        if beat.missing || inner.dirty.swap(false, Ordering::Relaxed) {
             if let Err(e) = self.reconcile().await {
                 tracing::debug!(error = %e, "presence not put right yet");
                 inner.dirty.store(true, Ordering::Relaxed);
             }
         }
-        for replica in dead.into_iter().filter(|r| *r != inner.replica) {
+        for replica in beat.dead.into_iter().filter(|r| *r != inner.replica) {
             if let Err(e) = self.sweep_dead(&replica, ttl_ms).await {
                 tracing::warn!(error = %e, replica, "presence: a dead replica's members not removed yet");
             }
@@ -642,38 +690,56 @@ impl Task {
     }
 
     /// Removes every member `replica` holds, channel by channel, with their leave events.
+    ///
+    /// Nothing is taken off a list before it is removed: the lists are read (`SRANDMEMBER`),
+    /// and each entry leaves its list once its removal is written. A sweep cut short (a
+    /// timeout, the sweeping replica dying) leaves the rest listed for the next sweep.
     async fn sweep(&self, replica: &str) -> Result<u64, RedisFailure> {
         let keys = &self.inner.keys;
+        let some = |key: String, count: usize| {
+            let mut cmd = redis::cmd("SRANDMEMBER");
+            cmd.arg(key).arg(count);
+            cmd
+        };
         let mut removed = 0;
         loop {
-            let mut pop = redis::cmd("SPOP");
-            pop.arg(keys.presence_channels(replica)).arg(100);
-            let channels: Vec<String> = self.inner.backplane.query(&pop).await?;
+            let channels: Vec<String> = self
+                .inner
+                .backplane
+                .query(&some(keys.presence_channels(replica), 100))
+                .await?;
             if channels.is_empty() {
                 break;
             }
             for channel in channels {
                 loop {
-                    let mut pop = redis::cmd("SPOP");
-                    pop.arg(keys.presence_of(&channel, replica))
-                        .arg(SWEEP_BATCH);
-                    let members: Vec<String> = self.inner.backplane.query(&pop).await?;
+                    // The removal script takes each one off this list.
+                    let of = some(keys.presence_of(&channel, replica), SWEEP_BATCH);
+                    let members: Vec<String> = self.inner.backplane.query(&of).await?;
                     if members.is_empty() {
                         break;
                     }
                     removed += self.remove(&channel, replica, &members).await?;
                 }
+                let mut done = redis::cmd("SREM");
+                done.arg(keys.presence_channels(replica)).arg(&channel);
+                self.inner.backplane.query::<()>(&done).await?;
             }
         }
         loop {
-            let mut pop = redis::cmd("SPOP");
-            pop.arg(keys.users_of(replica)).arg(SWEEP_BATCH);
-            let users: Vec<String> = self.inner.backplane.query(&pop).await?;
+            let users: Vec<String> = self
+                .inner
+                .backplane
+                .query(&some(keys.users_of(replica), SWEEP_BATCH))
+                .await?;
             if users.is_empty() {
                 return Ok(removed);
             }
             for user in users {
                 self.user_off(&user, "replica", replica).await?;
+                let mut done = redis::cmd("SREM");
+                done.arg(keys.users_of(replica)).arg(&user);
+                self.inner.backplane.query::<()>(&done).await?;
             }
         }
     }
