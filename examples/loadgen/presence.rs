@@ -283,7 +283,16 @@ async fn converge(
     deadline: Instant,
 ) -> Result<Option<f64>, String> {
     loop {
-        let (connections, ..) = ask(api, channel, Some(1)).await?;
+        // An overloaded replica answers 503 (its Redis command timed out): ask again.
+        let connections = match ask(api, channel, Some(1)).await {
+            Ok((connections, ..)) => connections,
+            Err(e) if e.contains(": 503 ") && Instant::now() < deadline => {
+                eprintln!("loadgen: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if connections == want {
             return Ok(Some(since.elapsed().as_secs_f64()));
         }
