@@ -5,6 +5,7 @@
 #   bench/presence.sh [--quick] [--parts cost,storm,big,kill] [--out DIR]
 #
 # Release binaries are built here (nice -n 19) unless WSBRIDGE_BIN / LOADGEN_BIN are given.
+# STORM_CHANNELS (default "p:storm q:storm plain:storm") picks the storm variants.
 # Redis and the gateways are pinned to CPU 0, the load generator to CPU 1, as in bench/run.sh;
 # every part starts on a fresh Redis and fresh replicas with bench/presence.toml (`p:*` presence
 # with join/leave frames, `q:*` presence without them, everything else no presence).
@@ -117,12 +118,14 @@ loadgen() {
   taskset -c 1 "$LOADGEN" --target wsbridge --redis-pid "$REDIS_PID" --json "$OUT/$name.json" \
     --quiet "$@" >>"$LOG" 2>&1 || say "$name: loadgen exited $? (see run.log)"
 }
-# The presence counters of every replica, summed, after a part (ghosts and drops must be 0).
+# The presence counters of every live replica, summed, after a part (ghosts and drops must be
+# 0), with the delivery drops, slow-consumer closes and handshake timeouts beside them.
 metrics() {
   local name=$1 api
-  for api in ${APIS//,/ }; do curl -s "$api/metrics" | grep '^wsbridge_presence' || true; done \
-    | awk '{k=$1; sub(/\{.*/, "", k); if ($1 ~ /change="join"/) k=k"{join}"; if ($1 ~ /change="leave"/) k=k"{leave}"; s[k]+=$2} END {for (k in s) print k, s[k]}' \
-    | sort >"$OUT/$name.metrics"
+  for api in ${APIS//,/ }; do
+    curl -s "$api/metrics" \
+      | grep -E '^wsbridge_presence|^wsbridge_delivery_dropped_total|slow_consumer|handshake_timeout' || true
+  done | awk '{s[$1]+=$2} END {for (k in s) print k, s[k]}' | sort >"$OUT/$name.metrics"
 }
 
 if want cost; then
@@ -141,7 +144,7 @@ fi
 
 if want storm; then
   probe=(--probe-rate 50 --probe-clients 100)
-  for ch in p:storm q:storm plain:storm; do
+  for ch in ${STORM_CHANNELS:-p:storm q:storm plain:storm}; do
     name=storm-${ch%%:*}
     fresh 2
     loadgen "$name" --scenario storm --clients "$STORM" --watchers 2 --channel "$ch" \

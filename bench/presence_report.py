@@ -55,7 +55,7 @@ if storms:
         d = load(n)
         lat = d.get("probe_latency_ms") or {}
         joins = "-" if not d["watchers"] else f"{d['joins_per_watcher_min']:,}–{d['joins_per_watcher_max']:,}"
-        print(f"| {n} | {d['channel']} | {d['clients']:,} | {f(d['connect_s'])} | {f(d.get('presence_converged_s'))} | {f(d.get('watchers_saw_all_joins_s')) if d['watchers'] else '-'} | {joins} | {d['member_frames']:,} | {f(d['storm_gateway_cpu_s'])} | {f(d['storm_redis_cpu_s'])} | {d.get('probe_delivered', 0):,}/{d.get('probe_expected', 0):,} | {f(lat.get('p50'), '{:.1f}')} / {f(lat.get('p99'), '{:.1f}')} / {f(lat.get('max'), '{:.1f}')} |")
+        print(f"| {n} | {d['channel']} | {d['clients']:,} | {f(d['connect_s'])} | {f(d.get('presence_converged_s'))} | {f(d.get('watchers_saw_all_joins_s')) if d['watchers'] else '-'} | {joins} | {d['member_frames']:,} | {f(d['storm_gateway_cpu_s'])} | {f(d['storm_redis_cpu_s'])} | {d.get('probe_delivered', 0):,}/{d.get('probe_expected', 0):,}{' (' + str(d['probe_publish_failed']) + ' publishes 503)' if d.get('probe_publish_failed') else ''} | {f(lat.get('p50'), '{:.1f}')} / {f(lat.get('p99'), '{:.1f}')} / {f(lat.get('max'), '{:.1f}')} |")
     print()
 
 bigs = [n for n in names if n.startswith("big-")]

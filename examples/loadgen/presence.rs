@@ -500,14 +500,20 @@ pub async fn run(a: Args) -> Result<bool, String> {
                     let mut p = Publisher::new(Kind::Wsbridge, &api_url, key)?;
                     let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
                     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                    let mut seq = 0u64;
+                    let (mut seq, mut failed) = (0u64, 0u64);
                     while !stop.load(Ordering::Relaxed) {
                         t.tick().await;
                         seq += 1;
                         let data = format!(r#"{{"seq":{seq},"t":{}}}"#, counts.now_us());
-                        p.publish(&[(To::Channel(&channel), data)]).await?;
+                        // An overloaded replica may answer 503: count it and go on.
+                        if let Err(e) = p.publish(&[(To::Channel(&channel), data)]).await {
+                            if failed == 0 {
+                                eprintln!("loadgen: probe publish: {e}");
+                            }
+                            failed += 1;
+                        }
                     }
-                    Ok::<u64, String>(seq)
+                    Ok::<(u64, u64), String>((seq, failed))
                 })
             });
             let cpu0 = cpu_of(&a.pids);
@@ -587,7 +593,8 @@ pub async fn run(a: Args) -> Result<bool, String> {
                 "member_frames".into(),
                 json!(counts.member_frames.load(Ordering::Relaxed)),
             );
-            if let Some(published) = published {
+            if let Some((published, failed)) = published {
+                report.insert("probe_publish_failed".into(), json!(failed));
                 let got = counts.probe_got.load(Ordering::Relaxed);
                 let h = counts.probe_hist.lock().unwrap();
                 let q = |p: f64| (!h.is_empty()).then(|| h.value_at_quantile(p) as f64 / 1000.0);
