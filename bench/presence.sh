@@ -179,6 +179,39 @@ if want big; then
   done
 fi
 
+# Not in the default parts (--parts bigreal): 100,002 real connections in one presence channel
+# without join/leave (`q:`), 6 replicas and 6 load generators of 16,667 each (this machine's
+# limit is 20,000 open files per process), then the same queries as `big`.
+if want bigreal; then
+  fresh 6
+  IFS=, read -r -a ws_all <<<"$WS"; IFS=, read -r -a api_all <<<"$APIS"; IFS=, read -r -a pid_all <<<"$PIDS"
+  say "bigreal: 6 load generators x 16,667 connections into q:big-real, one replica each"
+  t0=$(date +%s.%N)
+  lg=()
+  for i in 0 1 2 3 4 5; do
+    taskset -c 1 "$LOADGEN" --target wsbridge --scenario idle --clients 16667 --channel q:big-real \
+      --settle-ms 60000 --ws "${ws_all[$i]}" --api "${api_all[$i]}" --pids "${pid_all[$i]}" \
+      --first-source $((1 + 10 * i)) --connect-concurrency 128 --timeout-s 300 \
+      --json "$OUT/bigreal-idle-$i.json" --quiet >>"$LOG" 2>&1 &
+    lg+=($!)
+  done
+  count() { curl -s -XPOST "$API1/presence" -d '{"channel":"q:big-real","limit":1}' | python3 -c 'import json,sys; print(json.load(sys.stdin).get("connections", -1))' 2>/dev/null || echo -1; }
+  n=0
+  for _ in $(seq 1 3000); do n=$(count); [ "$n" = 100002 ] && break; sleep 0.1; done
+  t1=$(date +%s.%N)
+  echo "{\"members\": $n, \"seconds_from_start_until_counted\": $(python3 -c "print($t1 - $t0)")}" >"$OUT/bigreal-converge.json"
+  say "bigreal: presence counted $n after $(python3 -c "print(round($t1 - $t0, 1))") s"
+  loadgen bigreal-limit100 --scenario query --channel q:big-real --limit 100 --messages 200 --ws "$WS" --api "$API1"
+  loadgen bigreal-default --scenario query --channel q:big-real --messages 100 --ws "$WS" --api "$API1"
+  ps -o rss= -p "${pid_all[@]}" | awk '{s+=$1} END {print "replicas RSS KiB:", s}' >>"$OUT/bigreal-converge.json.txt"
+  for p in "${lg[@]}"; do wait "$p" || say "bigreal: a load generator exited $?"; done
+  t2=$(date +%s.%N)
+  for _ in $(seq 1 3000); do n=$(count); [ "$n" = 0 ] && break; sleep 0.1; done
+  t3=$(date +%s.%N)
+  say "bigreal: after the load generators exited, presence counted $n after $(python3 -c "print(round($t3 - $t2, 1))") s"
+  metrics bigreal
+fi
+
 if want kill; then
   for timing in default short; do
     envs=()

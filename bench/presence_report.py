@@ -72,6 +72,24 @@ if bigs:
         print(f"| {int(size):,} | {d['limit'] or 'default'} | {d['calls']} | {d['connections']:,} / {d['users']:,} | {d['members_on_first_page']} | {lat['p50']:.2f} | {lat['p99']:.2f} | {mem} |")
     print()
 
+real = [n for n in names if n in ("bigreal-limit100", "bigreal-default")]
+if real:
+    conv = load("bigreal-converge") or {}
+    idle = [load(n) for n in names if n.startswith("bigreal-idle-")]
+    print("### 100,002 real connections in one presence channel (6 replicas, 6 load generators)\n")
+    if idle:
+        print(f"connected in {max(d['connect_s'] for d in idle):.1f} s (slowest load generator), "
+              f"{sum(d['connect_retries'] for d in idle)} retries, "
+              f"{sum(d['rss_kib_per_connection'] for d in idle) / len(idle):.2f} KiB gateway RSS per connection; "
+              f"presence counted {conv.get('members')} after {conv.get('seconds_from_start_until_counted', 0):.1f} s\n")
+    print("| limit | calls | connections / users counted | members on the first page | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for n in real:
+        d = load(n)
+        lat = d["latency_ms"]
+        print(f"| {d['limit'] or 'default'} | {d['calls']} | {d['connections']:,} / {d['users']:,} | {d['members_on_first_page']} | {lat['p50']:.2f} | {lat['p99']:.2f} |")
+    print()
+
 kills = [n for n in names if n.startswith("kill-")]
 if kills:
     print("### SIGKILL of a replica holding N members: the other replica's watcher\n")
