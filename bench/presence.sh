@@ -2,7 +2,7 @@
 # Presence (issue 16), measured: what a join costs, a connection storm into one presence
 # channel, a channel of 100,000 members, and a killed replica's members leaving.
 #
-#   bench/presence.sh [--quick] [--parts cost,storm,big,kill] [--out DIR]
+#   bench/presence.sh [--quick] [--parts cost,storm,big,kill,bigreal] [--out DIR]
 #
 # Release binaries are built here (nice -n 19) unless WSBRIDGE_BIN / LOADGEN_BIN are given.
 # STORM_CHANNELS (default "p:storm q:storm plain:storm") picks the storm variants.
@@ -23,6 +23,9 @@
 #   kill   `loadgen --scenario kill`: N members on replica 1, a watcher on replica 2, SIGKILL
 #          replica 1; time until the watcher saw N leaves. N = 1,000 and 5,000 (--quick: 1,000),
 #          default presence timing (10 s / 2000 ms) and a short one (2 s / 300 ms).
+#   bigreal (only when asked for): 100,002 real connections in one `q:` channel, 6 replicas and
+#          6 load generators of 16,667 (20,000 open files per process here), ~9 GB of memory
+#          for the load generators; the count's convergence and the same queries as `big`.
 # Results: DIR/*.json (loadgen reports), DIR/*.commandstats, DIR/run.log, DIR/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
