@@ -25,6 +25,9 @@
 //! - `inbound`: every client sends `--messages` frames to the stream `--stream` (chat), at most
 //!   `--window` unacknowledged at a time; counts acks (an error frame fails the run).
 //! - `idle`: clients connect and join, then sit for `--settle-ms`; reports RSS per connection.
+//! - `churn`, `storm`, `kill`, `query`: presence (wsbridge; see presence.rs): CPU per join,
+//!   convergence and join events in a connection storm, leaves after a replica is killed,
+//!   `POST /presence` latency.
 //!
 //! Every client must receive exactly what was addressed to it: the report has delivered and
 //! expected counts, the number of clients short or over, latency from the publish call to the
@@ -39,6 +42,7 @@
 //! load generator let gateways time out its handshakes. Give load generators running side by
 //! side distinct `--first-source` ranges. Raise `ulimit -n` for large runs.
 
+mod presence;
 mod proto;
 mod publish;
 
@@ -66,6 +70,11 @@ enum Scenario {
     Rooms,
     Inbound,
     Idle,
+    /// Presence scenarios (presence.rs).
+    Churn,
+    Storm,
+    Kill,
+    Query,
 }
 
 struct Args {
@@ -93,12 +102,20 @@ struct Args {
     timeout_s: u64,
     json: Option<String>,
     quiet: bool,
+    watchers: usize,
+    probe_rate: f64,
+    probe_clients: usize,
+    probe_channel: String,
+    probe_ms: u64,
+    kill_pid: Option<u32>,
+    limit: u64,
 }
 
-const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle \
+const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query \
 --ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
 [--channel C] [--rooms-per-endpoint K] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
-[--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet]";
+[--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet] \
+[--watchers N] [--probe-rate R] [--probe-clients N] [--probe-channel C] [--probe-ms MS] [--kill-pid P] [--limit N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -126,6 +143,13 @@ fn parse_args() -> Result<Args, String> {
         timeout_s: 120,
         json: None,
         quiet: false,
+        watchers: 1,
+        probe_rate: 0.0,
+        probe_clients: 100,
+        probe_channel: "probe".into(),
+        probe_ms: 0,
+        kill_pid: None,
+        limit: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -151,6 +175,10 @@ fn parse_args() -> Result<Args, String> {
                     "rooms" => Scenario::Rooms,
                     "inbound" => Scenario::Inbound,
                     "idle" => Scenario::Idle,
+                    "churn" => Scenario::Churn,
+                    "storm" => Scenario::Storm,
+                    "kill" => Scenario::Kill,
+                    "query" => Scenario::Query,
                     other => return Err(format!("--scenario {other:?}: unknown")),
                 }
             }
@@ -185,10 +213,28 @@ fn parse_args() -> Result<Args, String> {
             "--settle-ms" => a.settle_ms = num(&value)?,
             "--timeout-s" => a.timeout_s = num(&value)?,
             "--json" => a.json = Some(value),
+            "--watchers" => a.watchers = num(&value)? as usize,
+            "--probe-rate" => {
+                a.probe_rate = value
+                    .parse()
+                    .map_err(|_| format!("--probe-rate {value:?}: expected a number"))?
+            }
+            "--probe-clients" => a.probe_clients = num(&value)? as usize,
+            "--probe-channel" => a.probe_channel = value,
+            "--probe-ms" => a.probe_ms = num(&value)?,
+            "--kill-pid" => a.kill_pid = Some(num(&value)? as u32),
+            "--limit" => a.limit = num(&value)?,
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
-    if a.ws.is_empty() || a.clients == 0 {
+    let presence = matches!(
+        a.scenario,
+        Scenario::Churn | Scenario::Storm | Scenario::Kill | Scenario::Query
+    );
+    if presence && a.target != Kind::Wsbridge {
+        return Err("the presence scenarios are wsbridge only".into());
+    }
+    if a.ws.is_empty() || (a.clients == 0 && !presence) {
         return Err("--ws and --clients must not be empty".into());
     }
     match (a.scenario, a.target) {
@@ -579,6 +625,9 @@ async fn run(a: Args) -> Result<bool, String> {
         Scenario::Idle => {
             tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
         }
+        Scenario::Churn | Scenario::Storm | Scenario::Kill | Scenario::Query => {
+            unreachable!("presence scenarios run in presence.rs")
+        }
         Scenario::Inbound => {
             for (sink, window) in sinks.iter().zip(&windows) {
                 tokio::spawn(write_client(
@@ -823,7 +872,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(args).await {
+    let result = match args.scenario {
+        Scenario::Churn | Scenario::Storm | Scenario::Kill | Scenario::Query => {
+            presence::run(args).await
+        }
+        _ => run(args).await,
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("loadgen: counts are not exact (see clients_short, clients_over, out_of_order, connections_lost)");

@@ -116,7 +116,7 @@ pub async fn open(url: &str, source: Ipv4Addr) -> Result<Ws, String> {
     Ok(ws)
 }
 
-async fn next_text(ws: &mut Ws) -> Result<String, String> {
+pub async fn next_text(ws: &mut Ws) -> Result<String, String> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
@@ -128,7 +128,7 @@ async fn next_text(ws: &mut Ws) -> Result<String, String> {
     }
 }
 
-async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
+pub async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
     ws.send(Message::Text(text.into()))
         .await
         .map_err(|e| e.to_string())

@@ -53,9 +53,10 @@ impl Publisher {
         Ok(self.sender.as_mut().expect("just set"))
     }
 
-    async fn post(&mut self, path: String, body: String) -> Result<(), String> {
+    /// One `POST path` with a JSON body: the status and the response body.
+    pub async fn request(&mut self, path: &str, body: String) -> Result<(u16, Bytes), String> {
         let host = self.host.clone();
-        let mut req = hyper::Request::post(path.as_str())
+        let mut req = hyper::Request::post(path)
             .header("host", host)
             .header("content-type", "application/json");
         if let Some(key) = &self.api_key {
@@ -77,6 +78,11 @@ impl Publisher {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn post(&mut self, path: String, body: String) -> Result<(), String> {
+        let (status, body) = self.request(&path, body).await?;
         if (200..300).contains(&status) {
             Ok(())
         } else {
