@@ -282,7 +282,7 @@ impl Default for ApiConfig {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 secret; setting it turns auth on.
@@ -293,6 +293,20 @@ pub struct AuthConfig {
     pub audience: String,
     /// Required `iss` claim, if set.
     pub issuer: String,
+    /// How long before a token's `exp` the client is sent `refresh_required`; 0 sends none.
+    pub refresh_notice_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            audience: String::new(),
+            issuer: String::new(),
+            refresh_notice_seconds: 60,
+        }
+    }
 }
 
 /// How log lines are written.

@@ -82,6 +82,13 @@ pub enum ClientFrame {
         /// Client frame id.
         id: Option<FrameId>,
     },
+    /// Replace the connection's token with a fresh one of the same user.
+    Refresh {
+        /// The new token.
+        token: String,
+        /// Client frame id.
+        id: Option<FrameId>,
+    },
     /// Leave a channel.
     Unsubscribe {
         /// Channel name.
@@ -131,6 +138,10 @@ pub enum ErrorCode {
     StreamNotAllowed,
     /// The channel does not keep presence (`[[channels]] presence = true`).
     PresenceDisabled,
+    /// A `refresh` token did not verify (expired, malformed, bad signature).
+    TokenInvalid,
+    /// A `refresh` token belongs to another user.
+    TokenUserMismatch,
     /// The token's `channels` claim does not allow this channel.
     ChannelNotAllowed,
     /// The gateway's append queue is full.
@@ -147,7 +158,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for pre-registering counters.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
         ErrorCode::BadFrame,
@@ -159,6 +170,8 @@ impl ErrorCode {
         ErrorCode::RedisUnavailable,
         ErrorCode::ShuttingDown,
         ErrorCode::PresenceDisabled,
+        ErrorCode::TokenInvalid,
+        ErrorCode::TokenUserMismatch,
     ];
 
     /// The wire value.
@@ -175,6 +188,8 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PresenceDisabled => "presence_disabled",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenUserMismatch => "token_user_mismatch",
         }
     }
 }
@@ -213,6 +228,7 @@ struct JsonFrame<'a> {
     view: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
+    token: Option<String>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -228,6 +244,7 @@ struct MsgpackFrame {
     view: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
+    token: Option<String>,
     data: Option<rmpv::Value>,
 }
 
@@ -284,6 +301,7 @@ pub fn decode_json(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
             view: frame.view,
             cursor: frame.cursor,
             limit: frame.limit,
+            token: frame.token,
         },
         data,
         Encoding::Json,
@@ -331,6 +349,7 @@ pub fn decode_msgpack(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
             view: frame.view,
             cursor: frame.cursor,
             limit: frame.limit,
+            token: frame.token,
         },
         data,
         Encoding::Msgpack,
@@ -345,6 +364,7 @@ struct Fields {
     view: Option<String>,
     cursor: Option<String>,
     limit: Option<u32>,
+    token: Option<String>,
 }
 
 fn build(
@@ -369,6 +389,7 @@ fn build(
         view,
         cursor,
         limit,
+        token,
     } = fields;
     match kind {
         Some("send") => Ok(ClientFrame::Send {
@@ -401,11 +422,15 @@ fn build(
                 id,
             })
         }
+        Some("refresh") => Ok(ClientFrame::Refresh {
+            token: need(token, "token", &id)?,
+            id,
+        }),
         Some(other) => Err(FrameError::new(
             id,
             ErrorCode::UnknownType,
             format!(
-                "unknown frame type `{other}`; expected send, subscribe, unsubscribe or presence"
+                "unknown frame type `{other}`; expected send, subscribe, unsubscribe, presence or refresh"
             ),
         )),
         None => Err(FrameError::new(
@@ -478,6 +503,20 @@ pub enum ServerFrame<'a> {
         channel: &'a str,
         /// Who: `connection`, `user`, `info`.
         member: &'a serde_json::Value,
+    },
+    /// A `refresh` was taken: the connection now lasts until `expires_at`.
+    Refreshed {
+        /// Client frame id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a FrameId>,
+        /// The new token's `exp` (unix seconds); null when it has none.
+        expires_at: Option<u64>,
+    },
+    /// The token expires at `expires_at` (unix seconds): send `refresh` before, or be closed
+    /// with 1008 then.
+    RefreshRequired {
+        /// The token's `exp`.
+        expires_at: u64,
     },
     /// A frame could not be taken.
     Error {

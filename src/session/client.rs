@@ -54,20 +54,65 @@ pub(crate) struct ClientFrames<'a> {
     handle: &'a Arc<ConnHandle>,
     state: &'a AppState,
     bucket: TokenBucket,
+    /// The token's expiry, moved by `refresh` (read by the session's expiry timer).
+    expiry: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 impl<'a> ClientFrames<'a> {
     /// A sink for one gateway connection.
-    pub(crate) fn new(handle: &'a Arc<ConnHandle>, state: &'a AppState) -> Self {
+    pub(crate) fn new(
+        handle: &'a Arc<ConnHandle>,
+        state: &'a AppState,
+        expiry: tokio::sync::watch::Sender<Option<u64>>,
+    ) -> Self {
         let limits = &state.config.limits;
         Self {
             handle,
             state,
+            expiry,
             bucket: TokenBucket::new(
                 limits.client_messages_per_second,
                 limits.client_burst_messages,
             ),
         }
+    }
+}
+
+impl ClientFrames<'_> {
+    /// Takes a fresh token of the same user: the connection then lasts until its `exp`. Nothing
+    /// changes when it is refused.
+    fn refresh(
+        &self,
+        token: &str,
+        id: &Option<protocol::FrameId>,
+    ) -> Result<Option<u64>, FrameError> {
+        if !self.state.auth.enabled() {
+            return Err(FrameError::new(
+                id.clone(),
+                ErrorCode::BadRequest,
+                "tokens are off on this gateway (no auth.jwt_secret or auth.jwt_public_key): nothing to refresh",
+            ));
+        }
+        let fresh = self.state.auth.authenticate(Some(token)).map_err(|e| {
+            FrameError::new(
+                id.clone(),
+                ErrorCode::TokenInvalid,
+                format!("{e}; the connection keeps its current token"),
+            )
+        })?;
+        if fresh.user != self.handle.identity.user {
+            return Err(FrameError::new(
+                id.clone(),
+                ErrorCode::TokenUserMismatch,
+                format!(
+                    "the token is for {}, this connection is {}; a connection cannot change user: reconnect with it",
+                    fresh.user.as_deref().unwrap_or("no user"),
+                    self.handle.identity.user.as_deref().unwrap_or("anonymous"),
+                ),
+            ));
+        }
+        self.expiry.send_replace(fresh.expires_at);
+        Ok(fresh.expires_at)
     }
 }
 
@@ -78,6 +123,34 @@ impl MessageSink for ClientFrames<'_> {
         } else {
             protocol::decode_msgpack(payload)
         };
+        if let Ok(ClientFrame::Refresh { token, id }) = &decoded {
+            let _owed = self.handle.owe_answer();
+            let answer = if self.bucket.take() {
+                self.refresh(token, id)
+            } else {
+                self.state.metrics.refused(Limit::Rate).increment(1);
+                Err(FrameError::new(
+                    id.clone(),
+                    ErrorCode::RateLimited,
+                    "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
+                ))
+            };
+            match answer {
+                Ok(expires_at) => self.handle.reply(&ServerFrame::Refreshed {
+                    id: id.as_ref(),
+                    expires_at,
+                }),
+                Err(e) => {
+                    self.state.metrics.rejected(e.code).increment(1);
+                    self.handle.reply(&ServerFrame::Error {
+                        id: e.id.as_ref(),
+                        code: e.code.as_str(),
+                        message: &e.message,
+                    });
+                }
+            }
+            return;
+        }
         if let Ok(ClientFrame::Presence { channel, query, id }) = &decoded {
             // Answered here: it waits for Redis, which `act` never does.
             let _owed = self.handle.owe_answer();
@@ -199,7 +272,8 @@ fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::Frame
         Ok(ClientFrame::Send { id, .. })
         | Ok(ClientFrame::Subscribe { id, .. })
         | Ok(ClientFrame::Unsubscribe { id, .. })
-        | Ok(ClientFrame::Presence { id, .. }) => id.clone(),
+        | Ok(ClientFrame::Presence { id, .. })
+        | Ok(ClientFrame::Refresh { id, .. }) => id.clone(),
         Err(e) => e.id.clone(),
     }
 }
@@ -299,8 +373,8 @@ fn act(
             }
             Ok(None)
         }
-        // Answered by `ClientFrames::on_message` before it gets here.
-        ClientFrame::Presence { .. } => Ok(None),
+        // Answered by `ClientFrames::on_message` before they get here.
+        ClientFrame::Presence { .. } | ClientFrame::Refresh { .. } => Ok(None),
         ClientFrame::Unsubscribe { channel, id } => {
             state.inbound.leave(&state.registry, handle, &channel);
             handle.reply(&ServerFrame::Unsubscribed {

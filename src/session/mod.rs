@@ -42,7 +42,8 @@ pub async fn serve(
         }
     }
     let (seq, id) = state.registry.next_id();
-    let expires_at = identity.expires_at;
+    // Moved by the client's `refresh`.
+    let (expiry_tx, expiry) = tokio::sync::watch::channel(identity.expires_at);
     let handle = ConnHandle::new(
         seq,
         id,
@@ -73,7 +74,7 @@ pub async fn serve(
         ping_every: Duration::from_secs(config.server.ping_interval_seconds),
         idle: Duration::from_secs(config.server.idle_timeout_seconds),
     };
-    let mut sink = ClientFrames::new(&handle, &state);
+    let mut sink = ClientFrames::new(&handle, &state, expiry_tx);
     drive(
         io,
         &handle,
@@ -81,7 +82,7 @@ pub async fn serve(
         timing,
         &state.metrics,
         &mut sink,
-        until_expiry(expires_at),
+        until_expiry(&handle, expiry, config.auth.refresh_notice_seconds),
     )
     .await;
 
@@ -107,16 +108,48 @@ pub async fn serve(
     );
 }
 
-async fn until_expiry(expires_at: Option<u64>) {
-    match expires_at {
-        Some(exp) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            let left = (exp as f64 - now).max(0.0);
-            tokio::time::sleep(Duration::from_secs_f64(left)).await;
+/// Resolves when the connection's token expires. `expiry` is the token's `exp` (unix
+/// seconds), moved by a `refresh`; `notice` seconds before it the client is sent
+/// `refresh_required` (once per token; 0 sends none).
+async fn until_expiry(
+    handle: &ConnHandle,
+    mut expiry: tokio::sync::watch::Receiver<Option<u64>>,
+    notice: u64,
+) {
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let until = |at: f64| tokio::time::sleep(Duration::from_secs_f64((at - now()).max(0.0)));
+    loop {
+        let Some(exp) = *expiry.borrow_and_update() else {
+            // No expiry (yet): wait for a refresh that brings one.
+            if expiry.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            continue;
+        };
+        // A refresh moves the expiry: start over with the new one. Once nobody can refresh
+        // (the client's frames are done), only the clock is left.
+        let changed = async {
+            if expiry.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(changed);
+        if notice > 0 {
+            tokio::select! {
+                _ = until(exp as f64 - notice as f64) => {
+                    handle.reply(&ServerFrame::RefreshRequired { expires_at: exp });
+                }
+                _ = &mut changed => continue,
+            }
         }
-        None => std::future::pending().await,
+        tokio::select! {
+            _ = until(exp as f64) => return,
+            _ = &mut changed => continue,
+        }
     }
 }

@@ -22,5 +22,6 @@ mod loadgen;
 mod presence;
 mod queue;
 mod reach;
+mod refresh;
 mod routing;
 mod walkthrough;
