@@ -103,7 +103,9 @@ export class WsBridgeClient {
    * @param {string[]} [options.urls] several URLs, tried round-robin (the next one after every
    *   close or failed attempt)
    * @param {string | (() => string | Promise<string>)} [options.token] a JWT, sent as `?token=`;
-   *   a function is called before every connection (to refresh an expiring token)
+   *   a function is called before every connection, and when the gateway says the token is about
+   *   to expire (`refresh_required`): the fresh token is sent on the open connection, which then
+   *   stays open
    * @param {Function} [options.WebSocket] a WebSocket constructor (default globalThis.WebSocket;
    *   pass `WebSocket` from the `ws` package on Node versions without a global one)
    * @param {number} [options.baseDelayMs=500] first reconnect delay cap
@@ -139,6 +141,7 @@ export class WsBridgeClient {
     this._channels = new Map(); // channel -> { offset, recovered, subscribed, waiters: [] }
     this._sends = new Map(); // id -> { frame, resolve, reject, transmissions }
     this._presence = new Map(); // id -> { frame, channel, resolve, reject }, until answered
+    this._refreshes = new Map(); // id -> { resolve, reject }, until answered
     this._requests = new Map(); // frame id -> { type, channel, ... } on the current connection
     this._connectWaiters = [];
 
@@ -408,6 +411,9 @@ export class WsBridgeClient {
     // Replies for this connection will never come; unsubscribes are done (it is gone).
     for (const req of this._requests.values()) if (req.type === 'unsubscribe') req.resolve();
     this._requests.clear();
+    // A refresh lost with the connection: the next connection is made with a fresh token.
+    for (const r of this._refreshes.values()) r.reject(new WsBridgeError('closed', 'the connection closed before the refresh was answered'));
+    this._refreshes.clear();
     for (const ch of this._channels.values()) ch.subscribed = false;
     this._urlIndex++;
 
@@ -503,10 +509,49 @@ export class WsBridgeClient {
       case 'join':
       case 'leave':
         return this._emit(f.type, { channel: f.channel, member: f.member });
+      case 'refresh_required':
+        return this._onRefreshRequired(f);
+      case 'refreshed': {
+        const r = this._refreshes.get(f.id);
+        if (!r) return;
+        this._refreshes.delete(f.id);
+        r.resolve(f.expires_at ?? null);
+        return;
+      }
       case 'error':
         return this._onError(f);
       default:
         return; // a newer gateway's frame: ignore
+    }
+  }
+
+  /**
+   * Sends a fresh token for the open connection (same user): the gateway then keeps it open
+   * until the new token's `exp`. Resolves with that `exp` (unix seconds, or null); rejects with
+   * the gateway's code (`token_invalid`, `token_user_mismatch`), the connection unchanged.
+   * Called by itself on `refresh_required` when `options.token` is a function.
+   * @param {string} token
+   * @returns {Promise<number | null>}
+   */
+  refresh(token) {
+    const id = this._nextId();
+    return new Promise((resolve, reject) => {
+      this._refreshes.set(id, { resolve, reject });
+      if (!this._write(JSON.stringify({ type: 'refresh', token, id }))) {
+        this._refreshes.delete(id);
+        reject(new WsBridgeError('closed', 'not connected: the next connection gets a fresh token anyway', id));
+      }
+    });
+  }
+
+  async _onRefreshRequired(f) {
+    this._emit('refresh_required', { expiresAt: f.expires_at });
+    if (typeof this._token !== 'function') return; // the app refreshes, or reconnects at expiry
+    try {
+      const expiresAt = await this.refresh(await this._token());
+      this._emit('refreshed', { expiresAt });
+    } catch (err) {
+      this._emit('error', err);
     }
   }
 
@@ -620,6 +665,12 @@ export class WsBridgeClient {
     if (s) {
       this._sends.delete(f.id);
       s.reject(err);
+      return;
+    }
+    const r = f.id != null ? this._refreshes.get(f.id) : undefined;
+    if (r) {
+      this._refreshes.delete(f.id);
+      r.reject(err);
       return;
     }
     const q = f.id != null ? this._presence.get(f.id) : undefined;

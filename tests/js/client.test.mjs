@@ -150,6 +150,33 @@ describe('against real replicas', () => {
     assert.equal(c.stats.duplicatesDropped, 0);
   });
 
+  test('a token about to expire is refreshed on the open connection, which stays open', async () => {
+    const prefix = uniquePrefix('refresh');
+    const secret = 'js-refresh-secret';
+    const gw = await gateway({ prefix, jwtSecret: secret, env: { WSBRIDGE__AUTH__REFRESH_NOTICE_SECONDS: '2' } });
+    // The first token lives 4 s; every later one 10 minutes.
+    let calls = 0;
+    const now = () => Math.floor(Date.now() / 1000);
+    const c = client({
+      url: gw.wsUrl,
+      token: () => token(secret, { sub: 'ann', exp: now() + (calls++ === 0 ? 4 : 600) }),
+    });
+    const refreshed = new Promise((resolve) => c.on('refreshed', resolve));
+    const required = new Promise((resolve) => c.on('refresh_required', resolve));
+    await deadline(c.connect(), 'welcome');
+    const { expiresAt: old } = await deadline(required, 'refresh_required');
+    const { expiresAt } = await deadline(refreshed, 'refreshed');
+    assert.ok(expiresAt >= old + 590, `${expiresAt} after ${old}`);
+    // Past the first token's exp the same connection still answers: only the clock can show
+    // that nothing closed it, so wait it out.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, (old - Date.now() / 1000 + 1.5) * 1000)));
+    await deadline(c.send('chat', { after: 'the first exp' }), 'ack');
+    assert.equal(c.stats.connects, 1, 'no reconnect');
+    // Another user's token is refused, the connection unchanged.
+    await assert.rejects(c.refresh(token(secret, { sub: 'bob', exp: now() + 600 })), (err) => err.code === 'token_user_mismatch');
+    await deadline(c.send('chat', { still: 'open' }), 'ack');
+  });
+
   test('unacked sends are resent with the same ids after a reconnect and stored once, in order', async () => {
     const prefix = uniquePrefix('resend');
     const secret = 'js-test-secret';
