@@ -136,8 +136,9 @@ async fn members_on_every_replica_are_counted_and_listed_page_by_page() {
             json!({"name": "Ann"}),
             "info from the token"
         );
-        // Page by page, two at a time: every connection exactly once.
-        let (members, pages) = all_pages(&a, "quiet:list", "connections", 2).await;
+        // Page by page, one asked at a time (Redis stops scanning at the first bucket that
+        // holds a member): every connection exactly once.
+        let (members, pages) = all_pages(&a, "quiet:list", "connections", 1).await;
         let ids: Vec<&str> = members
             .iter()
             .map(|m| m["connection"].as_str().unwrap())
@@ -149,7 +150,7 @@ async fn members_on_every_replica_are_counted_and_listed_page_by_page() {
             .collect();
         assert_eq!(unique, expected, "{members:?}");
         assert_eq!(ids.len(), 4, "no member twice: {members:?}");
-        assert!(pages >= 2, "a limit of 2 takes more than one page");
+        assert!(pages >= 2, "a limit of 1 takes more than one page");
         // The users view: distinct users with their connection counts.
         let (users, _) = all_pages(&b, "quiet:list", "users", 100).await;
         let mut counts: Vec<(String, u64)> = users

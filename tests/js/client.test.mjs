@@ -552,7 +552,7 @@ describe('presence, against real replicas', () => {
       let cursor = null;
       let pages = 0;
       do {
-        const page = await deadline(members[0].presence('room:pages', { view, cursor, limit: 2 }), `a page of ${view}`);
+        const page = await deadline(members[0].presence('room:pages', { view, cursor, limit: 1 }), `a page of ${view}`);
         assert.equal(page.connections, 5);
         assert.equal(page.users, 5, 'an anonymous connection is a user of its own');
         seen.push(...page.members);
@@ -560,7 +560,9 @@ describe('presence, against real replicas', () => {
         pages += 1;
         assert.ok(pages < 50, 'the walk ends');
       } while (cursor != null);
-      assert.ok(pages >= 2, `a limit of 2 takes more than one page (${view})`);
+      // With COUNT 1, Redis stops scanning at the first bucket that holds a member: all five in
+      // one page would take all five in one bucket.
+      assert.ok(pages >= 2, `a limit of 1 takes more than one page (${view})`);
       assert.deepEqual(seen.map((m) => m.connection).sort(), expected, `every member once (${view})`);
       if (view === 'users') for (const m of seen) assert.deepEqual(m, { user: null, connection: m.connection, connections: 1 });
     }
