@@ -128,26 +128,14 @@ impl MessageSink for ClientFrames<'_> {
             let answer = if self.bucket.take() {
                 self.refresh(token, id)
             } else {
-                self.state.metrics.refused(Limit::Rate).increment(1);
-                Err(FrameError::new(
-                    id.clone(),
-                    ErrorCode::RateLimited,
-                    "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
-                ))
+                Err(rate_limited(self.state, id.clone()))
             };
             match answer {
                 Ok(expires_at) => self.handle.reply(&ServerFrame::Refreshed {
                     id: id.as_ref(),
                     expires_at,
                 }),
-                Err(e) => {
-                    self.state.metrics.rejected(e.code).increment(1);
-                    self.handle.reply(&ServerFrame::Error {
-                        id: e.id.as_ref(),
-                        code: e.code.as_str(),
-                        message: &e.message,
-                    });
-                }
+                Err(e) => refuse(self.handle, self.state, &e),
             }
             return;
         }
@@ -157,12 +145,7 @@ impl MessageSink for ClientFrames<'_> {
             let page = if self.bucket.take() {
                 presence_page(self.handle, self.state, channel, query, id).await
             } else {
-                self.state.metrics.refused(Limit::Rate).increment(1);
-                Err(FrameError::new(
-                    id.clone(),
-                    ErrorCode::RateLimited,
-                    "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
-                ))
+                Err(rate_limited(self.state, id.clone()))
             };
             match page {
                 Ok(page) => self.handle.reply(&ServerFrame::Presence {
@@ -170,14 +153,7 @@ impl MessageSink for ClientFrames<'_> {
                     id: id.as_ref(),
                     page: &page,
                 }),
-                Err(e) => {
-                    self.state.metrics.rejected(e.code).increment(1);
-                    self.handle.reply(&ServerFrame::Error {
-                        id: e.id.as_ref(),
-                        code: e.code.as_str(),
-                        message: &e.message,
-                    });
-                }
+                Err(e) => refuse(self.handle, self.state, &e),
             }
             return;
         }
@@ -242,29 +218,37 @@ fn on_message(
     // taking a frame and answering it.
     let _owed = handle.owe_answer();
     let result = match decoded {
-        Ok(_) if !bucket.take() => {
-            state.metrics.refused(Limit::Rate).increment(1);
-            Err(FrameError::new(
-                frame_id(&decoded),
-                ErrorCode::RateLimited,
-                "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
-            ))
-        }
+        Ok(_) if !bucket.take() => Err(rate_limited(state, frame_id(&decoded))),
         Ok(frame) => act(frame, handle, state),
         Err(e) => Err(e),
     };
     match result {
         Ok(joined) => joined,
         Err(e) => {
-            state.metrics.rejected(e.code).increment(1);
-            handle.reply(&ServerFrame::Error {
-                id: e.id.as_ref(),
-                code: e.code.as_str(),
-                message: &e.message,
-            });
+            refuse(handle, state, &e);
             None
         }
     }
+}
+
+/// A frame refused by the per-connection rate limit (counted here).
+fn rate_limited(state: &AppState, id: Option<protocol::FrameId>) -> FrameError {
+    state.metrics.refused(Limit::Rate).increment(1);
+    FrameError::new(
+        id,
+        ErrorCode::RateLimited,
+        "too many frames: slow down (limits.client_messages_per_second); this one was not taken",
+    )
+}
+
+/// Answers a refused frame with its error frame, counted by code.
+fn refuse(handle: &ConnHandle, state: &AppState, e: &FrameError) {
+    state.metrics.rejected(e.code).increment(1);
+    handle.reply(&ServerFrame::Error {
+        id: e.id.as_ref(),
+        code: e.code.as_str(),
+        message: &e.message,
+    });
 }
 
 fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::FrameId> {
