@@ -14,14 +14,29 @@ use std::convert::Infallible;
 
 use http_body_util::Empty;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_EXTENSIONS};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use wsbridge::config::LimitsConfig;
+use wsbridge::connection::deflate::{self, DeflateSettings};
 
 async fn upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
-    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
+    // permessage-deflate as the gateway agrees it (the 12.* and 13.* cases), with every
+    // message compressed (no minimum size).
+    let offers = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let settings = DeflateSettings {
+        level: 6,
+        min_bytes: 0,
+    };
+    let agreed = deflate::negotiate(offers, settings);
+    let deflate = agreed.as_ref().map(|a| a.deflate);
+    let Ok((mut response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
         return Ok(Response::builder()
             .status(400)
             .body(Empty::new())
@@ -34,9 +49,15 @@ async fn upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, I
                 max_message_bytes: 64 << 20,
                 ..LimitsConfig::default()
             };
-            wsbridge::connection::echo(ws.into_inner(), limits).await;
+            wsbridge::connection::echo(ws.into_inner(), limits, deflate).await;
         }
     });
+    if let Some(agreed) = &agreed {
+        let value = HeaderValue::from_str(&agreed.response).expect("ASCII");
+        response
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_EXTENSIONS, value);
+    }
     Ok(response)
 }
 

@@ -84,6 +84,12 @@ pub struct ServerConfig {
     /// How long shutdown may take from the signal to the exit: the drain of every connection
     /// (sends answered, then 1012), the queued appends and the background tasks.
     pub shutdown_drain_seconds: u64,
+    /// Accept permessage-deflate (RFC 7692) when a client offers it.
+    pub permessage_deflate: bool,
+    /// Messages shorter than this many bytes go out uncompressed.
+    pub permessage_deflate_min_bytes: usize,
+    /// zlib compression level of outgoing messages, 0 (none) to 9 (smallest, slowest).
+    pub permessage_deflate_level: u8,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +102,9 @@ impl Default for ServerConfig {
             ping_interval_seconds: 25,
             idle_timeout_seconds: 60,
             shutdown_drain_seconds: 10,
+            permessage_deflate: true,
+            permessage_deflate_min_bytes: 256,
+            permessage_deflate_level: 1,
         }
     }
 }
@@ -481,6 +490,15 @@ impl Config {
             return Err(ConfigError::key(
                 "server.replica_id",
                 format!("`{id}` must be at most 64 characters of letters, digits, `-` or `_`"),
+            ));
+        }
+        if self.server.permessage_deflate_level > 9 {
+            return Err(ConfigError::key(
+                "server.permessage_deflate_level",
+                format!(
+                    "{} is not a zlib level: use 0 (no compression) to 9 (smallest)",
+                    self.server.permessage_deflate_level
+                ),
             ));
         }
         for (key, value) in [

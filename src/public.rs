@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL,
+};
 use hyper::Request;
 
 use crate::auth::AuthError;
+use crate::connection::deflate;
 use crate::http::{error, HttpResponse};
 use crate::metrics::Limit;
 use crate::protocol::{Encoding, MSGPACK_SUBPROTOCOL};
@@ -75,6 +78,21 @@ pub async fn handle(
     } else {
         Encoding::Json
     };
+    let server = &state.config.server;
+    let agreed = server.permessage_deflate.then(|| {
+        let offers = req
+            .headers()
+            .get_all(SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let settings = deflate::DeflateSettings {
+            level: server.permessage_deflate_level,
+            min_bytes: server.permessage_deflate_min_bytes,
+        };
+        deflate::negotiate(offers, settings)
+    });
+    let agreed = agreed.flatten();
+    let deflate = agreed.as_ref().map(|a| a.deflate);
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => return Ok(error(400, "bad_upgrade", &e.to_string())),
@@ -82,7 +100,7 @@ pub async fn handle(
     let state2 = state.clone();
     state.connections.spawn(async move {
         match upgrade.await {
-            Ok(ws) => session::serve(ws.into_inner(), state2, identity, encoding).await,
+            Ok(ws) => session::serve(ws.into_inner(), state2, identity, encoding, deflate).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
         }
         drop(permit);
@@ -93,6 +111,10 @@ pub async fn handle(
             SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(MSGPACK_SUBPROTOCOL),
         );
+    }
+    if let Some(agreed) = agreed {
+        let value = HeaderValue::from_str(&agreed.response).expect("ASCII");
+        parts.headers.insert(SEC_WEBSOCKET_EXTENSIONS, value);
     }
     Ok(HttpResponse::from_parts(parts, Default::default()))
 }

@@ -3,7 +3,8 @@
 //! fastwebsockets' own collector has no total limit, so a client could grow one endless
 //! fragmented message without bound. This one refuses a message as soon as it would exceed
 //! `limits.max_message_bytes`, and checks UTF-8 of text messages as the fragments arrive, so an
-//! invalid text message fails on the fragment that breaks it (RFC 6455 §8.1).
+//! invalid text message fails on the fragment that breaks it (RFC 6455 §8.1). A compressed
+//! message (permessage-deflate) is checked once inflated, by the reader.
 
 use fastwebsockets::OpCode;
 
@@ -18,13 +19,22 @@ pub enum AssembleError {
     Protocol(&'static str),
 }
 
-/// A complete message: its opcode (Text or Binary) and payload.
-pub type Message = (OpCode, Vec<u8>);
+/// A complete message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Text or Binary.
+    pub opcode: OpCode,
+    /// Whether `payload` is compressed (RSV1 on its first frame).
+    pub compressed: bool,
+    /// The fragments' payloads, joined.
+    pub payload: Vec<u8>,
+}
 
 /// The state of one connection's message in progress.
 pub struct Assembler {
     max: usize,
     kind: Option<OpCode>,
+    compressed: bool,
     buf: Vec<u8>,
     /// Bytes of `buf` already known to be valid UTF-8 (text only).
     checked: usize,
@@ -36,6 +46,7 @@ impl Assembler {
         Self {
             max,
             kind: None,
+            compressed: false,
             buf: Vec::new(),
             checked: 0,
         }
@@ -46,8 +57,8 @@ impl Assembler {
         self.kind.is_some()
     }
 
-    /// Takes one data frame (Text, Binary or Continuation). Returns the message when `fin`
-    /// completes it.
+    /// Takes one data frame (Text, Binary or Continuation); `compressed` is its RSV1 bit, which
+    /// only a message's first frame carries. Returns the message when `fin` completes it.
     ///
     /// # Errors
     /// [`AssembleError`] when the frame cannot be taken; the connection must then be closed.
@@ -55,6 +66,7 @@ impl Assembler {
         &mut self,
         fin: bool,
         opcode: OpCode,
+        compressed: bool,
         payload: &[u8],
     ) -> Result<Option<Message>, AssembleError> {
         match (opcode, self.kind) {
@@ -70,6 +82,7 @@ impl Assembler {
             }
             (OpCode::Text | OpCode::Binary, None) => {
                 self.kind = Some(opcode);
+                self.compressed = compressed;
                 self.buf.clear();
                 self.checked = 0;
             }
@@ -80,15 +93,19 @@ impl Assembler {
             return Err(AssembleError::TooLarge);
         }
         self.buf.extend_from_slice(payload);
-        if self.kind == Some(OpCode::Text) {
+        if self.kind == Some(OpCode::Text) && !self.compressed {
             self.check_utf8(fin)?;
         }
         if !fin {
             return Ok(None);
         }
-        let kind = self.kind.take().expect("set above");
+        let opcode = self.kind.take().expect("set above");
         self.checked = 0;
-        Ok(Some((kind, std::mem::take(&mut self.buf))))
+        Ok(Some(Message {
+            opcode,
+            compressed: self.compressed,
+            payload: std::mem::take(&mut self.buf),
+        }))
     }
 
     fn check_utf8(&mut self, fin: bool) -> Result<(), AssembleError> {
@@ -118,11 +135,18 @@ mod tests {
     #[test]
     fn joins_fragments() {
         let mut a = Assembler::new(100);
-        assert_eq!(a.push(false, OpCode::Text, b"he").unwrap(), None);
-        assert_eq!(a.push(false, OpCode::Continuation, b"l").unwrap(), None);
+        assert_eq!(a.push(false, OpCode::Text, false, b"he").unwrap(), None);
         assert_eq!(
-            a.push(true, OpCode::Continuation, b"lo").unwrap(),
-            Some((OpCode::Text, b"hello".to_vec()))
+            a.push(false, OpCode::Continuation, false, b"l").unwrap(),
+            None
+        );
+        assert_eq!(
+            a.push(true, OpCode::Continuation, false, b"lo").unwrap(),
+            Some(Message {
+                opcode: OpCode::Text,
+                compressed: false,
+                payload: b"hello".to_vec()
+            })
         );
         assert!(!a.in_progress());
     }
@@ -130,9 +154,9 @@ mod tests {
     #[test]
     fn refuses_growth_past_the_limit() {
         let mut a = Assembler::new(10);
-        assert_eq!(a.push(false, OpCode::Binary, &[0; 6]).unwrap(), None);
+        assert_eq!(a.push(false, OpCode::Binary, false, &[0; 6]).unwrap(), None);
         assert_eq!(
-            a.push(false, OpCode::Continuation, &[0; 6]),
+            a.push(false, OpCode::Continuation, false, &[0; 6]),
             Err(AssembleError::TooLarge)
         );
     }
@@ -141,20 +165,43 @@ mod tests {
     fn utf8_split_across_fragments_is_fine_and_broken_utf8_fails_early() {
         let mut a = Assembler::new(100);
         let e_acute = "é".as_bytes();
-        assert_eq!(a.push(false, OpCode::Text, &e_acute[..1]).unwrap(), None);
         assert_eq!(
-            a.push(true, OpCode::Continuation, &e_acute[1..]).unwrap(),
-            Some((OpCode::Text, e_acute.to_vec()))
+            a.push(false, OpCode::Text, false, &e_acute[..1]).unwrap(),
+            None
+        );
+        assert_eq!(
+            a.push(true, OpCode::Continuation, false, &e_acute[1..])
+                .unwrap(),
+            Some(Message {
+                opcode: OpCode::Text,
+                compressed: false,
+                payload: e_acute.to_vec()
+            })
         );
         let mut a = Assembler::new(100);
         assert_eq!(
-            a.push(false, OpCode::Text, &[0xff]),
+            a.push(false, OpCode::Text, false, &[0xff]),
             Err(AssembleError::InvalidUtf8)
         );
         let mut a = Assembler::new(100);
         assert_eq!(
-            a.push(true, OpCode::Text, &e_acute[..1]),
+            a.push(true, OpCode::Text, false, &e_acute[..1]),
             Err(AssembleError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn compressed_text_is_not_checked_as_utf8_until_inflated() {
+        let mut a = Assembler::new(100);
+        assert_eq!(a.push(false, OpCode::Text, true, &[0xff]).unwrap(), None);
+        let m = a.push(true, OpCode::Continuation, false, &[0xfe]).unwrap();
+        assert_eq!(
+            m,
+            Some(Message {
+                opcode: OpCode::Text,
+                compressed: true,
+                payload: vec![0xff, 0xfe]
+            })
         );
     }
 
@@ -162,12 +209,12 @@ mod tests {
     fn out_of_order_fragments_are_protocol_errors() {
         let mut a = Assembler::new(100);
         assert!(matches!(
-            a.push(true, OpCode::Continuation, b"x"),
+            a.push(true, OpCode::Continuation, false, b"x"),
             Err(AssembleError::Protocol(_))
         ));
-        a.push(false, OpCode::Text, b"x").unwrap();
+        a.push(false, OpCode::Text, false, b"x").unwrap();
         assert!(matches!(
-            a.push(true, OpCode::Binary, b"x"),
+            a.push(true, OpCode::Binary, false, b"x"),
             Err(AssembleError::Protocol(_))
         ));
     }

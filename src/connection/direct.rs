@@ -213,26 +213,41 @@ impl AsyncWrite for SocketWrite<'_> {
     }
 }
 
+/// The header of an unmasked server frame with FIN set (RFC 6455 §5.2): the first `.1` bytes of
+/// `.0`. `rsv1` marks a compressed message (RFC 7692 §6).
+pub fn frame_header(opcode: u8, rsv1: bool, len: usize) -> ([u8; 10], usize) {
+    let mut header = [0u8; 10];
+    header[0] = 0x80 | if rsv1 { 0x40 } else { 0 } | opcode;
+    let used = match len {
+        n if n < 126 => {
+            header[1] = n as u8;
+            2
+        }
+        n if n <= 0xFFFF => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            4
+        }
+        n => {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+            10
+        }
+    };
+    (header, used)
+}
+
 /// Encodes a whole unmasked server frame (FIN set) in the frame type of `encoding` (text for
-/// JSON, binary for MessagePack; RFC 6455 §5.2): header, then `payload`.
-pub fn server_frame(encoding: Encoding, payload: &[u8]) -> Bytes {
+/// JSON, binary for MessagePack; RFC 6455 §5.2): header, then `payload`; with RSV1 when
+/// `compressed` (permessage-deflate).
+pub fn server_frame(encoding: Encoding, payload: &[u8], compressed: bool) -> Bytes {
     let opcode = match encoding {
         Encoding::Json => 0x1,
         Encoding::Msgpack => 0x2,
     };
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= 0xFFFF => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let (header, len) = frame_header(opcode, compressed, payload.len());
+    let mut out = Vec::with_capacity(payload.len() + len);
+    out.extend_from_slice(&header[..len]);
     out.extend_from_slice(payload);
     Bytes::from(out)
 }
@@ -243,11 +258,18 @@ mod tests {
 
     #[test]
     fn server_frames_have_the_rfc_6455_header() {
-        assert_eq!(&server_frame(Encoding::Json, b"hi")[..], b"\x81\x02hi");
-        let f = server_frame(Encoding::Msgpack, &[0u8; 300]);
+        assert_eq!(
+            &server_frame(Encoding::Json, b"hi", false)[..],
+            b"\x81\x02hi"
+        );
+        assert_eq!(
+            &server_frame(Encoding::Json, b"hi", true)[..],
+            b"\xc1\x02hi"
+        );
+        let f = server_frame(Encoding::Msgpack, &[0u8; 300], false);
         assert_eq!(&f[..4], &[0x82, 126, 1, 44]);
         assert_eq!(f.len(), 304);
-        let f = server_frame(Encoding::Json, &vec![b'x'; 70_000]);
+        let f = server_frame(Encoding::Json, &vec![b'x'; 70_000], false);
         assert_eq!(&f[..10], &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
 

@@ -6,8 +6,8 @@
 //! 8 KiB per connection for its life; see BENCHMARKS.md).
 //!
 //! Every rule of the frame layer a server must enforce is checked here, each with the close
-//! code it calls for: client frames must be masked, reserved bits must be clear (no extension
-//! is negotiated), opcodes must be known, control frames must be whole and at most 125 bytes,
+//! code it calls for: client frames must be masked, reserved bits must be clear (RSV1 only on
+//! the first frame of a compressed message, when permessage-deflate was agreed), opcodes must be known, control frames must be whole and at most 125 bytes,
 //! and a frame may not exceed the configured message size.
 
 use std::future::poll_fn;
@@ -27,6 +27,8 @@ const CHUNK: usize = 4096;
 pub struct Frame<'a> {
     /// The FIN bit: the last frame of its message.
     pub fin: bool,
+    /// The RSV1 bit: the message this frame starts is compressed (permessage-deflate).
+    pub compressed: bool,
     /// What the frame carries.
     pub opcode: OpCode,
     /// The payload, unmasked.
@@ -53,6 +55,7 @@ pub enum ReadError {
 /// What a frame header says, once all of it has arrived.
 struct Header {
     fin: bool,
+    compressed: bool,
     opcode: OpCode,
     mask: [u8; 4],
     /// Header bytes, mask key included.
@@ -69,16 +72,20 @@ pub struct FrameReader<R> {
     /// How many bytes of `buf` the frame handed out last occupies; dropped on the next call.
     handed: usize,
     max_payload: usize,
+    /// Whether permessage-deflate was agreed: RSV1 may then start a compressed message.
+    deflate: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// A reader refusing frames whose payload exceeds `max_payload` bytes.
-    pub fn new(io: R, max_payload: usize) -> Self {
+    /// A reader refusing frames whose payload exceeds `max_payload` bytes; `deflate` when
+    /// permessage-deflate was agreed.
+    pub fn new(io: R, max_payload: usize, deflate: bool) -> Self {
         Self {
             io,
             buf: Vec::new(),
             handed: 0,
             max_payload,
+            deflate,
         }
     }
 
@@ -94,7 +101,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.buf = Vec::new();
         }
         let header = loop {
-            match parse(&self.buf, self.max_payload)? {
+            match parse(&self.buf, self.max_payload, self.deflate)? {
                 Some(h) if self.buf.len() >= h.len + h.payload => break h,
                 Some(h) => {
                     let missing = h.len + h.payload - self.buf.len();
@@ -111,6 +118,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.handed = end;
         Ok(Frame {
             fin: header.fin,
+            compressed: header.compressed,
             opcode: header.opcode,
             payload: &self.buf[header.len..end],
         })
@@ -152,11 +160,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Parses the frame header at the start of `buf`: `None` until all of it has arrived.
-fn parse(buf: &[u8], max_payload: usize) -> Result<Option<Header>, ReadError> {
+fn parse(buf: &[u8], max_payload: usize, deflate: bool) -> Result<Option<Header>, ReadError> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
+    let compressed = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (compressed && !deflate) {
         return Err(ReadError::Protocol(
             "reserved bits set: no extension was agreed",
         ));
@@ -170,6 +179,12 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<Header>, ReadError> {
         10 => OpCode::Pong,
         _ => return Err(ReadError::Protocol("unknown opcode")),
     };
+    // RFC 7692 §6.1: RSV1 marks the first frame of a compressed data message, nothing else.
+    if compressed && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+        return Err(ReadError::Protocol(
+            "RSV1 set on a control or continuation frame",
+        ));
+    }
     let fin = b0 & 0x80 != 0;
     if b1 & 0x80 == 0 {
         return Err(ReadError::Protocol("client frames must be masked"));
@@ -205,6 +220,7 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Option<Header>, ReadError> {
     mask.copy_from_slice(&buf[2 + extended..len]);
     Ok(Some(Header {
         fin,
+        compressed,
         opcode,
         mask,
         len,
@@ -243,6 +259,29 @@ mod tests {
         chunk: usize,
         max: usize,
     ) -> (Vec<(bool, u8, Vec<u8>)>, ReadError) {
+        read_frames(bytes, chunk, max, false)
+            .await
+            .map_frames(|(fin, _, op, p)| (fin, op, p))
+    }
+
+    trait MapFrames<T> {
+        fn map_frames<U>(self, f: impl FnMut(T) -> U) -> (Vec<U>, ReadError);
+    }
+
+    impl<T> MapFrames<T> for (Vec<T>, ReadError) {
+        fn map_frames<U>(self, f: impl FnMut(T) -> U) -> (Vec<U>, ReadError) {
+            (self.0.into_iter().map(f).collect(), self.1)
+        }
+    }
+
+    /// Like `read_all`, with the RSV1 bit of each frame, on a connection that agreed on
+    /// permessage-deflate or not.
+    async fn read_frames(
+        bytes: Vec<u8>,
+        chunk: usize,
+        max: usize,
+        deflate: bool,
+    ) -> (Vec<(bool, bool, u8, Vec<u8>)>, ReadError) {
         let (mut tx, rx) = tokio::io::duplex(chunk);
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
@@ -252,11 +291,11 @@ mod tests {
                 }
             }
         });
-        let mut reader = FrameReader::new(rx, max);
+        let mut reader = FrameReader::new(rx, max, deflate);
         let mut frames = Vec::new();
         let end = loop {
             match reader.next().await {
-                Ok(f) => frames.push((f.fin, f.opcode as u8, f.payload.to_vec())),
+                Ok(f) => frames.push((f.fin, f.compressed, f.opcode as u8, f.payload.to_vec())),
                 Err(e) => break e,
             }
         };
@@ -320,6 +359,35 @@ mod tests {
             stream.extend(bytes);
             let (frames, end) = read_all(stream, 4096, 150).await;
             assert_eq!(frames.len(), 1, "{why}: the good frame before it is read");
+            assert_eq!(end.to_string(), why);
+        }
+    }
+
+    #[tokio::test]
+    async fn rsv1_starts_a_compressed_message_only_where_deflate_was_agreed() {
+        let mut stream = frame(0xc1, b"x");
+        stream.extend(frame(0x42, b"y"));
+        stream.extend(frame(0x80, b"z"));
+        let (frames, end) = read_frames(stream, 4096, 150, true).await;
+        assert!(matches!(end, ReadError::Eof));
+        let bits: Vec<_> = frames.iter().map(|f| (f.0, f.1, f.2)).collect();
+        assert_eq!(bits, [(true, true, 1), (false, true, 2), (true, false, 0)]);
+        for (bytes, why) in [
+            (
+                frame(0xc0, b"x"),
+                "RSV1 set on a control or continuation frame",
+            ),
+            (
+                frame(0xc9, b"x"),
+                "RSV1 set on a control or continuation frame",
+            ),
+            (
+                frame(0xa1, b"x"),
+                "reserved bits set: no extension was agreed",
+            ),
+        ] {
+            let (frames, end) = read_frames(bytes, 4096, 150, true).await;
+            assert!(frames.is_empty());
             assert_eq!(end.to_string(), why);
         }
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
+use super::deflate::Deflate;
 use super::direct::{Direct, DirectWrite};
 use super::queue::{PushError, Queue};
 use crate::clock::unix_us;
@@ -23,6 +24,9 @@ use crate::protocol::{Encoding, ServerFrame};
 pub struct Outgoing {
     /// Encoded `message` frame, in the connection's encoding.
     pub frame: Bytes,
+    /// Whether `frame` is compressed already (permessage-deflate, once for every recipient);
+    /// otherwise the writer compresses it if the connection agreed and it is large enough.
+    pub deflated: bool,
     /// Unix microseconds when `/send` accepted the message (for the latency histogram); 0 for
     /// frames with no such moment (replayed history, the `subscribed` that ends a replay).
     pub accepted_us: u64,
@@ -90,6 +94,8 @@ pub struct ConnHandle {
     pub user: Option<Arc<str>>,
     /// Frame encoding.
     pub encoding: Encoding,
+    /// permessage-deflate terms, when the client's offer was accepted.
+    pub deflate: Option<Deflate>,
     /// Channels joined; guarded by a per-connection lock never held across `.await`.
     pub channels: Mutex<Membership>,
     /// Messages, read by the writer (`queue.rs`).
@@ -153,6 +159,7 @@ impl ConnHandle {
         id: Arc<str>,
         identity: Identity,
         encoding: Encoding,
+        deflate: Option<Deflate>,
         queue_capacity: usize,
         reply_capacity: usize,
         policy: QueueFullPolicy,
@@ -165,6 +172,7 @@ impl ConnHandle {
             identity,
             user,
             encoding,
+            deflate,
             channels: Mutex::new(Membership::default()),
             messages: Queue::new(queue_capacity),
             replies: Queue::new(reply_capacity),
@@ -182,20 +190,26 @@ impl ConnHandle {
         })
     }
 
-    /// Delivers a message frame: written straight to the socket when `whole` (the same message
-    /// as a complete WebSocket frame, shared by all recipients) is given and nothing else is
-    /// waiting there; else queued. When the queue is full the configured policy applies and the
+    /// Delivers a message frame (`deflated`: compressed already): written straight to the
+    /// socket when `whole` (the same message as a complete WebSocket frame, shared by all
+    /// recipients) is given and nothing else is waiting there; else queued. When the queue is full the configured policy applies and the
     /// drop is counted; the caller never waits.
     ///
     /// True when the message was written or queued; false when it was dropped (a full queue, a
     /// closing connection or a failed write).
-    pub fn deliver(&self, frame: &Bytes, whole: Option<&Bytes>, accepted_us: u64) -> bool {
+    pub fn deliver(
+        &self,
+        frame: &Bytes,
+        deflated: bool,
+        whole: Option<&Bytes>,
+        accepted_us: u64,
+    ) -> bool {
         if let Some(written) =
             whole.and_then(|whole| self.direct_write(frame.len(), whole, accepted_us))
         {
             return written;
         }
-        self.enqueue(frame.clone(), accepted_us, false)
+        self.enqueue(frame.clone(), deflated, accepted_us, false)
     }
 
     /// True the first time it is asked for payload `seq` (payload numbers only grow): the
@@ -230,9 +244,14 @@ impl ConnHandle {
     /// would leave a gap the client cannot see (offsets are not consecutive), so under either
     /// policy the connection is closed with 1013 instead: the client resumes from its last
     /// offset and gets the message from the history. True when queued.
-    fn enqueue(&self, frame: Bytes, accepted_us: u64, resumable: bool) -> bool {
+    fn enqueue(&self, frame: Bytes, deflated: bool, accepted_us: u64, resumable: bool) -> bool {
         let handed = self.direct.hand(1);
-        match self.messages.try_push(Outgoing { frame, accepted_us }) {
+        let out = Outgoing {
+            frame,
+            deflated,
+            accepted_us,
+        };
+        match self.messages.try_push(out) {
             Ok(()) => {
                 handed.queued();
                 return true;
@@ -317,6 +336,7 @@ impl ConnHandle {
         channel: &str,
         offset: Option<&str>,
         frame: &Bytes,
+        deflated: bool,
         whole: Option<&Bytes>,
         accepted_us: u64,
     ) -> bool {
@@ -325,6 +345,7 @@ impl ConnHandle {
             if let Some(cursor) = resuming.get_mut(channel) {
                 let keep = || Outgoing {
                     frame: frame.clone(),
+                    deflated,
                     accepted_us,
                 };
                 match cursor.offer(offset, keep) {
@@ -343,7 +364,7 @@ impl ConnHandle {
         {
             return written;
         }
-        self.enqueue(frame.clone(), accepted_us, offset.is_some())
+        self.enqueue(frame.clone(), deflated, accepted_us, offset.is_some())
     }
 
     /// Queues frames in order if all fit, without any policy; false (nothing queued) otherwise.
@@ -472,6 +493,7 @@ mod tests {
             Arc::from("c1"),
             Identity::default(),
             Encoding::Json,
+            None,
             queue,
             8,
             QueueFullPolicy::Drop,
@@ -485,7 +507,7 @@ mod tests {
 
     fn live(conn: &ConnHandle, id: u64) {
         let frame = Bytes::from(format!("live {id}"));
-        conn.deliver_channel("ch", Some(&o(id)), &frame, None, 0);
+        conn.deliver_channel("ch", Some(&o(id)), &frame, false, None, 0);
     }
 
     fn queued(conn: &ConnHandle) -> Vec<Bytes> {
@@ -499,7 +521,7 @@ mod tests {
         live(&conn, 2);
         live(&conn, 3);
         // Another channel is not held.
-        conn.deliver_channel("other", None, &Bytes::from("x"), None, 0);
+        conn.deliver_channel("other", None, &Bytes::from("x"), false, None, 0);
         assert_eq!(queued(&conn), vec![Bytes::from("x")]);
         let replay = vec![Entry {
             offset: o(2),
@@ -541,8 +563,8 @@ mod tests {
     #[test]
     fn a_full_queue_leaves_the_direct_write_books_balanced() {
         let conn = handle(1);
-        conn.deliver(&Bytes::from("a"), None, 0);
-        conn.deliver(&Bytes::from("b"), None, 0);
+        conn.deliver(&Bytes::from("a"), false, None, 0);
+        conn.deliver(&Bytes::from("b"), false, None, 0);
         conn.reply(&ServerFrame::Unsubscribed {
             channel: "ch",
             id: None,
@@ -550,6 +572,7 @@ mod tests {
         assert_eq!(conn.direct.on_books(), 2, "a and the reply; b was dropped");
         let two = Outgoing {
             frame: Bytes::from("d"),
+            deflated: false,
             accepted_us: 0,
         };
         assert!(!conn.deliver_all(vec![two.clone(), two]));

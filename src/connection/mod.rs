@@ -3,12 +3,15 @@
 //! (`crate::session`); this module reads and writes frames, and holds the connection's shared
 //! half ([`ConnHandle`]: its queues, channel set, resume cursors and close request).
 //!
-//! The reader parses frames itself (`frames.rs`); fastwebsockets frames what the writer sends.
+//! The reader parses frames itself (`frames.rs`) and the writer frames what it sends
+//! (`writer.rs`); fastwebsockets only does the upgrade handshake. permessage-deflate
+//! (`deflate.rs`) is agreed in the handshake and holds no state per connection.
 //! The reader is only dropped once the connection is closing. The writer owns the write
 //! half and everything sent to the client goes through it — messages, replies, pongs, pings and the
 //! close frame — so frames are never interleaved.
 
 mod assembler;
+pub mod deflate;
 mod direct;
 mod frames;
 mod handle;
@@ -84,14 +87,13 @@ pub(crate) async fn drive(
     let read_half = std::io::Cursor::new(pre).chain(read_half);
     let write_half = Arc::new(write_half);
     handle.direct.attach(write_half.clone());
-    let frames = frames::FrameReader::new(read_half, limits.max_message_bytes);
-    // Only fastwebsockets' write half is used; its read half (and the 8 KiB buffer it holds)
-    // is dropped at once.
-    let (_, ws_write) = fastwebsockets::after_handshake_split(
-        tokio::io::empty(),
-        lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct)),
-        fastwebsockets::Role::Server,
+    let frames = frames::FrameReader::new(
+        read_half,
+        limits.max_message_bytes,
+        handle.deflate.is_some(),
     );
+    let ws_write =
+        lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct));
     let mut reader =
         pin!(reader::run(frames, handle, limits, metrics, &last_seen, started, sink).fuse());
     let mut writer =
@@ -134,15 +136,17 @@ fn take_tcp(io: TokioIo<Upgraded>) -> Option<(TcpStream, bytes::Bytes)> {
 /// Echoes every message back on an upgraded connection, through the same socket layer the
 /// gateway uses (framing, fragment assembly, limits, close handshake, pings).
 ///
-/// For RFC 6455 conformance testing only (`examples/autobahn_echo.rs` runs the Autobahn
-/// TestSuite against it). The `wsbridge` binary never routes a request here.
-pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig) {
+/// For RFC 6455 and RFC 7692 conformance testing only (`examples/autobahn_echo.rs` runs the
+/// Autobahn TestSuite against it); `deflate` is what [`deflate::negotiate`] agreed, if
+/// anything. The `wsbridge` binary never routes a request here.
+pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig, deflate: Option<deflate::Deflate>) {
     let metrics = Metrics::new(&[]);
     let handle = ConnHandle::new(
         0,
         Arc::from("echo"),
         Identity::default(),
         Encoding::Json,
+        deflate,
         16,
         1024,
         crate::config::QueueFullPolicy::Drop,

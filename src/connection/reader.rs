@@ -8,10 +8,11 @@ use fastwebsockets::OpCode;
 use tokio::io::AsyncRead;
 
 use super::assembler::{AssembleError, Assembler};
+use super::deflate::{self, InflateError};
 use super::frames::{FrameReader, ReadError};
 use super::{ConnHandle, Reply};
 use crate::config::LimitsConfig;
-use crate::metrics::{CloseReason, Limit, Metrics};
+use crate::metrics::{CloseReason, DeflatePath, Limit, Metrics};
 
 /// What a connection does with each complete message from its client.
 pub(crate) trait MessageSink {
@@ -73,40 +74,69 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 continue;
             }
             OpCode::Pong => continue,
-            // An unfragmented message needs no copy.
-            OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
-                if frame.opcode == OpCode::Text && std::str::from_utf8(frame.payload).is_err() {
-                    handle.close(1007, "text message is not UTF-8", CloseReason::Protocol);
+            // An unfragmented, uncompressed message needs no copy.
+            OpCode::Text | OpCode::Binary
+                if frame.fin && !frame.compressed && !assembler.in_progress() =>
+            {
+                metrics.received_bytes.increment(frame.payload.len() as u64);
+                if let Err((code, reason)) = hand_over(sink, frame.opcode, frame.payload).await {
+                    handle.close(code, &reason, CloseReason::Protocol);
                     return;
                 }
-                metrics.received_bytes.increment(frame.payload.len() as u64);
-                sink.on_message(frame.opcode, frame.payload).await;
                 continue;
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                assembler.push(frame.fin, frame.opcode, frame.payload)
+                assembler.push(frame.fin, frame.opcode, frame.compressed, frame.payload)
             }
         };
-        match message {
-            Ok(Some((opcode, payload))) => {
-                metrics.received_bytes.increment(payload.len() as u64);
-                sink.on_message(opcode, &payload).await;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let (code, reason) = match e {
-                    AssembleError::TooLarge => {
-                        metrics.refused(Limit::MessageSize).increment(1);
-                        (1009, "message larger than limits.max_message_bytes")
+        let refused = match message {
+            Ok(Some(message)) => {
+                metrics
+                    .received_bytes
+                    .increment(message.payload.len() as u64);
+                if message.compressed {
+                    metrics.deflated(DeflatePath::Inbound).increment(1);
+                    match deflate::inflate(&message.payload, limits.max_message_bytes) {
+                        Ok(inflated) => hand_over(sink, message.opcode, &inflated).await,
+                        Err(e @ InflateError::TooLarge) => {
+                            metrics.refused(Limit::MessageSize).increment(1);
+                            Err((1009, e.to_string()))
+                        }
+                        Err(e @ InflateError::Invalid) => Err((1007, e.to_string())),
                     }
-                    AssembleError::InvalidUtf8 => (1007, "text message is not UTF-8"),
-                    AssembleError::Protocol(what) => (1002, what),
-                };
-                handle.close(code, reason, CloseReason::Protocol);
-                return;
+                } else {
+                    hand_over(sink, message.opcode, &message.payload).await
+                }
             }
+            Ok(None) => Ok(()),
+            Err(e) => Err(match e {
+                AssembleError::TooLarge => {
+                    metrics.refused(Limit::MessageSize).increment(1);
+                    (1009, "message larger than limits.max_message_bytes".into())
+                }
+                AssembleError::InvalidUtf8 => (1007, "text message is not UTF-8".into()),
+                AssembleError::Protocol(what) => (1002, what.into()),
+            }),
+        };
+        if let Err((code, reason)) = refused {
+            handle.close(code, &reason, CloseReason::Protocol);
+            return;
         }
     }
+}
+
+/// Hands a whole (inflated) message to the sink once a text message is known to be UTF-8;
+/// otherwise the close it calls for.
+async fn hand_over(
+    sink: &mut impl MessageSink,
+    opcode: OpCode,
+    payload: &[u8],
+) -> Result<(), (u16, String)> {
+    if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
+        return Err((1007, "text message is not UTF-8".into()));
+    }
+    sink.on_message(opcode, payload).await;
+    Ok(())
 }
 
 /// The close code to answer a client's close frame with (RFC 6455 §5.5.1, §7.4).

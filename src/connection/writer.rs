@@ -3,17 +3,25 @@
 //! Frames go into a buffered writer and are flushed once per wake-up, so a burst of queued
 //! messages costs one socket write rather than one per frame. A message for a connection with
 //! nothing waiting skips this task: the dispatcher writes it directly (`direct.rs`).
+//!
+//! The frames are the gateway's own (RFC 6455 §5.2; fastwebsockets' writer cannot set RSV1):
+//! on a connection that agreed on permessage-deflate, a message of at least the configured size
+//! that is not compressed yet (the fan-out compresses shared messages once, `deflate.rs`) is
+//! compressed here and written with RSV1.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketWrite};
-use tokio::io::AsyncWrite;
+use fastwebsockets::OpCode;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::deflate::Deflate;
+use super::direct::frame_header;
 use super::Timing;
 use super::{ConnHandle, Outgoing, Reply};
 use crate::clock::unix_us;
-use crate::metrics::{CloseReason, Metrics};
+use crate::metrics::{CloseReason, DeflatePath, Metrics};
 use crate::protocol::Encoding;
 
 /// Frames written per wake-up before flushing, so one busy connection cannot starve the flush.
@@ -21,7 +29,7 @@ const BURST: usize = 64;
 
 /// Writes until the connection is closing (after sending the close frame) or the socket fails.
 pub async fn run<S: AsyncWrite + Unpin>(
-    mut ws: WebSocketWrite<S>,
+    ws: S,
     handle: &ConnHandle,
     timing: Timing,
     metrics: &Metrics,
@@ -35,6 +43,11 @@ pub async fn run<S: AsyncWrite + Unpin>(
     let opcode = match handle.encoding {
         Encoding::Json => OpCode::Text,
         Encoding::Msgpack => OpCode::Binary,
+    };
+    let mut ws = Frames {
+        io: ws,
+        deflate: handle.deflate,
+        metrics,
     };
     // Grows on the first burst; an idle connection never allocates it.
     let mut accepted = Vec::new();
@@ -57,27 +70,25 @@ pub async fn run<S: AsyncWrite + Unpin>(
                     // waited for.
                     for _ in 0..handle.replies.len() {
                         let Some(reply) = handle.replies.try_pop() else { break };
-                        metrics.sent_bytes.increment(reply.len() as u64);
-                        if write_reply(&mut ws, opcode, reply).await.is_err() {
-                            break;
+                        match ws.reply(opcode, reply).await {
+                            Ok(n) => metrics.sent_bytes.increment(n as u64),
+                            Err(_) => break,
                         }
                     }
                 }
                 handle.direct.handed(1);
-                let _ = ws.write_frame(Frame::close(closing.code, closing.reason.as_bytes())).await;
-                let _ = ws.flush().await;
+                let _ = ws.close(closing.code, &closing.reason).await;
+                let _ = ws.io.flush().await;
                 return;
             }
             Some(reply) = handle.replies.pop() => {
                 taken += 1;
-                sent_bytes += reply.len();
-                write_reply(&mut ws, opcode, reply).await
+                ws.reply(opcode, reply).await.map(|n| sent_bytes += n)
             }
             Some(out) = handle.messages.pop() => {
                 taken += 1;
                 accepted.push(out.accepted_us);
-                sent_bytes += out.frame.len();
-                write_message(&mut ws, opcode, &out).await
+                ws.message(opcode, &out).await.map(|n| sent_bytes += n)
             }
             // The rest of a direct write waits: the flush below writes it.
             _ = handle.direct.kick.notified() => Ok(()),
@@ -90,7 +101,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
                 }
                 handle.direct.handed(1);
                 taken += 1;
-                ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await
+                ws.write(OpCode::Ping, false, b"").await.map(drop)
             }
         };
         // Take what else is already waiting, without waiting, then flush once.
@@ -101,19 +112,17 @@ pub async fn run<S: AsyncWrite + Unpin>(
             }
             if let Some(reply) = handle.replies.try_pop() {
                 taken += 1;
-                sent_bytes += reply.len();
-                result = write_reply(&mut ws, opcode, reply).await;
+                result = ws.reply(opcode, reply).await.map(|n| sent_bytes += n);
             } else if let Some(out) = handle.messages.try_pop() {
                 taken += 1;
                 accepted.push(out.accepted_us);
-                sent_bytes += out.frame.len();
-                result = write_message(&mut ws, opcode, &out).await;
+                result = ws.message(opcode, &out).await.map(|n| sent_bytes += n);
             } else {
                 break;
             }
         }
         if result.is_ok() {
-            result = ws.flush().await;
+            result = ws.io.flush().await;
         }
         if let Err(e) = result {
             handle.close(1000, &e.to_string(), CloseReason::Error);
@@ -133,34 +142,62 @@ pub async fn run<S: AsyncWrite + Unpin>(
     }
 }
 
-async fn write_message<S: AsyncWrite + Unpin>(
-    ws: &mut WebSocketWrite<S>,
-    opcode: OpCode,
-    out: &Outgoing,
-) -> Result<(), WebSocketError> {
-    ws.write_frame(Frame::new(
-        true,
-        opcode,
-        None,
-        Payload::Borrowed(&out.frame),
-    ))
-    .await
+/// The write half with the connection's compression terms: frames the payloads it is given.
+struct Frames<'a, S> {
+    io: S,
+    deflate: Option<Deflate>,
+    metrics: &'a Metrics,
 }
 
-async fn write_reply<S: AsyncWrite + Unpin>(
-    ws: &mut WebSocketWrite<S>,
-    opcode: OpCode,
-    reply: Reply,
-) -> Result<(), WebSocketError> {
-    match reply {
-        Reply::Frame(bytes) => {
-            ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&bytes)))
-                .await
+impl<S: AsyncWrite + Unpin> Frames<'_, S> {
+    /// Writes one whole frame; returns the payload bytes written.
+    async fn write(&mut self, opcode: OpCode, rsv1: bool, payload: &[u8]) -> io::Result<usize> {
+        let (header, len) = frame_header(opcode as u8, rsv1, payload.len());
+        self.io.write_all(&header[..len]).await?;
+        self.io.write_all(payload).await?;
+        Ok(payload.len())
+    }
+
+    /// Writes a data message, compressed here when the connection agreed on it, the message is
+    /// large enough and nobody compressed it before.
+    async fn data(&mut self, opcode: OpCode, deflated: bool, payload: &[u8]) -> io::Result<usize> {
+        if deflated {
+            return self.write(opcode, true, payload).await;
         }
-        Reply::Pong(payload) => ws.write_frame(Frame::pong(Payload::Owned(payload))).await,
-        Reply::Data(opcode, bytes) => {
-            ws.write_frame(Frame::new(true, opcode, None, Payload::Borrowed(&bytes)))
-                .await
+        let compressed = self
+            .deflate
+            .filter(|d| d.wants(payload.len()))
+            .and_then(|d| d.compress(payload));
+        if self.deflate.is_some_and(|d| d.wants(payload.len())) {
+            self.metrics.deflated(DeflatePath::Connection).increment(1);
         }
+        match compressed {
+            Some(compressed) => self.write(opcode, true, &compressed).await,
+            None => self.write(opcode, false, payload).await,
+        }
+    }
+
+    async fn message(&mut self, opcode: OpCode, out: &Outgoing) -> io::Result<usize> {
+        self.data(opcode, out.deflated, &out.frame).await
+    }
+
+    async fn reply(&mut self, opcode: OpCode, reply: Reply) -> io::Result<usize> {
+        match reply {
+            Reply::Frame(bytes) => self.data(opcode, false, &bytes).await,
+            Reply::Pong(payload) => self.write(OpCode::Pong, false, &payload).await,
+            Reply::Data(opcode, bytes) => self.data(opcode, false, &bytes).await,
+        }
+    }
+
+    /// The close frame: the code, then as much of the reason as a control frame holds.
+    async fn close(&mut self, code: u16, reason: &str) -> io::Result<usize> {
+        let mut cut = reason.len().min(123);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut payload = Vec::with_capacity(2 + cut);
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..cut]);
+        self.write(OpCode::Close, false, &payload).await
     }
 }

@@ -55,6 +55,7 @@ pub mod names {
     pub const REACH_QUERIES: &str = "wsbridge_reach_queries_total";
     pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
+    pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
 }
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
@@ -102,6 +103,32 @@ impl CloseReason {
             Self::Backend => "backend",
             Self::TokenExpired => "token_expired",
             Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Where permessage-deflate worked on a message (label `path` of
+/// `wsbridge_deflate_messages_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeflatePath {
+    /// A message compressed once for all of its recipients on this replica.
+    Fanout,
+    /// A message compressed for one connection (replies, replays).
+    Connection,
+    /// A client's compressed message inflated.
+    Inbound,
+}
+
+impl DeflatePath {
+    /// Every path, for pre-registration.
+    pub const ALL: [DeflatePath; 3] = [Self::Fanout, Self::Connection, Self::Inbound];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fanout => "fanout",
+            Self::Connection => "connection",
+            Self::Inbound => "inbound",
         }
     }
 }
@@ -289,6 +316,7 @@ pub struct MetricsInner {
     pub reach_wait_seconds: Histogram,
     /// Reach answers received from replicas (this one included) for calls published here.
     pub reach_answers: Counter,
+    deflate: HashMap<DeflatePath, Counter>,
 }
 
 /// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
@@ -386,12 +414,23 @@ impl Metrics {
             reach_incomplete: metrics::counter!(names::REACH_QUERIES, "complete" => "false"),
             reach_wait_seconds: metrics::histogram!(names::REACH_WAIT_SECONDS),
             reach_answers: metrics::counter!(names::REACH_ANSWERS),
+            deflate: by_label(
+                names::DEFLATE_MESSAGES,
+                "path",
+                &DeflatePath::ALL,
+                DeflatePath::as_str,
+            ),
         }))
     }
 
     /// The closed-connections counter for `reason`.
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         &self.closed[&reason]
+    }
+
+    /// Messages compressed (fan-out, connection) or inflated (inbound) by permessage-deflate.
+    pub fn deflated(&self, path: DeflatePath) -> &Counter {
+        &self.deflate[&path]
     }
 
     /// The dropped-deliveries counter for `reason`.
@@ -626,5 +665,9 @@ fn describe() {
     describe_counter!(
         REACH_ANSWERS,
         "Reach answers received from replicas for POST /send calls published on this replica."
+    );
+    describe_counter!(
+        DEFLATE_MESSAGES,
+        "permessage-deflate work: messages compressed once for all their recipients (fanout) or for one connection (connection), client messages inflated (inbound)."
     );
 }

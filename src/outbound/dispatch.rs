@@ -17,10 +17,11 @@ use super::routes::Acks;
 use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
+use crate::connection::deflate::Deflate;
 use crate::connection::{server_frame, ConnHandle, Outgoing};
 use crate::cursor::{Begin, ChannelCursors, Entry, Finish, Live, Offset};
 use crate::inbound::{Event, Inbound};
-use crate::metrics::{CloseReason, DropReason, Metrics};
+use crate::metrics::{CloseReason, DeflatePath, DropReason, Metrics};
 use crate::protocol::{message, Encoding, ErrorCode, FrameId, ServerFrame};
 use crate::registry::{Registry, Target};
 
@@ -372,7 +373,7 @@ impl Dispatcher {
                 Encoding::Json => json.get_or_insert_with(|| frame(Encoding::Json)),
                 Encoding::Msgpack => msgpack.get_or_insert_with(|| frame(Encoding::Msgpack)),
             };
-            conn.deliver_channel(channel, None, bytes, None, 0);
+            conn.deliver_channel(channel, None, bytes, false, None, 0);
         }
     }
 
@@ -459,34 +460,36 @@ impl Dispatcher {
             self.catch_ups.delivered(channel, offset);
         }
         // Serialized once per encoding, as a payload (for the queue) and as a whole WebSocket
-        // frame (for direct writes); every recipient shares the same bytes.
+        // frame (for direct writes), and compressed once per encoding for the connections that
+        // agreed on permessage-deflate; every recipient shares the same bytes.
         let (mut json, mut msgpack) = (None, None);
         let direct = self.direct_budget > 0 && (!self.multi || per_recipient);
         let once_per_conn = self.multi;
         let encode = |encoding| {
             let payload = message(encoding, channel, offset, data);
-            let whole = direct.then(|| server_frame(encoding, &payload));
-            (payload, whole)
+            Forms::new(encoding, payload, direct)
         };
         let mut reached = 0;
         for conn in self.scratch.drain(..) {
-            let (frame, whole) = match conn.encoding {
+            let forms = match conn.encoding {
                 Encoding::Json => json.get_or_insert_with(|| encode(Encoding::Json)),
                 Encoding::Msgpack => msgpack.get_or_insert_with(|| encode(Encoding::Msgpack)),
             };
-            let whole = match whole {
+            let form = forms.pick(conn.deflate, &self.metrics);
+            let whole = match &form.whole {
                 Some(whole)
                     if self.direct_budget > 0
                         && (!once_per_conn || conn.first_direct_in(self.payload_seq)) =>
                 {
                     self.direct_budget -= 1;
-                    Some(&*whole)
+                    Some(whole)
                 }
                 _ => None,
             };
+            let (frame, deflated) = (&form.payload, form.deflated);
             let handed = match channel {
-                Some(channel) => conn.deliver_channel(channel, offset, frame, whole, ts),
-                None => conn.deliver(frame, whole, ts),
+                Some(channel) => conn.deliver_channel(channel, offset, frame, deflated, whole, ts),
+                None => conn.deliver(frame, deflated, whole, ts),
             };
             reached += usize::from(handed);
         }
@@ -536,6 +539,7 @@ impl Dispatcher {
                 recovered: Some(recovered),
             }
             .encode(conn.encoding),
+            deflated: false,
             accepted_us: 0,
         };
         let held = match finish {
@@ -556,6 +560,7 @@ impl Dispatcher {
                     let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
                     frames.push(Outgoing {
                         frame: message(conn.encoding, Some(channel), Some(&offset), &raw),
+                        deflated: false,
                         accepted_us: 0,
                     });
                 }
@@ -680,7 +685,7 @@ impl Dispatcher {
                 id: None,
                 recovered: Some(false),
             };
-            conn.deliver(&notice.encode(conn.encoding), None, 0);
+            conn.deliver(&notice.encode(conn.encoding), false, None, 0);
         }
     }
 
@@ -740,6 +745,68 @@ impl Dispatcher {
                 0,
             );
         }
+    }
+}
+
+/// A message in one encoding as its recipients get it: plain, and compressed once for each set
+/// of permessage-deflate terms in use (usually one), so that the fan-out compresses a message
+/// once rather than once per connection.
+struct Forms {
+    encoding: Encoding,
+    plain: Form,
+    /// Per (window bits, level): the compressed form (`None` if zlib failed).
+    deflated: Vec<((u8, u8), Option<Form>)>,
+    /// Whether whole frames are built for direct writes.
+    direct: bool,
+}
+
+/// A message's bytes for one kind of recipient.
+struct Form {
+    /// The frame's payload, for the queue.
+    payload: Bytes,
+    /// Whether `payload` is compressed.
+    deflated: bool,
+    /// The whole frame, for direct writes.
+    whole: Option<Bytes>,
+}
+
+impl Forms {
+    fn new(encoding: Encoding, payload: Bytes, direct: bool) -> Self {
+        let whole = direct.then(|| server_frame(encoding, &payload, false));
+        Self {
+            encoding,
+            plain: Form {
+                payload,
+                deflated: false,
+                whole,
+            },
+            deflated: Vec::new(),
+            direct,
+        }
+    }
+
+    /// The form for a connection with these deflate terms, compressing on first use.
+    fn pick(&mut self, deflate: Option<Deflate>, metrics: &Metrics) -> &Form {
+        let Some(d) = deflate.filter(|d| d.wants(self.plain.payload.len())) else {
+            return &self.plain;
+        };
+        let key = (d.window_bits, d.level);
+        let at = match self.deflated.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                metrics.deflated(DeflatePath::Fanout).increment(1);
+                let form = d.compress(&self.plain.payload).map(|payload| Form {
+                    whole: self
+                        .direct
+                        .then(|| server_frame(self.encoding, &payload, true)),
+                    payload,
+                    deflated: true,
+                });
+                self.deflated.push((key, form));
+                self.deflated.len() - 1
+            }
+        };
+        self.deflated[at].1.as_ref().unwrap_or(&self.plain)
     }
 }
 

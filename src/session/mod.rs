@@ -12,6 +12,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
 use crate::auth::Identity;
+use crate::connection::deflate::Deflate;
 use crate::connection::{drive, ConnHandle, Timing};
 use crate::inbound::Event;
 use crate::protocol::{Encoding, ServerFrame};
@@ -25,6 +26,7 @@ pub async fn serve(
     state: Arc<AppState>,
     identity: Identity,
     encoding: Encoding,
+    deflate: Option<Deflate>,
 ) {
     let config = &state.config;
     // Interest routing: messages to this user must reach this replica from the welcome on.
@@ -49,6 +51,7 @@ pub async fn serve(
         id,
         identity,
         encoding,
+        deflate,
         config.outbound.queue_capacity_messages,
         config.outbound.reply_queue_capacity,
         config.outbound.queue_full_policy,
@@ -68,7 +71,7 @@ pub async fn serve(
     state.metrics.connections.increment(1.0);
     state.metrics.connections_opened.increment(1);
     state.inbound.event(&handle, Event::Connect);
-    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), "connection opened");
+    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), deflate = deflate.is_some(), "connection opened");
 
     let timing = Timing {
         ping_every: Duration::from_secs(config.server.ping_interval_seconds),
