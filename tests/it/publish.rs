@@ -110,7 +110,7 @@ async fn a_publish_reaches_subscribers_on_every_replica_and_the_publisher_itself
         );
         // The publisher is a subscriber like any other: it gets its own message, and the ack
         // (in either order: the ack follows Redis' answer, the message comes through pub/sub).
-        let mut frames = vec![publisher.recv().await, publisher.recv().await];
+        let mut frames = [publisher.recv().await, publisher.recv().await];
         frames.sort_by_key(|f| f["type"].as_str().unwrap().to_owned());
         assert_eq!(frames[0], json!({"type": "ack", "id": 1}));
         assert_eq!(frames[1], m);
