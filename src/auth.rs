@@ -18,12 +18,26 @@ pub struct Identity {
     pub expires_at: Option<u64>,
     /// The `info` claim, shown to others in presence (any JSON).
     pub info: Option<serde_json::Value>,
+    /// Channel patterns from the `publish` claim. `None` only without a token (auth off): then
+    /// the `[[channels]]` config alone decides where a client may publish. With a token, a
+    /// missing claim is an empty list: such a client publishes nowhere.
+    pub publish: Option<Vec<String>>,
 }
 
 impl Identity {
     /// Whether this identity may subscribe to `channel`.
     pub fn may_join(&self, channel: &str) -> bool {
         match &self.channels {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| glob_match(p, channel)),
+        }
+    }
+
+    /// Whether this identity's token lets it publish to `channel` (the `publish` claim; the
+    /// `channels` claim, which is about subscribing, plays no part). Whether the channel takes
+    /// client publishes at all is the config's to say.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        match &self.publish {
             None => true,
             Some(patterns) => patterns.iter().any(|p| glob_match(p, channel)),
         }
@@ -36,6 +50,7 @@ struct Claims {
     exp: Option<u64>,
     channels: Option<Vec<String>>,
     info: Option<serde_json::Value>,
+    publish: Option<Vec<String>>,
 }
 
 /// Why a token was refused.
@@ -118,6 +133,7 @@ impl Authenticator {
             channels: data.claims.channels,
             expires_at: data.claims.exp,
             info: data.claims.info,
+            publish: Some(data.claims.publish.unwrap_or_default()),
         })
     }
 }

@@ -402,6 +402,14 @@ pub struct ChannelConfig {
     /// connection) comes or goes; needs `presence`.
     #[serde(default)]
     pub join_leave: bool,
+    /// Clients may `publish` to the channel (with auth on, only where the token's `publish`
+    /// claim covers it); off by default, so only backends publish.
+    #[serde(default)]
+    pub client_publish: bool,
+    /// A stream (key `<prefix>:in:<name>`) every accepted client publish is also appended to,
+    /// for a backend to audit or persist; needs `client_publish`. Empty: none.
+    #[serde(default)]
+    pub publish_stream: String,
 }
 
 impl Config {
@@ -607,11 +615,7 @@ impl Config {
             ("inbound.groups", &self.inbound.groups),
         ] {
             for name in names {
-                if name.is_empty()
-                    || name
-                        .chars()
-                        .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
-                {
+                if !valid_stream_name(name) {
                     return Err(ConfigError::key(
                         key,
                         format!("`{name}` must be non-empty, without spaces or braces"),
@@ -670,6 +674,24 @@ impl Config {
                     &format!("channels[{i}].join_leave"),
                     "needs presence = true in the same [[channels]] entry (join and leave follow presence)",
                 ));
+            }
+            if !ch.publish_stream.is_empty() {
+                let key = format!("channels[{i}].publish_stream");
+                if !ch.client_publish {
+                    return Err(ConfigError::key(
+                        &key,
+                        "needs client_publish = true in the same [[channels]] entry (only client publishes are appended to it)",
+                    ));
+                }
+                if !valid_stream_name(&ch.publish_stream) {
+                    return Err(ConfigError::key(
+                        &key,
+                        format!(
+                            "`{}` must be non-empty, without spaces or braces",
+                            ch.publish_stream
+                        ),
+                    ));
+                }
             }
             if ch.history_size > 0 && ch.history_ttl_seconds == 0 {
                 return Err(ConfigError::key(
@@ -738,6 +760,31 @@ impl Config {
             .filter(|c| c.presence)
     }
 
+    /// The `[[channels]]` entry that applies to `channel` (the first pattern that matches it).
+    pub fn channel_settings(&self, channel: &str) -> Option<&ChannelConfig> {
+        self.channels
+            .iter()
+            .find(|c| glob_match(&c.pattern, channel))
+    }
+
+    /// The client-publish settings of `channel`: the first `[[channels]]` pattern that matches
+    /// it, if that pattern lets clients publish.
+    pub fn client_publish_for(&self, channel: &str) -> Option<&ChannelConfig> {
+        self.channel_settings(channel).filter(|c| c.client_publish)
+    }
+
+    /// Every stream name clients' frames may end up in: `inbound.streams`, then the
+    /// `publish_stream`s of `[[channels]]`, each once (consumer groups are created on each).
+    pub fn inbound_stream_names(&self) -> Vec<String> {
+        let mut names = self.inbound.streams.clone();
+        for ch in &self.channels {
+            if !ch.publish_stream.is_empty() && !names.contains(&ch.publish_stream) {
+                names.push(ch.publish_stream.clone());
+            }
+        }
+        names
+    }
+
     /// The public listener address (validated).
     pub fn listen_addr(&self) -> SocketAddr {
         self.server.listen.parse().expect("validated")
@@ -770,6 +817,15 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
             format!("`{value}` is not a socket address like 127.0.0.1:8080"),
         )
     })
+}
+
+/// A stream or group name: non-empty, no spaces, no control characters, and no braces (which
+/// would change the cluster slot a key hashes to).
+fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -849,6 +905,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn a_publish_stream_needs_client_publish_and_a_valid_name() {
+        let err = Config::from_toml(
+            "[[channels]]\npattern = \"cursor:*\"\npublish_stream = \"cursors\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("channels[0].publish_stream"), "{err}");
+        assert!(err.contains("client_publish"), "{err}");
+        let err = Config::from_toml(
+            "[[channels]]\npattern = \"a\"\nclient_publish = true\npublish_stream = \"x y\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("channels[0].publish_stream"), "{err}");
+        let ok = Config::from_toml(
+            "[inbound]\nstreams = [\"chat\"]\n[[channels]]\npattern = \"cursor:*\"\nclient_publish = true\npublish_stream = \"cursors\"\n[[channels]]\npattern = \"room:*\"\n",
+        )
+        .unwrap();
+        assert!(ok.client_publish_for("cursor:1").is_some());
+        assert!(ok.client_publish_for("room:1").is_none());
+        assert!(ok.client_publish_for("other").is_none());
+        assert_eq!(ok.inbound_stream_names(), ["chat", "cursors"]);
     }
 
     #[test]

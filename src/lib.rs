@@ -72,7 +72,7 @@ pub async fn run(
     } else {
         config.server.replica_id.clone()
     };
-    let metrics = Metrics::new(&config.inbound.streams);
+    let metrics = Metrics::new(&config.inbound_stream_names());
     let keys = Keys::new(&config.redis.prefix, &replica_id);
     let backplane =
         Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;

@@ -89,6 +89,17 @@ pub enum ClientFrame {
         /// Client frame id.
         id: Option<FrameId>,
     },
+    /// Publish `data` to a channel's subscribers, through the same path as `POST /send`.
+    Publish {
+        /// Channel name.
+        channel: String,
+        /// `data` encoded as the client sent it: JSON text or MessagePack bytes.
+        data: Bytes,
+        /// The encoding of `data`.
+        encoding: Encoding,
+        /// Client frame id.
+        id: Option<FrameId>,
+    },
     /// Leave a channel.
     Unsubscribe {
         /// Channel name.
@@ -154,11 +165,15 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// The replica is shutting down: a `send` was not taken (not stored).
     ShuttingDown,
+    /// A `publish` to a channel whose `[[channels]]` entry does not set `client_publish`.
+    PublishNotAllowed,
+    /// A `publish` the token's `publish` claim does not cover.
+    PublishForbidden,
 }
 
 impl ErrorCode {
     /// Every code, for pre-registering counters.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
         ErrorCode::BadFrame,
@@ -172,6 +187,8 @@ impl ErrorCode {
         ErrorCode::PresenceDisabled,
         ErrorCode::TokenInvalid,
         ErrorCode::TokenUserMismatch,
+        ErrorCode::PublishNotAllowed,
+        ErrorCode::PublishForbidden,
     ];
 
     /// The wire value.
@@ -190,6 +207,8 @@ impl ErrorCode {
             ErrorCode::PresenceDisabled => "presence_disabled",
             ErrorCode::TokenInvalid => "token_invalid",
             ErrorCode::TokenUserMismatch => "token_user_mismatch",
+            ErrorCode::PublishNotAllowed => "publish_not_allowed",
+            ErrorCode::PublishForbidden => "publish_forbidden",
         }
     }
 }
@@ -403,6 +422,12 @@ fn build(
             since,
             id,
         }),
+        Some("publish") => Ok(ClientFrame::Publish {
+            channel: need(channel, "channel", &id)?,
+            data,
+            encoding,
+            id,
+        }),
         Some("unsubscribe") => Ok(ClientFrame::Unsubscribe {
             channel: need(channel, "channel", &id)?,
             id,
@@ -430,7 +455,7 @@ fn build(
             id,
             ErrorCode::UnknownType,
             format!(
-                "unknown frame type `{other}`; expected send, subscribe, unsubscribe, presence or refresh"
+                "unknown frame type `{other}`; expected send, publish, subscribe, unsubscribe, presence or refresh"
             ),
         )),
         None => Err(FrameError::new(
@@ -458,6 +483,15 @@ pub enum ServerFrame<'a> {
         id: Option<&'a FrameId>,
         /// Stream entry id.
         entry: &'a str,
+    },
+    /// A `publish` was published (serialized as `ack`, like the answer to a `send`).
+    #[serde(rename = "ack")]
+    Published {
+        /// Client frame id.
+        id: Option<&'a FrameId>,
+        /// The message's offset in the channel's history; only on channels with history.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<&'a str>,
     },
     /// Joined a channel (in reply to `subscribe`, or pushed when a backend subscribed us).
     Subscribed {
@@ -748,7 +782,7 @@ mod tests {
 
         fn frame_object() -> impl Strategy<Value = Map<String, Value>> {
             (
-                string_field(&["send", "subscribe", "unsubscribe", "dance"]),
+                string_field(&["send", "publish", "subscribe", "unsubscribe", "dance"]),
                 id_field(),
                 string_field(&["chat", "orders"]),
                 string_field(&["room:1", "a"]),
@@ -787,6 +821,9 @@ mod tests {
                 since: Option<String>,
             },
             Unsubscribe {
+                channel: String,
+            },
+            Publish {
                 channel: String,
             },
             Error(ErrorCode),
@@ -837,6 +874,10 @@ mod tests {
                     Some(channel) => Expected::Unsubscribe { channel },
                     None => Expected::Error(ErrorCode::BadRequest),
                 },
+                Some("publish") => match nonempty(channel) {
+                    Some(channel) => Expected::Publish { channel },
+                    None => Expected::Error(ErrorCode::BadRequest),
+                },
                 _ => Expected::Error(ErrorCode::UnknownType),
             };
             (e, id)
@@ -867,6 +908,13 @@ mod tests {
                 (
                     Ok(ClientFrame::Unsubscribe { channel, id }),
                     Expected::Unsubscribe { channel: c },
+                ) => {
+                    prop_assert_eq!(channel, &c);
+                    prop_assert_eq!(id, &want_id);
+                }
+                (
+                    Ok(ClientFrame::Publish { channel, id, .. }),
+                    Expected::Publish { channel: c },
                 ) => {
                     prop_assert_eq!(channel, &c);
                     prop_assert_eq!(id, &want_id);

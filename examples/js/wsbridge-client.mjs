@@ -11,6 +11,7 @@
 //     reconnect, telling the app whether it was `recovered`;
 //   - keeps every `send` until its `ack` and resends it with the same id after a reconnect (the
 //     gateway stores a resent id once, per user, within its dedupe window);
+//   - publishes to channels that take client publishes (`publish`), answered with the offset;
 //   - asks for a channel's presence (`presence`), reports `join` and `leave`, and keeps a live
 //     member list across reconnects (`watchPresence`).
 //
@@ -142,6 +143,7 @@ export class WsBridgeClient {
     this._sends = new Map(); // id -> { frame, resolve, reject, transmissions }
     this._presence = new Map(); // id -> { frame, channel, resolve, reject }, until answered
     this._refreshes = new Map(); // id -> { resolve, reject }, until answered
+    this._publishes = new Map(); // id -> { resolve, reject, channel }, on the current connection
     this._requests = new Map(); // frame id -> { type, channel, ... } on the current connection
     this._connectWaiters = [];
 
@@ -414,6 +416,14 @@ export class WsBridgeClient {
     // A refresh lost with the connection: the next connection is made with a fresh token.
     for (const r of this._refreshes.values()) r.reject(new WsBridgeError('closed', 'the connection closed before the refresh was answered'));
     this._refreshes.clear();
+    // A publish lost with the connection may or may not have been published; it is not sent
+    // again (the gateway does not deduplicate publishes), the app decides.
+    for (const q of this._publishes.values()) {
+      const err = new WsBridgeError('disconnected', 'the connection closed before the publish was answered: it may have been published');
+      err.channel = q.channel;
+      q.reject(err);
+    }
+    this._publishes.clear();
     for (const ch of this._channels.values()) ch.subscribed = false;
     this._urlIndex++;
 
@@ -488,6 +498,12 @@ export class WsBridgeClient {
       case 'message':
         return this._onMessage(f);
       case 'ack': {
+        const q = this._publishes.get(f.id);
+        if (q) {
+          this._publishes.delete(f.id);
+          q.resolve({ channel: q.channel, offset: f.offset ?? null });
+          return;
+        }
         const s = this._sends.get(f.id);
         if (!s) return; // not ours, or already resolved
         this._sends.delete(f.id);
@@ -667,6 +683,13 @@ export class WsBridgeClient {
       s.reject(err);
       return;
     }
+    const pub = f.id != null ? this._publishes.get(f.id) : undefined;
+    if (pub) {
+      this._publishes.delete(f.id);
+      err.channel = pub.channel;
+      pub.reject(err);
+      return;
+    }
     const r = f.id != null ? this._refreshes.get(f.id) : undefined;
     if (r) {
       this._refreshes.delete(f.id);
@@ -774,6 +797,40 @@ export class WsBridgeClient {
       const s = { frame, resolve, reject, transmissions: 0 };
       this._sends.set(id, s);
       if (this._write(frame)) s.transmissions = 1;
+    });
+  }
+
+  /**
+   * Publishes `data` to `channel`'s subscribers (this client included, when it is one), where
+   * the gateway's config lets clients publish to it and the token's `publish` claim covers it;
+   * the client need not be subscribed. Resolves with `{channel, offset}` on `ack` (`offset`
+   * null on a channel without history); rejects with a WsBridgeError on an error frame
+   * (`publish_not_allowed`, `publish_forbidden`, `rate_limited`, `redis_unavailable`...;
+   * `err.retryable` tells whether publishing again may succeed). Sent now, never queued: offline
+   * it rejects at once with `not_connected`, and a publish whose connection closes before the
+   * answer rejects with `disconnected` (it may have been published). It is not resent after a
+   * reconnect: what is live (a cursor) is stale by then; publish again if it still matters.
+   * @param {string} channel
+   * @param {*} data any JSON value
+   * @param {{id?: string}} [options] the frame id (a fresh one by default)
+   * @returns {Promise<{channel: string, offset: string | null}>}
+   */
+  publish(channel, data, { id } = {}) {
+    if (this._state === 'closed') {
+      return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
+    }
+    id = id ?? this._nextId();
+    if (this._publishes.has(id)) {
+      return Promise.reject(new WsBridgeError('duplicate_id', `a publish with id ${id} is already waiting`, id));
+    }
+    return new Promise((resolve, reject) => {
+      this._publishes.set(id, { resolve, reject, channel });
+      if (!this._write(JSON.stringify({ type: 'publish', channel, data: data ?? null, id }))) {
+        this._publishes.delete(id);
+        const err = new WsBridgeError('not_connected', 'not connected: a publish is sent now or not at all', id);
+        err.channel = channel;
+        reject(err);
+      }
     });
   }
 

@@ -22,6 +22,12 @@
 //   replica and connection number; the windows of a replica that died leave the list once the
 //   other replicas count it dead (presence.replica_ttl_seconds in wsbridge.toml).
 //
+// - Every page shows where the other pages' pointers are (live cursors): it publishes its own
+//   pointer on the channel `cursor:<name>` itself, a client publish that the gateway allows on
+//   `cursor:*` (wsbridge.toml), at most every CURSOR_EVERY_MS, and draws what the others
+//   publish there. That channel keeps no history and no backend sees it: a lost position is
+//   replaced by the next one, and a cursor still for CURSOR_GONE_MS (or whose window left) goes.
+//
 // Every page draws the strokes in the backend's order (`seq`, the inbound stream entry id), so
 // all pages show the same picture. Query parameters: ?board=NAME (default "main"),
 // &ws=ws://HOST/ws (default: this page's host, path /ws).
@@ -30,11 +36,14 @@ import { WsBridgeClient } from './js/wsbridge-client.mjs';
 const params = new URLSearchParams(location.search);
 const board = params.get('board') || 'main';
 const channel = `board:${board}`;
+const cursorChannel = `cursor:${board}`;
 const wsUrl = params.get('ws') || `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 
 const COLORS = ['#222222', '#e53935', '#1e88e5', '#43a047', '#fb8c00', '#8e24aa'];
 const MAX_POINTS = 500; // per stroke, as the backends accept; longer strokes are split
 const MIN_STEP = 0.002; // points closer than this (fraction of the board) are skipped
+const CURSOR_EVERY_MS = 50; // the most often this page publishes its pointer
+const CURSOR_GONE_MS = 10_000; // another page's cursor that did not move for this long goes
 
 const canvas = document.getElementById('board');
 const ctx = canvas.getContext('2d');
@@ -42,6 +51,7 @@ const statusEl = document.getElementById('status');
 const errorEl = document.getElementById('error');
 const widthEl = document.getElementById('width');
 const whoEl = document.getElementById('who');
+const surfaceEl = document.getElementById('surface');
 
 const pageId = Math.random().toString(16).slice(2, 10);
 let counter = 0;
@@ -60,6 +70,10 @@ const client = new WsBridgeClient({ url: wsUrl, baseDelayMs: 250, maxDelayMs: 50
 
 client.on('message', (ch, data) => {
   if (!data || typeof data !== 'object' || data.board !== board) return;
+  if (data.type === 'cursor' && ch === cursorChannel) {
+    showCursor(data);
+    return;
+  }
   if (data.type === 'stroke' && ch === channel) {
     merge([data.stroke]);
   } else if (data.type === 'snapshot' && ch === null) {
@@ -108,6 +122,10 @@ client.watchPresence(channel, (members) => {
   showWho();
 });
 client.on('welcome', showWho); // this window's own entry changes with its connection
+client.on('leave', ({ channel: ch, member }) => {
+  if (ch !== channel) return;
+  for (const [page, c] of cursors) if (c.connection === member.connection) dropCursor(page);
+});
 client.on('error', (err) => console.warn('wsbridge:', err));
 
 async function load() {
@@ -320,6 +338,59 @@ for (const event of ['pointerup', 'pointercancel']) {
   });
 }
 
+// ---- live cursors -----------------------------------------------------------------------
+
+const cursors = new Map(); // page id -> { x, y, connection, at, el }, other pages' pointers
+let cursorPoint = null; // this page's pointer, to publish
+let cursorSentAt = 0;
+let cursorTimer = 0;
+
+// Publishes the pointer at most every CURSOR_EVERY_MS: the latest position wins.
+function moveCursor(point) {
+  cursorPoint = point;
+  if (!cursorTimer) cursorTimer = setTimeout(publishCursor, Math.max(0, cursorSentAt + CURSOR_EVERY_MS - Date.now()));
+}
+
+function publishCursor() {
+  cursorTimer = 0;
+  cursorSentAt = Date.now();
+  if (client.state !== 'open' || !cursorPoint) return;
+  const [x, y] = cursorPoint;
+  const data = { type: 'cursor', board, page: pageId, connection: client.connectionId, x, y, color };
+  // Refused or lost (offline, rate limited, Redis down): the next move publishes again.
+  client.publish(cursorChannel, data).catch(() => {});
+}
+
+canvas.addEventListener('pointermove', (e) => moveCursor(pointAt(e)));
+
+// Another page's pointer; this page's own comes back too (it is a subscriber) and is skipped.
+function showCursor(d) {
+  if (d.page === pageId || typeof d.x !== 'number' || typeof d.y !== 'number') return;
+  let c = cursors.get(d.page);
+  if (!c) {
+    const el = document.createElement('div');
+    el.className = 'cursor';
+    el.dataset.page = d.page;
+    surfaceEl.append(el);
+    c = { el };
+    cursors.set(d.page, c);
+  }
+  Object.assign(c, { x: d.x, y: d.y, connection: d.connection, at: Date.now() });
+  c.el.style.left = `${d.x * 100}%`;
+  c.el.style.top = `${d.y * 100}%`;
+  c.el.style.color = COLORS.includes(d.color) ? d.color : COLORS[0];
+  c.el.textContent = typeof d.connection === 'string' ? nameOf({ connection: d.connection }) : '';
+}
+
+function dropCursor(page) {
+  cursors.get(page)?.el.remove();
+  cursors.delete(page);
+}
+
+setInterval(() => {
+  for (const [page, c] of cursors) if (Date.now() - c.at > CURSOR_GONE_MS) dropCursor(page);
+}, 1000);
+
 // ---- toolbar and status -----------------------------------------------------------------
 
 const palette = document.getElementById('palette');
@@ -395,6 +466,12 @@ window.whiteboard = {
   get loads() {
     return loads;
   },
+  /** This page's id, which its cursor carries. */
+  pageId,
+  /** The other pages' cursors shown: `{page, x, y}`, x and y as fractions of the board. */
+  get cursors() {
+    return [...cursors].map(([page, c]) => ({ page, x: c.x, y: c.y }));
+  },
   /** The connection ids of the windows on the board, as the list shows them. */
   get people() {
     return people.map((m) => m.connection).sort();
@@ -422,5 +499,6 @@ if (saved) {
 client
   .subscribe(channel, { since: saved?.offset })
   .catch((err) => showError(`cannot join ${channel}: ${err.message}`));
+client.subscribe(cursorChannel).catch((err) => showError(`cannot join ${cursorChannel}: ${err.message}`));
 client.connect().catch((err) => showError(`cannot connect: ${err.message}`));
 showStatus();

@@ -511,12 +511,13 @@ impl Backplane {
             .await
     }
 
-    /// Creates the configured consumer groups (with MKSTREAM); existing groups are kept.
+    /// Creates the configured consumer groups (with MKSTREAM) on every inbound stream and every
+    /// `publish_stream`; existing groups are kept.
     ///
     /// # Errors
     /// The first failure other than "group exists".
     pub async fn ensure_groups(&self, config: &Config, keys: &Keys) -> Result<(), RedisFailure> {
-        for stream in &config.inbound.streams {
+        for stream in &config.inbound_stream_names() {
             let key = keys.inbound(stream);
             for group in &config.inbound.groups {
                 let result = self

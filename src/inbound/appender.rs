@@ -29,6 +29,20 @@ pub struct AppendReply {
     pub stream: String,
 }
 
+/// Who is told how an append went.
+pub enum Answer {
+    /// A client `send`: the `ack` or error frame goes to the connection.
+    Client(AppendReply),
+    /// A client `publish` to a channel with a `publish_stream`: the task publishing it waits
+    /// for the entry id (or why there is none) before it publishes.
+    Waiter {
+        /// Stream name, for the per-stream counter.
+        stream: String,
+        /// Gets the entry id, or a sentence saying why it was not stored.
+        done: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+}
+
 /// One XADD waiting to be sent.
 pub struct AppendRequest {
     /// Stream key.
@@ -37,8 +51,8 @@ pub struct AppendRequest {
     pub max_len: u64,
     /// Entry fields, in order.
     pub fields: Vec<(&'static str, Bytes)>,
-    /// For client frames: where the ack or error goes. `None` for lifecycle events.
-    pub reply: Option<AppendReply>,
+    /// For client frames: who is told how it went. `None` for lifecycle events.
+    pub reply: Option<Answer>,
     /// When the frame was read.
     pub started: Instant,
     /// For client frames with an id: the key remembering the entry it produced, and for how
@@ -280,6 +294,16 @@ fn finish<E: Into<Failure>>(request: AppendRequest, result: Result<String, E>, m
             metrics.events_failed.increment(1);
         }
         return;
+    };
+    let reply = match reply {
+        Answer::Client(reply) => reply,
+        Answer::Waiter { stream, done } => {
+            if result.is_ok() {
+                metrics.inbound(&stream).increment(1);
+            }
+            let _ = done.send(result.map_err(|e| e.into().0));
+            return;
+        }
     };
     match result {
         Ok(entry) => {

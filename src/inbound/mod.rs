@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 pub use appender::Appender;
-use appender::{AppendReply, AppendRequest};
+use appender::{Answer, AppendReply, AppendRequest};
 
 use crate::backplane::Keys;
 use crate::config::Config;
@@ -99,56 +99,129 @@ impl Inbound {
                 format!("stream `{stream}` is not one of the configured inbound.streams"),
             ));
         };
-        // Ids are scoped to the user, so a resend after a reconnect (a new connection) is still
-        // recognised; anonymous clients are scoped to their connection, because their ids need
-        // not be unique across clients.
-        let dedupe = match (&id, self.dedupe_window_seconds) {
-            (Some(frame_id), window) if window > 0 => {
-                let scope = match conn.user.as_deref() {
-                    Some(user) => format!("u:{user}"),
-                    None => format!("c:{}", conn.id),
-                };
-                Some((
-                    self.keys.dedupe(&stream, &scope, &frame_id.to_field()),
-                    window,
-                ))
-            }
-            _ => None,
-        };
-        let fields = vec![
-            ("connection", Bytes::copy_from_slice(conn.id.as_bytes())),
-            ("user", user_field(conn)),
-            ("data", data),
-            ("encoding", Bytes::from_static(encoding.as_str().as_bytes())),
-            (
-                "id",
-                id.as_ref()
-                    .map(|i| Bytes::from(i.to_field()))
-                    .unwrap_or_default(),
-            ),
-            ("replica", self.replica.clone()),
-            ("ts", Bytes::from(crate::clock::unix_ms().to_string())),
-        ];
+        let dedupe = self.dedupe(conn, &stream, id.as_ref());
+        let fields = self.entry_fields(conn, data, encoding, id.as_ref());
         let request = AppendRequest {
             key: key.clone(),
             max_len: self.stream_max_len,
             fields,
-            reply: Some(AppendReply {
+            reply: Some(Answer::Client(AppendReply {
                 answer: conn.owe_answer(),
                 id,
                 stream,
-            }),
+            })),
             started: Instant::now(),
             dedupe,
         };
         self.appender.try_submit(request).map_err(|request| {
-            let id = request.reply.and_then(|r| r.id);
+            let id = match request.reply {
+                Some(Answer::Client(reply)) => reply.id,
+                _ => None,
+            };
             FrameError::new(
                 id,
                 ErrorCode::Overloaded,
                 "the gateway's append queue is full; not stored, resend with the same id",
             )
         })
+    }
+
+    /// Ids are scoped to the user, so a resend after a reconnect (a new connection) is still
+    /// recognised; anonymous clients are scoped to their connection, because their ids need
+    /// not be unique across clients. `None` without an id or with deduplication off.
+    fn dedupe(
+        &self,
+        conn: &ConnHandle,
+        stream: &str,
+        id: Option<&FrameId>,
+    ) -> Option<(String, u64)> {
+        match (id, self.dedupe_window_seconds) {
+            (Some(frame_id), window) if window > 0 => {
+                let scope = match conn.user.as_deref() {
+                    Some(user) => format!("u:{user}"),
+                    None => format!("c:{}", conn.id),
+                };
+                Some((
+                    self.keys.dedupe(stream, &scope, &frame_id.to_field()),
+                    window,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// The fields of a client frame's entry, the same for a `send` and a recorded `publish`.
+    fn entry_fields(
+        &self,
+        conn: &ConnHandle,
+        data: Bytes,
+        encoding: Encoding,
+        id: Option<&FrameId>,
+    ) -> Vec<(&'static str, Bytes)> {
+        vec![
+            ("connection", Bytes::copy_from_slice(conn.id.as_bytes())),
+            ("user", user_field(conn)),
+            ("data", data),
+            ("encoding", Bytes::from_static(encoding.as_str().as_bytes())),
+            (
+                "id",
+                id.map(|i| Bytes::from(i.to_field())).unwrap_or_default(),
+            ),
+            ("replica", self.replica.clone()),
+            ("ts", Bytes::from(crate::clock::unix_ms().to_string())),
+        ]
+    }
+
+    /// Appends a client `publish` to its channel's `publish_stream` (key `<prefix>:in:<stream>`):
+    /// the fields of a `send` entry plus `publish`, the channel. Once per frame id within
+    /// `inbound.dedupe_window_seconds`, as a `send`, so a publish resent after an error is not
+    /// recorded twice.
+    ///
+    /// # Errors
+    /// The entry was not stored: a [`FrameError`] with `overloaded` (the append queue is full)
+    /// or `redis_unavailable` (Redis did not store it; the sentence says whether it may have).
+    pub async fn record_publish(
+        &self,
+        conn: &ConnHandle,
+        stream: &str,
+        channel: &str,
+        data: Bytes,
+        encoding: Encoding,
+        id: Option<&FrameId>,
+    ) -> Result<String, FrameError> {
+        let mut fields = self.entry_fields(conn, data, encoding, id);
+        fields.push(("publish", Bytes::copy_from_slice(channel.as_bytes())));
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let request = AppendRequest {
+            key: Arc::from(self.keys.inbound(stream)),
+            max_len: self.stream_max_len,
+            fields,
+            reply: Some(Answer::Waiter {
+                stream: stream.to_owned(),
+                done,
+            }),
+            started: Instant::now(),
+            dedupe: self.dedupe(conn, stream, id),
+        };
+        if self.appender.try_submit(request).is_err() {
+            return Err(FrameError::new(
+                id.cloned(),
+                ErrorCode::Overloaded,
+                "the gateway's append queue is full; not published, resend with the same id",
+            ));
+        }
+        let refused = |why: String| {
+            FrameError::new(
+                id.cloned(),
+                ErrorCode::RedisUnavailable,
+                format!("not published: the channel's publish_stream did not take it: {why}"),
+            )
+        };
+        match answer.await {
+            Ok(Ok(entry)) => Ok(entry),
+            Ok(Err(why)) => Err(refused(why)),
+            Err(_) => Err(refused("the appender has stopped".to_owned())),
+        }
     }
 
     /// Takes `conn` out of `channel` and, when it was in, tells the backends (an `unsubscribe`

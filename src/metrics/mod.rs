@@ -56,7 +56,19 @@ pub mod names {
     pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
     pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
+    pub const CLIENT_PUBLISHES: &str = "wsbridge_client_publishes_total";
 }
+
+/// Error codes a client `publish` can be refused with: the `outcome` label values of
+/// `wsbridge_client_publishes_total` besides `accepted`.
+const PUBLISH_REFUSALS: [ErrorCode; 6] = [
+    ErrorCode::PublishNotAllowed,
+    ErrorCode::PublishForbidden,
+    ErrorCode::RateLimited,
+    ErrorCode::RedisUnavailable,
+    ErrorCode::Overloaded,
+    ErrorCode::BadRequest,
+];
 
 /// Why a connection closed (label `reason` of `wsbridge_connections_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -317,6 +329,9 @@ pub struct MetricsInner {
     /// Reach answers received from replicas (this one included) for calls published here.
     pub reach_answers: Counter,
     deflate: HashMap<DeflatePath, Counter>,
+    /// Client `publish` frames published.
+    pub publishes_accepted: Counter,
+    publishes_refused: HashMap<ErrorCode, Counter>,
 }
 
 /// One counter of `name` per value of a label (`label` = `as_str(value)`), registered up front.
@@ -420,6 +435,13 @@ impl Metrics {
                 &DeflatePath::ALL,
                 DeflatePath::as_str,
             ),
+            publishes_accepted: metrics::counter!(names::CLIENT_PUBLISHES, "outcome" => "accepted"),
+            publishes_refused: by_label(
+                names::CLIENT_PUBLISHES,
+                "outcome",
+                &PUBLISH_REFUSALS,
+                ErrorCode::as_str,
+            ),
         }))
     }
 
@@ -491,6 +513,14 @@ impl Metrics {
         self.inbound.get(stream).unwrap_or(&self.inbound_other)
     }
 
+    /// Counts a refused client `publish` in `wsbridge_client_publishes_total`, with the error
+    /// code as `outcome`. A code no publish is refused with counts nowhere.
+    pub fn publish_refused(&self, code: ErrorCode) {
+        if let Some(counter) = self.publishes_refused.get(&code) {
+            counter.increment(1);
+        }
+    }
+
     /// The refused-frames counter for an error code.
     pub fn rejected(&self, code: ErrorCode) -> &Counter {
         &self.rejected[&code]
@@ -554,7 +584,7 @@ fn describe() {
     );
     describe_counter!(
         OUTBOUND_PUBLISHED,
-        "Messages published to pub/sub by POST /send on this replica."
+        "Messages published to pub/sub by POST /send (and client publish frames) on this replica."
     );
     describe_counter!(PUBSUB_RECEIVED, "Messages received from pub/sub.");
     describe_counter!(
@@ -661,6 +691,10 @@ fn describe() {
         REACH_WAIT_SECONDS,
         Unit::Seconds,
         "Time a POST /send with a reach report waited for the replicas' answers after publishing."
+    );
+    describe_counter!(
+        CLIENT_PUBLISHES,
+        "Client publish frames, by outcome: accepted (published), or the error code it was refused with."
     );
     describe_counter!(
         REACH_ANSWERS,

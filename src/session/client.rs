@@ -1,5 +1,5 @@
-//! The protocol frames of one client: decode, rate limit, act (`send`, `subscribe` with or
-//! without `since`, `unsubscribe`), answer. A resume's history read is started here and handed
+//! The protocol frames of one client: decode, rate limit, act (`send`, `publish`, `subscribe`
+//! with or without `since`, `unsubscribe`), answer. A resume's history read is started here and handed
 //! to the dispatcher, which queues the replay in order with live messages (`crate::cursor`).
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::cursor::Offset;
 use crate::inbound::Event;
 use crate::metrics::Limit;
 use crate::outbound::dispatch::{Control, Joined, ResumeDone};
+use crate::outbound::envelope::{Batch, Item, Message, Recipient};
 use crate::protocol::{
     self, ClientFrame, ErrorCode, FrameError, PresencePage, PresenceQuery, ServerFrame,
 };
@@ -139,6 +140,36 @@ impl MessageSink for ClientFrames<'_> {
             }
             return;
         }
+        if let Ok(ClientFrame::Publish {
+            channel,
+            data,
+            encoding,
+            id,
+        }) = &decoded
+        {
+            // Answered here: it waits for Redis, which `act` never does. The reader waits with
+            // it, so one client's publishes are published in the order it sent them.
+            let _owed = self.handle.owe_answer();
+            let published = if self.bucket.take() {
+                publish(self.handle, self.state, channel, data, *encoding, id).await
+            } else {
+                Err(rate_limited(self.state, id.clone()))
+            };
+            match published {
+                Ok(offset) => {
+                    self.state.metrics.publishes_accepted.increment(1);
+                    self.handle.reply(&ServerFrame::Published {
+                        id: id.as_ref(),
+                        offset: offset.as_deref(),
+                    });
+                }
+                Err(e) => {
+                    self.state.metrics.publish_refused(e.code);
+                    refuse(self.handle, self.state, &e);
+                }
+            }
+            return;
+        }
         if let Ok(ClientFrame::Presence { channel, query, id }) = &decoded {
             // Answered here: it waits for Redis, which `act` never does.
             let _owed = self.handle.owe_answer();
@@ -257,6 +288,7 @@ fn frame_id(decoded: &Result<ClientFrame, FrameError>) -> Option<protocol::Frame
         | Ok(ClientFrame::Subscribe { id, .. })
         | Ok(ClientFrame::Unsubscribe { id, .. })
         | Ok(ClientFrame::Presence { id, .. })
+        | Ok(ClientFrame::Publish { id, .. })
         | Ok(ClientFrame::Refresh { id, .. }) => id.clone(),
         Err(e) => e.id.clone(),
     }
@@ -358,7 +390,9 @@ fn act(
             Ok(None)
         }
         // Answered by `ClientFrames::on_message` before they get here.
-        ClientFrame::Presence { .. } | ClientFrame::Refresh { .. } => Ok(None),
+        ClientFrame::Presence { .. }
+        | ClientFrame::Refresh { .. }
+        | ClientFrame::Publish { .. } => Ok(None),
         ClientFrame::Unsubscribe { channel, id } => {
             state.inbound.leave(&state.registry, handle, &channel);
             handle.reply(&ServerFrame::Unsubscribed {
@@ -366,6 +400,85 @@ fn act(
                 id: id.as_ref(),
             });
             Ok(None)
+        }
+    }
+}
+
+/// Publishes a client's `publish` through the publisher `POST /send` uses (history, routing,
+/// Redis Cluster alike), after appending it to the channel's `publish_stream` when it has one.
+/// Returns the message's history offset, on channels with history.
+///
+/// The stream comes first so that it holds every message that was published: a failed publish
+/// leaves an entry behind (the client is told, and a resend with the same id is not appended
+/// again), a failed append publishes nothing.
+async fn publish(
+    handle: &ConnHandle,
+    state: &AppState,
+    channel: &str,
+    data: &bytes::Bytes,
+    encoding: protocol::Encoding,
+    id: &Option<protocol::FrameId>,
+) -> Result<Option<String>, FrameError> {
+    let Some(settings) = state.config.client_publish_for(channel) else {
+        return Err(FrameError::new(
+            id.clone(),
+            ErrorCode::PublishNotAllowed,
+            format!("clients may not publish to `{channel}` (no [[channels]] pattern with client_publish = true matches it): not published"),
+        ));
+    };
+    if !handle.identity.may_publish(channel) {
+        return Err(FrameError::new(
+            id.clone(),
+            ErrorCode::PublishForbidden,
+            format!("the token's publish claim does not cover `{channel}`: not published"),
+        ));
+    }
+    // `data` travels as JSON between replicas, as a backend's does; MessagePack is converted.
+    let json = match encoding {
+        protocol::Encoding::Json => String::from_utf8(data.to_vec()).ok(),
+        protocol::Encoding::Msgpack => rmp_serde::from_slice::<serde_json::Value>(data)
+            .ok()
+            .map(|value| value.to_string()),
+    };
+    let Some(raw) = json.and_then(|text| serde_json::value::RawValue::from_string(text).ok())
+    else {
+        return Err(FrameError::new(
+            id.clone(),
+            ErrorCode::BadRequest,
+            "`data` cannot be carried as JSON (binary, extension types or non-string map keys): not published",
+        ));
+    };
+    if !settings.publish_stream.is_empty() {
+        state
+            .inbound
+            .record_publish(
+                handle,
+                &settings.publish_stream,
+                channel,
+                data.clone(),
+                encoding,
+                id.as_ref(),
+            )
+            .await?;
+    }
+    let mut batch = Batch {
+        ts: crate::clock::unix_us(),
+        items: vec![Item::Send(Message {
+            to: Recipient::Channel(channel.into()),
+            data: &raw,
+            history: false,
+            reach: None,
+        })],
+    };
+    match state.publisher.publish(&mut batch).await {
+        Ok(mut offsets) => Ok(offsets.pop().flatten()),
+        Err(e) => {
+            tracing::debug!(error = %e, channel, "client publish failed");
+            Err(FrameError::new(
+                id.clone(),
+                ErrorCode::RedisUnavailable,
+                e.explain(),
+            ))
         }
     }
 }

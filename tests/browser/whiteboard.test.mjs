@@ -268,6 +268,25 @@ clusterTest('two windows through nginx on different replicas draw together; a re
   await untilListed(b, [ca, cb], 'B lists both windows');
   assert.match(await a.locator('#who li[data-you]').textContent(), new RegExp(`^${ra} #\\d+ \\(this window\\)$`));
 
+  // Live cursors, published by the pages themselves (client publish, no backend): B shows
+  // where A's pointer is, on A's replica's other side; A does not show its own.
+  const box = await a.locator('canvas').boundingBox();
+  await a.mouse.move(box.x + 300, box.y + 200);
+  const pageA = await a.evaluate(() => window.whiteboard.pageId);
+  const at = [300 / box.width, 200 / box.height];
+  await until(
+    b,
+    ([page, [x, y]]) => window.whiteboard.cursors.some((c) => c.page === page && Math.abs(c.x - x) < 0.01 && Math.abs(c.y - y) < 0.01),
+    [pageA, at],
+    "B to show A's cursor where A's pointer is"
+  );
+  const shown = await b.locator(`.cursor[data-page="${pageA}"]`).boundingBox();
+  const boxB = await b.locator('canvas').boundingBox();
+  assert.ok(Math.abs(shown.x + 5 - (boxB.x + at[0] * boxB.width)) < 3, `A's cursor drawn at x ${shown.x} on B`);
+  assert.ok(Math.abs(shown.y + 5 - (boxB.y + at[1] * boxB.height)) < 3, `A's cursor drawn at y ${shown.y} on B`);
+  assert.deepEqual(await a.evaluate(() => window.whiteboard.cursors), [], 'A does not show its own cursor');
+  await shot(b, '0-b-sees-a-cursor');
+
   // A draws; B sees the stroke, on its canvas.
   const first = await draw(a, [100, 100], [400, 250]);
   await untilStored(b, [first]);

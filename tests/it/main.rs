@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod loadgen;
 mod presence;
+mod publish;
 mod queue;
 mod reach;
 mod refresh;

@@ -177,6 +177,44 @@ describe('against real replicas', () => {
     await deadline(c.send('chat', { still: 'open' }), 'ack');
   });
 
+  test('publish: acked with the offset, delivered to every subscriber and the publisher; refusals reject with their code', async () => {
+    const prefix = uniquePrefix('publish');
+    const secret = 'js-publish-secret';
+    const a = await gateway({ prefix, jwtSecret: secret, clientPublish: true });
+    const b = await gateway({ prefix, jwtSecret: secret, clientPublish: true });
+    const publisher = client({ url: a.wsUrl, token: token(secret, { sub: 'ann', publish: ['room:*'] }) });
+    const reader = client({ url: b.wsUrl, token: token(secret, { sub: 'bob' }) });
+    const mine = record(publisher);
+    const theirs = record(reader);
+    await deadline(publisher.connect(), 'welcome');
+    await deadline(reader.connect(), 'welcome');
+    await deadline(publisher.subscribe('room:p'), 'subscribed');
+    await deadline(reader.subscribe('room:p'), 'subscribed');
+
+    const acked = await deadline(publisher.publish('room:p', { x: 1, y: 2 }), 'ack');
+    assert.equal(acked.channel, 'room:p');
+    assert.match(acked.offset, /^[0-9a-f]+:\d+-\d+$/);
+    const want = { channel: 'room:p', data: { x: 1, y: 2 }, offset: acked.offset };
+    await theirs.until(() => theirs.messages.length === 1, 'the message on the other replica');
+    await mine.until(() => mine.messages.length === 1, 'its own message');
+    assert.deepEqual(theirs.messages, [want]);
+    assert.deepEqual(mine.messages, [want]);
+    assert.equal(reader.lastOffset('room:p'), acked.offset);
+
+    // Bob's token has no publish claim; `other:*` takes no client publishes at all.
+    await assert.rejects(reader.publish('room:p', 'no'), (err) => err.code === 'publish_forbidden' && err.channel === 'room:p' && !err.retryable);
+    await assert.rejects(publisher.publish('other:1', 'no'), (err) => err.code === 'publish_not_allowed' && err.channel === 'other:1');
+    // Offline, a publish is refused at once, never queued.
+    await publisher.close();
+    await assert.rejects(publisher.publish('room:p', 'late'), (err) => err.code === 'closed');
+    const idle = client({ url: a.wsUrl, token: token(secret, { sub: 'ann', publish: ['room:*'] }) });
+    await assert.rejects(idle.publish('room:p', 'offline'), (err) => err.code === 'not_connected');
+    // The refused publishes reached nobody: the next message Bob gets is a backend's.
+    await b.send({ to: { channel: 'room:p' }, data: 'end' });
+    await theirs.until(() => theirs.messages.length === 2, 'the backend message');
+    assert.equal(theirs.messages[1].data, 'end');
+  });
+
   test('unacked sends are resent with the same ids after a reconnect and stored once, in order', async () => {
     const prefix = uniquePrefix('resend');
     const secret = 'js-test-secret';

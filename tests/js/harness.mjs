@@ -159,9 +159,10 @@ export const PRESENCE = { replicaTtlSeconds: 2, heartbeatIntervalMs: 300 };
 /**
  * The config file the replicas of these tests use. With `presence`, `room:*` channels keep
  * presence and send join and leave events, and a replica counts as dead PRESENCE.replicaTtlSeconds
- * after its last heartbeat; `other:*` channels keep none.
+ * after its last heartbeat; `other:*` channels keep none. With `clientPublish`, clients may publish
+ * to `room:*` channels.
  */
-export function gatewayConfig({ redisUrl, prefix, listen = '127.0.0.1:0', historySize = 1000, jwtSecret = '', presence = false }) {
+export function gatewayConfig({ redisUrl, prefix, listen = '127.0.0.1:0', historySize = 1000, jwtSecret = '', presence = false, clientPublish = false }) {
   const presenceConfig = presence
     ? `presence = true
 join_leave = true
@@ -200,6 +201,7 @@ jwt_secret = "${jwtSecret}"
 pattern = "room:*"
 history_size = ${historySize}
 history_ttl_seconds = 600
+client_publish = ${clientPublish}
 ${presenceConfig}`;
 }
 
