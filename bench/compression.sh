@@ -29,6 +29,7 @@
 # Gateways, Redis and the backend are pinned to CPU 0, the load generator to CPU 1.
 #
 # Binaries: target/release, built here unless WSBRIDGE_BIN / LOADGEN_BIN / BACKEND_BIN are set.
+# WSBRIDGE_CONFIG overrides the gateway's config file (default config/wsbridge.toml).
 # Results: DIR/*.json (one loadgen report each), DIR/results.md (bench/compression_report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -123,7 +124,7 @@ start() {
         env WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
           WSBRIDGE__REDIS__URL=redis://127.0.0.1:$REDIS_PORT WSBRIDGE__AUTH__JWT_SECRET=$SECRET \
           WSBRIDGE__LIMITS__MAX_CONNECTIONS=100000 RUST_LOG=warn "${extra[@]}" \
-          taskset -c 0 "$GW" --config config/wsbridge.toml >>"$OUT/$config-$i.log" 2>&1 &
+          taskset -c 0 "$GW" --config "${WSBRIDGE_CONFIG:-config/wsbridge.toml}" >>"$OUT/$config-$i.log" 2>&1 &
         pid=$!; disown "$pid"; PIDS_TO_KILL+=("$pid")
         ready "$pid" "http://127.0.0.1:$q/readyz" || { say "$config: replica $i did not start (see $config-$i.log)"; return 1; }
         ws+=("ws://127.0.0.1:$p/ws") ;;
@@ -176,6 +177,11 @@ for config in "${CONFIGS[@]}"; do
     if start "$config"; then
       loadgen "$config-idle" --scenario wire-idle --deflate --clients "$IDLE_CLIENTS" \
         --settle-ms 3000 --payload "$PAYLOAD" --channel bench
+      if [[ "$config" == *-on ]] && ! negotiated "$config-idle"; then
+        unavailable "$config" "the server did not negotiate permessage-deflate"
+      fi
+    else
+      unavailable "$config" "a replica did not start with ${DEFLATE_ENV[*]}"
     fi
     stop_all
   fi
