@@ -2,16 +2,24 @@
 // A terminal chat client for wsbridge, built on wsbridge-client.mjs: what docs/try-it.md
 // ("Try it: two clients ...") runs, and a small example of the library in use.
 //
-//   node examples/js/chat.mjs [URL[,URL...]] [--channel room:lobby] [--token JWT]
+//   node examples/js/chat.mjs [URL[,URL...]] [--channel room:lobby] [--token JWT | --token-url URL]
 //
 // URL defaults to ws://127.0.0.1:8080/ws; give several (comma-separated) replicas and the
 // client fails over between them. Node 22+ has the WebSocket it needs; on Node 20/21 run
 // `node --experimental-websocket examples/js/chat.mjs ...`.
 //
+// Tokens, when the gateway has auth on: --token JWT is one fixed token, and the connection is
+// closed (1008) when it expires. --token-url URL is what an app does instead: before every
+// connection, and whenever the gateway says the token is about to expire (`refresh_required`),
+// the client calls a token function that GETs URL from the app's own backend and reads
+// {"token":...} from the answer; the fresh token is sent on the open connection, so short
+// tokens (minutes) never close it. examples/js/token-server.mjs is such an endpoint for demos.
+//
 // Every event is printed on stdout as one JSON line:
 //   {"welcome":{...}}  {"subscribed":{"channel":..,"recovered":..}}  {"message":{"channel":..,
 //   "data":..,"offset":..}}  {"ack":{"id":..,"entry":..}}  {"error":{"code":..,"message":..}}
 //   {"close":{"code":..,"reason":..}}  {"reconnecting":{"attempt":..,"delayMs":..}}
+//   {"refresh_required":{"expiresAt":..}}  {"refreshed":{"expiresAt":..}}
 // Lines read from stdin:
 //   /sub CHANNEL     subscribes and makes CHANNEL the current channel
 //   /unsub CHANNEL   unsubscribes
@@ -29,22 +37,40 @@ import { WsBridgeClient } from './wsbridge-client.mjs';
 
 function usage(message) {
   if (message) console.error(`chat.mjs: ${message}`);
-  console.error('usage: node examples/js/chat.mjs [URL[,URL...]] [--channel CHANNEL] [--token JWT]');
+  console.error('usage: node examples/js/chat.mjs [URL[,URL...]] [--channel CHANNEL] [--token JWT | --token-url URL]');
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const args = { urls: ['ws://127.0.0.1:8080/ws'], channel: 'room:lobby', token: undefined };
+  const args = { urls: ['ws://127.0.0.1:8080/ws'], channel: 'room:lobby', token: undefined, tokenUrl: undefined };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => argv[++i] ?? usage(`${arg} needs a value`);
     if (arg === '--channel') args.channel = value();
     else if (arg === '--token') args.token = value();
+    else if (arg === '--token-url') args.tokenUrl = value();
     else if (arg === '-h' || arg === '--help') usage();
     else if (arg.startsWith('-')) usage(`unknown option ${arg}`);
     else args.urls = arg.split(',').filter(Boolean);
   }
+  if (args.token && args.tokenUrl) usage('give --token or --token-url, not both');
   return args;
+}
+
+/**
+ * The token function for --token-url: one GET per call, so every connection and every refresh
+ * gets a token of its own. A failure rejects; the client reports it (`error`) and tries again
+ * on the next connection attempt.
+ */
+function fetchToken(url) {
+  return async () => {
+    // In a browser, add `credentials: 'include'` so the app's session cookie goes along.
+    const res = await fetch(url, { cache: 'no-store' });
+    if (!res.ok) throw new Error(`token endpoint ${url} answered ${res.status}`);
+    const { token } = await res.json();
+    if (typeof token !== 'string' || !token) throw new Error(`token endpoint ${url} sent no token`);
+    return token;
+  };
 }
 
 const args = parseArgs(process.argv.slice(2));
@@ -56,12 +82,14 @@ const print = (event, payload) => process.stdout.write(`${JSON.stringify({ [even
 const printError = (err) =>
   print('error', { code: err.code ?? 'error', message: err.message, ...(err.id ? { id: err.id } : {}) });
 
-const client = new WsBridgeClient({ urls: args.urls, token: args.token });
+const client = new WsBridgeClient({ urls: args.urls, token: args.tokenUrl ? fetchToken(args.tokenUrl) : args.token });
 client.on('welcome', (info) => print('welcome', info));
 client.on('subscribed', ({ channel, recovered, resumed }) => print('subscribed', { channel, recovered, resumed }));
 client.on('message', (channel, data, offset) => print('message', { channel, data, offset }));
 client.on('close', ({ code, reason, willReconnect }) => print('close', { code, reason, willReconnect }));
 client.on('reconnecting', ({ attempt, delayMs }) => print('reconnecting', { attempt, delayMs }));
+client.on('refresh_required', ({ expiresAt }) => print('refresh_required', { expiresAt }));
+client.on('refreshed', ({ expiresAt }) => print('refreshed', { expiresAt }));
 client.on('error', printError);
 
 let current = args.channel;

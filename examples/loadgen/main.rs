@@ -28,6 +28,10 @@
 //! - `churn`, `storm`, `kill`, `query`: presence (wsbridge; see presence.rs): CPU per join,
 //!   convergence and join events in a connection storm, leaves after a replica is killed,
 //!   `POST /presence` latency.
+//! - `wire`, `wire-idle`, `publish`: permessage-deflate and client publish (wire.rs; wsbridge and
+//!   socket.io): bytes read off the sockets per delivery with `--deflate` offered or not, RSS per
+//!   connection with compression negotiated, latency of a client's message to the other
+//!   clients (`--publish-via client|stream`).
 //!
 //! Every client must receive exactly what was addressed to it: the report has delivered and
 //! expected counts, the number of clients short or over, latency from the publish call to the
@@ -45,6 +49,7 @@
 mod presence;
 mod proto;
 mod publish;
+mod wire;
 
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
@@ -75,6 +80,10 @@ enum Scenario {
     Storm,
     Kill,
     Query,
+    /// permessage-deflate and client publish (wire.rs).
+    Wire,
+    WireIdle,
+    Publish,
 }
 
 struct Args {
@@ -109,13 +118,17 @@ struct Args {
     probe_ms: u64,
     kill_pid: Option<u32>,
     limit: u64,
+    deflate: bool,
+    publishers: usize,
+    publish_via: wire::Via,
 }
 
-const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query \
+const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query|wire|wire-idle|publish \
 --ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
 [--channel C] [--rooms-per-endpoint K] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
 [--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet] \
-[--watchers N] [--probe-rate R] [--probe-clients N] [--probe-channel C] [--probe-ms MS] [--kill-pid P] [--limit N]";
+[--watchers N] [--probe-rate R] [--probe-clients N] [--probe-channel C] [--probe-ms MS] [--kill-pid P] [--limit N] \
+[--deflate] [--publishers N] [--publish-via client|stream]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -150,11 +163,18 @@ fn parse_args() -> Result<Args, String> {
         probe_ms: 0,
         kill_pid: None,
         limit: 0,
+        deflate: false,
+        publishers: 1,
+        publish_via: wire::Via::Client,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--quiet" {
             a.quiet = true;
+            continue;
+        }
+        if flag == "--deflate" {
+            a.deflate = true;
             continue;
         }
         if flag == "-h" || flag == "--help" {
@@ -179,6 +199,9 @@ fn parse_args() -> Result<Args, String> {
                     "storm" => Scenario::Storm,
                     "kill" => Scenario::Kill,
                     "query" => Scenario::Query,
+                    "wire" => Scenario::Wire,
+                    "wire-idle" => Scenario::WireIdle,
+                    "publish" => Scenario::Publish,
                     other => return Err(format!("--scenario {other:?}: unknown")),
                 }
             }
@@ -224,6 +247,8 @@ fn parse_args() -> Result<Args, String> {
             "--probe-ms" => a.probe_ms = num(&value)?,
             "--kill-pid" => a.kill_pid = Some(num(&value)? as u32),
             "--limit" => a.limit = num(&value)?,
+            "--publishers" => a.publishers = num(&value)?.max(1) as usize,
+            "--publish-via" => a.publish_via = wire::Via::parse(&value)?,
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
@@ -233,6 +258,16 @@ fn parse_args() -> Result<Args, String> {
     );
     if presence && a.target != Kind::Wsbridge {
         return Err("the presence scenarios are wsbridge only".into());
+    }
+    let wire = matches!(
+        a.scenario,
+        Scenario::Wire | Scenario::WireIdle | Scenario::Publish
+    );
+    if wire && a.target == Kind::Nchan {
+        return Err("the wire and publish scenarios are for wsbridge and socketio".into());
+    }
+    if a.scenario == Scenario::Publish && a.target != Kind::Wsbridge {
+        return Err("--scenario publish is wsbridge only".into());
     }
     if a.ws.is_empty() || (a.clients == 0 && !presence) {
         return Err("--ws and --clients must not be empty".into());
@@ -438,6 +473,13 @@ fn all_rooms(a: &Args) -> Vec<String> {
         .collect()
 }
 
+/// Client n's token with `--jwt-secret` (user `u<n>`), else none.
+fn client_token(a: &Args, n: usize) -> Option<String> {
+    a.jwt_secret
+        .as_ref()
+        .map(|secret| token(secret, &format!("u{n}")))
+}
+
 fn token(secret: &str, user: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -505,10 +547,7 @@ async fn run(a: Args) -> Result<bool, String> {
     for n in 0..a.clients {
         let endpoint = a.ws[n % a.ws.len()].clone();
         let source = Ipv4Addr::new(127, 0, 0, a.first_source + (n / a.per_source) as u8);
-        let token = a
-            .jwt_secret
-            .as_ref()
-            .map(|secret| token(secret, &format!("u{n}")));
+        let token = client_token(&a, n);
         let channel = match a.scenario {
             Scenario::Rooms => {
                 let endpoints = a.ws.len();
@@ -625,8 +664,14 @@ async fn run(a: Args) -> Result<bool, String> {
         Scenario::Idle => {
             tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
         }
-        Scenario::Churn | Scenario::Storm | Scenario::Kill | Scenario::Query => {
-            unreachable!("presence scenarios run in presence.rs")
+        Scenario::Churn
+        | Scenario::Storm
+        | Scenario::Kill
+        | Scenario::Query
+        | Scenario::Wire
+        | Scenario::WireIdle
+        | Scenario::Publish => {
+            unreachable!("the presence and wire scenarios run in presence.rs and wire.rs")
         }
         Scenario::Inbound => {
             for (sink, window) in sinks.iter().zip(&windows) {
@@ -876,6 +921,7 @@ async fn main() -> ExitCode {
         Scenario::Churn | Scenario::Storm | Scenario::Kill | Scenario::Query => {
             presence::run(args).await
         }
+        Scenario::Wire | Scenario::WireIdle | Scenario::Publish => wire::run(args).await,
         _ => run(args).await,
     };
     match result {

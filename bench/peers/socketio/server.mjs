@@ -5,6 +5,13 @@
 //   node server.mjs --port 4001 --api-port 4101 --redis redis://127.0.0.1:6379
 //   (or WS_PORT / API_PORT / REDIS_URL; --host / HOST, default 127.0.0.1; port 0 = pick one)
 //
+// permessage-deflate is off, as in socket.io's defaults. --deflate-threshold BYTES (or
+// DEFLATE_THRESHOLD) turns it on: `perMessageDeflate: { threshold: BYTES }`, ws's other
+// defaults kept (context takeover on both sides, window 15 bits, zlib level default).
+// The default threshold is 1024 bytes, which a ~1 KiB message can fall under, so give it
+// explicitly. ws (8.21, lib/sender.js) applies it only with server_no_context_takeover: with its
+// defaults it compresses every frame, however small.
+//
 // Prints `listening ws=PORT api=PORT` on stdout once both ports listen and Redis is connected.
 //
 // Protocol (raw Engine.IO v4 over a plain WebSocket, no socket.io client needed):
@@ -32,6 +39,7 @@ const { values: args } = parseArgs({
     "api-port": { type: "string" },
     redis: { type: "string" },
     host: { type: "string" },
+    "deflate-threshold": { type: "string" },
   },
   strict: true,
 });
@@ -41,6 +49,7 @@ const wsPort = Number(args.port ?? process.env.WS_PORT ?? 4001);
 const apiPort = Number(args["api-port"] ?? process.env.API_PORT ?? 4101);
 const redisUrl = args.redis ?? process.env.REDIS_URL ?? "redis://127.0.0.1:6379";
 const MAX_BODY = 16 * 1024 * 1024;
+const deflateThreshold = args["deflate-threshold"] ?? process.env.DEFLATE_THRESHOLD;
 
 function fail(msg) {
   console.error(`server.mjs: ${msg}`);
@@ -48,6 +57,10 @@ function fail(msg) {
 }
 if (!Number.isInteger(wsPort) || wsPort < 0 || wsPort > 65535) fail(`bad --port ${wsPort}`);
 if (!Number.isInteger(apiPort) || apiPort < 0 || apiPort > 65535) fail(`bad --api-port ${apiPort}`);
+if (deflateThreshold !== undefined && !(Number.isInteger(Number(deflateThreshold)) && Number(deflateThreshold) >= 0)) {
+  fail(`bad --deflate-threshold ${deflateThreshold}`);
+}
+const perMessageDeflate = deflateThreshold === undefined ? false : { threshold: Number(deflateThreshold) };
 
 // --- Redis: one client publishes, a duplicate subscribes (what createAdapter wants). ---
 const pubClient = createClient({ url: redisUrl });
@@ -61,11 +74,11 @@ try {
   fail(`cannot connect to ${redisUrl}: ${err?.message ?? err}`);
 }
 
-// --- socket.io: defaults except websocket only and no permessage-deflate. ---
+// --- socket.io: defaults except websocket only and no permessage-deflate (unless asked). ---
 const wsServer = http.createServer();
 const io = new Server(wsServer, {
   transports: ["websocket"],
-  perMessageDeflate: false,
+  perMessageDeflate,
   serveClient: false,
   adapter: createAdapter(pubClient, subClient),
 });
@@ -182,6 +195,7 @@ try {
 } catch (err) {
   fail(`listen: ${err?.message ?? err}`);
 }
+if (perMessageDeflate) console.error(`server.mjs: permessage-deflate on, threshold ${perMessageDeflate.threshold} bytes`);
 console.log(`listening ws=${ws} api=${api}`);
 
 let stopping = false;
