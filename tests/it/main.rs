@@ -8,6 +8,7 @@ mod common;
 mod coverage_inbound;
 mod coverage_ops;
 mod dashboard;
+mod deflate;
 mod delivery;
 mod deploy;
 mod examples;
