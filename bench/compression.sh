@@ -110,6 +110,12 @@ start_redis() {
 # sets WS, APIS, PIDS, TARGET. Returns 1 when a replica does not come up (wsbridge-on on a build
 # without the feature).
 WS= APIS= PIDS= TARGET=
+# The default config with client publish opened on room:* (the publish part's channel).
+if [ -z "${WSBRIDGE_CONFIG:-}" ]; then
+  WSBRIDGE_CONFIG="$OUT/wsbridge.toml"
+  sed 's/^# client_publish = false .*/client_publish = true/' config/wsbridge.toml >"$WSBRIDGE_CONFIG"
+  grep -q '^client_publish = true' "$WSBRIDGE_CONFIG" || { echo "bench/compression.sh: could not open client publish in the config" >&2; exit 1; }
+fi
 start() {
   local config=$1 i ws=() apis=() pids=()
   start_redis
