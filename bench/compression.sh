@@ -20,7 +20,7 @@
 #            latency from a client's frame to the other clients' read, through a `send` to the
 #            stream `chat` + the Rust example backend (examples/backends/rust) + POST /send, and
 #            through a client `publish` frame when this build has it.
-# Configurations: wsbridge-off (default config), wsbridge-on (WSBRIDGE__SERVER__PERMESSAGE_DEFLATE
+# Configurations: wsbridge-off (WSBRIDGE__SERVER__PERMESSAGE_DEFLATE=false), wsbridge-on (WSBRIDGE__SERVER__PERMESSAGE_DEFLATE
 # = true, WSBRIDGE__SERVER__PERMESSAGE_DEFLATE_MIN_BYTES = 256; override with WSBRIDGE_DEFLATE_ENV
 # as "K=V K=V"), socketio-off (perMessageDeflate false), socketio-on (--deflate-threshold 256).
 # A wsbridge that does not start with the deflate keys (no such keys: deny_unknown_fields) or
@@ -126,6 +126,8 @@ start() {
       wsbridge-*)
         TARGET=wsbridge
         local extra=()
+        # The gateway accepts permessage-deflate by default: "off" turns it off explicitly.
+        extra=(WSBRIDGE__SERVER__PERMESSAGE_DEFLATE=false)
         [ "$config" = wsbridge-on ] && extra=("${DEFLATE_ENV[@]}")
         env WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
           WSBRIDGE__REDIS__URL=redis://127.0.0.1:$REDIS_PORT WSBRIDGE__AUTH__JWT_SECRET=$SECRET \

@@ -104,7 +104,7 @@ impl Default for ServerConfig {
             shutdown_drain_seconds: 10,
             permessage_deflate: true,
             permessage_deflate_min_bytes: 256,
-            permessage_deflate_level: 1,
+            permessage_deflate_level: 6,
         }
     }
 }
