@@ -176,8 +176,9 @@ async function draw(page, [x0, y0], [x1, y1]) {
     await page.mouse.move(box.x + x0 + ((x1 - x0) * i) / 20, box.y + y0 + ((y1 - y0) * i) / 20);
   }
   await page.mouse.up();
-  const ids = await page.evaluate(() => window.whiteboard.ids());
-  const added = ids.filter((id) => !before.includes(id));
+  const [ids, pageId] = await page.evaluate(() => [window.whiteboard.ids(), window.whiteboard.pageId]);
+  // Only this page's strokes (ids `<page id>-<n>`): another page's stroke may arrive meanwhile.
+  const added = ids.filter((id) => !before.includes(id) && id.startsWith(`${pageId}-`));
   assert.equal(added.length, 1, `${page.label}: one new stroke`);
   return added[0];
 }
