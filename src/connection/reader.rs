@@ -74,12 +74,12 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 continue;
             }
             OpCode::Pong => continue,
-            // An unfragmented, uncompressed message needs no copy.
-            OpCode::Text | OpCode::Binary
-                if frame.fin && !frame.compressed && !assembler.in_progress() =>
-            {
+            // An unfragmented message needs no copy (a compressed one is inflated straight from
+            // the frame).
+            OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
                 metrics.received_bytes.increment(frame.payload.len() as u64);
-                if let Err((code, reason)) = hand_over(sink, frame.opcode, frame.payload).await {
+                let whole = (frame.opcode, frame.compressed, frame.payload);
+                if let Err((code, reason)) = take(sink, metrics, limits, whole).await {
                     handle.close(code, &reason, CloseReason::Protocol);
                     return;
                 }
@@ -89,24 +89,10 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 assembler.push(frame.fin, frame.opcode, frame.compressed, frame.payload)
             }
         };
-        let refused = match message {
-            Ok(Some(message)) => {
-                metrics
-                    .received_bytes
-                    .increment(message.payload.len() as u64);
-                if message.compressed {
-                    metrics.deflated(DeflatePath::Inbound).increment(1);
-                    match deflate::inflate(&message.payload, limits.max_message_bytes) {
-                        Ok(inflated) => hand_over(sink, message.opcode, &inflated).await,
-                        Err(e @ InflateError::TooLarge) => {
-                            metrics.refused(Limit::MessageSize).increment(1);
-                            Err((1009, e.to_string()))
-                        }
-                        Err(e @ InflateError::Invalid) => Err((1007, e.to_string())),
-                    }
-                } else {
-                    hand_over(sink, message.opcode, &message.payload).await
-                }
+        let taken = match message {
+            Ok(Some(m)) => {
+                metrics.received_bytes.increment(m.payload.len() as u64);
+                take(sink, metrics, limits, (m.opcode, m.compressed, &m.payload)).await
             }
             Ok(None) => Ok(()),
             Err(e) => Err(match e {
@@ -118,10 +104,32 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 AssembleError::Protocol(what) => (1002, what.into()),
             }),
         };
-        if let Err((code, reason)) = refused {
+        if let Err((code, reason)) = taken {
             handle.close(code, &reason, CloseReason::Protocol);
             return;
         }
+    }
+}
+
+/// Takes one whole message (opcode, compressed, payload): inflates it if compressed, within
+/// `limits.max_message_bytes`, then hands it over. `Err` is the close it calls for.
+async fn take(
+    sink: &mut impl MessageSink,
+    metrics: &Metrics,
+    limits: &LimitsConfig,
+    (opcode, compressed, payload): (OpCode, bool, &[u8]),
+) -> Result<(), (u16, String)> {
+    if !compressed {
+        return hand_over(sink, opcode, payload).await;
+    }
+    metrics.deflated(DeflatePath::Inbound).increment(1);
+    match deflate::inflate(payload, limits.max_message_bytes) {
+        Ok(inflated) => hand_over(sink, opcode, &inflated).await,
+        Err(e @ InflateError::TooLarge) => {
+            metrics.refused(Limit::MessageSize).increment(1);
+            Err((1009, e.to_string()))
+        }
+        Err(e @ InflateError::Invalid) => Err((1007, e.to_string())),
     }
 }
 
