@@ -84,6 +84,13 @@ impl Keys {
         format!("{}:epoch:{{{channel}}}", self.prefix)
     }
 
+    /// Which Redis incarnation last wrote `channel`'s history, and whether it persisted every
+    /// write before answering: decides whether the history's epoch still holds after Redis
+    /// restarted or failed over (`outbound::history`).
+    pub fn writer(&self, channel: &str) -> String {
+        format!("{}:writer:{{{channel}}}", self.prefix)
+    }
+
     /// A presence channel's members: connection id → `<user key>\n<member JSON>`. In the
     /// channel's hash slot, with the keys below.
     pub fn presence(&self, channel: &str) -> String {
@@ -401,6 +408,39 @@ impl Backplane {
     ) -> Result<T, RedisFailure> {
         let result = match tokio::time::timeout(self.timeout, self.send(cmd)).await {
             Ok(result) => result.map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        };
+        self.count(result)
+    }
+
+    /// Runs one command on every master (the one Redis without a cluster), with the configured
+    /// timeout: each node's answer, keyed by its address (`""` without a cluster).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when a node failed or did not answer in time.
+    pub async fn query_each_master<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<Vec<(String, T)>, RedisFailure> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+        let link = match &self.link {
+            Link::Single(_) => return Ok(vec![(String::new(), self.query(cmd).await?)]),
+            Link::Cluster(link) => link,
+        };
+        let run = async {
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            let answers = link
+                .conn()
+                .await?
+                .route_command(cmd.clone(), routing)
+                .await?;
+            redis::from_redis_value::<std::collections::HashMap<String, T>>(answers)
+                .map_err(redis::RedisError::from)
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
+            Ok(result) => result
+                .map(|m| m.into_iter().collect())
+                .map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
         };
         self.count(result)

@@ -90,6 +90,8 @@ pub struct Publisher {
     replica: String,
     acks: Arc<routes::Acks>,
     reaches: Arc<reach::Reaches>,
+    /// Which Redis persists every write before answering (stamped beside each history).
+    durability: history::Durability,
 }
 
 impl Publisher {
@@ -100,8 +102,10 @@ impl Publisher {
         config: Arc<Config>,
         metrics: Metrics,
         replica: &str,
+        durability: history::Durability,
     ) -> Self {
         Self {
+            durability,
             backplane,
             keys,
             config,
@@ -153,7 +157,14 @@ impl Publisher {
             }
             self.acks.expect(token)
         });
-        let published = routes::publish(&self.backplane, &self.keys, &self.config, batch).await;
+        let published = routes::publish(
+            &self.backplane,
+            &self.keys,
+            &self.durability,
+            &self.config,
+            batch,
+        )
+        .await;
         let published = match published {
             Ok(published) => published,
             Err(e) => {
@@ -308,8 +319,13 @@ impl Publisher {
                 payload,
                 appends,
             };
-            let ran =
-                publish::run(&self.backplane, &self.keys, std::slice::from_ref(&step)).await?;
+            let ran = publish::run(
+                &self.backplane,
+                &self.keys,
+                &self.durability,
+                std::slice::from_ref(&step),
+            )
+            .await?;
             for (append, offset) in step.appends.iter().zip(ran.offsets) {
                 offsets[append.item] = Some(offset);
             }

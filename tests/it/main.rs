@@ -20,6 +20,7 @@ mod inbound;
 mod lifecycle;
 mod limits;
 mod loadgen;
+mod lost_writes;
 mod outage;
 mod presence;
 mod publish;
