@@ -229,6 +229,10 @@ pub async fn run(
         backplane.clone(),
         metrics.clone(),
         config.inbound.append_batch_max,
+        inbound::appender::Replicated {
+            replicas: config.redis.wait_replicas,
+            timeout_ms: config.redis.wait_timeout_ms,
+        },
         append_stop.clone(),
         append_give_up.clone(),
     ));

@@ -229,11 +229,54 @@ impl Publisher {
         } else {
             self.publish_broadcast(batch, sends).await?
         };
+        self.wait_replicas(batch, &offsets).await?;
         let reach = match waiting {
             Some(waiting) => Some(self.reach_report(batch, waiting, due).await),
             None => None,
         };
         Ok(Sent { offsets, reach })
+    }
+
+    /// With `redis.wait_replicas`, waits until that many replicas hold the history appends of
+    /// the call just published (`WAIT`): once on a single Redis, where one connection carried
+    /// them all; once per channel on a cluster, where each shard has its own.
+    ///
+    /// # Errors
+    /// [`PublishError`] (may have been delivered: the primary has it) when fewer replicas
+    /// confirmed within `redis.wait_timeout_ms`, or Redis failed.
+    async fn wait_replicas(
+        &self,
+        batch: &Batch<'_>,
+        offsets: &[Option<String>],
+    ) -> Result<(), PublishError> {
+        let redis = &self.config.redis;
+        if redis.wait_replicas == 0 {
+            return Ok(());
+        }
+        let mut channels: Vec<&str> = Vec::new();
+        for (item, offset) in batch.items.iter().zip(offsets) {
+            if let (Item::Send(message), Some(_)) = (item, offset) {
+                if let Recipient::Channel(channel) = &message.to {
+                    if !channels.contains(&channel.as_ref()) {
+                        channels.push(channel);
+                    }
+                }
+            }
+        }
+        if !self.backplane.is_cluster() {
+            channels.truncate(1);
+        }
+        for channel in channels {
+            let key = self.keys.history(channel);
+            self.backplane
+                .wait_replicas(&key, redis.wait_replicas, redis.wait_timeout_ms)
+                .await
+                .map_err(|failure| {
+                    tracing::debug!(error = %failure, channel, "history append not replicated in time");
+                    PublishError::from(failure)
+                })?;
+        }
+        Ok(())
     }
 
     /// Marks the messages that ask for a reach report with this replica, a token for the call

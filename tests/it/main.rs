@@ -27,5 +27,6 @@ mod publish;
 mod queue;
 mod reach;
 mod refresh;
+mod replicated;
 mod routing;
 mod walkthrough;
