@@ -189,3 +189,69 @@ async fn a_catch_up_redis_cannot_answer_waits_instead_of_saying_lost() {
     })
     .await;
 }
+
+/// A catch-up whose history read fails with an error reply rather than silence (here the ACL
+/// takes XRANGE away from the gateway's user for a while, so the read script is refused) is not
+/// turned into `recovered: false`: the replica holds the channel's live messages and reads again
+/// until the read lands, then delivers what was missed and what it held, once each, in order.
+#[tokio::test]
+async fn a_catch_up_read_refused_for_a_while_is_read_again_not_reported_lost() {
+    deadline(Duration::from_secs(60), async {
+        let redis = Redis::start_single();
+        let prefix = unique_prefix("outage-refused");
+        let gw = Gateway::spawn(&with_history(&redis, &prefix, 100), &prefix, &[]);
+        gw.wait_ready().await;
+        let mut c = Client::connect(&gw).await;
+        c.subscribe("room:acl").await;
+        let first = publish(&gw, "room:acl", 1, 2).await;
+        for n in 1..=2 {
+            assert_eq!(c.recv().await["offset"], first[n - 1]);
+        }
+
+        let mut conn = redis.conn().await;
+        let admin = conn.clone();
+        let acl = |rule: &'static str| {
+            let mut conn = admin.clone();
+            async move {
+                let _: () = redis::cmd("ACL")
+                    .arg("SETUSER")
+                    .arg("default")
+                    .arg(rule)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        };
+        acl("-xrange").await;
+        // The pub/sub link drops: the replica catches up, and its read is refused.
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eventually("the catch-up read was refused", || async {
+            gw.log_text().contains("catch-up history read failed")
+        })
+        .await;
+        let later = publish(&gw, "room:acl", 3, 4).await;
+        acl("+xrange").await;
+
+        for n in 3..=4 {
+            let frame = frame_within(&mut c, Duration::from_secs(30), "a later message").await;
+            assert_eq!(
+                (&frame["type"], &frame["data"], &frame["offset"]),
+                (&json!("message"), &json!(n), &later[n - 3]),
+                "{frame}: nothing, and no `recovered: false`, before message 3"
+            );
+        }
+        assert_eq!(
+            gw.metric_opt("wsbridge_catch_ups_total{recovered=\"false\"}")
+                .await
+                .unwrap_or(0.0),
+            0.0
+        );
+    })
+    .await;
+}
