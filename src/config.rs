@@ -166,6 +166,12 @@ pub struct RedisConfig {
     pub reconnect_max_backoff_ms: u64,
     /// Pub/sub messages buffered between Redis and the dispatcher; more are dropped and counted.
     pub pubsub_buffer_messages: usize,
+    /// Replicas that must hold a client's stream append and a `/send`'s history append (`WAIT`)
+    /// before the `ack` or the 202; 0 answers once the primary took it.
+    pub wait_replicas: u32,
+    /// How long `WAIT` may wait for `wait_replicas`; past it the append is answered as one that
+    /// may have been stored.
+    pub wait_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -180,6 +186,8 @@ impl Default for RedisConfig {
             unhealthy_after_ms: 3000,
             reconnect_max_backoff_ms: 5000,
             pubsub_buffer_messages: 65536,
+            wait_replicas: 0,
+            wait_timeout_ms: 500,
         }
     }
 }
@@ -593,6 +601,19 @@ impl Config {
                 "redis.cluster_urls",
                 "a Redis Cluster needs outbound.routing = \"interest\" (broadcast would put every message on one shard)",
             ));
+        }
+        if self.redis.wait_replicas > 0 {
+            positive("redis.wait_timeout_ms", self.redis.wait_timeout_ms)?;
+            if self.redis.wait_timeout_ms >= self.redis.command_timeout_ms {
+                return Err(ConfigError::key(
+                    "redis.wait_timeout_ms",
+                    format!(
+                        "must be less than redis.command_timeout_ms ({}): WAIT is one command, and \
+                         its answer must come back within that",
+                        self.redis.command_timeout_ms
+                    ),
+                ));
+            }
         }
         if self.redis.prefix.is_empty() {
             return Err(ConfigError::key("redis.prefix", "must not be empty"));

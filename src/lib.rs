@@ -105,12 +105,14 @@ pub async fn run(
         appender,
         metrics.clone(),
     ));
+    let durability = outbound::history::Durability::default();
     let publisher = Publisher::new(
         backplane.clone(),
         keys.clone(),
         config.clone(),
         metrics.clone(),
         &replica_id,
+        durability.clone(),
     );
     let auth = auth::Authenticator::new(&config.auth)?;
 
@@ -147,7 +149,11 @@ pub async fn run(
         connections: TaskTracker::new(),
         connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
         backplane: backplane.clone(),
-        history: outbound::history::HistoryReader::new(backplane.clone(), keys.clone()),
+        history: outbound::history::HistoryReader::new(
+            backplane.clone(),
+            keys.clone(),
+            durability.clone(),
+        ),
         keys: keys.clone(),
         control_tx: control_tx.clone(),
         stopping: stopping.clone(),
@@ -205,6 +211,11 @@ pub async fn run(
         reaches: state.publisher.reaches().clone(),
     });
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
+    tasks.spawn(durability.watch(
+        backplane.clone(),
+        Duration::from_millis(config.redis.health_interval_ms),
+        background.clone(),
+    ));
     tasks.spawn(backplane::health::run(
         backplane.clone(),
         health.clone(),
@@ -218,6 +229,10 @@ pub async fn run(
         backplane.clone(),
         metrics.clone(),
         config.inbound.append_batch_max,
+        inbound::appender::Replicated {
+            replicas: config.redis.wait_replicas,
+            timeout_ms: config.redis.wait_timeout_ms,
+        },
         append_stop.clone(),
         append_give_up.clone(),
     ));

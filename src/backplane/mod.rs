@@ -84,6 +84,13 @@ impl Keys {
         format!("{}:epoch:{{{channel}}}", self.prefix)
     }
 
+    /// Which Redis incarnation last wrote `channel`'s history, and whether it persisted every
+    /// write before answering: decides whether the history's epoch still holds after Redis
+    /// restarted or failed over (`outbound::history`).
+    pub fn writer(&self, channel: &str) -> String {
+        format!("{}:writer:{{{channel}}}", self.prefix)
+    }
+
     /// A presence channel's members: connection id → `<user key>\n<member JSON>`. In the
     /// channel's hash slot, with the keys below.
     pub fn presence(&self, channel: &str) -> String {
@@ -145,13 +152,27 @@ pub enum RedisFailure {
     /// Redis or the connection reported an error.
     #[error("Redis error: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The primary took the write, but fewer replicas than asked confirmed it in time (`WAIT`).
+    #[error(
+        "stored on the primary, but only {got} of {wanted} replicas confirmed it within {ms} ms"
+    )]
+    NotReplicated {
+        /// `redis.wait_replicas`.
+        wanted: u32,
+        /// Replicas that confirmed.
+        got: u64,
+        /// `redis.wait_timeout_ms`.
+        ms: u64,
+    },
 }
 
 impl RedisFailure {
     /// The metric label for this failure.
     pub fn kind(&self) -> RedisErrorKind {
         match self {
-            RedisFailure::Timeout(_) => RedisErrorKind::Timeout,
+            RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => {
+                RedisErrorKind::Timeout
+            }
             RedisFailure::Redis(e) if e.is_timeout() => RedisErrorKind::Timeout,
             RedisFailure::Redis(e) if e.code().is_some() => RedisErrorKind::Server,
             RedisFailure::Redis(_) => RedisErrorKind::Connection,
@@ -164,7 +185,7 @@ impl RedisFailure {
     pub fn is_transient(&self) -> bool {
         use redis::ServerErrorKind as S;
         match self {
-            RedisFailure::Timeout(_) => true,
+            RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => true,
             RedisFailure::Redis(e) => {
                 // Error replies, also those inside an aborted MULTI or a pipeline: transient
                 // only if every one of them is about the cluster's state, not the command.
@@ -199,7 +220,7 @@ impl RedisFailure {
     /// sending leaves it unknown; a refused connection or an error reply means it was not applied.
     pub fn maybe_applied(&self) -> bool {
         match self {
-            RedisFailure::Timeout(_) => true,
+            RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => true,
             RedisFailure::Redis(e) => {
                 // The connection manager hands every waiting command a clone of its reconnect
                 // error, and cloning drops the io::Error, so a refusal is only visible in the text.
@@ -401,6 +422,89 @@ impl Backplane {
     ) -> Result<T, RedisFailure> {
         let result = match tokio::time::timeout(self.timeout, self.send(cmd)).await {
             Ok(result) => result.map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        };
+        self.count(result)
+    }
+
+    /// Waits until `replicas` replicas hold every write this link sent before (`WAIT`), at most
+    /// `timeout_ms`. `key` names the slot whose master took the writes on a cluster (there each
+    /// node has its own connection, and WAIT counts that connection's writes only); on a single
+    /// Redis every command shares the one connection. A no-op for 0 replicas.
+    ///
+    /// # Errors
+    /// [`RedisFailure::NotReplicated`] when fewer confirmed in time; any other failure of the
+    /// command.
+    pub async fn wait_replicas(
+        &self,
+        key: &str,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<(), RedisFailure> {
+        if replicas == 0 {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout_ms);
+        let got: u64 = match &self.link {
+            Link::Single(_) => self.query(&cmd).await?,
+            Link::Cluster(link) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let run = async {
+                    let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    let answer = link.conn().await?.route_command(cmd, routing).await?;
+                    redis::from_redis_value::<u64>(answer).map_err(redis::RedisError::from)
+                };
+                let result = match tokio::time::timeout(self.timeout, run).await {
+                    Ok(result) => result.map_err(RedisFailure::from),
+                    Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+                };
+                self.count(result)?
+            }
+        };
+        if got < u64::from(replicas) {
+            // Counted, but not a link failure: the cluster connection is not reset for it.
+            let failure = RedisFailure::NotReplicated {
+                wanted: replicas,
+                got,
+                ms: timeout_ms,
+            };
+            self.metrics.redis_error(failure.kind()).increment(1);
+            return Err(failure);
+        }
+        Ok(())
+    }
+
+    /// Runs one command on every master (the one Redis without a cluster), with the configured
+    /// timeout: each node's answer, keyed by its address (`""` without a cluster).
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when a node failed or did not answer in time.
+    pub async fn query_each_master<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<Vec<(String, T)>, RedisFailure> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+        let link = match &self.link {
+            Link::Single(_) => return Ok(vec![(String::new(), self.query(cmd).await?)]),
+            Link::Cluster(link) => link,
+        };
+        let run = async {
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            let answers = link
+                .conn()
+                .await?
+                .route_command(cmd.clone(), routing)
+                .await?;
+            redis::from_redis_value::<std::collections::HashMap<String, T>>(answers)
+                .map_err(redis::RedisError::from)
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
+            Ok(result) => result
+                .map(|m| m.into_iter().collect())
+                .map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
         };
         self.count(result)

@@ -111,6 +111,7 @@ pub async fn run(
     backplane: Backplane,
     metrics: Metrics,
     batch_max: usize,
+    replicated: Replicated,
     stop: CancellationToken,
     give_up: CancellationToken,
 ) {
@@ -154,11 +155,11 @@ pub async fn run(
                 if backplane.is_cluster() {
                     let appends = groups
                         .iter_mut()
-                        .map(|group| append(group, &backplane, &metrics));
+                        .map(|group| append(group, &backplane, &metrics, replicated));
                     futures_util::future::join_all(appends).await;
                 } else {
                     // The batch's buffer is kept for the next round.
-                    append(&mut batch, &backplane, &metrics).await;
+                    append(&mut batch, &backplane, &metrics, replicated).await;
                 }
             });
             if gave_up {
@@ -224,8 +225,26 @@ fn abandon(
     }
 }
 
-/// Appends `requests` in one pipeline and answers each, leaving `requests` empty.
-async fn append(requests: &mut Vec<AppendRequest>, backplane: &Backplane, metrics: &Metrics) {
+/// How many replicas must hold an append before it is acknowledged (`redis.wait_replicas`),
+/// and how long to wait for them (`redis.wait_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct Replicated {
+    /// 0: acknowledged once the primary took it.
+    pub replicas: u32,
+    /// The longest `WAIT`.
+    pub timeout_ms: u64,
+}
+
+/// Appends `requests` in one pipeline and answers each, leaving `requests` empty. With
+/// [`Replicated::replicas`], one `WAIT` follows the pipeline (on the connection that carried
+/// it): the appends it stored are acknowledged only when that many replicas hold them, and are
+/// otherwise answered as "may have been stored".
+async fn append(
+    requests: &mut Vec<AppendRequest>,
+    backplane: &Backplane,
+    metrics: &Metrics,
+    replicated: Replicated,
+) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for request in requests.iter() {
@@ -254,7 +273,23 @@ async fn append(requests: &mut Vec<AppendRequest>, backplane: &Backplane, metric
         backplane.query_pipeline(&pipe).await;
     match results {
         Ok(results) => {
+            let stored = results.iter().any(Result::is_ok);
+            let not_replicated = match requests.first() {
+                Some(first) if stored => backplane
+                    .wait_replicas(&first.key, replicated.replicas, replicated.timeout_ms)
+                    .await
+                    .err()
+                    .map(|e| {
+                        tracing::debug!(error = %e, entries = requests.len(), "stream appends not replicated in time");
+                        Failure::from(e)
+                    }),
+                _ => None,
+            };
             for (request, result) in requests.drain(..).zip(results) {
+                if let (Some(failure), Ok(_)) = (&not_replicated, &result) {
+                    finish::<Failure>(request, Err(failure.clone()), metrics);
+                    continue;
+                }
                 let result = result.map_err(RedisFailure::from);
                 if let Err(e) = &result {
                     metrics.redis_error(e.kind()).increment(1);

@@ -4,7 +4,7 @@
 //! order. Each message is encoded at most once per encoding; all recipients share the bytes.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -135,6 +135,11 @@ pub struct Dispatcher {
     /// Numbers the payloads, so a connection gets at most one direct write per payload.
     payload_seq: u64,
 }
+
+/// The pause before a catch-up reads again after a read that failed for good (an error reply,
+/// or a failure after its own retries): what the history holds is still unknown, so the members
+/// keep waiting rather than be told `recovered: false`.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(1);
 
 /// How many recipients of one pub/sub payload the dispatcher may write to directly.
 ///
@@ -646,6 +651,11 @@ impl Dispatcher {
 
     /// Reads `channel`'s history after `since` and hands it back as [`Control::CatchUp`].
     fn read_history(&self, channel: &str, since: Offset) {
+        self.read_history_after(channel, since, Duration::ZERO);
+    }
+
+    /// [`Dispatcher::read_history`], starting after `pause`.
+    fn read_history_after(&self, channel: &str, since: Offset, pause: Duration) {
         let Some(settings) = self.config.history_for(channel) else {
             return;
         };
@@ -654,6 +664,7 @@ impl Dispatcher {
         let control = self.control.clone();
         let (channel, limit) = (channel.to_owned(), settings.history_size);
         tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
             // No deadline: while Redis does not answer, nothing new is published either, and
             // the held live messages are bounded. Giving up would tell subscribers the history
             // lost what it most likely still holds. The read stops trying once the channel has
@@ -697,7 +708,18 @@ impl Dispatcher {
         let channel = caught.channel.as_str();
         let replay = match caught.read {
             Ok(Replay::Complete(entries)) => Some(entries),
-            Ok(Replay::Incomplete) | Err(_) => None,
+            Ok(Replay::Incomplete) => None,
+            // A read Redis did not answer says nothing about what the history holds: telling
+            // the members `recovered: false` would send every one of them to reload its state,
+            // just when the backends are weakest. While the channel has members, read again
+            // after a pause and keep holding (the hold is bounded; what it cannot keep, the
+            // next read fetches). With no member left, nobody is told anything.
+            Err(e) if self.registry.has_channel(channel) => {
+                tracing::warn!(error = %e, channel, "catch-up history read failed; reading again, holding live messages meanwhile");
+                self.read_history_after(channel, caught.since, CATCH_UP_RETRY);
+                return;
+            }
+            Err(_) => None,
         };
         let Some(finish) = self.catch_ups.finish(channel, replay) else {
             return;

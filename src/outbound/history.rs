@@ -22,6 +22,165 @@ use crate::backplane::script::Script;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::cursor::{parse_id, Entry, Offset};
 
+/// Lua deciding whether a channel's epoch still holds on the Redis that runs the script.
+///
+/// An epoch promises that the history under it has every entry it ever gave an offset for. A
+/// Redis that restarted from a snapshot or an `appendfsync everysec` file, or a replica promoted
+/// to primary, may lack the newest entries while still holding the epoch, and nothing in its data
+/// can show that (what was lost took its own traces with it). So each write stamps the history's
+/// writer key with the incarnation that made it: `<run id> <replication id> <unix s> <durable>`,
+/// where durable says that this Redis persists every write before answering ([`Durability`]).
+/// On a Redis other than the writer (another run id), the epoch holds only when the data cannot
+/// have lost anything:
+/// - this Redis took over from the writer (its previous replication id is the writer's: a
+///   replica promoted): not proven, the epoch ends;
+/// - this Redis started after the write (a restart, loading from disk; to the second, erring on
+///   "after"): the epoch holds only if the writer was durable;
+/// - otherwise (it was running before the write and did not take over: the keys moved to it
+///   whole, as a slot migration moves them) it holds.
+///
+/// `history_epoch(epoch_key, writer_key)` returns the epoch, or `false` when there is none or it
+/// no longer holds (the caller starts a new one: offsets of the old one then answer "not
+/// recovered"). A history without a writer stamp (written before stamps existed) keeps its
+/// epoch. `stamp_writer(writer_key, durable_run_ids, ttl)` records this Redis as the writer.
+macro_rules! lua_continuity {
+    () => {
+        r"
+local incarnation
+local function whoami()
+  if not incarnation then
+    local info = redis.call('INFO', 'server') .. redis.call('INFO', 'replication')
+    local t = redis.call('TIME')
+    local now = tonumber(t[1])
+    incarnation = {
+      run = string.match(info, 'run_id:(%x+)'),
+      replid = string.match(info, 'master_replid:(%x+)'),
+      replid2 = string.match(info, 'master_replid2:(%x+)'),
+      now = now,
+      started = now - tonumber(string.match(info, 'uptime_in_seconds:(%d+)')),
+    }
+  end
+  return incarnation
+end
+local function history_epoch(epoch_key, writer_key)
+  local epoch = redis.call('GET', epoch_key)
+  local writer = redis.call('GET', writer_key)
+  if not (epoch and writer) then
+    return epoch
+  end
+  local run, replid, at, durable = string.match(writer, '^(%x+) (%x+) (%d+) ([01])$')
+  local me = whoami()
+  if not run or run == me.run then
+    return epoch
+  end
+  if replid == me.replid2 then
+    return false
+  end
+  if me.started + 1 >= tonumber(at) and durable ~= '1' then
+    return false
+  end
+  return epoch
+end
+local function stamp_writer(writer_key, durable_runs, ttl)
+  local me = whoami()
+  local durable = '0'
+  if string.find(',' .. durable_runs .. ',', ',' .. me.run .. ',', 1, true) then
+    durable = '1'
+  end
+  redis.call('SET', writer_key, me.run .. ' ' .. me.replid .. ' ' .. me.now .. ' ' .. durable,
+    'EX', ttl)
+end
+"
+    };
+}
+
+pub(crate) use lua_continuity;
+
+/// Which Redis servers persist every write before answering (`appendonly yes` and
+/// `appendfsync always`): their run ids, comma-separated (every master of a cluster is asked).
+/// Checked on an interval ([`Durability::watch`]) and handed to every script that writes a
+/// history, which marks its writes durable only when it runs on one of those very processes, so
+/// a stale answer (a Redis restarted with other settings meanwhile) only errs towards "not
+/// durable".
+#[derive(Clone, Default)]
+pub struct Durability(Arc<std::sync::RwLock<String>>);
+
+impl Durability {
+    /// The run ids of the Redis servers known to be durable, comma-separated.
+    pub fn run_id(&self) -> String {
+        self.0.read().expect("never poisoned").clone()
+    }
+
+    /// Asks Redis (every master of a cluster) its run id, `appendonly` and `appendfsync`, once.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis did not answer; a refused `CONFIG GET` counts as not durable.
+    pub async fn check(&self, backplane: &Backplane) -> Result<(), RedisFailure> {
+        let infos: Vec<(String, String)> = backplane
+            .query_each_master(redis::cmd("INFO").arg("server"))
+            .await?;
+        let mut config = redis::cmd("CONFIG");
+        config.arg("GET").arg("append*");
+        let configs: Vec<(String, Vec<String>)> = match backplane.query_each_master(&config).await {
+            Ok(configs) => configs,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(_) => Vec::new(),
+        };
+        let mut durable: Vec<&str> = Vec::new();
+        for (node, info) in &infos {
+            let Some((_, pairs)) = configs.iter().find(|(n, _)| n == node) else {
+                continue;
+            };
+            let get = |name: &str| {
+                pairs
+                    .chunks(2)
+                    .find(|kv| kv[0] == name)
+                    .and_then(|kv| kv.get(1))
+                    .map(String::as_str)
+            };
+            let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:"));
+            if let Some(run_id) = run_id.filter(|_| {
+                get("appendonly") == Some("yes") && get("appendfsync") == Some("always")
+            }) {
+                durable.push(run_id.trim());
+            }
+        }
+        durable.sort_unstable();
+        let now = durable.join(",");
+        let mut held = self.0.write().expect("never poisoned");
+        if *held != now {
+            tracing::info!(durable_run_ids = %now, "Redis persistence checked: histories written from now on are marked durable only on these run ids");
+            *held = now;
+        }
+        Ok(())
+    }
+
+    /// Checks every `interval` until `shutdown`.
+    pub async fn watch(
+        self,
+        backplane: Backplane,
+        interval: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                checked = self.check(&backplane) => {
+                    if let Err(e) = checked {
+                        tracing::debug!(error = %e, "Redis persistence not checked");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What a read found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Replay {
@@ -47,28 +206,52 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// MULTI: a script is one command routed by its keys, so on a cluster a MOVED reply (a slot that
 /// moved) is followed like any command's, where a MULTI would fail until the client refreshed its
 /// slot map on its own.
+///
+/// The epoch is `false` where it no longer holds ([`lua_continuity`]). KEYS: the stream, the
+/// epoch, the writer; ARGV: `(<cursor>`, the count, `<cursor>`. The last value says whether the
+/// cursor's own entry is there: one that was neither trimmed nor kept was lost.
 static READ_PAGE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        lua_continuity!(),
         r"
-local epoch = redis.call('GET', KEYS[2])
+local epoch = history_epoch(KEYS[2], KEYS[3])
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local after = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-return {epoch, oldest, after, redis.call('XLEN', KEYS[1])}
+local held = #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) > 0
+return {epoch, oldest, after, redis.call('XLEN', KEYS[1]), held and 1 or 0}
 ",
-    )
+    ))
 });
 
-/// Where a channel's history stands: creates its epoch if missing (ARGV: a new epoch, the TTL
-/// in seconds), then returns the epoch and the last entry. A script for the same reason as
-/// [`READ_PAGE`].
+/// Where a channel's history stands: creates its epoch if missing or no longer holding (KEYS:
+/// the stream, the epoch, the writer; ARGV: a new epoch, the TTL in seconds, the durable run id
+/// ([`Durability`])), then returns the epoch and the last entry. A script for the same reason
+/// as [`READ_PAGE`].
 static READ_START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(concat!(
+        lua_continuity!(),
         r"
-redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
-return {redis.call('GET', KEYS[2]), redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
+local epoch = history_epoch(KEYS[2], KEYS[3])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch, 'EX', ARGV[2])
+  stamp_writer(KEYS[3], ARGV[3], ARGV[2])
+end
+return {epoch, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)}
 ",
-    )
+    ))
 });
+
+/// A page as [`READ_PAGE`] returns it: the epoch (`None`: none, or it no longer holds), the
+/// oldest entry, the entries after the cursor, the stream's length, whether the cursor's entry
+/// is there.
+type Page = (
+    Option<String>,
+    StreamRangeReply,
+    StreamRangeReply,
+    u64,
+    bool,
+);
 
 /// Reads channel histories for resumes and catch-ups; cheap to clone.
 #[derive(Clone)]
@@ -76,15 +259,17 @@ pub struct HistoryReader {
     backplane: Backplane,
     keys: Keys,
     permits: Arc<Semaphore>,
+    durability: Durability,
 }
 
 impl HistoryReader {
     /// A reader over the command link.
-    pub fn new(backplane: Backplane, keys: Keys) -> Self {
+    pub fn new(backplane: Backplane, keys: Keys, durability: Durability) -> Self {
         Self {
             backplane,
             keys,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            durability,
         }
     }
 
@@ -115,7 +300,7 @@ impl HistoryReader {
         loop {
             let want = PAGE.min(limit - entries.len() as u64);
             let page = self.page(channel, cursor, want, &mut keep_trying).await?;
-            let (epoch, oldest, after, len) = page;
+            let (epoch, oldest, after, len, held) = page;
             let Some(epoch) = epoch else {
                 return Ok(Replay::Incomplete);
             };
@@ -131,7 +316,9 @@ impl HistoryReader {
             } else {
                 oldest.ids.first().and_then(|e| parse_id(&e.id)) > Some(cursor)
             };
-            if trimmed {
+            // Not trimmed, yet not there: lost (Redis came back without its newest writes, and
+            // the epoch did not show it). Never replay past it.
+            if trimmed || (cursor != (0, 0) && !held) {
                 return Ok(Replay::Incomplete);
             }
             let got = after.ids.len() as u64;
@@ -167,8 +354,10 @@ impl HistoryReader {
         let mut call = READ_START.call();
         call.key(self.keys.history(channel))
             .key(self.keys.epoch(channel))
+            .key(self.keys.writer(channel))
             .arg(format!("{:08x}", crate::ids::random_u32()).into_bytes())
-            .number(ttl_seconds.max(1));
+            .number(ttl_seconds.max(1))
+            .arg(self.durability.run_id().into_bytes());
         let (epoch, last): (Option<String>, StreamRangeReply) =
             self.backplane.invoke(&call).await?;
         // Set just before, in the same script: absent only if it expired in between.
@@ -191,12 +380,14 @@ impl HistoryReader {
         cursor: (u64, u64),
         count: u64,
         keep_trying: &mut impl FnMut() -> bool,
-    ) -> Result<(Option<String>, StreamRangeReply, StreamRangeReply, u64), RedisFailure> {
+    ) -> Result<Page, RedisFailure> {
         let mut call = READ_PAGE.call();
         call.key(self.keys.history(channel))
             .key(self.keys.epoch(channel))
+            .key(self.keys.writer(channel))
             .arg(format!("({}-{}", cursor.0, cursor.1).into_bytes())
-            .number(count);
+            .number(count)
+            .arg(format!("{}-{}", cursor.0, cursor.1).into_bytes());
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {

@@ -90,6 +90,8 @@ pub struct Publisher {
     replica: String,
     acks: Arc<routes::Acks>,
     reaches: Arc<reach::Reaches>,
+    /// Which Redis persists every write before answering (stamped beside each history).
+    durability: history::Durability,
 }
 
 impl Publisher {
@@ -100,8 +102,10 @@ impl Publisher {
         config: Arc<Config>,
         metrics: Metrics,
         replica: &str,
+        durability: history::Durability,
     ) -> Self {
         Self {
+            durability,
             backplane,
             keys,
             config,
@@ -153,7 +157,14 @@ impl Publisher {
             }
             self.acks.expect(token)
         });
-        let published = routes::publish(&self.backplane, &self.keys, &self.config, batch).await;
+        let published = routes::publish(
+            &self.backplane,
+            &self.keys,
+            &self.durability,
+            &self.config,
+            batch,
+        )
+        .await;
         let published = match published {
             Ok(published) => published,
             Err(e) => {
@@ -218,11 +229,54 @@ impl Publisher {
         } else {
             self.publish_broadcast(batch, sends).await?
         };
+        self.wait_replicas(batch, &offsets).await?;
         let reach = match waiting {
             Some(waiting) => Some(self.reach_report(batch, waiting, due).await),
             None => None,
         };
         Ok(Sent { offsets, reach })
+    }
+
+    /// With `redis.wait_replicas`, waits until that many replicas hold the history appends of
+    /// the call just published (`WAIT`): once on a single Redis, where one connection carried
+    /// them all; once per channel on a cluster, where each shard has its own.
+    ///
+    /// # Errors
+    /// [`PublishError`] (may have been delivered: the primary has it) when fewer replicas
+    /// confirmed within `redis.wait_timeout_ms`, or Redis failed.
+    async fn wait_replicas(
+        &self,
+        batch: &Batch<'_>,
+        offsets: &[Option<String>],
+    ) -> Result<(), PublishError> {
+        let redis = &self.config.redis;
+        if redis.wait_replicas == 0 {
+            return Ok(());
+        }
+        let mut channels: Vec<&str> = Vec::new();
+        for (item, offset) in batch.items.iter().zip(offsets) {
+            if let (Item::Send(message), Some(_)) = (item, offset) {
+                if let Recipient::Channel(channel) = &message.to {
+                    if !channels.contains(&channel.as_ref()) {
+                        channels.push(channel);
+                    }
+                }
+            }
+        }
+        if !self.backplane.is_cluster() {
+            channels.truncate(1);
+        }
+        for channel in channels {
+            let key = self.keys.history(channel);
+            self.backplane
+                .wait_replicas(&key, redis.wait_replicas, redis.wait_timeout_ms)
+                .await
+                .map_err(|failure| {
+                    tracing::debug!(error = %failure, channel, "history append not replicated in time");
+                    PublishError::from(failure)
+                })?;
+        }
+        Ok(())
     }
 
     /// Marks the messages that ask for a reach report with this replica, a token for the call
@@ -308,8 +362,13 @@ impl Publisher {
                 payload,
                 appends,
             };
-            let ran =
-                publish::run(&self.backplane, &self.keys, std::slice::from_ref(&step)).await?;
+            let ran = publish::run(
+                &self.backplane,
+                &self.keys,
+                &self.durability,
+                std::slice::from_ref(&step),
+            )
+            .await?;
             for (append, offset) in step.appends.iter().zip(ran.offsets) {
                 offsets[append.item] = Some(offset);
             }

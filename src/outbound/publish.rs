@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use serde::Serialize;
 
 use super::envelope::{Item, Recipient, Unpublished};
+use super::history::{lua_continuity, Durability};
 use crate::backplane::script::{Invocation, Script};
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::{ChannelConfig, Config};
@@ -31,31 +32,35 @@ macro_rules! lua_now {
 pub(crate) use lua_now;
 
 /// Runs the steps in order. KEYS and ARGV are written by [`Step::write`] (see there); ARGV[1]
-/// is an epoch to use where a channel has none, ARGV[2] the replica channel prefix
-/// (`<prefix>:replica:`), ARGV[3] `PUBLISH`, or `SPUBLISH` on a cluster. Returns the offsets of
+/// is an epoch to use where a channel has none (or where its epoch no longer holds: see
+/// [`lua_continuity`]), ARGV[2] the replica channel prefix (`<prefix>:replica:`), ARGV[3]
+/// `PUBLISH`, or `SPUBLISH` on a cluster, ARGV[4] the run id of the Redis known to persist
+/// every write before answering ([`Durability`]). Returns the offsets of
 /// every append, in order, and per step how many replicas received its payload.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
 
 const PUBLISH_LUA: &str = concat!(
     lua_now!(),
+    lua_continuity!(),
     r#"
 local publish = ARGV[3]
 local offsets, receivers = {}, {}
-local k, a = 1, 4
+local k, a = 1, 5
 while a <= #ARGV do
   local step, payload = cjson.decode(ARGV[a]), ARGV[a + 1]
   a = a + 2
   local mine = {}
   for i = 1, step.appends do
-    local stream, epoch_key = KEYS[k], KEYS[k + 1]
+    local stream, epoch_key, writer_key = KEYS[k], KEYS[k + 1], KEYS[k + 2]
     local maxlen, ttl, data = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
-    k, a = k + 2, a + 3
-    local epoch = redis.call('GET', epoch_key)
+    k, a = k + 3, a + 3
+    local epoch = history_epoch(epoch_key, writer_key)
     if not epoch then
       epoch = ARGV[1]
       redis.call('SET', epoch_key, epoch)
     end
     local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'data', data)
+    stamp_writer(writer_key, ARGV[4], ttl)
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', epoch_key, ttl)
     mine[i] = epoch .. ':' .. id
@@ -112,6 +117,8 @@ pub struct Append<'a> {
     pub stream: String,
     /// The channel's epoch key.
     pub epoch: String,
+    /// The channel's writer key ([`Keys::writer`]).
+    pub writer: String,
     /// The message (raw JSON).
     pub data: &'a str,
     /// MAXLEN (`history_size`) and TTL of the channel's history.
@@ -131,6 +138,7 @@ impl<'a> Append<'a> {
             item,
             stream: keys.history(channel),
             epoch: keys.epoch(channel),
+            writer: keys.writer(channel),
             data,
             settings,
         }
@@ -187,8 +195,8 @@ enum HeaderTo<'s> {
 
 impl Step<'_> {
     /// Adds the step's KEYS and ARGV: ARGV gets the [`Header`] JSON and the payload, then per
-    /// append its MAXLEN, TTL in seconds and data; KEYS gets per append the stream and epoch
-    /// keys, then for [`Destination::UserReplicas`] the user's set.
+    /// append its MAXLEN, TTL in seconds and data; KEYS gets per append the stream, epoch
+    /// and writer keys, then for [`Destination::UserReplicas`] the user's set.
     fn write<'s>(&'s self, invocation: &mut Invocation<'s>) {
         let to = match &self.to {
             Destination::Channel(name) => HeaderTo::Channel { name },
@@ -206,6 +214,7 @@ impl Step<'_> {
             invocation
                 .key(append.stream.as_str())
                 .key(append.epoch.as_str())
+                .key(append.writer.as_str())
                 .number(append.settings.history_size)
                 .number(append.settings.history_ttl_seconds)
                 .arg(append.data.as_bytes());
@@ -233,6 +242,7 @@ pub struct Ran {
 pub async fn run(
     backplane: &Backplane,
     keys: &Keys,
+    durability: &Durability,
     steps: &[Step<'_>],
 ) -> Result<Ran, RedisFailure> {
     let publish = if backplane.is_cluster() {
@@ -244,7 +254,8 @@ pub async fn run(
     invocation
         .arg(format!("{:08x}", crate::ids::random_u32()).into_bytes())
         .arg(keys.replica("").into_bytes())
-        .arg(publish.as_bytes());
+        .arg(publish.as_bytes())
+        .arg(durability.run_id().into_bytes());
     for step in steps {
         step.write(&mut invocation);
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{Batch, Item, Unpublished};
+use super::history::Durability;
 use super::publish::{self, lua_now, Destination, Ran, Step};
 use super::PublishError;
 use crate::backplane::script::Script;
@@ -75,6 +76,7 @@ pub struct Published {
 pub async fn publish(
     backplane: &Backplane,
     keys: &Keys,
+    durability: &Durability,
     config: &Config,
     batch: &Batch<'_>,
 ) -> Result<Published, PublishError> {
@@ -116,9 +118,9 @@ pub async fn publish(
         })
         .collect();
     let ran = if backplane.is_cluster() {
-        publish_sharded(backplane, keys, &steps).await?
+        publish_sharded(backplane, keys, durability, &steps).await?
     } else {
-        publish::run(backplane, keys, &steps).await?
+        publish::run(backplane, keys, durability, &steps).await?
     };
     let appended = steps.iter().flat_map(|s| s.appends.iter().map(|a| a.item));
     for (index, offset) in appended.zip(ran.offsets) {
@@ -228,6 +230,7 @@ impl Acks {
 async fn publish_sharded(
     backplane: &Backplane,
     keys: &Keys,
+    durability: &Durability,
     steps: &[Step<'_>],
 ) -> Result<Ran, PublishError> {
     let mut done = Ran {
@@ -235,7 +238,7 @@ async fn publish_sharded(
         receivers: Vec::new(),
     };
     for (published, step) in steps.iter().enumerate() {
-        publish_part(backplane, keys, step, &mut done)
+        publish_part(backplane, keys, durability, step, &mut done)
             .await
             .map_err(|failure| PublishError {
                 failure,
@@ -249,12 +252,13 @@ async fn publish_sharded(
 async fn publish_part(
     backplane: &Backplane,
     keys: &Keys,
+    durability: &Durability,
     step: &Step<'_>,
     done: &mut Ran,
 ) -> Result<(), RedisFailure> {
     {
         if !step.appends.is_empty() {
-            let ran = publish::run(backplane, keys, std::slice::from_ref(step)).await?;
+            let ran = publish::run(backplane, keys, durability, std::slice::from_ref(step)).await?;
             done.offsets.extend(ran.offsets);
             done.receivers.extend(ran.receivers);
             return Ok(());

@@ -202,8 +202,14 @@ impl MessageSink for ClientFrames<'_> {
         // before it joins: a catch-up starts there when nothing was delivered since (see
         // `crate::cursor`). Read before the join, so every message after it is owed; a
         // member joining a channel that has members already needs none.
+        //
+        // When Redis cannot say (it is down), a resuming member still tells where it stands:
+        // its `since`. Everything after it is owed to it, and its own resume cursor drops what
+        // a catch-up from there repeats; without it, the catch-up that follows the outage would
+        // find the channel's position unknown and tell the resuming client `recovered: false`
+        // although the history holds everything.
         let start = match &decoded {
-            Ok(ClientFrame::Subscribe { channel, .. })
+            Ok(ClientFrame::Subscribe { channel, since, .. })
                 if self.handle.identity.may_join(channel)
                     && !self.handle.is_in(channel)
                     && !self.state.registry.has_channel(channel) =>
@@ -212,10 +218,12 @@ impl MessageSink for ClientFrames<'_> {
                     Some(settings) => {
                         let ttl = settings.history_ttl_seconds;
                         let read = self.state.history.read_start(channel, ttl).await;
+                        let since = since.as_deref().and_then(Offset::parse);
                         read.inspect_err(|e| {
-                            tracing::debug!(error = %e, channel = %channel, "history position not read; a catch-up will say recovered: false");
+                            tracing::debug!(error = %e, channel = %channel, resuming = since.is_some(), "history position not read; the channel starts at the resume's offset, or is unknown");
                         })
                         .ok()
+                        .or(since)
                     }
                     None => None,
                 }

@@ -144,8 +144,9 @@ async fn history_data(urls: &str, key: &str) -> Vec<String> {
 /// replica and the client stays connected. The backend resends a call only when the 503 says
 /// nothing was sent, or when the history shows that a "may have been delivered" call was not
 /// taken. Every accepted message must reach the client exactly once, in order, with the offset
-/// the backend was given, and the client must never be told `recovered: false`: the replica's
-/// catch-up after its shard link moved to the promoted replica reads the gap from the history.
+/// the backend was given; where the promoted replica's history cannot be proven whole (always,
+/// after a failover: see `lua_continuity` in `src/outbound/history.rs`) the client is told
+/// `recovered: false` once instead of getting a replay that could skip lost entries.
 #[tokio::test]
 async fn a_master_fails_over_and_every_accepted_message_arrives_once_in_order() {
     deadline(TEST_DEADLINE, async {
@@ -253,21 +254,41 @@ async fn a_master_fails_over_and_every_accepted_message_arrives_once_in_order() 
                 .expect("the backend published everything within a minute")
                 .unwrap();
 
-        // Every message exactly once, in order, with the offset the backend was given; no
-        // `subscribed` notice (a gap the replica could not fill) on the way.
+        // Every message at most once, in order, with the offset the backend was given. The
+        // promoted replica may lack the newest entries its master acknowledged (replication is
+        // asynchronous), and nothing it holds can show whether it does: the history's epoch ends
+        // with the failover, and the client is told so once (`recovered: false`). Only there
+        // may messages be missing; everything after the notice arrives in order.
         let mut got = Vec::new();
-        while got.len() < FAILOVER_MESSAGES as usize {
+        let mut notices = Vec::new();
+        while got.last().map(|(s, _)| *s) != Some(FAILOVER_MESSAGES) {
             let frame = member.recv().await;
-            assert_eq!(
-                frame["type"], "message",
-                "the client was told {frame} although the promoted replica holds the history"
-            );
+            if frame["type"] == "subscribed" {
+                assert_eq!(frame["recovered"], false, "{frame}");
+                notices.push(got.len());
+                continue;
+            }
+            assert_eq!(frame["type"], "message", "{frame}");
             got.push((frame["data"].as_u64().unwrap(), frame["offset"].clone()));
         }
-        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-        assert_eq!(seqs, (1..=FAILOVER_MESSAGES).collect::<Vec<_>>());
-        for ((seq, offset), promised) in got.iter().zip(&offsets) {
-            if let Some(promised) = promised {
+        assert!(
+            notices.len() <= 1,
+            "told {} times: {notices:?}",
+            notices.len()
+        );
+        for (i, pair) in got.windows(2).enumerate() {
+            let (before, after) = (pair[0].0, pair[1].0);
+            assert!(
+                after > before,
+                "message {after} after {before}: out of order or twice"
+            );
+            assert!(
+                after == before + 1 || notices == [i + 1],
+                "messages {before}..{after} missing without a recovered: false notice"
+            );
+        }
+        for (seq, offset) in &got {
+            if let Some(promised) = &offsets[*seq as usize - 1] {
                 assert_eq!(
                     offset, promised,
                     "message {seq}: another offset than the 202 gave"
@@ -280,15 +301,11 @@ async fn a_master_fails_over_and_every_accepted_message_arrives_once_in_order() 
             data, expected,
             "the history holds every message once, in order"
         );
-        assert_eq!(
-            a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
-                .await,
-            0.0
-        );
-        a.caught_up().await;
         let caught_up = a
             .metric("wsbridge_catch_ups_total{recovered=\"true\"}")
-            .await;
+            .await
+            + a.metric("wsbridge_catch_ups_total{recovered=\"false\"}")
+                .await;
         assert!(
             caught_up >= 1.0,
             "A must have caught up after its shard link moved"

@@ -1,0 +1,191 @@
+//! No silent gap after Redis loses its newest writes (#18 item 2): a Redis restarted from an
+//! older snapshot, or a replica promoted before it had the newest entries, still holds the
+//! history's epoch, but not everything given an offset under it. Every client whose missed
+//! range may include a lost entry is told `recovered: false`; none gets a replay past a hole.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// A client's next data frame within `wait`.
+async fn frame_within(client: &mut Client, wait: Duration, what: &str) -> Value {
+    tokio::time::timeout(wait, client.next_frame())
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {wait:?}: {what}"))
+        .expect("the connection stays open")
+        .expect("a data frame, not a close")
+}
+
+/// Messages `from..=to` to `channel` through `gw`, one call each; their offsets.
+async fn publish(gw: &Gateway, channel: &str, from: u64, to: u64) -> Vec<Value> {
+    let mut offsets = Vec::new();
+    for n in from..=to {
+        let (status, answer) = gw
+            .post("/send", &json!({"to": {"channel": channel}, "data": n}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        offsets.push(answer["offsets"][0].clone());
+    }
+    offsets
+}
+
+/// Resumes `channel` from `since` on a new connection to `gw`; the first frame answered.
+async fn resume_on(gw: &Gateway, channel: &str, since: &Value, id: &str) -> (Client, Value) {
+    let mut c = Client::connect(gw).await;
+    c.send(json!({"type": "subscribe", "channel": channel, "since": since, "id": id}))
+        .await;
+    let frame = frame_within(&mut c, Duration::from_secs(30), "the resume's answer").await;
+    (c, frame)
+}
+
+/// Asserts `frame` is the `subscribed` answering `id` with `recovered: false` (no replay came
+/// before it: it is the first frame).
+fn assert_told(frame: &Value, id: &str, who: &str) {
+    assert_eq!(
+        (&frame["type"], &frame["id"], &frame["recovered"]),
+        (&json!("subscribed"), &json!(id), &json!(false)),
+        "{who}: {frame} (a replay here would skip the lost messages)"
+    );
+}
+
+/// Redis (snapshots only) saves after message 3, takes messages 4..=6 (delivered live, then
+/// lost) and is killed; it comes back from the snapshot, with the channel's epoch and messages
+/// 1..=3 only. The client that stayed connected is told `recovered: false` (its replica's
+/// catch-up), and so is every client resuming from an offset at or after 3 (what it missed
+/// includes 4..=6) and before it (3 is kept, 4..=6 are not): a resume from 2 must not replay 3
+/// and continue with the messages published after the restart as if nothing were between.
+/// Messages published after the restart carry a new epoch, from which resumes recover again.
+#[tokio::test]
+async fn a_redis_restarted_from_an_older_snapshot_tells_every_affected_client() {
+    deadline(Duration::from_secs(90), async {
+        let mut redis = Redis::start_single();
+        let prefix = unique_prefix("lost-snapshot");
+        let gw = Gateway::spawn(&with_history(&redis, &prefix, 100), &prefix, &[]);
+        gw.wait_ready().await;
+        let mut live = Client::connect(&gw).await;
+        live.subscribe("room:snap").await;
+        let mut offsets = publish(&gw, "room:snap", 1, 3).await;
+        let mut conn = redis.conn().await;
+        let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+        offsets.extend(publish(&gw, "room:snap", 4, 6).await);
+        for n in 1..=6 {
+            assert_eq!(live.recv().await["offset"], offsets[n - 1]);
+        }
+
+        redis.kill();
+        redis.restart();
+        gw.wait_ready().await;
+
+        // The connected client: told, before anything newer.
+        let notice = frame_within(&mut live, Duration::from_secs(30), "the notice").await;
+        assert_eq!(
+            (&notice["type"], &notice["recovered"]),
+            (&json!("subscribed"), &json!(false)),
+            "the live client: {notice}"
+        );
+        // Clients resuming from before, at and after the last message the snapshot kept.
+        let mut resumed = Vec::new();
+        for seen in [2, 3, 5, 6] {
+            let id = format!("from-{seen}");
+            let (c, answer) = resume_on(&gw, "room:snap", &offsets[seen - 1], &id).await;
+            assert_told(
+                &answer,
+                &id,
+                &format!("a client resuming after message {seen}"),
+            );
+            resumed.push(c);
+        }
+
+        // New messages: a new epoch; every client gets them live, once, in order.
+        let later = publish(&gw, "room:snap", 7, 8).await;
+        assert_ne!(
+            later[0].as_str().unwrap().split(':').next(),
+            offsets[0].as_str().unwrap().split(':').next(),
+            "a new epoch after the loss"
+        );
+        for c in resumed.iter_mut().chain(std::iter::once(&mut live)) {
+            for (i, n) in (7..=8).enumerate() {
+                let frame = frame_within(c, Duration::from_secs(30), "a later message").await;
+                assert_eq!(
+                    (&frame["data"], &frame["offset"]),
+                    (&json!(n), &later[i]),
+                    "{frame}"
+                );
+            }
+        }
+        // A resume from an offset of the new epoch recovers.
+        let (mut c, first) = resume_on(&gw, "room:snap", &later[0], "new").await;
+        assert_eq!((&first["data"], &first["offset"]), (&json!(8), &later[1]));
+        let done = frame_within(&mut c, Duration::from_secs(30), "subscribed").await;
+        assert_eq!(
+            (&done["id"], &done["recovered"]),
+            (&json!("new"), &json!(true))
+        );
+    })
+    .await;
+}
+
+/// A primary with a plain `replicaof` replica: the replica has messages 1..=3 when it is
+/// detached and promoted by hand (`REPLICAOF NO ONE`), then the old primary takes 4..=6, which
+/// the promoted replica never gets. A gateway pointed at the promoted replica tells every client
+/// that resumes from an offset of that epoch `recovered: false`, from before or after the hole:
+/// nobody can prove that what it missed was all replicated.
+#[tokio::test]
+async fn a_promoted_replica_without_the_newest_entries_tells_resuming_clients() {
+    deadline(Duration::from_secs(90), async {
+        let primary = Redis::start_single();
+        let replica = Redis::start_single();
+        let mut rconn = replica.conn().await;
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(primary.port)
+            .query_async(&mut rconn)
+            .await
+            .unwrap();
+        let prefix = unique_prefix("lost-promoted");
+        let old = Gateway::spawn(&with_history(&primary, &prefix, 100), &prefix, &[]);
+        old.wait_ready().await;
+        let mut offsets = publish(&old, "room:pro", 1, 3).await;
+        let history = format!("{prefix}:history:{{room:pro}}");
+        eventually("the replica has messages 1..=3", || {
+            let (mut rconn, history) = (rconn.clone(), history.clone());
+            async move {
+                let len: u64 = redis::cmd("XLEN")
+                    .arg(&history)
+                    .query_async(&mut rconn)
+                    .await
+                    .unwrap_or(0);
+                len == 3
+            }
+        })
+        .await;
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query_async(&mut rconn)
+            .await
+            .unwrap();
+        offsets.extend(publish(&old, "room:pro", 4, 6).await);
+        drop(old);
+
+        let new = Gateway::spawn(&with_history(&replica, &prefix, 100), &prefix, &[]);
+        new.wait_ready().await;
+        for seen in [2, 3, 5] {
+            let id = format!("from-{seen}");
+            let (_c, answer) = resume_on(&new, "room:pro", &offsets[seen - 1], &id).await;
+            assert_told(
+                &answer,
+                &id,
+                &format!("a client resuming after message {seen}"),
+            );
+        }
+        assert_eq!(
+            new.metric("wsbridge_resumes_total{recovered=\"true\"}")
+                .await,
+            0.0
+        );
+    })
+    .await;
+}
