@@ -179,6 +179,7 @@ pub async fn run(
                 changes,
                 registry: registry.clone(),
             }),
+        backplane.primary(),
         background.clone(),
     ));
     if config.outbound.routing == config::Routing::Interest {
