@@ -26,4 +26,5 @@ mod queue;
 mod reach;
 mod refresh;
 mod routing;
+mod sentinel;
 mod walkthrough;

@@ -1328,3 +1328,238 @@ fn wait_for_ping(port: u16) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Redis with Sentinel: a primary, two replicas (`replicaof`) and three Sentinels (quorum 2,
+/// a node counts as down after 1 s), every process on a free loopback port and killed on drop.
+/// A failover completes a few seconds after the primary dies.
+pub struct Sentinels {
+    /// The data nodes' ports; the first started as the primary.
+    pub node_ports: Vec<u16>,
+    /// The Sentinels' ports.
+    pub sentinel_ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+    sentinels: Vec<Option<Child>>,
+    dir: PathBuf,
+}
+
+/// The master name the test Sentinels monitor.
+pub const SENTINEL_MASTER: &str = "wsbridge-test";
+
+impl Sentinels {
+    pub fn start() -> Self {
+        let dir = scratch_dir();
+        let node_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut fixture = Sentinels {
+            node_ports: node_ports.clone(),
+            sentinel_ports: sentinel_ports.clone(),
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        for i in 0..3 {
+            let replica_of = (i > 0).then_some(node_ports[0]);
+            let child = fixture.spawn_node(i, replica_of);
+            fixture.nodes.push(Some(child));
+        }
+        for &port in &node_ports {
+            wait_for_ping(port);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        for &port in &node_ports[1..] {
+            while !redis_cli(port, &["info", "replication"]).contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "replica {port} did not sync");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for (i, port) in sentinel_ports.iter().enumerate() {
+            let conf = fixture.dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 2\n",
+                    dir = fixture.dir.display(),
+                    primary = node_ports[0],
+                ),
+            )
+            .unwrap();
+            let child = fixture.spawn_sentinel(i);
+            fixture.sentinels.push(Some(child));
+        }
+        // A failover needs the Sentinels to know each other (they meet through the primary's
+        // hello channel, every 2 s) and the replicas.
+        for &port in &sentinel_ports {
+            wait_for_ping(port);
+            loop {
+                let master = redis_cli(port, &["sentinel", "master", SENTINEL_MASTER]);
+                let field = |name: &str| {
+                    let lines: Vec<&str> = master.lines().collect();
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .map(|v| v.to_string())
+                };
+                if field("num-other-sentinels").as_deref() == Some("2")
+                    && field("num-slaves").as_deref() == Some("2")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline + PATIENCE,
+                    "Sentinel {port} did not meet the others: {master}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        fixture
+    }
+
+    fn spawn_node(&self, i: usize, replica_of: Option<u16>) -> Child {
+        let port = self.node_ports[i].to_string();
+        let node_dir = self.dir.join(&port);
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&node_dir);
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)")
+    }
+
+    /// Debian's `redis-sentinel` when installed, else `redis-server --sentinel` (the same
+    /// program). The Sentinel rewrites its config file, so a restart resumes what it knew.
+    fn spawn_sentinel(&self, i: usize) -> Child {
+        let conf = self.dir.join(format!("sentinel-{i}.conf"));
+        let mut cmd = if Command::new("sh")
+            .args(["-c", "command -v redis-sentinel"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let mut cmd = Command::new("redis-sentinel");
+            cmd.arg(&conf);
+            cmd
+        } else {
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&conf).arg("--sentinel");
+            cmd
+        };
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel (or redis-server) must be installed")
+    }
+
+    /// The `[redis]` keys of a replica using these Sentinels.
+    pub fn redis_keys(&self) -> String {
+        let urls: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        format!(
+            "sentinel_urls = [{}]\nsentinel_master = \"{SENTINEL_MASTER}\"\n",
+            urls.join(", ")
+        )
+    }
+
+    /// A replica config ([`base_config`]) that finds the primary through these Sentinels.
+    /// Health is checked every 100 ms and a link is down after 600 ms without an answer, so
+    /// that the replicas notice a dead primary well before Sentinel has promoted another.
+    pub fn config(&self, prefix: &str) -> String {
+        base_config("redis://127.0.0.1:6379", prefix)
+            .replacen("[redis]\n", &format!("[redis]\n{}", self.redis_keys()), 1)
+            .replacen("health_interval_ms = 200", "health_interval_ms = 100", 1)
+            .replacen("unhealthy_after_ms = 1000", "unhealthy_after_ms = 600", 1)
+    }
+
+    /// The primary's port as the first answering Sentinel names it.
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinel_ports.iter().find_map(|&port| {
+            let out = redis_cli(
+                port,
+                &["sentinel", "get-master-addr-by-name", SENTINEL_MASTER],
+            );
+            out.lines().nth(1)?.trim().parse().ok()
+        })
+    }
+
+    /// The index of the node with port `port`.
+    pub fn node_index(&self, port: u16) -> usize {
+        self.node_ports.iter().position(|&p| p == port).unwrap()
+    }
+
+    /// Whether node `i` answers ROLE with `role` (`master`, `slave`) and, as a replica, is
+    /// synced with its primary.
+    pub fn node_is(&self, i: usize, role: &str) -> bool {
+        let port = self.node_ports[i];
+        let info = redis_cli(port, &["info", "replication"]);
+        info.contains(&format!("role:{role}"))
+            && (role == "master" || info.contains("master_link_status:up"))
+    }
+
+    /// SIGKILL data node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts data node `i` again, empty and as a primary of its own: Sentinel must turn it into
+    /// a replica of the current primary.
+    pub fn restart_node(&mut self, i: usize) {
+        self.kill_node(i);
+        let child = self.spawn_node(i, None);
+        self.nodes[i] = Some(child);
+        wait_for_ping(self.node_ports[i]);
+    }
+
+    /// SIGKILL Sentinel `i`.
+    pub fn kill_sentinel(&mut self, i: usize) {
+        if let Some(mut child) = self.sentinels[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Sentinel `i` again from its (rewritten) config file.
+    pub fn restart_sentinel(&mut self, i: usize) {
+        self.kill_sentinel(i);
+        let child = self.spawn_sentinel(i);
+        self.sentinels[i] = Some(child);
+        wait_for_ping(self.sentinel_ports[i]);
+    }
+
+    /// A connection to node `i`.
+    pub async fn node_conn(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.node_ports[i]))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for i in 0..self.sentinels.len() {
+            self.kill_sentinel(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
