@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::*;
+use crate::examples::{Backend, Lang};
 
 /// The longest a test here waits for Sentinel to promote a replica (it takes 2–5 s: 1 s to
 /// call the primary down, then an election and the promotion).
@@ -317,4 +318,81 @@ async fn a_primary_demoted_while_running_is_left_for_the_new_one() {
         both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "after").await;
     })
     .await;
+}
+
+/// `on` sends a chat message `text` (frame id `id`) to `room:1`: the gateway acks it and the
+/// example backend's answer comes back on the channel.
+async fn chat_answered(on: &mut Client, id: &str, text: &str, backend: &Backend) {
+    on.send(json!({"type": "send", "stream": "chat",
+                   "data": {"channel": "room:1", "text": text}, "id": id}))
+        .await;
+    let (mut acked, mut answered) = (false, false);
+    while !(acked && answered) {
+        let frame = match tokio::time::timeout(PATIENCE, on.next_frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            other => panic!(
+                "`{text}` not answered: {other:?}\nbackend:\n{}",
+                backend.log_text()
+            ),
+        };
+        match frame["type"].as_str() {
+            Some("ack") if frame["id"] == id => acked = true,
+            Some("message") if frame["data"]["text"] == text => answered = true,
+            _ => panic!("unexpected {frame}\nbackend:\n{}", backend.log_text()),
+        }
+    }
+}
+
+/// #18 item 5: the example backend of `lang` finds the primary through the Sentinels
+/// (`REDIS_SENTINEL`), follows a promotion by itself, and answers a chat message sent before the
+/// primary died and one sent after; nothing stays pending on the new primary.
+async fn backend_follows_a_promotion(lang: Lang) {
+    let mut sentinels = Sentinels::start();
+    let prefix = unique_prefix("sentinel-backend");
+    let (a, b) = two_replicas(&sentinels, &prefix).await;
+    let backend = Backend::spawn_sentinel(
+        lang,
+        &b.api_url,
+        &sentinels,
+        &prefix,
+        &["--block-ms", "500"],
+    );
+    let mut on_a = Client::connect(&a).await;
+    on_a.subscribe("room:1").await;
+    chat_answered(&mut on_a, "x1", "before", &backend).await;
+
+    kill_primary_and_follow(&mut sentinels, &a, &b).await;
+    chat_answered(&mut on_a, "x2", "after", &backend).await;
+    let primary = sentinels.primary_port().expect("a primary");
+    let conn = sentinels.node_conn(sentinels.node_index(primary)).await;
+    let key = format!("{prefix}:in:chat");
+    eventually("every entry acknowledged on the new primary", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move {
+            let summary: redis::Value = redis::cmd("XPENDING")
+                .arg(&key)
+                .arg("backend")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            matches!(summary, redis::Value::Array(ref v) if v.first() == Some(&redis::Value::Int(0)))
+        }
+    })
+    .await;
+    assert!(
+        backend.log_text().contains("Redis: "),
+        "the backend never noticed the failover?\n{}",
+        backend.log_text()
+    );
+}
+
+#[tokio::test]
+async fn the_python_backend_follows_a_promotion() {
+    deadline(TEST_DEADLINE, backend_follows_a_promotion(Lang::Python)).await;
+}
+
+#[tokio::test]
+async fn the_node_backend_follows_a_promotion() {
+    deadline(TEST_DEADLINE, backend_follows_a_promotion(Lang::Node)).await;
 }
