@@ -134,7 +134,7 @@ impl Backend {
                 cmd.arg(backends_dir().join("node/backend.mjs"));
                 cmd
             }
-            Lang::Rust => unimplemented!("the Rust backend does not speak Sentinel yet"),
+            Lang::Rust => Command::new(rust_example("backend")),
         };
         let urls: Vec<String> = sentinels
             .sentinel_ports

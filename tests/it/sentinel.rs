@@ -396,3 +396,8 @@ async fn the_python_backend_follows_a_promotion() {
 async fn the_node_backend_follows_a_promotion() {
     deadline(TEST_DEADLINE, backend_follows_a_promotion(Lang::Node)).await;
 }
+
+#[tokio::test]
+async fn the_rust_backend_follows_a_promotion() {
+    deadline(TEST_DEADLINE, backend_follows_a_promotion(Lang::Rust)).await;
+}
