@@ -1,7 +1,8 @@
 //! Redis Sentinel (`redis.sentinel_urls`): a primary, two replicas and three real Sentinels
 //! ([`Sentinels`]). The replicas find the primary through the Sentinels, follow a promotion
 //! without a restart, report 503 while no primary answers and recover by themselves, survive a
-//! dead Sentinel, and keep the known primary while every Sentinel is away.
+//! dead Sentinel, and keep the known primary while every Sentinel is away. The three example
+//! backends (Python, Node, Rust) follow a promotion too, without losing an entry they held.
 
 use std::time::{Duration, Instant};
 
@@ -343,41 +344,81 @@ async fn chat_answered(on: &mut Client, id: &str, text: &str, backend: &Backend)
     }
 }
 
+/// The pending entries of the `backend` group on stream `key`, as node `i` sees them.
+async fn pending_on(sentinels: &Sentinels, i: usize, key: &str) -> i64 {
+    let mut conn = sentinels.node_conn(i).await;
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(key)
+        .arg("backend")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match summary {
+        redis::Value::Array(v) => match v.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => panic!("XPENDING: {v:?}"),
+        },
+        other => panic!("XPENDING: {other:?}"),
+    }
+}
+
 /// #18 item 5: the example backend of `lang` finds the primary through the Sentinels
-/// (`REDIS_SENTINEL`), follows a promotion by itself, and answers a chat message sent before the
-/// primary died and one sent after; nothing stays pending on the new primary.
+/// (`REDIS_SENTINEL`) and follows a promotion by itself, keeping its at-least-once promise: a
+/// chat message it is working on (`--work-ms`) when the primary dies is answered (once or more),
+/// as is one sent after the promotion, and nothing stays pending on the new primary.
 async fn backend_follows_a_promotion(lang: Lang) {
     let mut sentinels = Sentinels::start();
     let prefix = unique_prefix("sentinel-backend");
+    let key = format!("{prefix}:in:chat");
     let (a, b) = two_replicas(&sentinels, &prefix).await;
     let backend = Backend::spawn_sentinel(
         lang,
         &b.api_url,
         &sentinels,
         &prefix,
-        &["--block-ms", "500"],
+        &["--block-ms", "500", "--work-ms", "1500"],
     );
     let mut on_a = Client::connect(&a).await;
     on_a.subscribe("room:1").await;
     chat_answered(&mut on_a, "x1", "before", &backend).await;
 
-    kill_primary_and_follow(&mut sentinels, &a, &b).await;
-    chat_answered(&mut on_a, "x2", "after", &backend).await;
-    let primary = sentinels.primary_port().expect("a primary");
-    let conn = sentinels.node_conn(sentinels.node_index(primary)).await;
-    let key = format!("{prefix}:in:chat");
-    eventually("every entry acknowledged on the new primary", || {
-        let mut conn = conn.clone();
-        let key = key.clone();
-        async move {
-            let summary: redis::Value = redis::cmd("XPENDING")
-                .arg(&key)
-                .arg("backend")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            matches!(summary, redis::Value::Array(ref v) if v.first() == Some(&redis::Value::Int(0)))
+    // A message the backend holds (read, pending, its reply not sent yet) when the primary dies;
+    // the replicas have the entry and its delivery.
+    on_a.send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:1", "text": "in flight"}, "id": "x2"}))
+        .await;
+    eventually("the backend holds the entry, on every node", || async {
+        let mut all = true;
+        for i in 0..3 {
+            all &= pending_on(&sentinels, i, &key).await == 1;
         }
+        all
+    })
+    .await;
+    kill_primary_and_follow(&mut sentinels, &a, &b).await;
+
+    on_a.send(json!({"type": "send", "stream": "chat",
+                     "data": {"channel": "room:1", "text": "after"}, "id": "x3"}))
+        .await;
+    let (mut acks, mut in_flight, mut after) = (0, 0, 0);
+    while acks < 2 || in_flight == 0 || after == 0 {
+        let frame = match tokio::time::timeout(PATIENCE, on_a.next_frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            other => panic!(
+                "acks {acks}, `in flight` {in_flight}, `after` {after}; then {other:?}\nbackend:\n{}",
+                backend.log_text()
+            ),
+        };
+        match (frame["type"].as_str(), frame["data"]["text"].as_str()) {
+            (Some("ack"), _) => acks += 1,
+            (Some("message"), Some("in flight")) => in_flight += 1,
+            (Some("message"), Some("after")) => after += 1,
+            _ => panic!("unexpected {frame}\nbackend:\n{}", backend.log_text()),
+        }
+    }
+    let new = sentinels.node_index(sentinels.primary_port().expect("a primary"));
+    eventually("every entry acknowledged on the new primary", || async {
+        pending_on(&sentinels, new, &key).await == 0
     })
     .await;
     assert!(
