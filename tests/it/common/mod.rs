@@ -1330,7 +1330,7 @@ fn wait_for_ping(port: u16) {
 }
 
 /// Redis with Sentinel: a primary, two replicas (`replicaof`) and three Sentinels (quorum 2,
-/// a node counts as down after 1 s), every process on a free loopback port and killed on drop.
+/// a node counts as down after 2 s), every process on a free loopback port and killed on drop.
 /// A failover completes a few seconds after the primary dies.
 pub struct Sentinels {
     /// The data nodes' ports; the first started as the primary.
@@ -1372,14 +1372,18 @@ impl Sentinels {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // down-after-milliseconds is 2000, not 1000: a Sentinel pings every min(down-after, 1 s),
+        // so with 1000 the link to a just promoted primary, still being made, sometimes looked
+        // down for a moment, and a second, needless failover followed, losing what had been
+        // written to the first new primary (seen on a loaded 2-core machine).
         for (i, port) in sentinel_ports.iter().enumerate() {
             let conf = fixture.dir.join(format!("sentinel-{i}.conf"));
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel-{i}.log\n\
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
-                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
                      sentinel parallel-syncs {SENTINEL_MASTER} 2\n",
                     dir = fixture.dir.display(),
@@ -1559,6 +1563,10 @@ impl Drop for Sentinels {
         }
         for i in 0..self.nodes.len() {
             self.kill_node(i);
+        }
+        if std::thread::panicking() {
+            eprintln!("Sentinel logs kept in {}", self.dir.display());
+            return;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
