@@ -321,6 +321,26 @@ async fn a_primary_demoted_while_running_is_left_for_the_new_one() {
     .await;
 }
 
+/// With passwords: the Sentinels require one (`redis.sentinel_password`), the data nodes another
+/// (given in `redis.url`); the replicas find the primary, follow a promotion and serve.
+#[tokio::test]
+async fn passwords_of_the_sentinels_and_of_the_data_nodes_are_used() {
+    deadline(TEST_DEADLINE, async {
+        let mut sentinels =
+            Sentinels::start_with_auth(Some("data-secret"), Some("sentinel-secret"));
+        let prefix = unique_prefix("sentinel-auth");
+        let (a, b) = two_replicas(&sentinels, &prefix).await;
+        let mut on_a = Client::connect(&a).await;
+        on_a.subscribe("room:1").await;
+        let mut sender = Client::connect(&b).await;
+        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "before").await;
+        let (_, ready) = kill_primary_and_follow(&mut sentinels, &a, &b).await;
+        assert!(ready < FOLLOW, "{ready:?}");
+        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "after").await;
+    })
+    .await;
+}
+
 /// `on` sends a chat message `text` (frame id `id`) to `room:1`: the gateway acks it and the
 /// example backend's answer comes back on the channel.
 async fn chat_answered(on: &mut Client, id: &str, text: &str, backend: &Backend) {

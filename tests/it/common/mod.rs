@@ -1340,6 +1340,10 @@ pub struct Sentinels {
     nodes: Vec<Option<Child>>,
     sentinels: Vec<Option<Child>>,
     dir: PathBuf,
+    /// The data nodes' password (`requirepass`, `masterauth`, Sentinel's `auth-pass`), if any.
+    data_password: Option<String>,
+    /// The Sentinels' own password (`requirepass`, `sentinel-pass`), if any.
+    sentinel_password: Option<String>,
 }
 
 /// The master name the test Sentinels monitor.
@@ -1347,6 +1351,11 @@ pub const SENTINEL_MASTER: &str = "wsbridge-test";
 
 impl Sentinels {
     pub fn start() -> Self {
+        Self::start_with_auth(None, None)
+    }
+
+    /// As [`Sentinels::start`], with passwords on the data nodes and on the Sentinels.
+    pub fn start_with_auth(data_password: Option<&str>, sentinel_password: Option<&str>) -> Self {
         let dir = scratch_dir();
         let node_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -1356,6 +1365,8 @@ impl Sentinels {
             nodes: Vec::new(),
             sentinels: Vec::new(),
             dir,
+            data_password: data_password.map(str::to_owned),
+            sentinel_password: sentinel_password.map(str::to_owned),
         };
         for i in 0..3 {
             let replica_of = (i > 0).then_some(node_ports[0]);
@@ -1363,11 +1374,14 @@ impl Sentinels {
             fixture.nodes.push(Some(child));
         }
         for &port in &node_ports {
-            wait_for_ping(port);
+            fixture.wait_ping(port);
         }
         let deadline = Instant::now() + PATIENCE;
         for &port in &node_ports[1..] {
-            while !redis_cli(port, &["info", "replication"]).contains("master_link_status:up") {
+            while !fixture
+                .cli(port, &["info", "replication"])
+                .contains("master_link_status:up")
+            {
                 assert!(Instant::now() < deadline, "replica {port} did not sync");
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1385,9 +1399,10 @@ impl Sentinels {
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 2\n",
+                     sentinel parallel-syncs {SENTINEL_MASTER} 2\n{auth}",
                     dir = fixture.dir.display(),
                     primary = node_ports[0],
+                    auth = fixture.sentinel_auth_lines(),
                 ),
             )
             .unwrap();
@@ -1397,9 +1412,9 @@ impl Sentinels {
         // A failover needs the Sentinels to know each other (they meet through the primary's
         // hello channel, every 2 s) and the replicas.
         for &port in &sentinel_ports {
-            wait_for_ping(port);
+            fixture.wait_ping(port);
             loop {
-                let master = redis_cli(port, &["sentinel", "master", SENTINEL_MASTER]);
+                let master = fixture.cli(port, &["sentinel", "master", SENTINEL_MASTER]);
                 let field = |name: &str| {
                     let lines: Vec<&str> = master.lines().collect();
                     lines
@@ -1423,6 +1438,43 @@ impl Sentinels {
         fixture
     }
 
+    /// The lines of a Sentinel's config file for the passwords.
+    fn sentinel_auth_lines(&self) -> String {
+        let mut lines = String::new();
+        if let Some(password) = &self.data_password {
+            lines += &format!("sentinel auth-pass {SENTINEL_MASTER} {password}\n");
+        }
+        if let Some(password) = &self.sentinel_password {
+            lines += &format!("requirepass {password}\nsentinel sentinel-pass {password}\n");
+        }
+        lines
+    }
+
+    /// `redis-cli` against `port` (a data node or a Sentinel), with its password.
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let password = if self.sentinel_ports.contains(&port) {
+            &self.sentinel_password
+        } else {
+            &self.data_password
+        };
+        match password {
+            Some(password) => {
+                let mut all = vec!["-a", password.as_str(), "--no-auth-warning"];
+                all.extend_from_slice(args);
+                redis_cli(port, &all)
+            }
+            None => redis_cli(port, args),
+        }
+    }
+
+    fn wait_ping(&self, port: u16) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.cli(port, &["ping"]).contains("PONG") {
+            assert!(Instant::now() < deadline, "no PONG from {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn spawn_node(&self, i: usize, replica_of: Option<u16>) -> Child {
         let port = self.node_ports[i].to_string();
         let node_dir = self.dir.join(&port);
@@ -1434,6 +1486,9 @@ impl Sentinels {
             .arg(&node_dir);
         if let Some(primary) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        if let Some(password) = &self.data_password {
+            cmd.args(["--requirepass", password, "--masterauth", password]);
         }
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -1472,26 +1527,38 @@ impl Sentinels {
             .iter()
             .map(|p| format!("\"redis://127.0.0.1:{p}\""))
             .collect();
-        format!(
+        let mut keys = format!(
             "sentinel_urls = [{}]\nsentinel_master = \"{SENTINEL_MASTER}\"\n",
             urls.join(", ")
-        )
+        );
+        if let Some(password) = &self.sentinel_password {
+            keys += &format!("sentinel_password = \"{password}\"\n");
+        }
+        keys
     }
 
     /// A replica config ([`base_config`]) that finds the primary through these Sentinels.
     /// Health is checked every 100 ms and a link is down after 600 ms without an answer, so
     /// that the replicas notice a dead primary well before Sentinel has promoted another.
     pub fn config(&self, prefix: &str) -> String {
-        base_config("redis://127.0.0.1:6379", prefix)
+        base_config(&self.data_url(6379), prefix)
             .replacen("[redis]\n", &format!("[redis]\n{}", self.redis_keys()), 1)
             .replacen("health_interval_ms = 200", "health_interval_ms = 100", 1)
             .replacen("unhealthy_after_ms = 1000", "unhealthy_after_ms = 600", 1)
     }
 
+    /// A data node's URL, with its password.
+    fn data_url(&self, port: u16) -> String {
+        match &self.data_password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
+            None => format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
     /// The primary's port as the first answering Sentinel names it.
     pub fn primary_port(&self) -> Option<u16> {
         self.sentinel_ports.iter().find_map(|&port| {
-            let out = redis_cli(
+            let out = self.cli(
                 port,
                 &["sentinel", "get-master-addr-by-name", SENTINEL_MASTER],
             );
@@ -1508,7 +1575,7 @@ impl Sentinels {
     /// synced with its primary.
     pub fn node_is(&self, i: usize, role: &str) -> bool {
         let port = self.node_ports[i];
-        let info = redis_cli(port, &["info", "replication"]);
+        let info = self.cli(port, &["info", "replication"]);
         info.contains(&format!("role:{role}"))
             && (role == "master" || info.contains("master_link_status:up"))
     }
@@ -1527,7 +1594,7 @@ impl Sentinels {
         self.kill_node(i);
         let child = self.spawn_node(i, None);
         self.nodes[i] = Some(child);
-        wait_for_ping(self.node_ports[i]);
+        self.wait_ping(self.node_ports[i]);
     }
 
     /// SIGKILL Sentinel `i`.
@@ -1543,12 +1610,12 @@ impl Sentinels {
         self.kill_sentinel(i);
         let child = self.spawn_sentinel(i);
         self.sentinels[i] = Some(child);
-        wait_for_ping(self.sentinel_ports[i]);
+        self.wait_ping(self.sentinel_ports[i]);
     }
 
     /// A connection to node `i`.
     pub async fn node_conn(&self, i: usize) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.node_ports[i]))
+        redis::Client::open(self.data_url(self.node_ports[i]))
             .unwrap()
             .get_multiplexed_async_connection()
             .await
