@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Keys holding lists, which environment variables give comma-separated.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
     "server.allowed_origins",
     "redis.cluster_urls",
+    "redis.sentinel_urls",
     "inbound.streams",
     "inbound.groups",
     "api.keys",
@@ -148,10 +149,20 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]`.
+    /// `redis://[user:pass@]host:port[/db]`. With `sentinel_urls`, only its user, password and
+    /// database are used (for the data nodes): the host is whichever node Sentinel names primary.
     pub url: String,
     /// Redis Cluster: seed nodes (any of the cluster's nodes); when set, `url` is not used.
     pub cluster_urls: Vec<String>,
+    /// Redis Sentinel: the Sentinels (`redis://host:port`) that name the primary; every link
+    /// finds the primary through them on each (re)connect and follows a promotion.
+    pub sentinel_urls: Vec<String>,
+    /// The master name the Sentinels monitor (`sentinel monitor <name> ...`).
+    pub sentinel_master: String,
+    /// User the Sentinels themselves require (their `requirepass`/ACL), if any.
+    pub sentinel_username: String,
+    /// Password the Sentinels themselves require, if any; the data nodes' comes from `url`.
+    pub sentinel_password: String,
     /// Prefix of every key and channel the gateway uses.
     pub prefix: String,
     /// Timeout of one connection attempt.
@@ -179,6 +190,10 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             cluster_urls: Vec::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: String::new(),
+            sentinel_username: String::new(),
+            sentinel_password: String::new(),
             prefix: "wsbridge".into(),
             connect_timeout_ms: 1000,
             command_timeout_ms: 2000,
@@ -596,6 +611,50 @@ impl Config {
                 )
             })?;
         }
+        if !self.redis.sentinel_urls.is_empty() {
+            if !self.redis.cluster_urls.is_empty() {
+                return Err(ConfigError::key(
+                    "redis.sentinel_urls",
+                    "cannot be set together with redis.cluster_urls: a deployment is either a Redis Cluster or a primary watched by Sentinel",
+                ));
+            }
+            if self.redis.sentinel_master.is_empty() {
+                return Err(ConfigError::key(
+                    "redis.sentinel_master",
+                    "is required with redis.sentinel_urls: the master name the Sentinels monitor",
+                ));
+            }
+            for url in std::iter::once(&self.redis.url).chain(&self.redis.sentinel_urls) {
+                // This build's Redis client has no TLS: say so instead of failing on connect.
+                if url.starts_with("rediss://") {
+                    let key = if url == &self.redis.url {
+                        "redis.url"
+                    } else {
+                        "redis.sentinel_urls"
+                    };
+                    return Err(ConfigError::key(
+                        key,
+                        format!(
+                            "`{}`: TLS (rediss://) is not supported with Sentinel yet",
+                            redact_url(url)
+                        ),
+                    ));
+                }
+            }
+            for url in &self.redis.sentinel_urls {
+                redis::Client::open(url.as_str()).map_err(|e| {
+                    ConfigError::key(
+                        "redis.sentinel_urls",
+                        format!("`{}` is not a Redis URL: {e}", redact_url(url)),
+                    )
+                })?;
+            }
+        } else if !self.redis.sentinel_master.is_empty() {
+            return Err(ConfigError::key(
+                "redis.sentinel_master",
+                "is set but redis.sentinel_urls is empty: list the Sentinels",
+            ));
+        }
         if !self.redis.cluster_urls.is_empty() && self.outbound.routing != Routing::Interest {
             return Err(ConfigError::key(
                 "redis.cluster_urls",
@@ -910,6 +969,34 @@ mod tests {
         assert!(glob_match("a*b*c", "aXbYc"));
         assert!(!glob_match("room:*", "rooms:1"));
         assert!(!glob_match("room", "room:1"));
+    }
+
+    #[test]
+    fn sentinel_keys_are_validated_by_name() {
+        let err = |text: &str| Config::from_toml(text).unwrap_err().to_string();
+        let both = err("[redis]\nsentinel_urls = [\"redis://127.0.0.1:26379\"]\nsentinel_master = \"m\"\ncluster_urls = [\"redis://127.0.0.1:7000\"]\n");
+        assert!(
+            both.contains("redis.sentinel_urls") && both.contains("redis.cluster_urls"),
+            "{both}"
+        );
+        let no_master = err("[redis]\nsentinel_urls = [\"redis://127.0.0.1:26379\"]\n");
+        assert!(no_master.contains("redis.sentinel_master"), "{no_master}");
+        let no_sentinels = err("[redis]\nsentinel_master = \"m\"\n");
+        assert!(
+            no_sentinels.contains("redis.sentinel_urls"),
+            "{no_sentinels}"
+        );
+        let tls = err(
+            "[redis]\nsentinel_urls = [\"rediss://127.0.0.1:26379\"]\nsentinel_master = \"m\"\n",
+        );
+        assert!(
+            tls.contains("redis.sentinel_urls") && tls.contains("TLS"),
+            "{tls}"
+        );
+        Config::from_toml(
+            "[redis]\nsentinel_urls = [\"redis://127.0.0.1:26379\", \"redis://127.0.0.1:26380\"]\nsentinel_master = \"m\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub async fn run(
                 changes,
                 registry: registry.clone(),
             }),
+        backplane.primary(),
         background.clone(),
     ));
     if config.outbound.routing == config::Routing::Interest {

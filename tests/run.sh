@@ -10,11 +10,14 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages the tests run for real: Redis (the backplane), Prometheus (the dashboard
+# Debian packages the tests run for real: Redis (the backplane) and its Sentinel, Prometheus (the dashboard
 # test evaluates every panel's query against it), openssl (RS256 test keys) and nginx (the
 # deployment example's config, in front of real replicas).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# tests/it/sentinel.rs: three Sentinels watch a primary and two replicas (without the package the
+# fixture falls back to `redis-server --sentinel`, the same program).
+command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx) # the example nginx configs (deploy, whiteboard)
@@ -63,8 +66,10 @@ WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@"
 
 # And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
 # which needs interest routing; the example backends then run with --redis-cluster. Skipped
-# there: the cluster tests (cluster::; they build their own clusters and run in the passes above)
-# and the broadcast-against-interest comparison (broadcast cannot run on a cluster).
+# there: the cluster tests (cluster::; they build their own clusters and run in the passes above),
+# the Sentinel tests (sentinel::; a Sentinel deployment is not a cluster, and they start their own
+# primary, replicas and Sentinels in the passes above) and the broadcast-against-interest
+# comparison (broadcast cannot run on a cluster).
 echo "==> cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
-  --skip cluster:: --skip routing::interest_routing_spares
+  --skip cluster:: --skip sentinel:: --skip routing::interest_routing_spares

@@ -1,5 +1,6 @@
-//! The command link's health loop: PING on an interval, consumer groups (re)created whenever
-//! Redis comes back (a Redis restarted without persistence has lost them).
+//! The command link's health loop: PING on an interval (under Sentinel, ROLE: the node must
+//! still be the primary), consumer groups (re)created whenever Redis comes back (a Redis
+//! restarted without persistence, or a newly promoted replica of one, may lack them).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,15 +32,15 @@ pub async fn run(
         }
         // A Redis that does not answer must not hold up shutdown: the PING (and the group
         // creation below) waits up to `redis.command_timeout_ms`, so it is cancelled with the loop.
-        let ping = redis::cmd("PING");
         let pinged = tokio::select! {
             _ = shutdown.cancelled() => return,
-            pinged = backplane.query::<String>(&ping) => pinged,
+            pinged = backplane.ping() => pinged,
         };
         match pinged {
             Ok(_) => {
                 if up != Some(true) {
-                    tracing::info!(url = %config.redis_url_redacted(), "Redis command link up");
+                    let primary = backplane.primary().and_then(|p| p.known_addr());
+                    tracing::info!(url = %config.redis_url_redacted(), primary = ?primary, "Redis command link up");
                 }
                 up = Some(true);
                 metrics.redis_up.set(1.0);

@@ -5,6 +5,7 @@ pub mod health;
 pub mod interest;
 pub mod pubsub;
 pub mod script;
+pub mod sentinel;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,6 +165,9 @@ pub enum RedisFailure {
         /// `redis.wait_timeout_ms`.
         ms: u64,
     },
+    /// Under Sentinel, the node the link reached is no longer the primary (it was demoted).
+    #[error("{0} is not the primary any more; finding the new one")]
+    NotPrimary(String),
 }
 
 impl RedisFailure {
@@ -173,6 +177,7 @@ impl RedisFailure {
             RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => {
                 RedisErrorKind::Timeout
             }
+            RedisFailure::NotPrimary(_) => RedisErrorKind::Server,
             RedisFailure::Redis(e) if e.is_timeout() => RedisErrorKind::Timeout,
             RedisFailure::Redis(e) if e.code().is_some() => RedisErrorKind::Server,
             RedisFailure::Redis(_) => RedisErrorKind::Connection,
@@ -185,7 +190,9 @@ impl RedisFailure {
     pub fn is_transient(&self) -> bool {
         use redis::ServerErrorKind as S;
         match self {
-            RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => true,
+            RedisFailure::Timeout(_)
+            | RedisFailure::NotReplicated { .. }
+            | RedisFailure::NotPrimary(_) => true,
             RedisFailure::Redis(e) => {
                 // Error replies, also those inside an aborted MULTI or a pipeline: transient
                 // only if every one of them is about the cluster's state, not the command.
@@ -221,6 +228,7 @@ impl RedisFailure {
     pub fn maybe_applied(&self) -> bool {
         match self {
             RedisFailure::Timeout(_) | RedisFailure::NotReplicated { .. } => true,
+            RedisFailure::NotPrimary(_) => false,
             RedisFailure::Redis(e) => {
                 // The connection manager hands every waiting command a clone of its reconnect
                 // error, and cloning drops the io::Error, so a refusal is only visible in the text.
@@ -327,11 +335,45 @@ pub struct Backplane {
     metrics: Metrics,
 }
 
-/// A single Redis, or a Redis Cluster (commands are routed by key slot).
+/// A single Redis, a Redis Cluster (commands are routed by key slot), or a primary found
+/// through Sentinel.
 #[derive(Clone)]
 enum Link {
     Single(ConnectionManager),
     Cluster(Arc<ClusterLink>),
+    Sentinel(Arc<SentinelLink>),
+}
+
+/// A connection to the primary Sentinel names, made on first use and again after a failure
+/// that was not Redis answering, or a `READONLY` reply: each new connection asks the Sentinels
+/// first ([`sentinel::Primary::locate`]). `ConnectionManager` cannot do this: it reconnects to
+/// the address it was built with.
+struct SentinelLink {
+    primary: Arc<sentinel::Primary>,
+    config: redis::AsyncConnectionConfig,
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl SentinelLink {
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(conn) = conn.as_ref() {
+            return Ok(conn.clone());
+        }
+        let primary = self.primary.locate().await?;
+        let made = redis::Client::open(primary)?
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        *conn = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Drops the connection: the next command finds the primary again.
+    fn reset(&self) {
+        if let Ok(mut conn) = self.conn.try_lock() {
+            *conn = None;
+        }
+    }
 }
 
 /// A cluster connection, made on first use and again after it failed to be made.
@@ -378,7 +420,15 @@ impl Backplane {
     /// # Errors
     /// When the URL cannot be used (validated earlier, so rare).
     pub fn new(cfg: &RedisConfig, metrics: Metrics) -> Result<Self, RedisFailure> {
-        let link = if cfg.cluster_urls.is_empty() {
+        let link = if !cfg.sentinel_urls.is_empty() {
+            Link::Sentinel(Arc::new(SentinelLink {
+                primary: Arc::new(sentinel::Primary::new(cfg)?),
+                config: redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+                    .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms))),
+                conn: tokio::sync::Mutex::new(None),
+            }))
+        } else if cfg.cluster_urls.is_empty() {
             let client = redis::Client::open(cfg.url.as_str())?;
             let manager_cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
@@ -410,6 +460,33 @@ impl Backplane {
     /// and channel traffic uses sharded pub/sub.
     pub fn is_cluster(&self) -> bool {
         matches!(self.link, Link::Cluster(_))
+    }
+
+    /// Under Sentinel, what finds the primary (the pub/sub link follows it too).
+    pub fn primary(&self) -> Option<Arc<sentinel::Primary>> {
+        match &self.link {
+            Link::Sentinel(link) => Some(link.primary.clone()),
+            _ => None,
+        }
+    }
+
+    /// Checks the command link: `PING`; under Sentinel `ROLE`, which must say `master`, or the
+    /// link is dropped so that the next command finds the new primary.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis failed or did not answer in time, or
+    /// [`RedisFailure::NotPrimary`] when the node was demoted.
+    pub async fn ping(&self) -> Result<(), RedisFailure> {
+        let Link::Sentinel(link) = &self.link else {
+            return self.query::<String>(&redis::cmd("PING")).await.map(|_| ());
+        };
+        let role: Vec<redis::Value> = self.query(&redis::cmd("ROLE")).await?;
+        if sentinel::is_master_role(&role) {
+            return Ok(());
+        }
+        link.reset();
+        let node = link.primary.known_addr().unwrap_or_default();
+        self.count(Err(RedisFailure::NotPrimary(node)))
     }
 
     /// Runs one command with the configured timeout.
@@ -447,7 +524,8 @@ impl Backplane {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout_ms);
         let got: u64 = match &self.link {
-            Link::Single(_) => self.query(&cmd).await?,
+            // One multiplexed connection carries every write, so WAIT covers them.
+            Link::Single(_) | Link::Sentinel(_) => self.query(&cmd).await?,
             Link::Cluster(link) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let run = async {
@@ -488,7 +566,9 @@ impl Backplane {
     ) -> Result<Vec<(String, T)>, RedisFailure> {
         use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
         let link = match &self.link {
-            Link::Single(_) => return Ok(vec![(String::new(), self.query(cmd).await?)]),
+            Link::Single(_) | Link::Sentinel(_) => {
+                return Ok(vec![(String::new(), self.query(cmd).await?)])
+            }
             Link::Cluster(link) => link,
         };
         let run = async {
@@ -543,6 +623,7 @@ impl Backplane {
         match &self.link {
             Link::Single(conn) => cmd.query_async(&mut conn.clone()).await,
             Link::Cluster(link) => cmd.query_async(&mut link.conn().await?).await,
+            Link::Sentinel(link) => cmd.query_async(&mut link.conn().await?).await,
         }
     }
 
@@ -554,8 +635,17 @@ impl Backplane {
             if !expected {
                 self.metrics.redis_error(e.kind()).increment(1);
             }
-            if let (Link::Cluster(link), false) = (&self.link, e.kind() == RedisErrorKind::Server) {
-                link.reset();
+            let answered = e.kind() == RedisErrorKind::Server;
+            match &self.link {
+                Link::Cluster(link) if !answered => link.reset(),
+                // A demoted primary answers writes with READONLY: find the new one.
+                Link::Sentinel(link)
+                    if !answered
+                        || matches!(e, RedisFailure::Redis(r) if r.code() == Some("READONLY")) =>
+                {
+                    link.reset()
+                }
+                _ => {}
             }
         }
         result
@@ -573,6 +663,7 @@ impl Backplane {
             match &self.link {
                 Link::Single(conn) => pipe.query_async(&mut conn.clone()).await,
                 Link::Cluster(link) => pipe.query_async(&mut link.conn().await?).await,
+                Link::Sentinel(link) => pipe.query_async(&mut link.conn().await?).await,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {

@@ -4,7 +4,10 @@
 //! The task reconnects with backoff and resubscribes whenever the connection drops, and it proves
 //! the link end to end on every health tick by publishing a token to its own health channel and
 //! watching it come back. A link that is connected but no longer delivers (a failure the client
-//! library cannot see) is thereby detected, reported by `/readyz`, and replaced.
+//! library cannot see) is thereby detected, reported by `/readyz`, and replaced. Under Sentinel
+//! the link connects to the primary [`super::sentinel::Primary`] names, and is replaced when the
+//! primary it is on is no longer the one known (a replica's PUBLISH reaches only its own
+//! subscribers, so a link left on a demoted node would hear nothing from the others).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -186,6 +189,7 @@ pub async fn run(
     metrics: Metrics,
     resubscribed: mpsc::Sender<()>,
     mut interest: Option<InterestLink>,
+    primary: Option<Arc<super::sentinel::Primary>>,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(cfg.health_interval_ms);
@@ -212,19 +216,19 @@ pub async fn run(
             interest: interest.as_ref().map(|link| link.interest.clone()),
         };
         let catch_up = connected_before.then_some(&resubscribed);
-        let conn = connect(&cfg, &keys, sender, interest.as_ref()).await;
+        let conn = connect(&cfg, &keys, sender, interest.as_ref(), primary.as_deref()).await;
         if conn.is_ok() {
             gate.open(catch_up, &tx, &metrics);
         }
-        let mut conn = match conn {
-            Ok(conn) => {
-                tracing::info!(channel = %keys.broadcast, "pub/sub link up");
+        let (mut conn, node) = match conn {
+            Ok((conn, node)) => {
+                tracing::info!(channel = %keys.broadcast, node = ?node, "pub/sub link up");
                 // Messages published while the link was down never reached this replica; the
                 // dispatcher catches up the channels that keep history. The gate has signalled
                 // it already, before any message of this link.
                 connected_before = true;
                 backoff = Duration::from_millis(100);
-                conn
+                (conn, node)
             }
             Err(e) => {
                 metrics.pubsub_up.set(0.0);
@@ -277,6 +281,12 @@ pub async fn run(
                     }
                 }
                 _ = tick.tick() => {}
+            }
+            // Under Sentinel, the command link found a new primary (it checks ROLE each tick).
+            if let (Some(primary), Some(node)) = (&primary, &node) {
+                if primary.known_addr().is_some_and(|known| known != *node) {
+                    break format!("the primary moved from {node}");
+                }
             }
             // Each tick sends a token round the loop; readiness is judged on the last return.
             match tokio::time::timeout(interval * 2, conn.publish(&keys.health, "ping")).await {
@@ -361,8 +371,28 @@ async fn connect(
     keys: &Keys,
     sender: PushSender,
     interest: Option<&InterestLink>,
-) -> Result<Conn, redis::RedisError> {
-    let mut conn = if cfg.cluster_urls.is_empty() {
+    primary: Option<&super::sentinel::Primary>,
+) -> Result<(Conn, Option<String>), redis::RedisError> {
+    let mut node = None;
+    let mut conn = if let Some(primary) = primary {
+        let info = primary.locate().await?;
+        node = Some(info.addr().to_string());
+        // Pushes on a shared multiplexed connection need RESP3.
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
+            .set_push_sender(sender);
+        Conn::Single(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        )
+    } else if cfg.cluster_urls.is_empty() {
         // Pushes on a shared multiplexed connection need RESP3.
         let sep = if cfg.url.contains('?') { '&' } else { '?' };
         let client = redis::Client::open(format!("{}{sep}protocol=resp3", cfg.url))?;
@@ -402,7 +432,7 @@ async fn connect(
     if let Some(link) = interest {
         link.interest.set_on_link(wanted);
     }
-    Ok(conn)
+    Ok((conn, node))
 }
 
 /// The next interest change, or never without interest routing.

@@ -110,7 +110,42 @@ impl Backend {
         }
         cmd.args(args);
         unset_settings(&mut cmd);
-        Self::run(cmd, lang, api_url, redis, prefix)
+        Self::run(cmd, lang, api_url, &redis.url(), prefix)
+    }
+
+    /// The full backend of `lang` finding the primary through `sentinels`
+    /// (`REDIS_URL` lists the Sentinels, `REDIS_SENTINEL` names the master).
+    pub(crate) fn spawn_sentinel(
+        lang: Lang,
+        api_url: &str,
+        sentinels: &Sentinels,
+        prefix: &str,
+        args: &[&str],
+    ) -> Self {
+        let mut cmd = match lang {
+            Lang::Python => {
+                let mut cmd = Command::new("python3");
+                cmd.arg(backends_dir().join("python/backend.py"));
+                cmd
+            }
+            Lang::Node => {
+                assert_node_modules();
+                let mut cmd = Command::new("node");
+                cmd.arg(backends_dir().join("node/backend.mjs"));
+                cmd
+            }
+            Lang::Rust => Command::new(rust_example("backend")),
+        };
+        let urls: Vec<String> = sentinels
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        cmd.env_remove("REDIS_CLUSTER")
+            .env("REDIS_SENTINEL", SENTINEL_MASTER)
+            .args(args);
+        unset_settings(&mut cmd);
+        Self::run(cmd, lang, api_url, &urls.join(","), prefix)
     }
 
     /// The minimal consumer of `lang` (`examples/backends/*/minimal.*`), with `env` set.
@@ -139,12 +174,12 @@ impl Backend {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Self::run(cmd, lang, api_url, redis, prefix)
+        Self::run(cmd, lang, api_url, &redis.url(), prefix)
     }
 
     /// Starts `cmd` against `redis` and the API at `api_url`, collecting its output.
-    fn run(mut cmd: Command, lang: Lang, api_url: &str, redis: &Redis, prefix: &str) -> Self {
-        cmd.env("REDIS_URL", redis.url())
+    fn run(mut cmd: Command, lang: Lang, api_url: &str, redis_url: &str, prefix: &str) -> Self {
+        cmd.env("REDIS_URL", redis_url)
             .env("WSBRIDGE_API", api_url)
             .env("PREFIX", prefix)
             .env("PYTHONUNBUFFERED", "1")

@@ -29,4 +29,5 @@ mod reach;
 mod refresh;
 mod replicated;
 mod routing;
+mod sentinel;
 mod walkthrough;

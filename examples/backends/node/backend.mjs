@@ -30,6 +30,13 @@
 // `--redis-cluster` (or REDIS_CLUSTER=1): REDIS_URL is a comma-separated list of Redis Cluster
 // nodes to start from, and the backend uses node-redis's cluster client; every command names one
 // key (or two in one slot), and the blocking XREADGROUP has a cluster client of its own.
+// `--redis-sentinel MASTER` (or REDIS_SENTINEL=MASTER): REDIS_URL is a comma-separated list of
+// Redis Sentinels; on every (re)connect the backend asks them for MASTER's address (SENTINEL
+// GET-MASTER-ADDR-BY-NAME), checks with ROLE that it is a master, and connects there, so it follows
+// a failover. (node-redis's own createSentinel client is not used: the blocking XREADGROUP would
+// need a leased client of its pool, and it reconnects by itself, where this backend reconnects in
+// run().) The Sentinels' credentials come from their URLs, the data nodes' from REDIS_USERNAME /
+// REDIS_PASSWORD.
 // Two test hooks: `--fail-on TEXT` makes the handler fail on every chat message whose text is
 // TEXT, and `--work-ms MS` spends MS milliseconds on each entry before replying.
 //
@@ -94,6 +101,8 @@ options:
   --redis-url URL         (REDIS_URL, default redis://127.0.0.1:6379; with
                           --redis-cluster, several, comma-separated)
   --redis-cluster         REDIS_URL is a Redis Cluster (REDIS_CLUSTER=1)
+  --redis-sentinel MASTER REDIS_URL lists Redis Sentinels; use MASTER's primary
+                          (REDIS_SENTINEL)
   --api URL               the gateway's backend API, any replica (WSBRIDGE_API,
                           default http://127.0.0.1:8081)
   --api-key KEY           (WSBRIDGE_API_KEY, default none)
@@ -120,7 +129,7 @@ function usageError(message) {
 function settings() {
   const env = process.env;
   const flags = [
-    'redis-url', 'api', 'api-key', 'prefix', 'stream', 'group', 'consumer', 'block-ms',
+    'redis-url', 'redis-sentinel', 'api', 'api-key', 'prefix', 'stream', 'group', 'consumer', 'block-ms',
     'claim-idle-ms', 'reclaim-every-ms', 'max-deliveries', 'max', 'fail-on', 'work-ms',
   ];
   const options = Object.fromEntries(flags.map((name) => [name, { type: 'string' }]));
@@ -145,6 +154,7 @@ function settings() {
   const cfg = {
     redisUrl: values['redis-url'] ?? env.REDIS_URL ?? 'redis://127.0.0.1:6379',
     cluster: values['redis-cluster'] ?? /^(1|true|yes)$/i.test(env.REDIS_CLUSTER ?? ''),
+    sentinel: values['redis-sentinel'] ?? (env.REDIS_SENTINEL || null),
     api: (values.api ?? env.WSBRIDGE_API ?? 'http://127.0.0.1:8081').replace(/\/+$/, ''),
     apiKey: values['api-key'] ?? (env.WSBRIDGE_API_KEY || null),
     prefix: values.prefix ?? env.PREFIX ?? 'wsbridge',
@@ -165,6 +175,12 @@ function settings() {
   cfg.key = `${cfg.prefix}:in:${cfg.stream}`;
   // The braces make the hash slot that of the inbound stream: the move there is one script.
   cfg.deadKey = `{${cfg.key}}:dead`;
+  if (cfg.cluster && cfg.sentinel) usageError('--redis-cluster and --redis-sentinel exclude each other');
+  if (cfg.sentinel) {
+    cfg.sentinelUrls = cfg.redisUrl.split(',').map((url) => url.trim()).filter(Boolean);
+    if (!cfg.sentinelUrls.length) usageError('--redis-sentinel needs at least one Sentinel URL');
+    cfg.sentinelUrls.forEach(urlOptions); // every URL checked now
+  }
   if (cfg.cluster) {
     cfg.clusterUrls = cfg.redisUrl.split(',').map((url) => url.trim()).filter(Boolean);
     if (!cfg.clusterUrls.length) usageError('--redis-cluster needs at least one node URL');
@@ -383,15 +399,18 @@ const describe = (e) => `${e?.name ?? 'Error'}(${JSON.stringify(e?.message ?? St
 // ---------------------------------------------------------------------------------------------
 // Redis
 
+/** No Sentinel named a primary that answers as one (a failover under way, or none reachable). */
+class NoPrimaryError extends Error {}
+
 const LINK_ERRORS = [
-  ClientClosedError, ClientOfflineError, ConnectionTimeoutError, DisconnectsClientError,
+  NoPrimaryError, ClientClosedError, ClientOfflineError, ConnectionTimeoutError, DisconnectsClientError,
   RootNodesUnavailableError, SocketClosedUnexpectedlyError, SocketTimeoutError, TimeoutError,
 ];
 
-// Replies that are not about the command: Redis loading, refusing our password or full, or a
-// cluster failing over.
+// Replies that are not about the command: Redis loading, refusing our password or full, a
+// cluster failing over, or a primary demoted under us (READONLY).
 const LINK_REPLIES =
-  /^(LOADING|NOAUTH|WRONGPASS|ERR max number of clients|CLUSTERDOWN|TRYAGAIN|MASTERDOWN)/;
+  /^(LOADING|NOAUTH|WRONGPASS|ERR max number of clients|CLUSTERDOWN|TRYAGAIN|MASTERDOWN|READONLY)/;
 
 /** Whether a Redis command failed because of the link (retry after reconnecting), not because
  * Redis refused it. Like redis-py, a server still loading or refusing our password counts. */
@@ -434,6 +453,40 @@ const DEAD_LETTER = defineScript({
 function urlOptions(url) {
   const { username, password, socket } = createClient({ url }).options;
   return { username, password, socket: { tls: socket.tls } };
+}
+
+/** The primary of `cfg.sentinel` as the first answering Sentinel of `cfg.sentinelUrls` names it,
+ * once ROLE on it says `master`: {host, port}. Throws NoPrimaryError when there is none. */
+async function findPrimary(cfg) {
+  const socket = { connectTimeout: 1000, reconnectStrategy: false };
+  const quiet = (client) => client.on('error', () => {}); // errors surface as rejections
+  const reasons = [];
+  for (const url of cfg.sentinelUrls) {
+    const sentinel = quiet(createClient({ url, socket }));
+    let node = null;
+    try {
+      await sentinel.connect();
+      const addr = await sentinel.sendCommand(['SENTINEL', 'GET-MASTER-ADDR-BY-NAME', cfg.sentinel]);
+      if (!addr) throw new Error(`no master named ${cfg.sentinel}`);
+      const [host, port] = addr.map(String);
+      node = quiet(createClient({ ...dataAuth(), socket: { ...socket, host, port: Number(port) } }));
+      await node.connect();
+      const [role] = await node.sendCommand(['ROLE']);
+      if (String(role) !== 'master') throw new Error(`${host}:${port} is a ${role}, not a master`);
+      return { host, port: Number(port) };
+    } catch (e) {
+      reasons.push(`${url}: ${e.message}`);
+    } finally {
+      for (const client of [sentinel, node]) if (client?.isOpen) client.destroy();
+    }
+  }
+  throw new NoPrimaryError(`no primary through the Sentinels (${reasons.join('; ')})`);
+}
+
+/** The data nodes' credentials under Sentinel (REDIS_USERNAME, REDIS_PASSWORD). */
+function dataAuth() {
+  const { REDIS_USERNAME: username, REDIS_PASSWORD: password } = process.env;
+  return { ...(username && { username }), ...(password && { password }) };
 }
 
 /** Closes every connection of a cluster client now, then the client. Node by node first: the
@@ -488,6 +541,12 @@ class Backend {
       pingInterval: 5000,
     };
     const scripts = { deadLetter: DEAD_LETTER };
+    if (this.cfg.sentinel) {
+      // Before the first connect() found the primary: a client that is never connected.
+      const { host, port } = this.primary ?? {};
+      const socket = { ...options.socket, host, port };
+      return this.watch(createClient({ ...options, ...dataAuth(), socket, scripts }));
+    }
     if (!this.cfg.cluster) {
       return this.watch(createClient({ url: this.cfg.redisUrl, ...options, scripts }));
     }
@@ -518,6 +577,7 @@ class Backend {
     if (this.alive()) return;
     this.disconnect();
     this.linkError = null;
+    if (this.cfg.sentinel) this.primary = await findPrimary(this.cfg);
     this.r = this.client();
     this.reader = this.r;
     await this.r.connect();

@@ -47,13 +47,22 @@ script). The blocking XREADGROUP has a client, and so a connection, of its own -
 Redis too -- so it does not hold up the other commands, and a read cut short by a signal leaves
 nothing half-read behind for them.
 
+Redis Sentinel. With --redis-sentinel MASTER (or REDIS_SENTINEL=MASTER), REDIS_URL is a
+comma-separated list of the Sentinels (redis://127.0.0.1:26379,...) and the backend uses redis-py's
+Sentinel client, master_for(MASTER): each new connection asks the Sentinels for the primary, and a
+connection to a node that was demoted (READONLY) is dropped. After a failover the backend sees a
+connection error, waits a second and carries on against the new primary; an entry it handled but
+could not acknowledge stays pending and is handled again (at least once). The Sentinels' own
+credentials come from the first URL; the data nodes' from REDIS_PASSWORD / REDIS_USERNAME.
+
 Run it (needs `pip install -r examples/backends/python/requirements.txt`):
 
     python3 examples/backends/python/backend.py                  # the chat
     python3 examples/backends/python/backend.py --stream board   # the whiteboard
 
 Settings come from flags, or from the environment: REDIS_URL (redis://127.0.0.1:6379),
-REDIS_CLUSTER (off; 1 = --redis-cluster), WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY
+REDIS_CLUSTER (off; 1 = --redis-cluster), REDIS_SENTINEL (off; a master name = --redis-sentinel),
+WSBRIDGE_API (http://127.0.0.1:8081), WSBRIDGE_API_KEY
 (none), PREFIX (wsbridge), STREAM (chat), GROUP (backend), CONSUMER (<hostname>-<pid>). `--max N`
 exits after handling N entries.
 
@@ -77,6 +86,7 @@ import urllib.request
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel
 from redis.exceptions import ClusterError, RedisClusterException
 
 try:
@@ -119,6 +129,8 @@ def settings():
     p.add_argument("--redis-cluster", action="store_true",
                    default=env("REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
                    help="Redis is a Redis Cluster (REDIS_CLUSTER=1)")
+    p.add_argument("--redis-sentinel", default=env("REDIS_SENTINEL") or None, metavar="MASTER",
+                   help="--redis-url lists Sentinels; use the primary of MASTER (REDIS_SENTINEL)")
     p.add_argument("--api", default=env("WSBRIDGE_API", "http://127.0.0.1:8081"),
                    help="the gateway's backend API (any replica)")
     p.add_argument("--api-key", default=env("WSBRIDGE_API_KEY") or None)
@@ -142,8 +154,11 @@ def settings():
     a = p.parse_args()
     if a.max_deliveries < 1:
         p.error("--max-deliveries must be at least 1")
-    if "," in a.redis_url and not a.redis_cluster:
-        p.error("--redis-url lists several nodes: add --redis-cluster (REDIS_CLUSTER=1)")
+    if a.redis_cluster and a.redis_sentinel:
+        p.error("--redis-cluster and --redis-sentinel exclude each other")
+    if "," in a.redis_url and not (a.redis_cluster or a.redis_sentinel):
+        p.error("--redis-url lists several nodes: add --redis-cluster (REDIS_CLUSTER=1) or "
+                "--redis-sentinel MASTER")
     if a.reclaim_every_ms is None:
         a.reclaim_every_ms = a.claim_idle_ms // 2
     a.reclaim_every_ms = max(a.reclaim_every_ms, 100)
@@ -311,6 +326,16 @@ def redis_client(cfg):
     on first use; a cluster client asks the nodes for the cluster's layout at once."""
     # The socket timeout outlasts the blocking read, so a silently dead link is noticed.
     options = dict(socket_connect_timeout=5, socket_timeout=cfg.block_ms / 1000 + 10)
+    if cfg.redis_sentinel:
+        urls = [urllib.parse.urlsplit(u.strip()) for u in cfg.redis_url.split(",") if u.strip()]
+        sentinel_auth = {k: v for k, v in (("username", urls[0].username),
+                                           ("password", urls[0].password)) if v}
+        data_auth = {k: v for k, v in (("username", os.environ.get("REDIS_USERNAME")),
+                                       ("password", os.environ.get("REDIS_PASSWORD"))) if v}
+        sentinel = Sentinel([(u.hostname, u.port or 26379) for u in urls],
+                            sentinel_kwargs=dict(socket_connect_timeout=1, socket_timeout=1,
+                                                 **sentinel_auth))
+        return sentinel.master_for(cfg.redis_sentinel, **options, **data_auth)
     if not cfg.redis_cluster:
         return redis.Redis.from_url(cfg.redis_url, **options)
     urls = [url.strip() for url in cfg.redis_url.split(",") if url.strip()]

@@ -63,6 +63,13 @@
 //! same slot (the dead-letter script). As on a single Redis, the blocking XREADGROUP has a
 //! connection of its own, so it does not hold up the other commands.
 //!
+//! Redis Sentinel. With `--redis-sentinel MASTER` (or `REDIS_SENTINEL=MASTER`), `REDIS_URL` is a
+//! comma-separated list of Sentinels, and every new connection goes to the node they name as
+//! MASTER's primary (redis-rs's `Sentinel::async_master_for`, which checks with ROLE that the node
+//! is a master). After a failover the lost link (or a READONLY reply from a demoted node) takes
+//! the backend's reconnect path, which asks the Sentinels again. The Sentinels' credentials come
+//! from their URLs, the data nodes' from `REDIS_USERNAME` / `REDIS_PASSWORD`.
+//!
 //! Two flags exist for tests and demonstrations: `--fail-on TEXT` makes the handler fail on
 //! every chat message whose text is TEXT (a message it can never handle), and `--work-ms MS`
 //! spends MS milliseconds on each entry before replying (so that a killed instance dies holding
@@ -83,7 +90,8 @@ use redis::{AsyncConnectionConfig, ErrorKind, RedisError, RedisFuture, ServerErr
 use serde_json::{json, Value as J};
 use tokio_util::sync::CancellationToken;
 
-const USAGE: &str = "usage: backend [--redis-url URL] [--redis-cluster] [--api URL] \
+const USAGE: &str = "usage: backend [--redis-url URL] [--redis-cluster] \
+[--redis-sentinel MASTER] [--api URL] \
 [--api-key KEY] [--prefix P] [--stream S] [--group G] [--consumer C] [--block-ms MS] \
 [--claim-idle-ms MS] [--reclaim-every-ms MS] [--max-deliveries N] [--max N] [--fail-on TEXT] \
 [--work-ms MS]";
@@ -114,6 +122,8 @@ struct Settings {
     /// One URL, or with `redis_cluster` the cluster nodes to start from, comma-separated.
     redis_url: String,
     redis_cluster: bool,
+    /// With Sentinel: the master's name (`redis_url` lists the Sentinels).
+    redis_sentinel: Option<String>,
     api: Api,
     prefix: String,
     group: String,
@@ -151,6 +161,9 @@ fn settings() -> Result<Settings, String> {
         env("REDIS_CLUSTER", "").to_ascii_lowercase().as_str(),
         "1" | "true" | "yes"
     );
+    let mut redis_sentinel = std::env::var("REDIS_SENTINEL")
+        .ok()
+        .filter(|m| !m.is_empty());
     let mut api = env("WSBRIDGE_API", "http://127.0.0.1:8081");
     let mut api_key = std::env::var("WSBRIDGE_API_KEY")
         .ok()
@@ -188,6 +201,7 @@ fn settings() -> Result<Settings, String> {
         };
         match flag.as_str() {
             "--redis-url" => redis_url = value,
+            "--redis-sentinel" => redis_sentinel = Some(value),
             "--api" => api = value,
             "--api-key" => api_key = Some(value),
             "--prefix" => prefix = value,
@@ -208,9 +222,15 @@ fn settings() -> Result<Settings, String> {
     if max_deliveries < 1 {
         return Err(format!("--max-deliveries must be at least 1\n{USAGE}"));
     }
+    if redis_cluster && redis_sentinel.is_some() {
+        return Err(format!(
+            "--redis-cluster and --redis-sentinel exclude each other\n{USAGE}"
+        ));
+    }
     Ok(Settings {
         redis_url,
         redis_cluster,
+        redis_sentinel,
         api: Api::new(&api, api_key)?,
         group,
         consumer,
@@ -686,12 +706,17 @@ fn is_connection_error(e: &RedisError, cluster: bool) -> bool {
             e.kind(),
             ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::BusyLoading)
         );
+    // Under Sentinel: no primary named right now (a failover under way), or a demoted one.
+    let primary_moving = matches!(
+        e.kind(),
+        ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::Server(ServerErrorKind::ReadOnly)
+    );
     let cluster_changing = e.is_cluster_error()
         || matches!(
             e.kind(),
             ErrorKind::ClusterConnectionNotFound | ErrorKind::Server(ServerErrorKind::MasterDown)
         );
-    link_failed || (cluster && cluster_changing)
+    link_failed || primary_moving || (cluster && cluster_changing)
 }
 
 /// Why the backend leaves its loop.
@@ -709,15 +734,47 @@ impl From<RedisError> for Halt {
     }
 }
 
-/// Where Redis is: a single Redis, or a Redis Cluster.
+/// Where Redis is: a single Redis, a Redis Cluster, or the primary the Sentinels name.
 enum Client {
     Single(redis::Client),
     Cluster(Box<ClusterClient>),
+    Sentinel {
+        sentinels: Box<tokio::sync::Mutex<redis::sentinel::Sentinel>>,
+        master: String,
+        node: redis::sentinel::SentinelNodeConnectionInfo,
+    },
 }
 
 impl Client {
     /// `block_ms`: the blocking read's timeout, which the response timeout must outlast.
-    fn open(url: &str, cluster: bool, block_ms: u64) -> Result<Self, RedisError> {
+    fn open(
+        url: &str,
+        cluster: bool,
+        sentinel: Option<&str>,
+        block_ms: u64,
+    ) -> Result<Self, RedisError> {
+        if let Some(master) = sentinel {
+            let urls: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            let mut data = redis::RedisConnectionInfo::default();
+            if let Ok(user) = std::env::var("REDIS_USERNAME") {
+                data = data.set_username(user);
+            }
+            if let Ok(password) = std::env::var("REDIS_PASSWORD") {
+                data = data.set_password(password);
+            }
+            return Ok(Client::Sentinel {
+                sentinels: Box::new(tokio::sync::Mutex::new(redis::sentinel::Sentinel::build(
+                    urls,
+                )?)),
+                master: master.to_string(),
+                node: redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(data),
+            });
+        }
         if !cluster {
             return Ok(Client::Single(redis::Client::open(url)?));
         }
@@ -747,6 +804,25 @@ impl Client {
                 Ok(Conn::Single(conn))
             }
             Client::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Client::Sentinel {
+                sentinels,
+                master,
+                node,
+            } => {
+                // Asked on every connect: after a failover, this is the new primary.
+                let primary = sentinels
+                    .lock()
+                    .await
+                    .async_master_for(master, Some(node))
+                    .await?;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(response_timeout(block_ms)));
+                let conn = primary
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Conn::Single(conn))
+            }
         }
     }
 }
@@ -1391,7 +1467,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = match Client::open(&cfg.redis_url, cfg.redis_cluster, cfg.block_ms) {
+    let client = match Client::open(
+        &cfg.redis_url,
+        cfg.redis_cluster,
+        cfg.redis_sentinel.as_deref(),
+        cfg.block_ms,
+    ) {
         Ok(client) => client,
         Err(e) => {
             eprintln!("REDIS_URL `{}`: {e}", cfg.redis_url);

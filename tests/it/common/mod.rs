@@ -1328,3 +1328,313 @@ fn wait_for_ping(port: u16) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Redis with Sentinel: a primary, two replicas (`replicaof`) and three Sentinels (quorum 2,
+/// a node counts as down after 2 s), every process on a free loopback port and killed on drop.
+/// A failover completes a few seconds after the primary dies.
+pub struct Sentinels {
+    /// The data nodes' ports; the first started as the primary.
+    pub node_ports: Vec<u16>,
+    /// The Sentinels' ports.
+    pub sentinel_ports: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+    sentinels: Vec<Option<Child>>,
+    dir: PathBuf,
+    /// The data nodes' password (`requirepass`, `masterauth`, Sentinel's `auth-pass`), if any.
+    data_password: Option<String>,
+    /// The Sentinels' own password (`requirepass`, `sentinel-pass`), if any.
+    sentinel_password: Option<String>,
+}
+
+/// The master name the test Sentinels monitor.
+pub const SENTINEL_MASTER: &str = "wsbridge-test";
+
+impl Sentinels {
+    pub fn start() -> Self {
+        Self::start_with_auth(None, None)
+    }
+
+    /// As [`Sentinels::start`], with passwords on the data nodes and on the Sentinels.
+    pub fn start_with_auth(data_password: Option<&str>, sentinel_password: Option<&str>) -> Self {
+        let dir = scratch_dir();
+        let node_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut fixture = Sentinels {
+            node_ports: node_ports.clone(),
+            sentinel_ports: sentinel_ports.clone(),
+            nodes: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+            data_password: data_password.map(str::to_owned),
+            sentinel_password: sentinel_password.map(str::to_owned),
+        };
+        for i in 0..3 {
+            let replica_of = (i > 0).then_some(node_ports[0]);
+            let child = fixture.spawn_node(i, replica_of);
+            fixture.nodes.push(Some(child));
+        }
+        for &port in &node_ports {
+            fixture.wait_ping(port);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        for &port in &node_ports[1..] {
+            while !fixture
+                .cli(port, &["info", "replication"])
+                .contains("master_link_status:up")
+            {
+                assert!(Instant::now() < deadline, "replica {port} did not sync");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // down-after-milliseconds is 2000, not 1000: a Sentinel pings every min(down-after, 1 s),
+        // so with 1000 the link to a just promoted primary, still being made, sometimes looked
+        // down for a moment, and a second, needless failover followed, losing what had been
+        // written to the first new primary (seen on a loaded 2-core machine).
+        for (i, port) in sentinel_ports.iter().enumerate() {
+            let conf = fixture.dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {dir}/sentinel-{i}.log\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 2\n{auth}",
+                    dir = fixture.dir.display(),
+                    primary = node_ports[0],
+                    auth = fixture.sentinel_auth_lines(),
+                ),
+            )
+            .unwrap();
+            let child = fixture.spawn_sentinel(i);
+            fixture.sentinels.push(Some(child));
+        }
+        // A failover needs the Sentinels to know each other (they meet through the primary's
+        // hello channel, every 2 s) and the replicas.
+        for &port in &sentinel_ports {
+            fixture.wait_ping(port);
+            loop {
+                let master = fixture.cli(port, &["sentinel", "master", SENTINEL_MASTER]);
+                let field = |name: &str| {
+                    let lines: Vec<&str> = master.lines().collect();
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .map(|v| v.to_string())
+                };
+                if field("num-other-sentinels").as_deref() == Some("2")
+                    && field("num-slaves").as_deref() == Some("2")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline + PATIENCE,
+                    "Sentinel {port} did not meet the others: {master}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        fixture
+    }
+
+    /// The lines of a Sentinel's config file for the passwords.
+    fn sentinel_auth_lines(&self) -> String {
+        let mut lines = String::new();
+        if let Some(password) = &self.data_password {
+            lines += &format!("sentinel auth-pass {SENTINEL_MASTER} {password}\n");
+        }
+        if let Some(password) = &self.sentinel_password {
+            lines += &format!("requirepass {password}\nsentinel sentinel-pass {password}\n");
+        }
+        lines
+    }
+
+    /// `redis-cli` against `port` (a data node or a Sentinel), with its password.
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let password = if self.sentinel_ports.contains(&port) {
+            &self.sentinel_password
+        } else {
+            &self.data_password
+        };
+        match password {
+            Some(password) => {
+                let mut all = vec!["-a", password.as_str(), "--no-auth-warning"];
+                all.extend_from_slice(args);
+                redis_cli(port, &all)
+            }
+            None => redis_cli(port, args),
+        }
+    }
+
+    fn wait_ping(&self, port: u16) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.cli(port, &["ping"]).contains("PONG") {
+            assert!(Instant::now() < deadline, "no PONG from {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn_node(&self, i: usize, replica_of: Option<u16>) -> Child {
+        let port = self.node_ports[i].to_string();
+        let node_dir = self.dir.join(&port);
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&node_dir);
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        if let Some(password) = &self.data_password {
+            cmd.args(["--requirepass", password, "--masterauth", password]);
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the README's test command installs it)")
+    }
+
+    /// Debian's `redis-sentinel` when installed, else `redis-server --sentinel` (the same
+    /// program). The Sentinel rewrites its config file, so a restart resumes what it knew.
+    fn spawn_sentinel(&self, i: usize) -> Child {
+        let conf = self.dir.join(format!("sentinel-{i}.conf"));
+        let mut cmd = if Command::new("sh")
+            .args(["-c", "command -v redis-sentinel"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let mut cmd = Command::new("redis-sentinel");
+            cmd.arg(&conf);
+            cmd
+        } else {
+            let mut cmd = Command::new("redis-server");
+            cmd.arg(&conf).arg("--sentinel");
+            cmd
+        };
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel (or redis-server) must be installed")
+    }
+
+    /// The `[redis]` keys of a replica using these Sentinels.
+    pub fn redis_keys(&self) -> String {
+        let urls: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        let mut keys = format!(
+            "sentinel_urls = [{}]\nsentinel_master = \"{SENTINEL_MASTER}\"\n",
+            urls.join(", ")
+        );
+        if let Some(password) = &self.sentinel_password {
+            keys += &format!("sentinel_password = \"{password}\"\n");
+        }
+        keys
+    }
+
+    /// A replica config ([`base_config`]) that finds the primary through these Sentinels.
+    /// Health is checked every 100 ms and a link is down after 600 ms without an answer, so
+    /// that the replicas notice a dead primary well before Sentinel has promoted another.
+    pub fn config(&self, prefix: &str) -> String {
+        base_config(&self.data_url(6379), prefix)
+            .replacen("[redis]\n", &format!("[redis]\n{}", self.redis_keys()), 1)
+            .replacen("health_interval_ms = 200", "health_interval_ms = 100", 1)
+            .replacen("unhealthy_after_ms = 1000", "unhealthy_after_ms = 600", 1)
+    }
+
+    /// A data node's URL, with its password.
+    fn data_url(&self, port: u16) -> String {
+        match &self.data_password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
+            None => format!("redis://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The primary's port as the first answering Sentinel names it.
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinel_ports.iter().find_map(|&port| {
+            let out = self.cli(
+                port,
+                &["sentinel", "get-master-addr-by-name", SENTINEL_MASTER],
+            );
+            out.lines().nth(1)?.trim().parse().ok()
+        })
+    }
+
+    /// The index of the node with port `port`.
+    pub fn node_index(&self, port: u16) -> usize {
+        self.node_ports.iter().position(|&p| p == port).unwrap()
+    }
+
+    /// Whether node `i` answers ROLE with `role` (`master`, `slave`) and, as a replica, is
+    /// synced with its primary.
+    pub fn node_is(&self, i: usize, role: &str) -> bool {
+        let port = self.node_ports[i];
+        let info = self.cli(port, &["info", "replication"]);
+        info.contains(&format!("role:{role}"))
+            && (role == "master" || info.contains("master_link_status:up"))
+    }
+
+    /// SIGKILL data node `i`.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts data node `i` again, empty and as a primary of its own: Sentinel must turn it into
+    /// a replica of the current primary.
+    pub fn restart_node(&mut self, i: usize) {
+        self.kill_node(i);
+        let child = self.spawn_node(i, None);
+        self.nodes[i] = Some(child);
+        self.wait_ping(self.node_ports[i]);
+    }
+
+    /// SIGKILL Sentinel `i`.
+    pub fn kill_sentinel(&mut self, i: usize) {
+        if let Some(mut child) = self.sentinels[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Sentinel `i` again from its (rewritten) config file.
+    pub fn restart_sentinel(&mut self, i: usize) {
+        self.kill_sentinel(i);
+        let child = self.spawn_sentinel(i);
+        self.sentinels[i] = Some(child);
+        self.wait_ping(self.sentinel_ports[i]);
+    }
+
+    /// A connection to node `i`.
+    pub async fn node_conn(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.data_url(self.node_ports[i]))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for i in 0..self.sentinels.len() {
+            self.kill_sentinel(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        if std::thread::panicking() {
+            eprintln!("Sentinel logs kept in {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
