@@ -510,8 +510,10 @@ impl Backplane {
     /// Redis every command shares the one connection. A no-op for 0 replicas.
     ///
     /// # Errors
-    /// [`RedisFailure::NotReplicated`] when fewer confirmed in time; any other failure of the
-    /// command.
+    /// [`RedisFailure::NotReplicated`] when fewer confirmed in time, and also when the `WAIT`
+    /// itself failed: the writes before it were taken by the primary, so whatever went wrong
+    /// afterwards (a connection refused once the primary died, say) leaves them "may have been
+    /// stored", never "nothing was sent".
     pub async fn wait_replicas(
         &self,
         key: &str,
@@ -521,6 +523,27 @@ impl Backplane {
         if replicas == 0 {
             return Ok(());
         }
+        self.wait_for(key, replicas, timeout_ms)
+            .await
+            .map_err(|failure| match failure {
+                RedisFailure::NotReplicated { .. } => failure,
+                other => {
+                    tracing::debug!(error = %other, "WAIT failed after the primary took the writes");
+                    RedisFailure::NotReplicated {
+                        wanted: replicas,
+                        got: 0,
+                        ms: timeout_ms,
+                    }
+                }
+            })
+    }
+
+    async fn wait_for(
+        &self,
+        key: &str,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> Result<(), RedisFailure> {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout_ms);
         let got: u64 = match &self.link {
