@@ -45,8 +45,8 @@ const CHANNEL: &str = "room:ha";
 enum Outcome {
     /// 202, with the message's offset.
     Accepted(String),
-    /// 503 "nothing was sent": it must never be delivered.
-    NotSent,
+    /// 503 "nothing was sent" (the answer's text): it must never be delivered.
+    NotSent(String),
     /// 503 "may have been delivered", or no answer: it may be delivered, or not.
     Maybe,
 }
@@ -69,7 +69,8 @@ enum Seen {
         offset: String,
     },
     /// `subscribed` with `recovered: false`, solicited (a resume) or not (a catch-up).
-    Told,
+    /// The `id` of the subscribe it answers, or null when unsolicited.
+    Told(Value),
     /// A resume answered `recovered: true`.
     Recovered,
     /// A resume answered `redis_unavailable` (tried again).
@@ -124,7 +125,7 @@ async fn publish_one(api: &str, n: u64) -> Outcome {
                 .unwrap_or_else(|| panic!("no offset: {text}"))
                 .to_owned(),
         ),
-        503 if text.contains("nothing was sent") => Outcome::NotSent,
+        503 if text.contains("nothing was sent") => Outcome::NotSent(text),
         503 => Outcome::Maybe,
         other => panic!("POST /send of {n}: {other} {text}"),
     }
@@ -208,7 +209,7 @@ async fn subscriber(
                             last = Some(offset.clone());
                             Seen::Message { n: frame["data"].as_u64().unwrap_or(0), offset }
                         }
-                        (Some("subscribed"), Value::Bool(false)) => Seen::Told,
+                        (Some("subscribed"), Value::Bool(false)) => Seen::Told(frame["id"].clone()),
                         (Some("subscribed"), Value::Bool(true)) => Seen::Recovered,
                         (Some("error"), _) if frame["code"] == "redis_unavailable" => {
                             retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
@@ -581,10 +582,12 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
             _ => None,
         })
         .collect();
-    let not_sent: BTreeSet<u64> = published
+    let not_sent: BTreeMap<u64, (usize, &String)> = published
         .iter()
-        .filter(|p| p.outcome == Outcome::NotSent)
-        .map(|p| p.n)
+        .filter_map(|p| match &p.outcome {
+            Outcome::NotSent(answer) => Some((p.n, (p.replica, answer))),
+            _ => None,
+        })
         .collect();
     let maybe: BTreeSet<u64> = published
         .iter()
@@ -711,10 +714,14 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
                 _ => None,
             })
             .collect();
-        let delivered_not_sent: Vec<u64> = got
+        let delivered_not_sent: Vec<_> = got
             .iter()
-            .map(|(n, _)| *n)
-            .filter(|n| not_sent.contains(n))
+            .filter_map(|(n, offset)| {
+                let (replica, answer) = not_sent.get(n)?;
+                Some(format!(
+                    "{n} (offset {offset}), answered by replica {replica} with {answer}"
+                ))
+            })
             .collect();
         if !delivered_not_sent.is_empty() {
             failures.push(format!(
@@ -727,7 +734,7 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
         let mut previous: Option<u64> = None;
         for s in &log {
             match s {
-                Seen::Told => previous = None,
+                Seen::Told(_) => previous = None,
                 Seen::Message { n, offset } => {
                     if let Some(p) = previous {
                         let skipped: Vec<u64> = if *n > p {
@@ -747,7 +754,7 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
                 _ => {}
             }
         }
-        let told = log.iter().any(|s| matches!(s, Seen::Told));
+        let told = log.iter().any(|s| matches!(s, Seen::Told(_)));
         told_count += usize::from(told);
         let got_set: BTreeSet<u64> = got.iter().map(|(n, _)| *n).collect();
         let missed: Vec<u64> = accepted_set.difference(&got_set).copied().collect();
@@ -756,8 +763,13 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
             .filter(|s| !matches!(s, Seen::Message { .. }))
             .map(|s| format!("{s:?}"))
             .collect();
+        let unsolicited = log
+            .iter()
+            .filter(|s| matches!(s, Seen::Told(id) if id.is_null()))
+            .count();
         eprintln!(
-            "ha_load {name}: {who}: {} messages, missed {} accepted, told: {told}, events {events:?}",
+            "ha_load {name}: {who}: {} messages, missed {} accepted, told: {told} ({unsolicited} \
+             unsolicited notices), events {events:?}",
             got.len(),
             missed.len()
         );
