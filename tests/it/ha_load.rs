@@ -763,13 +763,16 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
             .filter(|s| !matches!(s, Seen::Message { .. }))
             .map(|s| format!("{s:?}"))
             .collect();
+        // Not a failure across a notice (what follows one is only checked for order), but worth
+        // seeing: a message got twice.
+        let twice = got.len() - got.iter().map(|(n, _)| n).collect::<BTreeSet<_>>().len();
         let unsolicited = log
             .iter()
             .filter(|s| matches!(s, Seen::Told(id) if id.is_null()))
             .count();
         eprintln!(
-            "ha_load {name}: {who}: {} messages, missed {} accepted, told: {told} ({unsolicited} \
-             unsolicited notices), events {events:?}",
+            "ha_load {name}: {who}: {} messages, missed {} accepted, {twice} got twice, told: \
+             {told} ({unsolicited} unsolicited notices), events {events:?}",
             got.len(),
             missed.len()
         );
