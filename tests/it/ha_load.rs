@@ -594,6 +594,15 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
         .filter(|p| p.outcome == Outcome::Maybe)
         .map(|p| p.n)
         .collect();
+    // The reasons given with "nothing was sent", with how often each came.
+    let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, answer) in not_sent.values() {
+        let reason = answer.split(" (").nth(1).unwrap_or(answer);
+        *reasons
+            .entry(reason.split(')').next().unwrap_or(reason))
+            .or_default() += 1;
+    }
+    eprintln!("ha_load {name}: \"nothing was sent\" because {reasons:?}");
     let refused_by = |r: usize| {
         published
             .iter()
