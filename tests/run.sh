@@ -67,9 +67,9 @@ WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@"
 # And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
 # which needs interest routing; the example backends then run with --redis-cluster. Skipped
 # there: the cluster tests (cluster::; they build their own clusters and run in the passes above),
-# the Sentinel tests (sentinel::; a Sentinel deployment is not a cluster, and they start their own
-# primary, replicas and Sentinels in the passes above) and the broadcast-against-interest
+# the Sentinel tests (sentinel:: and ha_load::; a Sentinel deployment is not a cluster, and they
+# start their own primary, replicas and Sentinels in the passes above) and the broadcast-against-interest
 # comparison (broadcast cannot run on a cluster).
 echo "==> cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
-  --skip cluster:: --skip sentinel:: --skip routing::interest_routing_spares
+  --skip cluster:: --skip sentinel:: --skip ha_load:: --skip routing::interest_routing_spares

@@ -1588,6 +1588,17 @@ impl Sentinels {
         }
     }
 
+    /// Freezes data node `i` (SIGSTOP: its connections stay open, nothing answers) or thaws it.
+    pub fn freeze_node(&self, i: usize, frozen: bool) {
+        let pid = self.nodes[i].as_ref().expect("running").id().to_string();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// Starts data node `i` again, empty and as a primary of its own: Sentinel must turn it into
     /// a replica of the current primary.
     pub fn restart_node(&mut self, i: usize) {
