@@ -723,11 +723,12 @@ async fn failover_under_load(name: &str, wait_replicas: &str) -> Found {
                 _ => None,
             })
             .collect();
-        // A 503 "nothing was sent" promises the backend that a retry cannot deliver twice. Seen
-        // failing (rarely here, often with eight unpaced publishers) with `wait_replicas`: the
-        // history append and publish went through on the old primary, then the `WAIT` after it
-        // found the command link reset by another command's failure, could not connect, and its
-        // "connection refused" was reported as "nothing was sent".
+        // A 503 "nothing was sent" promises the backend that a retry cannot deliver twice. This
+        // caught a bug (rarely here, often with eight unpaced publishers) with `wait_replicas`:
+        // the history append and publish went through on the old primary, then the `WAIT` after
+        // it found the command link reset by another command's failure, could not connect, and
+        // its "connection refused" was reported as "nothing was sent". Fixed in
+        // `Backplane::wait_replicas`: a failed WAIT after a write is "may have been".
         let delivered_not_sent: Vec<_> = got
             .iter()
             .filter_map(|(n, offset)| {
