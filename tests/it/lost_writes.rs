@@ -9,28 +9,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// A client's next data frame within `wait`.
-async fn frame_within(client: &mut Client, wait: Duration, what: &str) -> Value {
-    tokio::time::timeout(wait, client.next_frame())
-        .await
-        .unwrap_or_else(|_| panic!("no frame within {wait:?}: {what}"))
-        .expect("the connection stays open")
-        .expect("a data frame, not a close")
-}
-
-/// Messages `from..=to` to `channel` through `gw`, one call each; their offsets.
-async fn publish(gw: &Gateway, channel: &str, from: u64, to: u64) -> Vec<Value> {
-    let mut offsets = Vec::new();
-    for n in from..=to {
-        let (status, answer) = gw
-            .post("/send", &json!({"to": {"channel": channel}, "data": n}))
-            .await;
-        assert_eq!(status, 202, "{answer}");
-        offsets.push(answer["offsets"][0].clone());
-    }
-    offsets
-}
-
 /// Resumes `channel` from `since` on a new connection to `gw`; the first frame answered.
 async fn resume_on(gw: &Gateway, channel: &str, since: &Value, id: &str) -> (Client, Value) {
     let mut c = Client::connect(gw).await;
@@ -66,10 +44,10 @@ async fn a_redis_restarted_from_an_older_snapshot_tells_every_affected_client() 
         gw.wait_ready().await;
         let mut live = Client::connect(&gw).await;
         live.subscribe("room:snap").await;
-        let mut offsets = publish(&gw, "room:snap", 1, 3).await;
+        let mut offsets = publish_numbered(&gw, "room:snap", 1, 3).await;
         let mut conn = redis.conn().await;
         let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
-        offsets.extend(publish(&gw, "room:snap", 4, 6).await);
+        offsets.extend(publish_numbered(&gw, "room:snap", 4, 6).await);
         for n in 1..=6 {
             assert_eq!(live.recv().await["offset"], offsets[n - 1]);
         }
@@ -99,7 +77,7 @@ async fn a_redis_restarted_from_an_older_snapshot_tells_every_affected_client() 
         }
 
         // New messages: a new epoch; every client gets them live, once, in order.
-        let later = publish(&gw, "room:snap", 7, 8).await;
+        let later = publish_numbered(&gw, "room:snap", 7, 8).await;
         assert_ne!(
             later[0].as_str().unwrap().split(':').next(),
             offsets[0].as_str().unwrap().split(':').next(),
@@ -147,7 +125,7 @@ async fn a_promoted_replica_without_the_newest_entries_tells_resuming_clients() 
         let prefix = unique_prefix("lost-promoted");
         let old = Gateway::spawn(&with_history(&primary, &prefix, 100), &prefix, &[]);
         old.wait_ready().await;
-        let mut offsets = publish(&old, "room:pro", 1, 3).await;
+        let mut offsets = publish_numbered(&old, "room:pro", 1, 3).await;
         let history = format!("{prefix}:history:{{room:pro}}");
         eventually("the replica has messages 1..=3", || {
             let (mut rconn, history) = (rconn.clone(), history.clone());
@@ -167,7 +145,7 @@ async fn a_promoted_replica_without_the_newest_entries_tells_resuming_clients() 
             .query_async(&mut rconn)
             .await
             .unwrap();
-        offsets.extend(publish(&old, "room:pro", 4, 6).await);
+        offsets.extend(publish_numbered(&old, "room:pro", 4, 6).await);
         drop(old);
 
         let new = Gateway::spawn(&with_history(&replica, &prefix, 100), &prefix, &[]);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::common::*;
 
@@ -13,28 +13,6 @@ fn failed_reads(gw: &Gateway) -> usize {
     gw.log_text()
         .matches("history read failed; trying again")
         .count()
-}
-
-/// A client's next data frame within `wait`.
-async fn frame_within(client: &mut Client, wait: Duration, what: &str) -> Value {
-    tokio::time::timeout(wait, client.next_frame())
-        .await
-        .unwrap_or_else(|_| panic!("no frame within {wait:?}: {what}"))
-        .expect("the connection stays open")
-        .expect("a data frame, not a close")
-}
-
-/// Messages `from..=to` to `channel` through `gw`, one call each; their offsets.
-async fn publish(gw: &Gateway, channel: &str, from: u64, to: u64) -> Vec<Value> {
-    let mut offsets = Vec::new();
-    for n in from..=to {
-        let (status, answer) = gw
-            .post("/send", &json!({"to": {"channel": channel}, "data": n}))
-            .await;
-        assert_eq!(status, 202, "{answer}");
-        offsets.push(answer["offsets"][0].clone());
-    }
-    offsets
 }
 
 /// Clients on replica A are subscribed to a history channel and have seen messages 1..=5. Redis
@@ -62,7 +40,7 @@ async fn clients_of_a_dead_replica_resuming_on_another_while_redis_is_down_are_n
             c.subscribe("room:ha").await;
             clients.push(c);
         }
-        let offsets = publish(&b, "room:ha", 1, 5).await;
+        let offsets = publish_numbered(&b, "room:ha", 1, 5).await;
         for c in &mut clients {
             for n in 1..=5 {
                 let frame = c.recv().await;
@@ -114,7 +92,7 @@ async fn clients_of_a_dead_replica_resuming_on_another_while_redis_is_down_are_n
         // B's pub/sub link is back (it delivers again) and its catch-up ran: the messages
         // published now arrive once each, in order, with nothing before them.
         b.wait_ready().await;
-        let later = publish(&b, "room:ha", 6, 8).await;
+        let later = publish_numbered(&b, "room:ha", 6, 8).await;
         for (i, (c, _)) in resumed.iter_mut().enumerate() {
             for n in 6..=8 {
                 let frame = frame_within(c, Duration::from_secs(30), "a later message").await;
@@ -152,7 +130,7 @@ async fn a_catch_up_redis_cannot_answer_waits_instead_of_saying_lost() {
         gw.wait_ready().await;
         let mut c = Client::connect(&gw).await;
         c.subscribe("room:cu").await;
-        let first = publish(&gw, "room:cu", 1, 3).await;
+        let first = publish_numbered(&gw, "room:cu", 1, 3).await;
         for n in 1..=3 {
             assert_eq!(c.recv().await["offset"], first[n - 1]);
         }
@@ -171,7 +149,7 @@ async fn a_catch_up_redis_cannot_answer_waits_instead_of_saying_lost() {
         redis.freeze(false);
         gw.wait_ready().await;
 
-        let later = publish(&gw, "room:cu", 4, 6).await;
+        let later = publish_numbered(&gw, "room:cu", 4, 6).await;
         for n in 4..=6 {
             let frame = frame_within(&mut c, Duration::from_secs(30), "a later message").await;
             assert_eq!(
@@ -203,7 +181,7 @@ async fn a_catch_up_read_refused_for_a_while_is_read_again_not_reported_lost() {
         gw.wait_ready().await;
         let mut c = Client::connect(&gw).await;
         c.subscribe("room:acl").await;
-        let first = publish(&gw, "room:acl", 1, 2).await;
+        let first = publish_numbered(&gw, "room:acl", 1, 2).await;
         for n in 1..=2 {
             assert_eq!(c.recv().await["offset"], first[n - 1]);
         }
@@ -235,7 +213,7 @@ async fn a_catch_up_read_refused_for_a_while_is_read_again_not_reported_lost() {
             gw.log_text().contains("catch-up history read failed")
         })
         .await;
-        let later = publish(&gw, "room:acl", 3, 4).await;
+        let later = publish_numbered(&gw, "room:acl", 3, 4).await;
         acl("+xrange").await;
 
         for n in 3..=4 {

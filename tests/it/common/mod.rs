@@ -1649,3 +1649,25 @@ impl Drop for Sentinels {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A client's next data frame within `wait`.
+pub async fn frame_within(client: &mut Client, wait: Duration, what: &str) -> Value {
+    tokio::time::timeout(wait, client.next_frame())
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {wait:?}: {what}"))
+        .expect("the connection stays open")
+        .expect("a data frame, not a close")
+}
+
+/// Messages `from..=to` to `channel` through `gw`, one call each; their offsets.
+pub async fn publish_numbered(gw: &Gateway, channel: &str, from: u64, to: u64) -> Vec<Value> {
+    let mut offsets = Vec::new();
+    for n in from..=to {
+        let (status, answer) = gw
+            .post("/send", &json!({"to": {"channel": channel}, "data": n}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        offsets.push(answer["offsets"][0].clone());
+    }
+    offsets
+}
