@@ -496,19 +496,16 @@ fn token(secret: &str, user: &str) -> String {
     .expect("token")
 }
 
-/// Waits until `done()` or the deadline; false on the deadline.
-async fn wait_until(shared: &Shared, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+/// Waits until `done()` or the deadline, checking whenever `changed` is notified; false on the
+/// deadline.
+async fn wait_until(changed: &Notify, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
     while !done() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return false;
         }
         // Notifications can be coalesced; poll at least every 50 ms.
-        let _ = tokio::time::timeout(
-            left.min(Duration::from_millis(50)),
-            shared.changed.notified(),
-        )
-        .await;
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), changed.notified()).await;
     }
     true
 }
@@ -632,9 +629,11 @@ async fn run(a: Args) -> Result<bool, String> {
                 .map(|r| (To::Channel(r), warm.clone()))
                 .collect();
             publisher.publish(&warm_items).await?;
-            let all = wait_until(&shared, Instant::now() + Duration::from_millis(200), || {
-                shared.warmed.load(Ordering::Relaxed) == a.clients
-            })
+            let all = wait_until(
+                &shared.changed,
+                Instant::now() + Duration::from_millis(200),
+                || shared.warmed.load(Ordering::Relaxed) == a.clients,
+            )
             .await;
             if all {
                 break;
@@ -757,7 +756,7 @@ async fn run(a: Args) -> Result<bool, String> {
 
     let expected_total = per_client * a.clients as u64;
     let all_done = a.scenario == Scenario::Idle
-        || wait_until(&shared, deadline, || {
+        || wait_until(&shared.changed, deadline, || {
             shared.complete.load(Ordering::Relaxed) == a.clients
                 || shared.lost.load(Ordering::Relaxed) > 0
                 || shared.errors.load(Ordering::Relaxed) > 0

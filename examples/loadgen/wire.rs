@@ -39,7 +39,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::proto::Kind;
 use crate::publish::{Publisher, To};
-use crate::{cpu_of, cpu_seconds, rss_kib, Args, Scenario};
+use crate::{cpu_of, cpu_seconds, log, rss_kib, wait_until, Args, Scenario};
 
 /// The extension offer of `--deflate`: what Chromium offers, plus `client_no_context_takeover`
 /// (we never compress, so the promise costs nothing).
@@ -542,27 +542,6 @@ pub fn realistic(seq: u64, t: u64, warm: bool, size: usize) -> String {
     s
 }
 
-async fn wait_until(totals: &Totals, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-    while !done() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let _ = tokio::time::timeout(
-            left.min(Duration::from_millis(50)),
-            totals.changed.notified(),
-        )
-        .await;
-    }
-    true
-}
-
-fn log(a: &Args, msg: &str) {
-    if !a.quiet {
-        eprintln!("loadgen: {msg}");
-    }
-}
-
 /// Runs `wire`, `wire-idle` or `publish`; the report goes to `--json` and stdout.
 pub async fn run(a: Args) -> Result<bool, String> {
     let totals = Arc::new(Totals {
@@ -689,7 +668,7 @@ pub async fn run(a: Args) -> Result<bool, String> {
         publisher
             .publish(&[(To::Channel(&a.channel), warm)])
             .await?;
-        let all = wait_until(&totals, deadline, || {
+        let all = wait_until(&totals.changed, deadline, || {
             totals.warmed.load(Ordering::Relaxed) == a.clients
         })
         .await;
@@ -729,9 +708,11 @@ pub async fn run(a: Args) -> Result<bool, String> {
                 .publish(&[(To::Channel(&a.channel), warm)])
                 .await?;
         }
-        if wait_until(&totals, Instant::now() + Duration::from_millis(500), || {
-            totals.warmed.load(Ordering::Relaxed) == a.clients
-        })
+        if wait_until(
+            &totals.changed,
+            Instant::now() + Duration::from_millis(500),
+            || totals.warmed.load(Ordering::Relaxed) == a.clients,
+        )
         .await
         {
             break;
@@ -792,7 +773,7 @@ pub async fn run(a: Args) -> Result<bool, String> {
         }
     }
     let expected = a.messages * a.clients as u64;
-    let all = wait_until(&totals, deadline, || {
+    let all = wait_until(&totals.changed, deadline, || {
         totals.delivered.load(Ordering::Relaxed) >= expected
             || totals.lost.load(Ordering::Relaxed) > 0
             || totals.errors.load(Ordering::Relaxed) > 0
