@@ -228,6 +228,10 @@ pub struct InboundConfig {
     /// How long a `send` id is remembered, so that a resend with the same id is acked with the
     /// original entry instead of appending twice; 0 turns deduplication off.
     pub dedupe_window_seconds: u64,
+    /// With `redis.wait_replicas = 0`: acked entries whose copy this replica keeps until
+    /// Redis's replicas hold them, to append them again after a failover that lost them
+    /// ([`crate::inbound::keeper`]); 0 keeps none.
+    pub keep_unconfirmed_entries: usize,
 }
 
 impl Default for InboundConfig {
@@ -241,6 +245,7 @@ impl Default for InboundConfig {
             append_queue_capacity: 16_384,
             append_batch_max: 512,
             dedupe_window_seconds: 120,
+            keep_unconfirmed_entries: 100_000,
         }
     }
 }

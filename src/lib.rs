@@ -212,7 +212,7 @@ pub async fn run(
         reaches: state.publisher.reaches().clone(),
     });
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
-    tasks.spawn(durability.watch(
+    tasks.spawn(durability.clone().watch(
         backplane.clone(),
         Duration::from_millis(config.redis.health_interval_ms),
         background.clone(),
@@ -225,15 +225,32 @@ pub async fn run(
         metrics.clone(),
         background.clone(),
     ));
+    // Acks wait for replicas, or copies are kept until replicas hold them (one Redis or
+    // Sentinel; not on a cluster).
+    let confirmation = if config.redis.wait_replicas > 0 {
+        inbound::appender::Confirmation::Wait(inbound::appender::Replicated {
+            replicas: config.redis.wait_replicas,
+            timeout_ms: config.redis.wait_timeout_ms,
+        })
+    } else if config.inbound.keep_unconfirmed_entries > 0 && !backplane.is_cluster() {
+        let keeper =
+            inbound::keeper::Keeper::new(config.inbound.keep_unconfirmed_entries, metrics.clone());
+        tasks.spawn(keeper.clone().watch(
+            backplane.clone(),
+            durability.clone(),
+            Duration::from_millis(config.redis.health_interval_ms),
+            background.clone(),
+        ));
+        inbound::appender::Confirmation::Keep(keeper)
+    } else {
+        inbound::appender::Confirmation::None
+    };
     let appender_task = tokio::spawn(inbound::appender::run(
         append_rx,
         backplane.clone(),
         metrics.clone(),
         config.inbound.append_batch_max,
-        inbound::appender::Replicated {
-            replicas: config.redis.wait_replicas,
-            timeout_ms: config.redis.wait_timeout_ms,
-        },
+        confirmation,
         append_stop.clone(),
         append_give_up.clone(),
     ));

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, RedisFailure};
 use crate::connection::OwedAnswer;
+use crate::inbound::keeper::{Keeper, KeptEntry};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, FrameId, ServerFrame};
 
@@ -111,10 +112,11 @@ pub async fn run(
     backplane: Backplane,
     metrics: Metrics,
     batch_max: usize,
-    replicated: Replicated,
+    confirmation: Confirmation,
     stop: CancellationToken,
     give_up: CancellationToken,
 ) {
+    let confirmation = &confirmation;
     let mut batch = Vec::with_capacity(batch_max);
     let mut groups: Vec<Vec<AppendRequest>> = Vec::new();
     let mut stopping = false;
@@ -155,11 +157,11 @@ pub async fn run(
                 if backplane.is_cluster() {
                     let appends = groups
                         .iter_mut()
-                        .map(|group| append(group, &backplane, &metrics, replicated));
+                        .map(|group| append(group, &backplane, &metrics, confirmation));
                     futures_util::future::join_all(appends).await;
                 } else {
                     // The batch's buffer is kept for the next round.
-                    append(&mut batch, &backplane, &metrics, replicated).await;
+                    append(&mut batch, &backplane, &metrics, confirmation).await;
                 }
             });
             if gave_up {
@@ -225,6 +227,18 @@ fn abandon(
     }
 }
 
+/// What an ack waits for besides the primary taking the append; one of these, decided at start
+/// (`redis.wait_replicas`, `inbound.keep_unconfirmed_entries`).
+#[derive(Clone)]
+pub enum Confirmation {
+    /// Nothing more (on a Redis Cluster, or with both settings 0).
+    None,
+    /// `WAIT`: acked once that many replicas hold it.
+    Wait(Replicated),
+    /// Acked at once; a copy is kept until Redis's replicas hold it ([`Keeper`]).
+    Keep(Keeper),
+}
+
 /// How many replicas must hold an append before it is acknowledged (`redis.wait_replicas`),
 /// and how long to wait for them (`redis.wait_timeout_ms`).
 #[derive(Debug, Clone, Copy)]
@@ -236,15 +250,20 @@ pub struct Replicated {
 }
 
 /// Appends `requests` in one pipeline and answers each, leaving `requests` empty. With
-/// [`Replicated::replicas`], one `WAIT` follows the pipeline (on the connection that carried
+/// [`Confirmation::Wait`], one `WAIT` follows the pipeline (on the connection that carried
 /// it): the appends it stored are acknowledged only when that many replicas hold them, and are
-/// otherwise answered as "may have been stored".
+/// otherwise answered as "may have been stored". With [`Confirmation::Keep`], a copy of each
+/// acked entry is kept until Redis's replicas hold it.
 async fn append(
     requests: &mut Vec<AppendRequest>,
     backplane: &Backplane,
     metrics: &Metrics,
-    replicated: Replicated,
+    confirmation: &Confirmation,
 ) {
+    let keeper = match confirmation {
+        Confirmation::Keep(keeper) => Some(keeper),
+        _ => None,
+    };
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for request in requests.iter() {
@@ -274,8 +293,8 @@ async fn append(
     match results {
         Ok(results) => {
             let stored = results.iter().any(Result::is_ok);
-            let not_replicated = match requests.first() {
-                Some(first) if stored => backplane
+            let not_replicated = match (requests.first(), confirmation) {
+                (Some(first), Confirmation::Wait(replicated)) if stored => backplane
                     .wait_replicas(&first.key, replicated.replicas, replicated.timeout_ms)
                     .await
                     .err()
@@ -285,16 +304,30 @@ async fn append(
                     }),
                 _ => None,
             };
-            for (request, result) in requests.drain(..).zip(results) {
+            let mut kept = Vec::new();
+            for (mut request, result) in requests.drain(..).zip(results) {
                 if let (Some(failure), Ok(_)) = (&not_replicated, &result) {
                     finish::<Failure>(request, Err(failure.clone()), metrics);
                     continue;
                 }
                 let result = result.map_err(RedisFailure::from);
-                if let Err(e) = &result {
-                    metrics.redis_error(e.kind()).increment(1);
+                match &result {
+                    Err(e) => metrics.redis_error(e.kind()).increment(1),
+                    Ok(entry) if keeper.is_some() && request.reply.is_some() => {
+                        kept.push(KeptEntry {
+                            key: request.key.clone(),
+                            entry: entry.clone(),
+                            max_len: request.max_len,
+                            fields: std::mem::take(&mut request.fields),
+                            dedupe: request.dedupe.take(),
+                        });
+                    }
+                    Ok(_) => {}
                 }
                 finish(request, result, metrics);
+            }
+            if let Some(keeper) = keeper.filter(|_| !kept.is_empty()) {
+                keeper.keep(kept);
             }
         }
         Err(e) => {

@@ -34,6 +34,9 @@ pub mod names {
     pub const DELIVERY_DROPPED: &str = "wsbridge_delivery_dropped_total";
     pub const DELIVERY_LATENCY_SECONDS: &str = "wsbridge_delivery_latency_seconds";
     pub const EVENTS_FAILED: &str = "wsbridge_events_failed_total";
+    pub const INBOUND_UNCONFIRMED: &str = "wsbridge_inbound_unconfirmed_entries";
+    pub const INBOUND_UNCONFIRMED_DROPPED: &str = "wsbridge_inbound_unconfirmed_dropped_total";
+    pub const INBOUND_APPENDED_AGAIN: &str = "wsbridge_inbound_appended_again_total";
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
     pub const PUBSUB_CHANNELS: &str = "wsbridge_pubsub_channels";
@@ -290,6 +293,12 @@ pub struct MetricsInner {
     pub delivery_latency_seconds: Histogram,
     /// Lifecycle events that Redis did not take.
     pub events_failed: Counter,
+    /// Acked inbound entries kept until Redis cannot lose them (`inbound::keeper`).
+    pub inbound_unconfirmed_entries: Gauge,
+    /// Kept copies dropped unconfirmed because `inbound.keep_unconfirmed_entries` was full.
+    pub inbound_unconfirmed_dropped: Counter,
+    /// Kept entries appended again because a new Redis writer lacked them.
+    pub inbound_appended_again: Counter,
     /// 1 while the command link answers.
     pub redis_up: Gauge,
     /// 1 while pub/sub round trips succeed.
@@ -400,6 +409,9 @@ impl Metrics {
             ),
             delivery_latency_seconds: metrics::histogram!(names::DELIVERY_LATENCY_SECONDS),
             events_failed: metrics::counter!(names::EVENTS_FAILED),
+            inbound_unconfirmed_entries: metrics::gauge!(names::INBOUND_UNCONFIRMED),
+            inbound_unconfirmed_dropped: metrics::counter!(names::INBOUND_UNCONFIRMED_DROPPED),
+            inbound_appended_again: metrics::counter!(names::INBOUND_APPENDED_AGAIN),
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
             pubsub_channels: metrics::gauge!(names::PUBSUB_CHANNELS),
@@ -610,6 +622,18 @@ fn describe() {
     describe_counter!(
         EVENTS_FAILED,
         "Lifecycle events that could not be appended to the events stream."
+    );
+    describe_gauge!(
+        INBOUND_UNCONFIRMED,
+        "Acked inbound entries this replica keeps a copy of until Redis's replicas hold them (redis.wait_replicas = 0)."
+    );
+    describe_counter!(
+        INBOUND_UNCONFIRMED_DROPPED,
+        "Kept copies of acked inbound entries dropped before Redis confirmed them: inbound.keep_unconfirmed_entries was full."
+    );
+    describe_counter!(
+        INBOUND_APPENDED_AGAIN,
+        "Acked inbound entries appended again because a new Redis primary (promoted or restarted) lacked them."
     );
     describe_gauge!(
         REDIS_UP,

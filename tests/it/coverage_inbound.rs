@@ -24,19 +24,6 @@ fn dedupe_key(prefix: &str, stream: &str, scope: &str, id: &str) -> String {
     format!("{{{prefix}:in:{stream}}}:dedupe:{scope}:{id}")
 }
 
-/// A `send` to `chat` with `id`, answered by an `ack`; returns the entry id.
-async fn send_acked(c: &mut Client, id: &str, data: Value) -> String {
-    c.send(json!({"type": "send", "stream": "chat", "data": data, "id": id}))
-        .await;
-    let ack = c.recv().await;
-    assert_eq!(
-        (ack["type"].as_str(), ack["id"].as_str()),
-        (Some("ack"), Some(id)),
-        "{ack}"
-    );
-    ack["entry"].as_str().unwrap().to_string()
-}
-
 /// The next data frame as it came off the wire (text or binary), skipping pings and pongs.
 async fn raw_frame(c: &mut Client) -> Message {
     let next = async {

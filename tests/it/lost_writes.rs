@@ -2,6 +2,7 @@
 //! older snapshot, or a replica promoted before it had the newest entries, still holds the
 //! history's epoch, but not everything given an offset under it. Every client whose missed
 //! range may include a lost entry is told `recovered: false`; none gets a replay past a hole.
+//! Acked inbound entries such a Redis lost are appended again by the replica that kept them.
 
 use std::time::Duration;
 
@@ -113,15 +114,7 @@ async fn a_redis_restarted_from_an_older_snapshot_tells_every_affected_client() 
 #[tokio::test]
 async fn a_promoted_replica_without_the_newest_entries_tells_resuming_clients() {
     deadline(Duration::from_secs(90), async {
-        let primary = Redis::start_single();
-        let replica = Redis::start_single();
-        let mut rconn = replica.conn().await;
-        let _: () = redis::cmd("REPLICAOF")
-            .arg("127.0.0.1")
-            .arg(primary.port)
-            .query_async(&mut rconn)
-            .await
-            .unwrap();
+        let (primary, replica, mut rconn) = primary_and_replica().await;
         let prefix = unique_prefix("lost-promoted");
         let old = Gateway::spawn(&with_history(&primary, &prefix, 100), &prefix, &[]);
         old.wait_ready().await;
@@ -164,6 +157,56 @@ async fn a_promoted_replica_without_the_newest_entries_tells_resuming_clients() 
                 .await,
             0.0
         );
+    })
+    .await;
+}
+
+/// Acked `send`s a snapshot restart lost (`redis.wait_replicas = 0`): the replica kept copies
+/// (`inbound.keep_unconfirmed_entries`; a Redis without replicas that does not persist every
+/// write confirms none) and appends them again when it finds a new Redis process behind the
+/// link: with their original entry ids, in order, once. A resend of one of them (as a client
+/// that never saw its ack would) is acked with that entry, not stored twice.
+#[tokio::test]
+async fn acked_sends_a_snapshot_restart_lost_are_appended_again() {
+    deadline(Duration::from_secs(60), async {
+        let mut redis = Redis::start_single();
+        let prefix = unique_prefix("lost-inbound");
+        let gw = Gateway::spawn(&base_config(&redis.url(), &prefix), &prefix, &[]);
+        gw.wait_ready().await;
+        let mut c = Client::connect(&gw).await;
+        let mut entries = vec![send_acked(&mut c, "s1", json!(1)).await];
+        let mut conn = redis.conn().await;
+        let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+        for n in 2..=4 {
+            entries.push(send_acked(&mut c, &format!("s{n}"), json!(n)).await);
+        }
+        // Nothing confirms them: no replica, no fsync of every write.
+        eventually("the replica keeps a copy of each acked send", || async {
+            gw.metric("wsbridge_inbound_unconfirmed_entries").await == 4.0
+        })
+        .await;
+
+        redis.kill();
+        redis.restart();
+        gw.wait_ready().await;
+        let key = format!("{prefix}:in:chat");
+        eventually("the stream holds every acked send again", || async {
+            xrange(&mut redis.conn().await, &key).await.len() >= entries.len()
+        })
+        .await;
+        let mut conn = redis.conn().await;
+        let held = xrange(&mut conn, &key).await;
+        let ids: Vec<&String> = held.iter().map(|(id, _)| id).collect();
+        let data: Vec<&str> = held.iter().map(|(_, f)| text(&f["data"])).collect();
+        assert_eq!(ids, entries.iter().collect::<Vec<_>>(), "entry ids");
+        assert_eq!(data, ["1", "2", "3", "4"]);
+        assert_eq!(
+            gw.metric("wsbridge_inbound_appended_again_total").await,
+            3.0
+        );
+
+        assert_eq!(send_acked(&mut c, "s3", json!(3)).await, entries[2]);
+        assert_eq!(xrange(&mut conn, &key).await.len(), 4, "stored twice");
     })
     .await;
 }

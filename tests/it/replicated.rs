@@ -9,32 +9,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// A primary and a plain `replicaof` replica, in sync.
-async fn primary_and_replica() -> (Redis, Redis, RedisConn) {
-    let primary = Redis::start_single();
-    let replica = Redis::start_single();
-    let mut rconn = replica.conn().await;
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(primary.port)
-        .query_async(&mut rconn)
-        .await
-        .unwrap();
-    eventually("the replica is in sync", || {
-        let mut rconn = rconn.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut rconn)
-                .await
-                .unwrap_or_default();
-            info.contains("master_link_status:up")
-        }
-    })
-    .await;
-    (primary, replica, rconn)
-}
-
 /// A `send` on `client` with frame id `id`; the answer.
 async fn send(client: &mut Client, id: &str) -> (Value, Duration) {
     let started = Instant::now();
@@ -308,8 +282,11 @@ async fn with_wait_replicas_killing_the_primary_loses_nothing_acknowledged() {
 }
 
 /// The same with `wait_replicas = 0` (the default): the sends the primary acknowledged while
-/// the replica lagged are acked and lost with the primary — the loss is what the replica lacked
-/// when the primary died (here one whole round of 200), printed for BENCHMARKS.md.
+/// the replica lagged are acked and missing on the promoted replica — what the replica lacked
+/// when the primary died (here one whole round of 200), printed for BENCHMARKS.md. The gateway
+/// here is not pointed at the promoted replica, so its kept copies are never appended again:
+/// this is the window `inbound.keep_unconfirmed_entries` covers when the gateway follows the
+/// promotion (`ha_load::without_durable_acks_…`).
 #[tokio::test]
 async fn without_wait_replicas_killing_the_primary_loses_what_the_replica_lacked() {
     deadline(Duration::from_secs(90), async {
@@ -318,6 +295,44 @@ async fn without_wait_replicas_killing_the_primary_loses_what_the_replica_lacked
         assert_eq!(
             killed.acked_lost, 200,
             "round 2, taken while the replica lagged"
+        );
+    })
+    .await;
+}
+
+/// With `wait_replicas = 0` (the default) a replica keeps a copy of each acked `send` only until
+/// Redis's replicas hold it: with the replica frozen (SIGSTOP) the copies stay
+/// (`wsbridge_inbound_unconfirmed_entries`), and once it is thawed and catches up they are
+/// dropped, so the copies cost memory only while replication lags.
+#[tokio::test]
+async fn acked_sends_are_kept_until_the_replica_holds_them() {
+    deadline(Duration::from_secs(60), async {
+        let (primary, replica, _rconn) = primary_and_replica().await;
+        let prefix = unique_prefix("kept");
+        let gw = Gateway::spawn(&base_config(&primary.url(), &prefix), &prefix, &[]);
+        gw.wait_ready().await;
+        let mut client = Client::connect(&gw).await;
+        let kept = || async { gw.metric("wsbridge_inbound_unconfirmed_entries").await };
+
+        replica.freeze(true);
+        for n in 1..=3 {
+            send_acked(&mut client, &format!("k{n}"), json!(n)).await;
+        }
+        // A check after the three acks (the gauge is set by each) finds them unconfirmed.
+        eventually("copies kept while the replica lags", || async {
+            kept().await == 3.0
+        })
+        .await;
+
+        replica.freeze(false);
+        eventually(
+            "the copies are dropped once the replica holds them",
+            || async { kept().await == 0.0 },
+        )
+        .await;
+        assert_eq!(
+            gw.metric("wsbridge_inbound_appended_again_total").await,
+            0.0
         );
     })
     .await;

@@ -55,6 +55,45 @@ pub fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// A `send` to `chat` with `id`, answered by an `ack`; returns the entry id.
+pub async fn send_acked(c: &mut Client, id: &str, data: Value) -> String {
+    c.send(json!({"type": "send", "stream": "chat", "data": data, "id": id}))
+        .await;
+    let ack = c.recv().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["id"].as_str()),
+        (Some("ack"), Some(id)),
+        "{ack}"
+    );
+    ack["entry"].as_str().unwrap().to_string()
+}
+
+/// A primary and a plain `replicaof` replica, in sync; the replica's connection.
+pub async fn primary_and_replica() -> (Redis, Redis, RedisConn) {
+    let primary = Redis::start_single();
+    let replica = Redis::start_single();
+    let mut rconn = replica.conn().await;
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(primary.port)
+        .query_async(&mut rconn)
+        .await
+        .unwrap();
+    eventually("the replica is in sync", || {
+        let mut rconn = rconn.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut rconn)
+                .await
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        }
+    })
+    .await;
+    (primary, replica, rconn)
+}
+
 /// A replica config with `room:*` keeping `size` messages of history.
 pub fn with_history(redis: &Redis, prefix: &str, size: u64) -> String {
     history_config(&redis.url(), prefix, size)

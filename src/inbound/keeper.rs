@@ -1,0 +1,347 @@
+//! Keeps acknowledged inbound entries until Redis cannot lose them any more, and appends again
+//! those a failover or a restart lost.
+//!
+//! Redis replicates asynchronously: an entry the primary took (and the client was acked for) can
+//! be missing on the replica Sentinel promotes, or on a Redis restarted from a snapshot. With
+//! `redis.wait_replicas = 0` the gateway does not wait for replicas before acking, so it keeps a
+//! copy of each acked entry (up to `inbound.keep_unconfirmed_entries`) instead, and drops the
+//! copy once Redis can no longer lose it:
+//! - every online replica's replication offset has passed the primary's offset read after the
+//!   entry was acked (checked every `redis.health_interval_ms` with `INFO`), or
+//! - the primary has no replicas and persists every write before answering (`appendfsync
+//!   always`).
+//!
+//! The same check notices a new writer: another run id or replication id (a promoted replica, a
+//! restarted Redis). Then every kept entry is looked up on it and appended again where missing
+//! (with its original id where the stream allows, and its `send` id remembered again so a resend
+//! is not stored twice); entries trimmed since, or already stored again by a resend, are left
+//! alone. The copies live in this replica's memory: if the replica dies together with the
+//! primary, its unconfirmed entries are lost (README, delivery guarantees).
+//!
+//! Not used on a Redis Cluster or with `redis.wait_replicas` > 0 (the appends are then acked only
+//! when replicas hold them).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::backplane::{Backplane, RedisFailure};
+use crate::metrics::Metrics;
+use crate::outbound::history::Durability;
+
+/// One acked entry, as it was appended.
+#[derive(Debug, Clone)]
+pub struct KeptEntry {
+    /// Stream key.
+    pub key: Arc<str>,
+    /// The entry id Redis gave it.
+    pub entry: String,
+    /// `MAXLEN ~` bound.
+    pub max_len: u64,
+    /// Entry fields, in order.
+    pub fields: Vec<(&'static str, Bytes)>,
+    /// The key remembering which entry the `send` id produced, and for how many seconds.
+    pub dedupe: Option<(String, u64)>,
+}
+
+struct Kept {
+    entry: KeptEntry,
+    /// The check round during which it was acked.
+    round: u64,
+}
+
+#[derive(Default)]
+struct State {
+    entries: VecDeque<Kept>,
+    /// The current check round; entries acked now get this number.
+    round: u64,
+}
+
+/// The copies of acked entries not yet confirmed, shared by the appender (which adds them) and
+/// [`Keeper::watch`] (which confirms them, or appends them again).
+#[derive(Clone)]
+pub struct Keeper {
+    state: Arc<Mutex<State>>,
+    capacity: usize,
+    metrics: Metrics,
+}
+
+/// What one `INFO` said about the primary.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Primary {
+    run_id: String,
+    replid: String,
+    offset: u64,
+    /// The replication offsets of the replicas in state `online`.
+    replica_offsets: Vec<u64>,
+    is_master: bool,
+}
+
+impl Primary {
+    fn parse(info: &str) -> Self {
+        let mut primary = Primary::default();
+        for line in info.lines() {
+            let Some((name, value)) = line.trim_end().split_once(':') else {
+                continue;
+            };
+            match name {
+                "run_id" => primary.run_id = value.to_owned(),
+                "master_replid" => primary.replid = value.to_owned(),
+                "master_repl_offset" => primary.offset = value.parse().unwrap_or(0),
+                "role" => primary.is_master = value == "master",
+                _ if name.starts_with("slave") && name[5..].parse::<u32>().is_ok() => {
+                    // slave0:ip=…,port=…,state=online,offset=123,lag=0
+                    let field = |f: &str| {
+                        value
+                            .split(',')
+                            .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                    };
+                    if field("state") == Some("online") {
+                        if let Some(offset) = field("offset").and_then(|o| o.parse().ok()) {
+                            primary.replica_offsets.push(offset);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        primary
+    }
+}
+
+/// Appends a kept entry again where it is missing. Returns 0 when nothing was done (the entry
+/// is there, was trimmed, or a resend stored it again), else 1.
+///
+/// KEYS: stream, then the dedupe key if any. ARGV: entry id, MAXLEN, window seconds, then field/value pairs.
+const APPEND_AGAIN: &str = r#"
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then
+  return 0
+end
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first > 0 and before(ARGV[1], first[1][1]) then
+  return 0
+end
+local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[1], unpack(ARGV, 4))
+if type(id) == 'table' and id.err then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+end
+if KEYS[2] then
+  redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+end
+return 1
+"#;
+
+/// Rounds remembered while replicas lag (one per health interval).
+const MAX_MARKS: usize = 64;
+
+/// Kept entries looked up (and appended again) per pipeline.
+const AGAIN_BATCH: usize = 256;
+
+impl Keeper {
+    /// Keeps at most `capacity` entries; past it the oldest copy is dropped and counted in
+    /// `wsbridge_inbound_unconfirmed_dropped_total`.
+    pub fn new(capacity: usize, metrics: Metrics) -> Self {
+        Self {
+            state: Arc::default(),
+            capacity,
+            metrics,
+        }
+    }
+
+    /// Keeps copies of entries just acked.
+    pub fn keep(&self, entries: impl IntoIterator<Item = KeptEntry>) {
+        let mut state = self.state.lock().expect("never poisoned");
+        let round = state.round;
+        let mut dropped = 0;
+        for entry in entries {
+            if state.entries.len() == self.capacity {
+                state.entries.pop_front();
+                dropped += 1;
+            }
+            state.entries.push_back(Kept { entry, round });
+        }
+        if dropped > 0 {
+            self.metrics.inbound_unconfirmed_dropped.increment(dropped);
+        }
+    }
+
+    /// How many copies are kept now.
+    pub fn len(&self) -> usize {
+        self.state.lock().expect("never poisoned").entries.len()
+    }
+
+    /// Whether no copy is kept now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks the primary every `interval` until `shutdown`: confirms what its replicas hold, and
+    /// appends again what a new primary lacks.
+    pub async fn watch(
+        self,
+        backplane: Backplane,
+        durability: Durability,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Offsets of the primary read at the start of past rounds: (round, offset).
+        let mut marks: VecDeque<(u64, u64)> = VecDeque::new();
+        // The primary the kept entries were last checked against: (run id, replication id).
+        let mut writer: Option<(String, String)> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let round = {
+                let mut state = self.state.lock().expect("never poisoned");
+                state.round += 1;
+                state.round - 1
+            };
+            let checked = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                checked = self.check(&backplane, &durability, round, &mut marks, &mut writer) => checked,
+            };
+            if let Err(e) = checked {
+                tracing::debug!(error = %e, "kept inbound entries not checked");
+            }
+            self.metrics
+                .inbound_unconfirmed_entries
+                .set(self.len() as f64);
+        }
+    }
+
+    /// One round: entries acked before `round` began are confirmed once every online replica
+    /// passed the primary's offset read now.
+    async fn check(
+        &self,
+        backplane: &Backplane,
+        durability: &Durability,
+        round: u64,
+        marks: &mut VecDeque<(u64, u64)>,
+        writer: &mut Option<(String, String)>,
+    ) -> Result<(), RedisFailure> {
+        let info: String = backplane.query(&redis::cmd("INFO")).await?;
+        let primary = Primary::parse(&info);
+        if !primary.is_master {
+            return Ok(());
+        }
+        let now = (primary.run_id.clone(), primary.replid.clone());
+        if writer.as_ref().is_some_and(|w| *w != now) {
+            // Another Redis answers now: what the old one took may be missing here.
+            marks.clear();
+            let again = self.append_missing(backplane).await?;
+            tracing::warn!(
+                run_id = %primary.run_id,
+                appended_again = again,
+                kept = self.len(),
+                "Redis writer changed: kept inbound entries checked on the new one"
+            );
+            *writer = Some(now);
+            return Ok(());
+        }
+        *writer = Some(now);
+        if marks.len() == MAX_MARKS {
+            // Dropping the oldest mark only makes its round wait for a later (higher) one.
+            marks.pop_front();
+        }
+        marks.push_back((round, primary.offset));
+        let confirmed = if primary.replica_offsets.is_empty() {
+            let durable = durability
+                .run_id()
+                .split(',')
+                .any(|run| run == primary.run_id);
+            durable.then_some(round)
+        } else {
+            let slowest = primary.replica_offsets.iter().min().copied().unwrap_or(0);
+            let mut confirmed = None;
+            while let Some(&(r, offset)) = marks.front() {
+                if offset > slowest {
+                    break;
+                }
+                confirmed = Some(r);
+                marks.pop_front();
+            }
+            confirmed
+        };
+        if let Some(confirmed) = confirmed {
+            let mut state = self.state.lock().expect("never poisoned");
+            while state.entries.front().is_some_and(|k| k.round <= confirmed) {
+                state.entries.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks every kept entry up on the primary and appends again those missing. Returns how
+    /// many were appended again.
+    async fn append_missing(&self, backplane: &Backplane) -> Result<u64, RedisFailure> {
+        let entries: Vec<KeptEntry> = {
+            let state = self.state.lock().expect("never poisoned");
+            state.entries.iter().map(|k| k.entry.clone()).collect()
+        };
+        let mut again = 0;
+        for chunk in entries.chunks(AGAIN_BATCH) {
+            let mut pipe = redis::pipe();
+            for kept in chunk {
+                let cmd = pipe.cmd("EVAL").arg(APPEND_AGAIN);
+                match &kept.dedupe {
+                    Some((dedupe, _)) => cmd.arg(2).arg(&*kept.key).arg(dedupe),
+                    None => cmd.arg(1).arg(&*kept.key),
+                };
+                cmd.arg(&kept.entry).arg(kept.max_len).arg(
+                    kept.dedupe
+                        .as_ref()
+                        .map_or(1, |(_, window)| (*window).max(1)),
+                );
+                for (name, value) in &kept.fields {
+                    cmd.arg(*name).arg(&value[..]);
+                }
+            }
+            let done: Vec<u64> = backplane.query_pipeline(&pipe).await?;
+            again += done.iter().sum::<u64>();
+        }
+        self.metrics.inbound_appended_again.increment(again);
+        Ok(again)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_primary_with_replicas() {
+        let info =
+            "# Server\r\nrun_id:abc123\r\n# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+                    slave0:ip=127.0.0.1,port=7001,state=online,offset=420,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+                    master_failover_state:no-failover\r\nmaster_replid:ffee\r\n\
+                    master_replid2:0000\r\nmaster_repl_offset:512\r\n";
+        assert_eq!(
+            Primary::parse(info),
+            Primary {
+                run_id: "abc123".into(),
+                replid: "ffee".into(),
+                offset: 512,
+                replica_offsets: vec![420],
+                is_master: true,
+            }
+        );
+        assert!(!Primary::parse("role:slave\r\n").is_master);
+    }
+}
