@@ -1,8 +1,10 @@
 // wsbridge-client.mjs — a client for the wsbridge gateway, for browsers and Node.
 //
-// Plain JavaScript, one ES module, no dependencies and no build step. It speaks the JSON
-// protocol described in the README ("The client protocol"), docs/protocol.md and
-// docs/history-and-resume.md:
+// Plain JavaScript, one ES module, no dependencies and no build step. Its TypeScript types are
+// wsbridge-client.d.mts beside it: change one, change the other (tests/ts checks that every
+// public member and event here is declared there, and the declarations against typed code).
+// It speaks the JSON protocol described in the README ("The client protocol"),
+// docs/protocol.md and docs/history-and-resume.md:
 //
 //   - connects to `ws(s)://HOST/ws` (one URL, a list tried round-robin, or a function), with an
 //     optional token sent as `?token=`;
@@ -179,7 +181,8 @@ export class WsBridgeClient {
   // ---- events ----------------------------------------------------------------------------
 
   /** Adds a listener. Events: open, welcome, message, subscribed, unsubscribed, join, leave,
-   * close, reconnecting, refresh_required, refreshed, error. Returns the client. */
+   * close, reconnecting, refresh_required, refreshed, error (their arguments:
+   * WsBridgeClientEvents in wsbridge-client.d.mts). Returns the client. */
   on(event, fn) {
     if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
     this.#listeners.get(event).add(fn);
