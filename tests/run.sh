@@ -3,8 +3,9 @@
 # installs what the tests run for real when missing (Debian packages, the example backends'
 # Python and npm packages, playwright-core), then builds everything (examples included), runs the
 # Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
-# deployment-file checks, the JavaScript client's tests (tests/js, against real replicas), the
-# whiteboard in headless Chromium (tests/browser) and all Rust tests.
+# deployment-file checks, the JavaScript client's tests (tests/js, against real replicas) and
+# types (tests/ts: tsc, npm pack), the whiteboard in headless Chromium (tests/browser) and all
+# Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,7 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
   -r examples/backends/python/requirements.txt
 npm ci --silent --no-audit --no-fund --prefix examples/backends/node
 npm ci --silent --no-audit --no-fund --prefix tests/browser
+npm ci --silent --no-audit --no-fund --prefix tests/ts # TypeScript, for the JS client's types
 
 echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
 cargo build --examples
@@ -50,6 +52,15 @@ cargo build # the tests run target/debug/wsbridge
 ws_flag=() # Node 22+ has a global WebSocket; Node 20/21 need the flag
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
 node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs tests/js/chat.test.mjs
+
+# The JS client's types (examples/js/wsbridge-client.d.mts): declared for everything the module
+# has (surface.mjs), right for a typed consumer and the examples that use the client (tsc), and
+# the package installs as users install it (npm pack, npm install). ~6 s, and ~3 s of npm ci.
+echo "==> the JS client's types: tsc --noEmit -p tests/ts, and npm pack + install of examples/js"
+node tests/ts/surface.mjs
+tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts # (not npx: it would fetch another `tsc` if missing)
+tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts/tsconfig.browser.json
+bash tests/ts/pack.sh
 
 # The whiteboard (examples/whiteboard/run.sh: Redis, three replicas, nginx, the Rust backend) in
 # headless Chromium; screenshots in target/artifacts/whiteboard/.

@@ -35,13 +35,16 @@
 import { createInterface } from 'node:readline';
 import { WsBridgeClient } from './wsbridge-client.mjs';
 
+/** @param {string} [message] @returns {never} */
 function usage(message) {
   if (message) console.error(`chat.mjs: ${message}`);
   console.error('usage: node examples/js/chat.mjs [URL[,URL...]] [--channel CHANNEL] [--token JWT | --token-url URL]');
   process.exit(2);
 }
 
+/** @param {string[]} argv */
 function parseArgs(argv) {
+  /** @type {{urls: string[], channel: string, token?: string, tokenUrl?: string}} */
   const args = { urls: ['ws://127.0.0.1:8080/ws'], channel: 'room:lobby', token: undefined, tokenUrl: undefined };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
@@ -61,6 +64,7 @@ function parseArgs(argv) {
  * The token function for --token-url: one GET per call, so every connection and every refresh
  * gets a token of its own. A failure rejects; the client reports it (`error`) and tries again
  * on the next connection attempt.
+ * @param {string} url
  */
 function fetchToken(url) {
   return async () => {
@@ -78,7 +82,8 @@ if (typeof globalThis.WebSocket !== 'function') {
   usage('this Node has no WebSocket: use Node 22+, or run node --experimental-websocket');
 }
 
-const print = (event, payload) => process.stdout.write(`${JSON.stringify({ [event]: payload })}\n`);
+const print = (/** @type {string} */ event, /** @type {unknown} */ payload) => process.stdout.write(`${JSON.stringify({ [event]: payload })}\n`);
+/** @param {Error & {code?: string, id?: string | number | null}} err an `error` event, or a rejection */
 const printError = (err) =>
   print('error', { code: err.code ?? 'error', message: err.message, ...(err.id ? { id: err.id } : {}) });
 
@@ -94,7 +99,7 @@ client.on('error', printError);
 
 let current = args.channel;
 let sent = 0;
-const subscribe = (channel) => client.subscribe(channel).catch(printError);
+const subscribe = (/** @type {string} */ channel) => client.subscribe(channel).catch(printError);
 
 subscribe(current);
 client.connect().catch(printError);

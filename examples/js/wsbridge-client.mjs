@@ -1,8 +1,10 @@
 // wsbridge-client.mjs — a client for the wsbridge gateway, for browsers and Node.
 //
-// Plain JavaScript, one ES module, no dependencies and no build step. It speaks the JSON
-// protocol described in the README ("The client protocol"), docs/protocol.md and
-// docs/history-and-resume.md:
+// Plain JavaScript, one ES module, no dependencies and no build step. Its TypeScript types are
+// wsbridge-client.d.mts beside it: change one, change the other (tests/ts checks that every
+// public member and event here is declared there, and the declarations against typed code).
+// It speaks the JSON protocol described in the README ("The client protocol"),
+// docs/protocol.md and docs/history-and-resume.md:
 //
 //   - connects to `ws(s)://HOST/ws` (one URL, a list tried round-robin, or a function), with an
 //     optional token sent as `?token=`;
@@ -97,6 +99,38 @@ const DEFAULTS = {
 };
 
 export class WsBridgeClient {
+  // Internals are private fields (#): an app reads the state through the getters below, and
+  // cannot reach in and break the bookkeeping that resume and resend depend on.
+  #urlFn = null; // options.url when it is a function
+  #urls = []; // options.urls (or [options.url])
+  #WebSocket;
+  #token;
+  #random;
+
+  #listeners = new Map(); // event -> Set<fn>
+  #channels = new Map(); // channel -> { offset, recovered, subscribed, waiters: [] }
+  #sends = new Map(); // id -> { frame, resolve, reject, transmissions }
+  #presence = new Map(); // id -> { frame, channel, resolve, reject }, until answered
+  #refreshes = new Map(); // id -> { resolve, reject }, until answered
+  #publishes = new Map(); // id -> { resolve, reject, channel }, on the current connection
+  #requests = new Map(); // frame id -> { type, channel, ... } on the current connection
+  #connectWaiters = [];
+
+  #ws = null;
+  #state = 'idle'; // idle | connecting | open | reconnecting | closed
+  #wanted = false; // connect() called and close() not since
+  #gen = 0; // invalidates stale connection attempts
+  #attempt = 0; // consecutive reconnect attempts since the last stable connection
+  #urlIndex = 0;
+  #timer = null;
+  #connectTimer = null;
+  #welcomed = false;
+  #welcomeAt = 0;
+  #hadWelcome = false;
+  #welcomeInfo = null;
+  #idPrefix = randomHex(8);
+  #seq = 0;
+
   /**
    * @param {object} options
    * @param {string} [options.url] the gateway's `ws(s)://HOST/ws` URL, or a function
@@ -123,43 +157,20 @@ export class WsBridgeClient {
    */
   constructor(options = {}) {
     const o = { ...DEFAULTS, ...options };
-    if (typeof o.url === 'function') this._urlFn = o.url;
-    else if (Array.isArray(o.urls) && o.urls.length > 0) this._urls = [...o.urls];
-    else if (typeof o.url === 'string') this._urls = [o.url];
+    if (typeof o.url === 'function') this.#urlFn = o.url;
+    else if (Array.isArray(o.urls) && o.urls.length > 0) this.#urls = [...o.urls];
+    else if (typeof o.url === 'string') this.#urls = [o.url];
     else throw new TypeError('wsbridge: options.url (string or function) or options.urls is required');
-    this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== 'function') {
+    this.#WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof this.#WebSocket !== 'function') {
       throw new TypeError(
         'wsbridge: no WebSocket constructor; pass options.WebSocket (e.g. from the `ws` package), ' +
           'or run Node >= 22 (or Node 20/21 with --experimental-websocket)'
       );
     }
-    this._token = o.token;
-    this._random = o.random ?? Math.random;
+    this.#token = o.token;
+    this.#random = o.random ?? Math.random;
     this.options = o;
-
-    this._listeners = new Map(); // event -> Set<fn>
-    this._channels = new Map(); // channel -> { offset, recovered, subscribed, waiters: [] }
-    this._sends = new Map(); // id -> { frame, resolve, reject, transmissions }
-    this._presence = new Map(); // id -> { frame, channel, resolve, reject }, until answered
-    this._refreshes = new Map(); // id -> { resolve, reject }, until answered
-    this._publishes = new Map(); // id -> { resolve, reject, channel }, on the current connection
-    this._requests = new Map(); // frame id -> { type, channel, ... } on the current connection
-    this._connectWaiters = [];
-
-    this._ws = null;
-    this._state = 'idle'; // idle | connecting | open | reconnecting | closed
-    this._wanted = false; // connect() called and close() not since
-    this._gen = 0; // invalidates stale connection attempts
-    this._attempt = 0; // consecutive reconnect attempts since the last stable connection
-    this._urlIndex = 0;
-    this._timer = null;
-    this._connectTimer = null;
-    this._welcomed = false;
-    this._welcomeAt = 0;
-    this._hadWelcome = false;
-    this._idPrefix = randomHex(8);
-    this._seq = 0;
 
     this.connectionId = null;
     this.user = null;
@@ -170,15 +181,16 @@ export class WsBridgeClient {
   // ---- events ----------------------------------------------------------------------------
 
   /** Adds a listener. Events: open, welcome, message, subscribed, unsubscribed, join, leave,
-   * close, reconnecting, error. Returns the client. */
+   * close, reconnecting, refresh_required, refreshed, error (their arguments:
+   * WsBridgeClientEvents in wsbridge-client.d.mts). Returns the client. */
   on(event, fn) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(fn);
+    if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
+    this.#listeners.get(event).add(fn);
     return this;
   }
 
   off(event, fn) {
-    this._listeners.get(event)?.delete(fn);
+    this.#listeners.get(event)?.delete(fn);
     return this;
   }
 
@@ -190,8 +202,8 @@ export class WsBridgeClient {
     return this.on(event, wrapper);
   }
 
-  _emit(event, ...args) {
-    const set = this._listeners.get(event);
+  #emit(event, ...args) {
+    const set = this.#listeners.get(event);
     if (!set) return;
     for (const fn of [...set]) {
       try {
@@ -206,17 +218,17 @@ export class WsBridgeClient {
 
   /** idle | connecting | open | reconnecting | closed */
   get state() {
-    return this._state;
+    return this.#state;
   }
 
   /** The channels this client is in (or joining), in the order they were subscribed. */
   get channels() {
-    return [...this._channels.keys()];
+    return [...this.#channels.keys()];
   }
 
   /** The last offset seen on `channel`, or null. */
   lastOffset(channel) {
-    return this._channels.get(channel)?.offset ?? null;
+    return this.#channels.get(channel)?.offset ?? null;
   }
 
   /**
@@ -225,17 +237,17 @@ export class WsBridgeClient {
    * subscribe (nothing to recover). Undefined when not subscribed.
    */
   recovered(channel) {
-    return this._channels.get(channel)?.recovered;
+    return this.#channels.get(channel)?.recovered;
   }
 
   /** How many sends wait for their ack. */
   get pendingSends() {
-    return this._sends.size;
+    return this.#sends.size;
   }
 
   /** Consecutive reconnect attempts since the last stable connection. */
   get attempt() {
-    return this._attempt;
+    return this.#attempt;
   }
 
   // ---- connection ------------------------------------------------------------------------
@@ -247,14 +259,14 @@ export class WsBridgeClient {
   connect() {
     const p = handled(
       new Promise((resolve, reject) => {
-        if (this._welcomed) resolve(this._welcomeInfo);
-        else this._connectWaiters.push({ resolve, reject });
+        if (this.#welcomed) resolve(this.#welcomeInfo);
+        else this.#connectWaiters.push({ resolve, reject });
       })
     );
-    if (!this._wanted) {
-      this._wanted = true;
-      this._attempt = 0;
-      this._open();
+    if (!this.#wanted) {
+      this.#wanted = true;
+      this.#attempt = 0;
+      this.#open();
     }
     return p;
   }
@@ -265,37 +277,37 @@ export class WsBridgeClient {
    * Resolves when the socket has closed.
    */
   close(code = 1000, reason = '') {
-    this._wanted = false;
-    this._gen++;
-    clearTimeout(this._timer);
-    this._timer = null;
-    const ws = this._ws;
+    this.#wanted = false;
+    this.#gen++;
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    const ws = this.#ws;
     if (!ws) {
-      this._stop(null, 'closed by the client');
+      this.#stop(null, 'closed by the client');
       return Promise.resolve();
     }
-    this._handleClose(ws, code, reason, true);
-    return this._closeSocket(ws, code, reason);
+    this.#handleClose(ws, code, reason, true);
+    return this.#closeSocket(ws, code, reason);
   }
 
   /** Drops the current connection and connects again (e.g. after a network change). */
   reconnect() {
-    const ws = this._ws;
-    if (!this._wanted) return this.connect();
+    const ws = this.#ws;
+    if (!this.#wanted) return this.connect();
     if (ws) {
-      this._handleClose(ws, 1000, 'reconnect', true);
-      this._closeSocket(ws, 1000, 'reconnect');
-    } else if (this._timer) {
-      clearTimeout(this._timer);
-      this._timer = null;
-      this._open();
+      this.#handleClose(ws, 1000, 'reconnect', true);
+      this.#closeSocket(ws, 1000, 'reconnect');
+    } else if (this.#timer) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+      this.#open();
     }
     return this.connect();
   }
 
   // Closes a socket that _handleClose has already let go of; resolves once it is closed.
-  _closeSocket(ws, code, reason) {
-    this._detach(ws);
+  #closeSocket(ws, code, reason) {
+    this.#detach(ws);
     return new Promise((resolve) => {
       if (ws.readyState === 3) return resolve();
       const connecting = ws.readyState === 0;
@@ -320,115 +332,115 @@ export class WsBridgeClient {
     });
   }
 
-  _detach(ws) {
+  #detach(ws) {
     ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
   }
 
-  async _nextUrl() {
+  async #nextUrl() {
     let url;
-    if (this._urlFn) {
-      url = await this._urlFn({ attempt: this._attempt, previous: this.url });
+    if (this.#urlFn) {
+      url = await this.#urlFn({ attempt: this.#attempt, previous: this.url });
     } else {
-      url = this._urls[this._urlIndex % this._urls.length];
+      url = this.#urls[this.#urlIndex % this.#urls.length];
     }
-    let token = this._token;
+    let token = this.#token;
     if (typeof token === 'function') token = await token();
     if (token) url += (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
     return url;
   }
 
-  async _open() {
-    const gen = ++this._gen;
-    this._state = 'connecting';
+  async #open() {
+    const gen = ++this.#gen;
+    this.#state = 'connecting';
     let url;
     try {
-      url = await this._nextUrl();
+      url = await this.#nextUrl();
     } catch (err) {
-      if (gen !== this._gen || !this._wanted) return;
-      this._emit('error', err);
-      this._scheduleReconnect(null);
+      if (gen !== this.#gen || !this.#wanted) return;
+      this.#emit('error', err);
+      this.#scheduleReconnect(null);
       return;
     }
-    if (gen !== this._gen || !this._wanted) return;
+    if (gen !== this.#gen || !this.#wanted) return;
     let ws;
     try {
-      ws = new this._WebSocket(url);
+      ws = new this.#WebSocket(url);
     } catch (err) {
-      this._emit('error', err);
-      this._urlIndex++;
-      this._scheduleReconnect(null);
+      this.#emit('error', err);
+      this.#urlIndex++;
+      this.#scheduleReconnect(null);
       return;
     }
-    this._ws = ws;
+    this.#ws = ws;
     this.url = url;
-    this._welcomed = false;
-    this._connectTimer = setTimeout(() => {
-      if (this._ws !== ws || this._welcomed) return;
-      this._emit('error', new WsBridgeError('connect_timeout', `no welcome within ${this.options.connectTimeoutMs} ms`));
-      this._handleClose(ws, 1006, 'connect timeout', false);
-      this._closeSocket(ws, 1000, 'connect timeout');
+    this.#welcomed = false;
+    this.#connectTimer = setTimeout(() => {
+      if (this.#ws !== ws || this.#welcomed) return;
+      this.#emit('error', new WsBridgeError('connect_timeout', `no welcome within ${this.options.connectTimeoutMs} ms`));
+      this.#handleClose(ws, 1006, 'connect timeout', false);
+      this.#closeSocket(ws, 1000, 'connect timeout');
     }, this.options.connectTimeoutMs);
     let opened = false;
     ws.onopen = () => {
       opened = true;
-      if (this._ws === ws) this._emit('open', { url });
+      if (this.#ws === ws) this.#emit('open', { url });
     };
     ws.onerror = (ev) => {
-      if (this._ws !== ws) return;
+      if (this.#ws !== ws) return;
       const message = ev?.message || ev?.error?.message || 'WebSocket error';
-      this._emit('error', new WsBridgeError('socket_error', message));
+      this.#emit('error', new WsBridgeError('socket_error', message));
       // A failed connection attempt: browsers follow the error with a close event, but some
       // implementations (Node 20's) never do. Treat it as closed (1006) if no close came.
       if (!opened) {
         setTimeout(() => {
-          if (this._ws !== ws) return;
-          this._handleClose(ws, 1006, 'connection failed', false);
-          this._closeSocket(ws, 1000, 'connection failed');
+          if (this.#ws !== ws) return;
+          this.#handleClose(ws, 1006, 'connection failed', false);
+          this.#closeSocket(ws, 1000, 'connection failed');
         }, 0);
       }
     };
-    ws.onclose = (ev) => this._handleClose(ws, ev?.code ?? 1006, ev?.reason ?? '', false);
+    ws.onclose = (ev) => this.#handleClose(ws, ev?.code ?? 1006, ev?.reason ?? '', false);
     ws.onmessage = (ev) => {
-      if (this._ws !== ws) return;
+      if (this.#ws !== ws) return;
       let frame;
       try {
         if (typeof ev.data !== 'string') throw new Error('binary frame (this client speaks JSON)');
         frame = JSON.parse(ev.data);
       } catch (err) {
-        this._emit('error', new WsBridgeError('bad_frame', `unreadable frame from the gateway: ${err.message}`));
+        this.#emit('error', new WsBridgeError('bad_frame', `unreadable frame from the gateway: ${err.message}`));
         return;
       }
-      this._onFrame(frame);
+      this.#onFrame(frame);
     };
   }
 
-  _handleClose(ws, code, reason, byClient) {
-    if (this._ws !== ws) return;
-    this._detach(ws);
-    this._ws = null;
-    clearTimeout(this._connectTimer);
-    const wasWelcomed = this._welcomed;
-    this._welcomed = false;
+  #handleClose(ws, code, reason, byClient) {
+    if (this.#ws !== ws) return;
+    this.#detach(ws);
+    this.#ws = null;
+    clearTimeout(this.#connectTimer);
+    const wasWelcomed = this.#welcomed;
+    this.#welcomed = false;
     this.connectionId = null;
     // Replies for this connection will never come; unsubscribes are done (it is gone).
-    for (const req of this._requests.values()) if (req.type === 'unsubscribe') req.resolve();
-    this._requests.clear();
+    for (const req of this.#requests.values()) if (req.type === 'unsubscribe') req.resolve();
+    this.#requests.clear();
     // A refresh lost with the connection: the next connection is made with a fresh token.
-    for (const r of this._refreshes.values()) r.reject(new WsBridgeError('closed', 'the connection closed before the refresh was answered'));
-    this._refreshes.clear();
+    for (const r of this.#refreshes.values()) r.reject(new WsBridgeError('closed', 'the connection closed before the refresh was answered'));
+    this.#refreshes.clear();
     // A publish lost with the connection may or may not have been published; it is not sent
     // again (the gateway does not deduplicate publishes), the app decides.
-    for (const q of this._publishes.values()) {
+    for (const q of this.#publishes.values()) {
       const err = new WsBridgeError('disconnected', 'the connection closed before the publish was answered: it may have been published');
       err.channel = q.channel;
       q.reject(err);
     }
-    this._publishes.clear();
-    for (const ch of this._channels.values()) ch.subscribed = false;
-    this._urlIndex++;
+    this.#publishes.clear();
+    for (const ch of this.#channels.values()) ch.subscribed = false;
+    this.#urlIndex++;
 
     let willReconnect;
-    if (!this._wanted) willReconnect = false;
+    if (!this.#wanted) willReconnect = false;
     else if (code >= 4000 && code <= 4999 && !byClient) {
       const opt = this.options.reconnectOnBackendClose;
       willReconnect = typeof opt === 'function' ? !!opt(code, reason) : !!opt;
@@ -436,106 +448,106 @@ export class WsBridgeClient {
 
     // Backoff: a connection that lived long enough was healthy, so start over; 1012 means the
     // replica is going away, not that anything failed. 1013 (overloaded) keeps growing it.
-    const stable = wasWelcomed && Date.now() - this._welcomeAt >= this.options.stableAfterMs;
-    if ((stable || (wasWelcomed && code === 1012) || byClient) && code !== 1013) this._attempt = 0;
+    const stable = wasWelcomed && Date.now() - this.#welcomeAt >= this.options.stableAfterMs;
+    if ((stable || (wasWelcomed && code === 1012) || byClient) && code !== 1013) this.#attempt = 0;
 
-    this._emit('close', { code, reason, byClient, willReconnect });
-    if (willReconnect && this._wanted) {
-      if (byClient) this._open();
-      else this._scheduleReconnect(code);
+    this.#emit('close', { code, reason, byClient, willReconnect });
+    if (willReconnect && this.#wanted) {
+      if (byClient) this.#open();
+      else this.#scheduleReconnect(code);
     } else {
-      this._wanted = false;
+      this.#wanted = false;
       const why = byClient ? 'closed by the client' : `closed by the gateway (${code}${reason ? ' ' + reason : ''})`;
-      this._stop(code, why);
+      this.#stop(code, why);
     }
   }
 
-  _stop(code, why) {
-    this._state = 'closed';
+  #stop(code, why) {
+    this.#state = 'closed';
     const err = new WsBridgeError('closed', why);
-    for (const s of this._sends.values()) s.reject(err);
-    this._sends.clear();
-    for (const q of this._presence.values()) q.reject(err);
-    this._presence.clear();
-    for (const ch of this._channels.values()) {
+    for (const s of this.#sends.values()) s.reject(err);
+    this.#sends.clear();
+    for (const q of this.#presence.values()) q.reject(err);
+    this.#presence.clear();
+    for (const ch of this.#channels.values()) {
       for (const w of ch.waiters) w.reject(err);
       ch.waiters = [];
     }
-    for (const w of this._connectWaiters) w.reject(err);
-    this._connectWaiters = [];
+    for (const w of this.#connectWaiters) w.reject(err);
+    this.#connectWaiters = [];
   }
 
-  _scheduleReconnect(code) {
-    this._attempt++;
-    const { capMs, delayMs } = backoff(this._attempt, this.options.baseDelayMs, this.options.maxDelayMs, this._random);
-    this._state = 'reconnecting';
-    this._emit('reconnecting', { attempt: this._attempt, delayMs, capMs, code });
-    clearTimeout(this._timer);
-    this._timer = setTimeout(() => {
-      this._timer = null;
-      if (this._wanted) this._open();
+  #scheduleReconnect(code) {
+    this.#attempt++;
+    const { capMs, delayMs } = backoff(this.#attempt, this.options.baseDelayMs, this.options.maxDelayMs, this.#random);
+    this.#state = 'reconnecting';
+    this.#emit('reconnecting', { attempt: this.#attempt, delayMs, capMs, code });
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      if (this.#wanted) this.#open();
     }, delayMs);
   }
 
-  _write(text) {
-    const ws = this._ws;
-    if (!ws || ws.readyState !== OPEN || !this._welcomed) return false;
+  #write(text) {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== OPEN || !this.#welcomed) return false;
     ws.send(text);
     return true;
   }
 
-  _nextId() {
-    this._seq += 1;
-    return `${this._idPrefix}-${this._seq}`;
+  #nextId() {
+    this.#seq += 1;
+    return `${this.#idPrefix}-${this.#seq}`;
   }
 
   // ---- frames from the gateway -----------------------------------------------------------
 
-  _onFrame(f) {
+  #onFrame(f) {
     switch (f?.type) {
       case 'welcome':
-        return this._onWelcome(f);
+        return this.#onWelcome(f);
       case 'message':
-        return this._onMessage(f);
+        return this.#onMessage(f);
       case 'ack': {
-        const q = this._publishes.get(f.id);
+        const q = this.#publishes.get(f.id);
         if (q) {
-          this._publishes.delete(f.id);
+          this.#publishes.delete(f.id);
           q.resolve({ channel: q.channel, offset: f.offset ?? null });
           return;
         }
-        const s = this._sends.get(f.id);
+        const s = this.#sends.get(f.id);
         if (!s) return; // not ours, or already resolved
-        this._sends.delete(f.id);
+        this.#sends.delete(f.id);
         s.resolve(f.entry);
         return;
       }
       case 'subscribed':
-        return this._onSubscribed(f);
+        return this.#onSubscribed(f);
       case 'unsubscribed':
-        return this._onUnsubscribed(f);
+        return this.#onUnsubscribed(f);
       case 'presence': {
-        const q = this._presence.get(f.id);
+        const q = this.#presence.get(f.id);
         if (!q) return; // not ours, or already answered
-        this._presence.delete(f.id);
+        this.#presence.delete(f.id);
         const { type, id, ...page } = f;
         q.resolve(page);
         return;
       }
       case 'join':
       case 'leave':
-        return this._emit(f.type, { channel: f.channel, member: f.member });
+        return this.#emit(f.type, { channel: f.channel, member: f.member });
       case 'refresh_required':
-        return this._onRefreshRequired(f);
+        return this.#onRefreshRequired(f);
       case 'refreshed': {
-        const r = this._refreshes.get(f.id);
+        const r = this.#refreshes.get(f.id);
         if (!r) return;
-        this._refreshes.delete(f.id);
+        this.#refreshes.delete(f.id);
         r.resolve(f.expires_at ?? null);
         return;
       }
       case 'error':
-        return this._onError(f);
+        return this.#onError(f);
       default:
         return; // a newer gateway's frame: ignore
     }
@@ -550,72 +562,72 @@ export class WsBridgeClient {
    * @returns {Promise<number | null>}
    */
   refresh(token) {
-    const id = this._nextId();
+    const id = this.#nextId();
     return new Promise((resolve, reject) => {
-      this._refreshes.set(id, { resolve, reject });
-      if (!this._write(JSON.stringify({ type: 'refresh', token, id }))) {
-        this._refreshes.delete(id);
+      this.#refreshes.set(id, { resolve, reject });
+      if (!this.#write(JSON.stringify({ type: 'refresh', token, id }))) {
+        this.#refreshes.delete(id);
         reject(new WsBridgeError('closed', 'not connected: the next connection gets a fresh token anyway', id));
       }
     });
   }
 
-  async _onRefreshRequired(f) {
-    this._emit('refresh_required', { expiresAt: f.expires_at });
-    if (typeof this._token !== 'function') return; // the app refreshes, or reconnects at expiry
+  async #onRefreshRequired(f) {
+    this.#emit('refresh_required', { expiresAt: f.expires_at });
+    if (typeof this.#token !== 'function') return; // the app refreshes, or reconnects at expiry
     try {
-      const expiresAt = await this.refresh(await this._token());
-      this._emit('refreshed', { expiresAt });
+      const expiresAt = await this.refresh(await this.#token());
+      this.#emit('refreshed', { expiresAt });
     } catch (err) {
-      this._emit('error', err);
+      this.#emit('error', err);
     }
   }
 
-  _onWelcome(f) {
-    clearTimeout(this._connectTimer);
-    const reconnect = this._hadWelcome;
-    this._hadWelcome = true;
-    this._welcomed = true;
-    this._welcomeAt = Date.now();
-    this._state = 'open';
+  #onWelcome(f) {
+    clearTimeout(this.#connectTimer);
+    const reconnect = this.#hadWelcome;
+    this.#hadWelcome = true;
+    this.#welcomed = true;
+    this.#welcomeAt = Date.now();
+    this.#state = 'open';
     this.connectionId = f.connection;
     this.user = f.user ?? null;
     this.stats.connects++;
     if (reconnect) this.stats.reconnects++;
     // Rejoin every channel (with `since` where an offset was seen), then resend every send
     // still waiting for its ack, in the order they were made, with the same ids.
-    for (const [channel, ch] of this._channels) this._sendSubscribe(channel, ch);
-    for (const s of this._sends.values()) {
+    for (const [channel, ch] of this.#channels) this.#sendSubscribe(channel, ch);
+    for (const s of this.#sends.values()) {
       if (s.transmissions > 0) this.stats.resends++;
       s.transmissions++;
-      this._write(s.frame);
+      this.#write(s.frame);
     }
     // Presence questions not answered yet (asked offline, or lost with the last connection):
     // a question, so asking it again is harmless; a cursor is good on any replica.
-    for (const q of this._presence.values()) this._write(q.frame);
+    for (const q of this.#presence.values()) this.#write(q.frame);
     const info = { connection: this.connectionId, user: this.user, reconnect, url: this.url };
-    this._welcomeInfo = info;
-    for (const w of this._connectWaiters) w.resolve(info);
-    this._connectWaiters = [];
-    this._emit('welcome', info);
+    this.#welcomeInfo = info;
+    for (const w of this.#connectWaiters) w.resolve(info);
+    this.#connectWaiters = [];
+    this.#emit('welcome', info);
   }
 
-  _sendSubscribe(channel, ch) {
-    const id = this._nextId();
+  #sendSubscribe(channel, ch) {
+    const id = this.#nextId();
     const frame = { type: 'subscribe', channel, id };
     if (ch.offset != null) frame.since = ch.offset;
     // `afterReconnect`: this channel was joined on an earlier connection (so it may have missed
     // something), as opposed to a first subscribe made while offline.
-    this._requests.set(id, { type: 'subscribe', channel, since: ch.offset != null, afterReconnect: ch.joined });
+    this.#requests.set(id, { type: 'subscribe', channel, since: ch.offset != null, afterReconnect: ch.joined });
     ch.pendingId = id;
-    this._write(JSON.stringify(frame));
+    this.#write(JSON.stringify(frame));
   }
 
-  _onMessage(f) {
+  #onMessage(f) {
     const channel = f.channel ?? null;
     const offset = f.offset ?? null;
     if (channel !== null && offset !== null) {
-      const ch = this._channels.get(channel);
+      const ch = this.#channels.get(channel);
       if (ch) {
         if (ch.offset != null) {
           const cmp = compareOffsets(offset, ch.offset);
@@ -627,17 +639,17 @@ export class WsBridgeClient {
         ch.offset = offset;
       }
     }
-    this._emit('message', channel, f.data, offset);
+    this.#emit('message', channel, f.data, offset);
   }
 
-  _onSubscribed(f) {
-    const req = f.id != null ? this._requests.get(f.id) : undefined;
-    if (req) this._requests.delete(f.id);
-    let ch = this._channels.get(f.channel);
+  #onSubscribed(f) {
+    const req = f.id != null ? this.#requests.get(f.id) : undefined;
+    if (req) this.#requests.delete(f.id);
+    let ch = this.#channels.get(f.channel);
     if (!ch) {
       if (req) return; // unsubscribed meanwhile; its unsubscribe follows
       ch = { offset: null, recovered: null, subscribed: false, joined: false, waiters: [] }; // a backend subscribed us
-      this._channels.set(f.channel, ch);
+      this.#channels.set(f.channel, ch);
     }
     let recovered;
     if (typeof f.recovered === 'boolean') recovered = f.recovered;
@@ -656,81 +668,81 @@ export class WsBridgeClient {
     };
     for (const w of ch.waiters) w.resolve(info);
     ch.waiters = [];
-    this._emit('subscribed', info);
+    this.#emit('subscribed', info);
   }
 
-  _onUnsubscribed(f) {
-    const req = f.id != null ? this._requests.get(f.id) : undefined;
+  #onUnsubscribed(f) {
+    const req = f.id != null ? this.#requests.get(f.id) : undefined;
     if (req) {
-      this._requests.delete(f.id);
+      this.#requests.delete(f.id);
       req.resolve();
     } else {
-      this._channels.delete(f.channel); // a backend unsubscribed us
+      this.#channels.delete(f.channel); // a backend unsubscribed us
     }
-    this._emit('unsubscribed', { channel: f.channel, byServer: !req });
+    this.#emit('unsubscribed', { channel: f.channel, byServer: !req });
   }
 
-  _onError(f) {
+  #onError(f) {
     const err = new WsBridgeError(f.code ?? 'error', f.message ?? '', f.id ?? null);
-    const s = f.id != null ? this._sends.get(f.id) : undefined;
+    const s = f.id != null ? this.#sends.get(f.id) : undefined;
     if (s && err.code === 'shutting_down') {
       // The replica is draining (a 1012 close follows) and did not store it: keep the send, it
       // is resent with the same id on the next connection, like any send without an ack.
       return;
     }
     if (s) {
-      this._sends.delete(f.id);
+      this.#sends.delete(f.id);
       s.reject(err);
       return;
     }
-    const pub = f.id != null ? this._publishes.get(f.id) : undefined;
+    const pub = f.id != null ? this.#publishes.get(f.id) : undefined;
     if (pub) {
-      this._publishes.delete(f.id);
+      this.#publishes.delete(f.id);
       err.channel = pub.channel;
       pub.reject(err);
       return;
     }
-    const r = f.id != null ? this._refreshes.get(f.id) : undefined;
+    const r = f.id != null ? this.#refreshes.get(f.id) : undefined;
     if (r) {
-      this._refreshes.delete(f.id);
+      this.#refreshes.delete(f.id);
       r.reject(err);
       return;
     }
-    const q = f.id != null ? this._presence.get(f.id) : undefined;
+    const q = f.id != null ? this.#presence.get(f.id) : undefined;
     if (q) {
-      this._presence.delete(f.id);
+      this.#presence.delete(f.id);
       err.channel = q.channel;
       q.reject(err);
       return;
     }
-    const req = f.id != null ? this._requests.get(f.id) : undefined;
+    const req = f.id != null ? this.#requests.get(f.id) : undefined;
     if (req) {
-      this._requests.delete(f.id);
+      this.#requests.delete(f.id);
       err.channel = req.channel;
       if (req.type === 'subscribe') {
-        const ch = this._channels.get(req.channel);
+        const ch = this.#channels.get(req.channel);
         if (ch && ch.pendingId === f.id && err.code === 'redis_unavailable') {
           // The gateway could not read the channel's history yet (Redis did not answer): the
           // resume is neither made nor refused. Keep the channel and its offset, and ask again
           // on this connection after a growing pause (a reconnect asks anyway).
-          const ws = this._ws;
+          const ws = this.#ws;
           ch.retries = (ch.retries ?? 0) + 1;
           const delay = Math.min(250 * 2 ** (ch.retries - 1), 4000);
           setTimeout(() => {
-            const current = this._channels.get(req.channel);
-            if (current === ch && this._ws === ws && this._welcomed && !ch.subscribed) {
-              this._sendSubscribe(req.channel, ch);
+            const current = this.#channels.get(req.channel);
+            if (current === ch && this.#ws === ws && this.#welcomed && !ch.subscribed) {
+              this.#sendSubscribe(req.channel, ch);
             }
           }, delay);
         } else if (ch && ch.pendingId === f.id) {
-          this._channels.delete(req.channel);
+          this.#channels.delete(req.channel);
           for (const w of ch.waiters) w.reject(err);
         }
       } else {
         req.resolve();
       }
     }
-    this._emit('error', err);
+    this.#emit('error', err);
   }
 
   // ---- what the app calls ----------------------------------------------------------------
@@ -742,33 +754,33 @@ export class WsBridgeClient {
    * `channel_not_allowed`), which also drops the channel.
    */
   subscribe(channel, { since } = {}) {
-    let ch = this._channels.get(channel);
+    let ch = this.#channels.get(channel);
     if (ch && ch.subscribed) {
       return Promise.resolve({ channel, recovered: ch.recovered, resumed: false, reconnect: false, byServer: false });
     }
     const fresh = !ch;
     if (fresh) {
       ch = { offset: since ?? null, recovered: null, subscribed: false, joined: false, waiters: [] };
-      this._channels.set(channel, ch);
+      this.#channels.set(channel, ch);
     }
     // While offline (or closed) the subscribe is made on the next connection.
     const p = handled(new Promise((resolve, reject) => ch.waiters.push({ resolve, reject })));
-    if (fresh && this._welcomed) this._sendSubscribe(channel, ch);
+    if (fresh && this.#welcomed) this.#sendSubscribe(channel, ch);
     return p;
   }
 
   /** Leaves `channel` and forgets its offset. Resolves on `unsubscribed` (or at once offline). */
   unsubscribe(channel) {
-    const ch = this._channels.get(channel);
+    const ch = this.#channels.get(channel);
     if (!ch) return Promise.resolve();
-    this._channels.delete(channel);
+    this.#channels.delete(channel);
     const err = new WsBridgeError('unsubscribed', `unsubscribed from ${channel}`);
     for (const w of ch.waiters) w.reject(err);
-    if (!this._welcomed) return Promise.resolve();
-    const id = this._nextId();
+    if (!this.#welcomed) return Promise.resolve();
+    const id = this.#nextId();
     return new Promise((resolve) => {
-      this._requests.set(id, { type: 'unsubscribe', channel, resolve });
-      this._write(JSON.stringify({ type: 'unsubscribe', channel, id }));
+      this.#requests.set(id, { type: 'unsubscribe', channel, resolve });
+      this.#write(JSON.stringify({ type: 'unsubscribe', channel, id }));
     });
   }
 
@@ -780,23 +792,23 @@ export class WsBridgeClient {
    * the same id, after every reconnect.
    */
   send(stream, data, { id } = {}) {
-    if (this._state === 'closed') {
+    if (this.#state === 'closed') {
       return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
     }
-    if (this._sends.size >= this.options.maxPendingSends) {
+    if (this.#sends.size >= this.options.maxPendingSends) {
       return Promise.reject(
-        new WsBridgeError('queue_full', `${this._sends.size} sends are already waiting for an ack (maxPendingSends)`)
+        new WsBridgeError('queue_full', `${this.#sends.size} sends are already waiting for an ack (maxPendingSends)`)
       );
     }
-    id = id ?? this._nextId();
-    if (this._sends.has(id)) {
+    id = id ?? this.#nextId();
+    if (this.#sends.has(id)) {
       return Promise.reject(new WsBridgeError('duplicate_id', `a send with id ${id} is already waiting`, id));
     }
     const frame = JSON.stringify({ type: 'send', stream, data, id });
     return new Promise((resolve, reject) => {
       const s = { frame, resolve, reject, transmissions: 0 };
-      this._sends.set(id, s);
-      if (this._write(frame)) s.transmissions = 1;
+      this.#sends.set(id, s);
+      if (this.#write(frame)) s.transmissions = 1;
     });
   }
 
@@ -816,17 +828,17 @@ export class WsBridgeClient {
    * @returns {Promise<{channel: string, offset: string | null}>}
    */
   publish(channel, data, { id } = {}) {
-    if (this._state === 'closed') {
+    if (this.#state === 'closed') {
       return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
     }
-    id = id ?? this._nextId();
-    if (this._publishes.has(id)) {
+    id = id ?? this.#nextId();
+    if (this.#publishes.has(id)) {
       return Promise.reject(new WsBridgeError('duplicate_id', `a publish with id ${id} is already waiting`, id));
     }
     return new Promise((resolve, reject) => {
-      this._publishes.set(id, { resolve, reject, channel });
-      if (!this._write(JSON.stringify({ type: 'publish', channel, data: data ?? null, id }))) {
-        this._publishes.delete(id);
+      this.#publishes.set(id, { resolve, reject, channel });
+      if (!this.#write(JSON.stringify({ type: 'publish', channel, data: data ?? null, id }))) {
+        this.#publishes.delete(id);
         const err = new WsBridgeError('not_connected', 'not connected: a publish is sent now or not at all', id);
         err.channel = channel;
         reject(err);
@@ -847,18 +859,18 @@ export class WsBridgeClient {
    * the answer was lost with a connection. The client need not be in the channel.
    */
   presence(channel, { view, cursor, limit } = {}) {
-    if (this._state === 'closed') {
+    if (this.#state === 'closed') {
       return Promise.reject(new WsBridgeError('closed', 'the client is closed'));
     }
-    const id = this._nextId();
+    const id = this.#nextId();
     const frame = { type: 'presence', channel, id };
     if (view != null) frame.view = view;
     if (cursor != null) frame.cursor = cursor;
     if (limit != null) frame.limit = limit;
     const text = JSON.stringify(frame);
     return new Promise((resolve, reject) => {
-      this._presence.set(id, { frame: text, channel, resolve, reject });
-      this._write(text);
+      this.#presence.set(id, { frame: text, channel, resolve, reject });
+      this.#write(text);
     });
   }
 
@@ -921,7 +933,7 @@ export class WsBridgeClient {
         if (mine !== reading || stopped || err.code === 'closed') return;
         missed = null;
         if (err.retryable) retry = setTimeout(read, 1000);
-        else this._emit('error', err);
+        else this.#emit('error', err);
         return;
       }
       for (const [type, member] of missed) apply(fresh, type, member);
@@ -933,7 +945,7 @@ export class WsBridgeClient {
       if (ch === channel && !stopped) read();
     };
     this.on('join', onJoin).on('leave', onLeave).on('subscribed', onSubscribed);
-    if (this._channels.get(channel)?.subscribed) read();
+    if (this.#channels.get(channel)?.subscribed) read();
     return {
       /** The members now, one per user. */
       get members() {

@@ -45,11 +45,11 @@ const MIN_STEP = 0.002; // points closer than this (fraction of the board) are s
 const CURSOR_EVERY_MS = 50; // the most often this page publishes its pointer
 const CURSOR_GONE_MS = 10_000; // another page's cursor that did not move for this long goes
 
-const canvas = document.getElementById('board');
+const canvas = /** @type {HTMLCanvasElement} */ (document.getElementById('board'));
 const ctx = canvas.getContext('2d');
 const statusEl = document.getElementById('status');
 const errorEl = document.getElementById('error');
-const widthEl = document.getElementById('width');
+const widthEl = /** @type {HTMLInputElement} */ (document.getElementById('width'));
 const whoEl = document.getElementById('who');
 const surfaceEl = document.getElementById('surface');
 
@@ -112,7 +112,7 @@ function restoreLost() {
   }
 }
 
-for (const event of ['welcome', 'close', 'reconnecting']) client.on(event, showStatus);
+for (const event of /** @type {const} */ (['welcome', 'close', 'reconnecting'])) client.on(event, showStatus);
 
 // Who has the board open: one entry per window (each is an anonymous connection, a user of
 // its own), read again after every subscribe and kept current by join and leave events.
@@ -450,7 +450,7 @@ function showError(text) {
 }
 
 // For tests and the curious (browser console): what this page holds.
-window.whiteboard = {
+/** @type {any} */ (window).whiteboard = {
   board,
   client,
   get state() {
