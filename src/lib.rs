@@ -105,7 +105,7 @@ pub async fn run(
         appender,
         metrics.clone(),
     ));
-    let durability = outbound::history::Durability::default();
+    let durability = backplane::durability::Durability::default();
     let publisher = Publisher::new(
         backplane.clone(),
         keys.clone(),

@@ -1,6 +1,7 @@
 //! The Redis backplane: the shared command link (XADD, PUBLISH, PING), the pub/sub link, their
 //! health, and the key names everything agrees on.
 
+pub mod durability;
 pub mod health;
 pub mod interest;
 pub mod pubsub;

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, RedisFailure};
 use crate::metrics::Metrics;
-use crate::outbound::history::Durability;
+use crate::backplane::durability::Durability;
 
 /// One acked entry, as it was appended.
 #[derive(Debug, Clone)]

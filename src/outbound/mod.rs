@@ -91,7 +91,7 @@ pub struct Publisher {
     acks: Arc<routes::Acks>,
     reaches: Arc<reach::Reaches>,
     /// Which Redis persists every write before answering (stamped beside each history).
-    durability: history::Durability,
+    durability: crate::backplane::durability::Durability,
 }
 
 impl Publisher {
@@ -102,7 +102,7 @@ impl Publisher {
         config: Arc<Config>,
         metrics: Metrics,
         replica: &str,
-        durability: history::Durability,
+        durability: crate::backplane::durability::Durability,
     ) -> Self {
         Self {
             durability,

@@ -16,7 +16,8 @@ use std::sync::LazyLock;
 use serde::Serialize;
 
 use super::envelope::{Item, Recipient, Unpublished};
-use super::history::{lua_continuity, Durability};
+use super::history::lua_continuity;
+use crate::backplane::durability::Durability;
 use crate::backplane::script::{Invocation, Script};
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::{ChannelConfig, Config};

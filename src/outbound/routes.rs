@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{Batch, Item, Unpublished};
-use super::history::Durability;
+use crate::backplane::durability::Durability;
 use super::publish::{self, lua_now, Destination, Ran, Step};
 use super::PublishError;
 use crate::backplane::script::Script;
