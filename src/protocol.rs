@@ -552,6 +552,10 @@ pub enum ServerFrame<'a> {
         /// The token's `exp`.
         expires_at: u64,
     },
+    /// Live messages on their way from Redis to this replica may have been lost (its pub/sub
+    /// link dropped, or its buffer overflowed): messages to this connection, its user, everyone,
+    /// or its channels without history. Channels with history catch up on their own.
+    Missed,
     /// A frame could not be taken.
     Error {
         /// Client frame id (null when it could not be read).

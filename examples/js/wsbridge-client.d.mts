@@ -100,6 +100,7 @@ export type ServerFrame =
     }
   | { type: 'join' | 'leave'; channel: string; member: PresenceMember }
   | { type: 'refresh_required'; expires_at: number }
+  | { type: 'missed' }
   | { type: 'refreshed'; id?: FrameId; expires_at: number | null }
   | { type: 'error'; id: FrameId | null; code: WsBridgeErrorCode; message: string };
 
@@ -269,6 +270,10 @@ export interface WsBridgeClientEvents<Data = any> {
   refresh_required: [info: { expiresAt: number }];
   /** A token function's fresh token was taken: the connection lasts until `expiresAt`. */
   refreshed: [info: { expiresAt: number | null }];
+  /** Live messages without history (to this connection, its user, everyone, or channels without
+   * history) may have been lost on the gateway's side (its Redis link dropped or overflowed):
+   * reload what you keep from them. Channels with history catch up by themselves. */
+  missed: [];
   /** Error frames not tied to a pending call, socket errors, failed subscribes, and what the
    * url or token function threw. */
   error: [error: WsBridgeError | Error];

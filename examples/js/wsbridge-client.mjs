@@ -539,6 +539,11 @@ export class WsBridgeClient {
         return this.#emit(f.type, { channel: f.channel, member: f.member });
       case 'refresh_required':
         return this.#onRefreshRequired(f);
+      case 'missed':
+        // Live messages without history (to this connection, its user, everyone, or channels
+        // without history) may have been lost on the gateway's side; history channels catch up
+        // by themselves (or say recovered: false).
+        return this.#emit('missed');
       case 'refreshed': {
         const r = this.#refreshes.get(f.id);
         if (!r) return;

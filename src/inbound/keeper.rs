@@ -28,9 +28,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::backplane::durability::Durability;
 use crate::backplane::{Backplane, RedisFailure};
 use crate::metrics::Metrics;
-use crate::backplane::durability::Durability;
 
 /// One acked entry, as it was appended.
 #[derive(Debug, Clone)]

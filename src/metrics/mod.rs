@@ -37,6 +37,7 @@ pub mod names {
     pub const INBOUND_UNCONFIRMED: &str = "wsbridge_inbound_unconfirmed_entries";
     pub const INBOUND_UNCONFIRMED_DROPPED: &str = "wsbridge_inbound_unconfirmed_dropped_total";
     pub const INBOUND_APPENDED_AGAIN: &str = "wsbridge_inbound_appended_again_total";
+    pub const MISSED_NOTICES: &str = "wsbridge_missed_notices_total";
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
     pub const PUBSUB_CHANNELS: &str = "wsbridge_pubsub_channels";
@@ -299,6 +300,8 @@ pub struct MetricsInner {
     pub inbound_unconfirmed_dropped: Counter,
     /// Kept entries appended again because a new Redis writer lacked them.
     pub inbound_appended_again: Counter,
+    /// `missed` frames queued to connections (pub/sub link dropped or its buffer overflowed).
+    pub missed_notices: Counter,
     /// 1 while the command link answers.
     pub redis_up: Gauge,
     /// 1 while pub/sub round trips succeed.
@@ -412,6 +415,7 @@ impl Metrics {
             inbound_unconfirmed_entries: metrics::gauge!(names::INBOUND_UNCONFIRMED),
             inbound_unconfirmed_dropped: metrics::counter!(names::INBOUND_UNCONFIRMED_DROPPED),
             inbound_appended_again: metrics::counter!(names::INBOUND_APPENDED_AGAIN),
+            missed_notices: metrics::counter!(names::MISSED_NOTICES),
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
             pubsub_channels: metrics::gauge!(names::PUBSUB_CHANNELS),
@@ -630,6 +634,10 @@ fn describe() {
     describe_counter!(
         INBOUND_UNCONFIRMED_DROPPED,
         "Kept copies of acked inbound entries dropped before Redis confirmed them: inbound.keep_unconfirmed_entries was full."
+    );
+    describe_counter!(
+        MISSED_NOTICES,
+        "`missed` frames sent to connections: live messages may have been lost on the way from Redis (pub/sub link dropped, or its buffer overflowed)."
     );
     describe_counter!(
         INBOUND_APPENDED_AGAIN,

@@ -134,7 +134,28 @@ pub struct Dispatcher {
     multi: bool,
     /// Numbers the payloads, so a connection gets at most one direct write per payload.
     payload_seq: u64,
+    /// When the last `missed` notice went out, and whether another is due.
+    missed: MissedNotices,
 }
+
+/// `missed` notices: at most one per [`MISSED_EVERY`]; one asked for sooner goes out when that
+/// time is up (a pub/sub buffer overflowing for a while signals on every dropped message).
+#[derive(Default)]
+struct MissedNotices {
+    last: Option<tokio::time::Instant>,
+    pending: bool,
+}
+
+impl MissedNotices {
+    /// When the pending notice may go out.
+    fn due(&self) -> tokio::time::Instant {
+        self.last
+            .map_or_else(tokio::time::Instant::now, |t| t + MISSED_EVERY)
+    }
+}
+
+/// The least time between two `missed` notices to the connections.
+const MISSED_EVERY: Duration = Duration::from_secs(1);
 
 /// The pause before a catch-up reads again after a read that failed for good (an error reply,
 /// or a failure after its own retries): what the history holds is still unknown, so the members
@@ -181,6 +202,7 @@ impl Dispatcher {
             direct_budget: 0,
             multi: false,
             payload_seq: 0,
+            missed: MissedNotices::default(),
         }
     }
 
@@ -193,6 +215,7 @@ impl Dispatcher {
         mut resubscribed: mpsc::Receiver<()>,
     ) {
         loop {
+            let missed_due = self.missed.due();
             tokio::select! {
                 // Biased: the pub/sub link signals a reconnection before it forwards anything it
                 // received after it, so the catch-up starts (and holds the channel) before the
@@ -207,7 +230,11 @@ impl Dispatcher {
                     Control::CatchUp(caught) => self.finish_catch_up(caught),
                     Control::Joined(joined) => self.joined(joined),
                 },
-                Some(()) = resubscribed.recv() => self.start_catch_up(),
+                Some(()) = resubscribed.recv() => {
+                    self.messages_missed();
+                    self.start_catch_up();
+                }
+                () = tokio::time::sleep_until(missed_due), if self.missed.pending => self.tell_missed(),
                 payload = rx.recv() => match payload {
                     Some(payload) => {
                         let alone = rx.is_empty();
@@ -618,6 +645,35 @@ impl Dispatcher {
     /// After a pub/sub reconnect or a dropped payload: for every history channel with local
     /// members, hold its live messages and read what was published since where they stand; or,
     /// when that is unknown, tell them `recovered: false`.
+    /// Live messages may have been lost before the pub/sub link's next one: every connection is
+    /// told `missed` (now, or when [`MISSED_EVERY`] has passed since the last notice).
+    fn messages_missed(&mut self) {
+        if self.missed.last.is_some_and(|t| t.elapsed() < MISSED_EVERY) {
+            self.missed.pending = true;
+        } else {
+            self.tell_missed();
+        }
+    }
+
+    /// Queues `{"type":"missed"}` to every local connection, encoded once per encoding.
+    fn tell_missed(&mut self) {
+        self.missed = MissedNotices {
+            last: Some(tokio::time::Instant::now()),
+            pending: false,
+        };
+        let json = ServerFrame::Missed.encode(Encoding::Json);
+        let msgpack = ServerFrame::Missed.encode(Encoding::Msgpack);
+        let conns = self.registry.all();
+        for conn in &conns {
+            let frame = match conn.encoding {
+                Encoding::Json => &json,
+                Encoding::Msgpack => &msgpack,
+            };
+            conn.deliver(frame, false, None, 0);
+        }
+        self.metrics.missed_notices.increment(conns.len() as u64);
+    }
+
     fn start_catch_up(&mut self) {
         let registry = self.registry.clone();
         self.catch_ups

@@ -97,7 +97,6 @@ end
 
 pub(crate) use lua_continuity;
 
-
 /// What a read found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Replay {

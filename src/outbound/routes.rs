@@ -17,9 +17,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::envelope::{Batch, Item, Unpublished};
-use crate::backplane::durability::Durability;
 use super::publish::{self, lua_now, Destination, Ran, Step};
 use super::PublishError;
+use crate::backplane::durability::Durability;
 use crate::backplane::script::Script;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;

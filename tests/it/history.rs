@@ -415,6 +415,48 @@ async fn a_replica_catches_up_what_its_pubsub_link_missed() {
     .await;
 }
 
+/// Live messages without history (to a channel without history, a connection, everyone) that
+/// were published while a replica's pub/sub link was down never reach its clients; each client
+/// is told with `{"type":"missed"}`, once, before the next live message (JSON and MessagePack
+/// clients alike).
+#[tokio::test]
+async fn live_messages_lost_while_the_pubsub_link_was_down_are_announced() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("missed");
+        let a = start(&redis, &prefix, 10, &[]).await;
+        let b = start(&redis, &prefix, 10, &[]).await;
+        let mut json_client = Client::connect(&a).await;
+        let mut msgpack_client = Client::connect_msgpack(&a).await;
+        for c in [&mut json_client, &mut msgpack_client] {
+            c.subscribe("lobby").await;
+        }
+        b.send(json!({"to": {"channel": "lobby"}, "data": 0})).await;
+        for c in [&mut json_client, &mut msgpack_client] {
+            assert_eq!(c.recv().await["data"], 0);
+        }
+
+        let mut conn = cut_pubsub_links(&redis).await;
+        b.send(json!({"to": {"channel": "lobby"}, "data": 1})).await;
+        b.send(json!({"to": {"connection": json_client.connection}, "data": 2}))
+            .await;
+        b.send(json!({"to": {"all": true}, "data": 3})).await;
+        restore_connections(&mut conn).await;
+        eventually("A's clients are told", || async {
+            a.metric("wsbridge_missed_notices_total").await >= 2.0
+        })
+        .await;
+
+        b.send(json!({"to": {"channel": "lobby"}, "data": "live"}))
+            .await;
+        for c in [&mut json_client, &mut msgpack_client] {
+            assert_eq!(c.recv().await["data"], "live", "1..=3 were lost");
+            assert_eq!(c.missed, 1, "one notice, before the next live message");
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_gap_the_history_cannot_fill_is_announced() {
     deadline(TEST_DEADLINE, async {

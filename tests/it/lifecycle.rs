@@ -234,6 +234,7 @@ async fn tokens_are_checked_before_the_upgrade_and_expiry_closes_with_1008() {
             msgpack: false,
             connection: String::new(),
             user: serde_json::Value::Null,
+            missed: 0,
         };
         assert_eq!(brief.recv().await["user"], "brief");
         brief.expect_close(1008).await;

@@ -68,6 +68,7 @@ export async function app(): Promise<void> {
     .on('reconnecting', ({ attempt, delayMs, capMs, code }) => [attempt, delayMs, capMs, code ?? 0])
     .on('refresh_required', ({ expiresAt }) => expiresAt * 1000)
     .on('refreshed', ({ expiresAt }) => expiresAt ?? 0)
+    .on('missed', () => 'reload the notifications')
     .once('error', (err) => {
       if (err instanceof WsBridgeError && err.retryable) log(err.code, err.id, err.channel);
     });

@@ -837,6 +837,10 @@ pub struct Client {
     pub msgpack: bool,
     pub connection: String,
     pub user: Value,
+    /// `missed` notices received (the replica's pub/sub link dropped or overflowed). They can
+    /// come at any time after Redis trouble, so the readers skip them and count them here;
+    /// tests about them read this.
+    pub missed: usize,
 }
 
 impl Client {
@@ -885,6 +889,7 @@ impl Client {
             msgpack,
             connection: String::new(),
             user: Value::Null,
+            missed: 0,
         };
         let welcome = client.recv().await;
         assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
@@ -919,16 +924,22 @@ impl Client {
     /// [`Client::close_outcome`], which tell those apart.
     pub async fn next_frame(&mut self) -> Option<Result<Value, Option<CloseFrame>>> {
         loop {
-            match self.ws.next().await? {
-                Ok(Message::Text(t)) => return Some(Ok(serde_json::from_str(&t).unwrap())),
+            let frame: Value = match self.ws.next().await? {
+                Ok(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
                 Ok(Message::Binary(b)) => {
                     assert!(self.msgpack, "binary frame on a JSON connection");
-                    return Some(Ok(rmp_serde::from_slice(&b).unwrap()));
+                    rmp_serde::from_slice(&b).unwrap()
                 }
                 Ok(Message::Close(frame)) => return Some(Err(frame)),
                 Ok(_) => continue,
                 Err(_) => return None,
+            };
+            if frame["type"] == "missed" {
+                assert_eq!(frame, json!({"type": "missed"}), "a missed notice");
+                self.missed += 1;
+                continue;
             }
+            return Some(Ok(frame));
         }
     }
 
