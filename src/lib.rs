@@ -245,6 +245,13 @@ pub async fn run(
     } else {
         inbound::appender::Confirmation::None
     };
+    tasks.spawn(inbound::backlog::run(
+        backplane.clone(),
+        keys.clone(),
+        config.inbound_stream_names(),
+        Duration::from_millis(config.redis.health_interval_ms),
+        background.clone(),
+    ));
     let appender_task = tokio::spawn(inbound::appender::run(
         append_rx,
         backplane.clone(),

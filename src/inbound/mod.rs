@@ -3,6 +3,7 @@
 
 pub mod appender;
 pub mod keeper;
+pub mod backlog;
 
 use std::collections::HashMap;
 use std::sync::Arc;
