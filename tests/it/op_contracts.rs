@@ -1,4 +1,7 @@
-//! What operators' tools read: the inbound backlog gauges the consumer-lag alert fires on.
+//! What operators' tools read: the inbound backlog gauges the consumer-lag alert fires on, and
+//! `wsbridge --check-config`, which CI pipelines and Kubernetes init steps run.
+
+use std::process::{Command, Output};
 
 use serde_json::json;
 
@@ -108,4 +111,73 @@ fn metric_in(text: &str, sample: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// Runs `wsbridge --check-config` on `config` with environment overrides.
+fn check_config(config: &str, env: &[(&str, &str)]) -> Output {
+    let path = scratch_dir().join("wsbridge.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+    cmd.arg("--check-config").arg(&path);
+    // Overrides from the test's own environment (the interest-routing pass) would be checked
+    // too; these tests decide theirs.
+    for (var, _) in std::env::vars().filter(|(v, _)| v.starts_with("WSBRIDGE__")) {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied()).output().unwrap()
+}
+
+#[test]
+fn check_config_accepts_a_valid_file_without_binding_or_connecting() {
+    // The listen port is taken and nothing listens at the Redis URL: starting would fail on
+    // both, a check must not notice either.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = format!(
+        "[server]\nlisten = \"{}\"\n[redis]\nurl = \"redis://127.0.0.1:{}\"\n[inbound]\nstreams = [\"chat\"]\n",
+        taken.local_addr().unwrap(),
+        free_port()
+    );
+    let out = check_config(&config, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+/// A config text, environment overrides, and what the error must say.
+type BadConfig<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn check_config_fails_naming_the_key_of_a_bad_file_or_override() {
+    let cases: [BadConfig; 4] = [
+        // An unknown key: the section and the key.
+        ("[server]\nlisten_port = 8080\n", &[], "`listen_port`"),
+        // A wrong type.
+        (
+            "[redis]\nhealth_interval_ms = \"fast\"\n",
+            &[],
+            "key `redis.health_interval_ms`",
+        ),
+        // A value the type allows but the gateway cannot use.
+        (
+            "[server]\nlisten = \"nowhere\"\n",
+            &[],
+            "config key `server.listen`",
+        ),
+        // Environment overrides apply, as at start.
+        (
+            "[server]\nlisten = \"127.0.0.1:8080\"\n",
+            &[("WSBRIDGE__LIMITS__MAX_CONNECTIONS", "lots")],
+            "key `limits.max_connections` in the environment",
+        ),
+    ];
+    for (config, env, expected) in cases {
+        let out = check_config(config, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{config}: {out:?}");
+        assert!(out.stdout.is_empty(), "{config}: {out:?}");
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
 }
