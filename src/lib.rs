@@ -73,6 +73,7 @@ pub async fn run(
         config.server.replica_id.clone()
     };
     let metrics = Metrics::new(&config.inbound_stream_names());
+    crate::metrics::record_routing(config.outbound.routing);
     let keys = Keys::new(&config.redis.prefix, &replica_id);
     let backplane =
         Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;

@@ -60,6 +60,7 @@ pub mod names {
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
     pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
     pub const CLIENT_PUBLISHES: &str = "wsbridge_client_publishes_total";
+    pub const ROUTING_INFO: &str = "wsbridge_routing_info";
     pub const INBOUND_STREAM_LENGTH: &str = "wsbridge_inbound_stream_length";
     pub const INBOUND_GROUP_PENDING: &str = "wsbridge_inbound_group_pending";
     pub const INBOUND_GROUP_LAG: &str = "wsbridge_inbound_group_lag";
@@ -544,6 +545,16 @@ impl Metrics {
     }
 }
 
+/// Exports `wsbridge_routing_info{routing}` = 1, so that alerts and dashboards can judge the
+/// filtered share by the routing in use (`outbound.routing`).
+pub fn record_routing(routing: crate::config::Routing) {
+    let routing = match routing {
+        crate::config::Routing::Broadcast => "broadcast",
+        crate::config::Routing::Interest => "interest",
+    };
+    metrics::gauge!(names::ROUTING_INFO, "routing" => routing).set(1.0);
+}
+
 /// Installs the Prometheus recorder with buckets that fit what each histogram measures.
 ///
 /// # Errors
@@ -728,6 +739,10 @@ fn describe() {
     describe_counter!(
         REACH_ANSWERS,
         "Reach answers received from replicas for POST /send calls published on this replica."
+    );
+    describe_gauge!(
+        ROUTING_INFO,
+        "Always 1; the routing label tells outbound.routing: broadcast or interest."
     );
     describe_gauge!(
         INBOUND_STREAM_LENGTH,

@@ -56,6 +56,17 @@ async fn backlog_gauges_show_stream_length_pending_lag_and_oldest_pending_age() 
                 )) == Some(0.0)
         })
         .await;
+        // The filtered-share alert judges the share by the routing in use.
+        let routing = if interest_routing() {
+            "interest"
+        } else {
+            "broadcast"
+        };
+        assert_eq!(
+            gw.metric(&format!("wsbridge_routing_info{{routing=\"{routing}\"}}"))
+                .await,
+            1.0
+        );
         assert_eq!(
             gw.metric("wsbridge_inbound_stream_length{stream=\"orders\"}")
                 .await,
