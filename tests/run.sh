@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests run for real: Redis (the backplane) and its Sentinel, Prometheus (the dashboard
-# test evaluates every panel's query against it), openssl (RS256 test keys) and nginx (the
+# test evaluates every panel's query against it; its promtool unit-tests the alert rules), openssl (RS256 test keys) and nginx (the
 # deployment example's config, in front of real replicas).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -46,6 +46,8 @@ echo "==> RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
 echo "==> deployment files (examples/deploy, Dockerfile)"
 bash tests/deploy.sh
+echo "==> alert rules (grafana/alerts.yml): promtool check rules, promtool test rules"
+bash tests/alerts.sh
 
 echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 cargo build # the tests run target/debug/wsbridge
