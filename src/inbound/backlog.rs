@@ -31,7 +31,9 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
+    // The first round one interval after start, not at once: start-up's own commands (the
+    // first PING, creating the groups) go first.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Series of groups seen in the last round, so that a destroyed group's gauges fall to 0
     // instead of repeating its last values forever.
