@@ -20,6 +20,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # fixture falls back to `redis-server --sentinel`, the same program).
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus) # tests/alerts.sh: promtool test rules
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx) # the example nginx configs (deploy, whiteboard)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm) # the JS client, Node backend, Playwright
