@@ -20,7 +20,9 @@ neither connects to Redis nor binds a port.";
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut path = None;
-    let mut check = false;
+    // `--check-config` wins over `--config` in any order: the image's entrypoint already
+    // passes `--config`, and `docker run IMAGE --check-config FILE` must check FILE.
+    let mut check = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => match args.next() {
@@ -28,10 +30,7 @@ fn main() -> ExitCode {
                 None => return usage_error("--config needs a path"),
             },
             "--check-config" => match args.next() {
-                Some(p) => {
-                    path = Some(PathBuf::from(p));
-                    check = true;
-                }
+                Some(p) => check = Some(PathBuf::from(p)),
                 None => return usage_error("--check-config needs a path"),
             },
             "--help" | "-h" => {
@@ -45,6 +44,9 @@ fn main() -> ExitCode {
             other => return usage_error(&format!("unknown argument `{other}`")),
         }
     }
+    if check.is_some() {
+        path = check.clone();
+    }
     let config = match Config::load(path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -52,14 +54,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if check {
+    if let Some(checked) = check {
         // `Config::load` is the whole of start-up's validation (auth key files included); what
         // remains at start is connecting and binding, which a check must not do.
-        let shown = path.as_deref().map(|p| p.display().to_string());
-        println!(
-            "ok: {} is a valid wsbridge config",
-            shown.unwrap_or_default()
-        );
+        println!("ok: {} is a valid wsbridge config", checked.display());
         return ExitCode::SUCCESS;
     }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());

@@ -129,7 +129,10 @@ fn check_config(config: &str, env: &[(&str, &str)]) -> Output {
     let path = scratch_dir().join("wsbridge.toml");
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
-    cmd.arg("--check-config").arg(&path);
+    // As the image's entrypoint runs it: `--config` of the baked-in file first, which the
+    // checked file overrides.
+    cmd.args(["--config", "/nonexistent/wsbridge.toml", "--check-config"])
+        .arg(&path);
     // Overrides from the test's own environment (the interest-routing pass) would be checked
     // too; these tests decide theirs.
     for (var, _) in std::env::vars().filter(|(v, _)| v.starts_with("WSBRIDGE__")) {
