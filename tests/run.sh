@@ -3,7 +3,8 @@
 # installs what the tests run for real when missing (Debian packages, the example backends'
 # Python and npm packages, playwright-core), then builds everything (examples included), runs the
 # Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
-# deployment-file checks, the JavaScript client's tests (tests/js, against real replicas) and
+# deployment-file checks, the alert rules' unit tests (tests/alerts.sh: promtool), the
+# JavaScript client's tests (tests/js, against real replicas) and
 # types (tests/ts: tsc, npm pack), the whiteboard in headless Chromium (tests/browser) and all
 # Rust tests.
 set -euo pipefail

@@ -2,8 +2,8 @@
 //! backends read with consumer groups.
 
 pub mod appender;
-pub mod keeper;
 pub mod backlog;
+pub mod keeper;
 
 use std::collections::HashMap;
 use std::sync::Arc;
