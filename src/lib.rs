@@ -73,6 +73,7 @@ pub async fn run(
         config.server.replica_id.clone()
     };
     let metrics = Metrics::new(&config.inbound_stream_names());
+    crate::metrics::record_routing(config.outbound.routing);
     let keys = Keys::new(&config.redis.prefix, &replica_id);
     let backplane =
         Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;
@@ -245,6 +246,13 @@ pub async fn run(
     } else {
         inbound::appender::Confirmation::None
     };
+    tasks.spawn(inbound::backlog::run(
+        backplane.clone(),
+        keys.clone(),
+        config.inbound_stream_names(),
+        Duration::from_millis(config.redis.health_interval_ms),
+        background.clone(),
+    ));
     let appender_task = tokio::spawn(inbound::appender::run(
         append_rx,
         backplane.clone(),

@@ -3,7 +3,8 @@
 # installs what the tests run for real when missing (Debian packages, the example backends'
 # Python and npm packages, playwright-core), then builds everything (examples included), runs the
 # Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
-# deployment-file checks, the JavaScript client's tests (tests/js, against real replicas) and
+# deployment-file checks, the alert rules' unit tests (tests/alerts.sh: promtool), the
+# JavaScript client's tests (tests/js, against real replicas) and
 # types (tests/ts: tsc, npm pack), the whiteboard in headless Chromium (tests/browser) and all
 # Rust tests.
 set -euo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests run for real: Redis (the backplane) and its Sentinel, Prometheus (the dashboard
-# test evaluates every panel's query against it), openssl (RS256 test keys) and nginx (the
+# test evaluates every panel's query against it; its promtool unit-tests the alert rules), openssl (RS256 test keys) and nginx (the
 # deployment example's config, in front of real replicas).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -20,6 +21,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # fixture falls back to `redis-server --sentinel`, the same program).
 command -v redis-sentinel >/dev/null 2>&1 || missing+=(redis-sentinel)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus) # tests/alerts.sh: promtool test rules
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx) # the example nginx configs (deploy, whiteboard)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm) # the JS client, Node backend, Playwright
@@ -46,6 +48,8 @@ echo "==> RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
 echo "==> deployment files (examples/deploy, Dockerfile)"
 bash tests/deploy.sh
+echo "==> alert rules (grafana/alerts.yml): promtool check rules, promtool test rules"
+bash tests/alerts.sh
 
 echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 cargo build # the tests run target/debug/wsbridge

@@ -2,6 +2,7 @@
 //! backends read with consumer groups.
 
 pub mod appender;
+pub mod backlog;
 pub mod keeper;
 
 use std::collections::HashMap;

@@ -61,6 +61,12 @@ pub mod names {
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
     pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
     pub const CLIENT_PUBLISHES: &str = "wsbridge_client_publishes_total";
+    pub const ROUTING_INFO: &str = "wsbridge_routing_info";
+    pub const INBOUND_STREAM_LENGTH: &str = "wsbridge_inbound_stream_length";
+    pub const INBOUND_GROUP_PENDING: &str = "wsbridge_inbound_group_pending";
+    pub const INBOUND_GROUP_LAG: &str = "wsbridge_inbound_group_lag";
+    pub const INBOUND_OLDEST_PENDING_AGE_SECONDS: &str =
+        "wsbridge_inbound_oldest_pending_age_seconds";
 }
 
 /// Error codes a client `publish` can be refused with: the `outcome` label values of
@@ -543,6 +549,16 @@ impl Metrics {
     }
 }
 
+/// Exports `wsbridge_routing_info{routing}` = 1, so that alerts and dashboards can judge the
+/// filtered share by the routing in use (`outbound.routing`).
+pub fn record_routing(routing: crate::config::Routing) {
+    let routing = match routing {
+        crate::config::Routing::Broadcast => "broadcast",
+        crate::config::Routing::Interest => "interest",
+    };
+    metrics::gauge!(names::ROUTING_INFO, "routing" => routing).set(1.0);
+}
+
 /// Installs the Prometheus recorder with buckets that fit what each histogram measures.
 ///
 /// # Errors
@@ -731,6 +747,27 @@ fn describe() {
     describe_counter!(
         REACH_ANSWERS,
         "Reach answers received from replicas for POST /send calls published on this replica."
+    );
+    describe_gauge!(
+        ROUTING_INFO,
+        "Always 1; the routing label tells outbound.routing: broadcast or interest."
+    );
+    describe_gauge!(
+        INBOUND_STREAM_LENGTH,
+        "Entries in an inbound stream (XLEN), by stream; sampled every redis.health_interval_ms."
+    );
+    describe_gauge!(
+        INBOUND_GROUP_PENDING,
+        "Entries delivered to a consumer group and not yet acknowledged (XINFO GROUPS pending), by stream and group."
+    );
+    describe_gauge!(
+        INBOUND_GROUP_LAG,
+        "Entries of an inbound stream not yet delivered to a consumer group (XINFO GROUPS lag), by stream and group; NaN when Redis cannot tell."
+    );
+    describe_gauge!(
+        INBOUND_OLDEST_PENDING_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of a consumer group's oldest unacknowledged entry (0 when none), by stream and group."
     );
     describe_counter!(
         DEFLATE_MESSAGES,

@@ -22,6 +22,7 @@ mod lifecycle;
 mod limits;
 mod loadgen;
 mod lost_writes;
+mod op_contracts;
 mod outage;
 mod presence;
 mod publish;
