@@ -137,9 +137,15 @@ async fn next_frame(ws: &mut Ws) -> Option<Frame> {
             .unwrap_or_else(|_| panic!("no frame within {PATIENCE:?}"));
         match next {
             Some(Ok(Message::Text(text))) => {
-                return Some(Frame::message(&text).unwrap_or_else(|| {
+                let frame = Frame::message(&text).unwrap_or_else(|| {
                     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-                }))
+                });
+                // About messages without history (a Redis restart drops the pub/sub link);
+                // this channel's history is what these tests check.
+                if frame.kind == "missed" {
+                    continue;
+                }
+                return Some(frame);
             }
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
             Some(Ok(_)) => continue,
