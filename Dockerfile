@@ -7,6 +7,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# src/api.rs embeds the OpenAPI document (include_str!), served at GET /openapi.json.
+COPY docs/openapi.json ./docs/openapi.json
 COPY examples ./examples
 RUN cargo build --release --locked --bin wsbridge
 

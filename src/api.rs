@@ -1,4 +1,5 @@
-//! The backend API: `/send`, `/subscribe`, `/unsubscribe`, `/disconnect`, health and metrics.
+//! The backend API: `/send`, `/subscribe`, `/unsubscribe`, `/disconnect`, presence, health,
+//! metrics, and its own OpenAPI document (`docs/openapi.json`, served at `/openapi.json`).
 //!
 //! Every action is validated whole, then published as one pub/sub batch, so it is accepted
 //! (202) or refused (4xx/503) as a unit: a backend that sees 503 may retry without duplicates.
@@ -25,6 +26,10 @@ use crate::outbound::envelope::{
 };
 use crate::registry::Target;
 use crate::state::AppState;
+
+/// The OpenAPI 3.1 document of this API, served at `GET /openapi.json`. It lives in `docs/` so
+/// users find it beside the prose; tests/schemathesis.sh checks the replica against it.
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
 
 /// Why an API call was refused; one mapping to status and code.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +172,15 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(response)
+        }
+        "/openapi.json" => {
+            only(&req, Method::GET)?;
+            let mut response = text(200, OPENAPI_JSON);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
             );
             Ok(response)
         }

@@ -1,6 +1,7 @@
 //! Integration tests: real redis-server, real gateway replicas, real WebSocket clients.
 
 mod api;
+mod api_contract;
 mod auth;
 mod catch_up;
 mod cluster;

@@ -1,0 +1,102 @@
+//! The backend API against its OpenAPI document (`docs/openapi.json`): the replica serves the
+//! document, every path in it is a route of the replica, and the answers Schemathesis
+//! (`tests/schemathesis.sh`) found outside the document are fixed, each reproduced here.
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+const KEY: &str = "contract-key";
+
+/// A replica with an API key and presence on `room:*`.
+async fn replica(redis: &Redis, prefix: &str) -> Gateway {
+    let config = format!(
+        "{}\n[api]\nkeys = [\"{KEY}\"]\n\n[[channels]]\npattern = \"room:*\"\npresence = true\n",
+        base_config(&redis.url(), prefix)
+    );
+    let gw = Gateway::spawn(&config, prefix, &[]);
+    gw.wait_ready().await;
+    gw
+}
+
+/// The raw head of a GET: status line and headers, lower-cased.
+async fn get_head(gw: &Gateway, path: &str) -> String {
+    let addr = gw.api_url.trim_start_matches("http://");
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(PATIENCE, tcp.read_to_end(&mut bytes))
+        .await
+        .expect("the replica answered within PATIENCE")
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    text.split("\r\n\r\n").next().unwrap().to_lowercase()
+}
+
+#[tokio::test]
+async fn the_replica_serves_its_openapi_document_and_every_path_in_it_is_a_route() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("openapi");
+        let gw = replica(&redis, &prefix).await;
+
+        // Open like /metrics (the key is set), as JSON, byte for byte the file in docs/.
+        let url = format!("{}/openapi.json", gw.api_url);
+        let (status, text) = http("GET", &url, None, None).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(text, include_str!("../../docs/openapi.json"));
+        let head = get_head(&gw, "/openapi.json").await;
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{head}"
+        );
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+
+        // Every documented path answers its other method with 405 naming the documented one:
+        // the route exists, and takes the method the document says.
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths.len() >= 10, "{:?}", paths.keys());
+        for (path, operations) in paths {
+            let methods: Vec<&String> = operations.as_object().unwrap().keys().collect();
+            assert_eq!(methods.len(), 1, "{path}: {methods:?}");
+            let documented = methods[0].to_uppercase();
+            let other = if documented == "GET" { "POST" } else { "GET" };
+            let (status, body) =
+                http(other, &format!("{}{path}", gw.api_url), Some(""), Some(KEY)).await;
+            assert_eq!(status, 405, "{other} {path}: {body}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["error"]["code"], "method_not_allowed", "{path}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("use {documented}")),
+                "{path}: {body}"
+            );
+            // Security: the action endpoints need the key, the open ones do not.
+            let open = operations[methods[0].as_str()]["security"] == json!([]);
+            let action_paths = [
+                "/send",
+                "/subscribe",
+                "/unsubscribe",
+                "/disconnect",
+                "/presence",
+                "/user_status",
+            ];
+            assert_eq!(open, !action_paths.contains(&path.as_str()), "{path}");
+            if !open {
+                let (status, _) =
+                    http("POST", &format!("{}{path}", gw.api_url), Some("{}"), None).await;
+                assert_eq!(status, 401, "POST {path} without the key");
+            }
+        }
+        let (status, _) = http("GET", &format!("{}/openapi.yaml", gw.api_url), None, None).await;
+        assert_eq!(status, 404);
+    })
+    .await;
+}
