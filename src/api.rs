@@ -202,9 +202,11 @@ async fn route(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse,
             }
             let users = crate::protocol::PresenceQuery::users_view(ask.view.as_deref())
                 .map_err(ApiError::BadRequest)?;
+            let cursor =
+                crate::protocol::PresenceQuery::cursor(ask.cursor).map_err(ApiError::BadRequest)?;
             let query = crate::protocol::PresenceQuery {
                 users,
-                cursor: ask.cursor,
+                cursor,
                 limit: ask.limit,
             };
             let page = state.presence.page(&channel, &query).await.map_err(|e| {

@@ -123,6 +123,24 @@ impl PresenceQuery {
             )),
         }
     }
+
+    /// Checks a `cursor` as given: absent (the first page), or the `cursor` of a previous page,
+    /// which is 1 to 19 ASCII digits (every cursor Redis hands out for a hash fits: it is below
+    /// the hash table's size).
+    ///
+    /// # Errors
+    /// A sentence naming the field for anything else: Redis would refuse it ("invalid cursor",
+    /// which would read as Redis being unavailable) or read it as another position.
+    pub fn cursor(cursor: Option<String>) -> Result<Option<String>, String> {
+        match cursor {
+            Some(c) if c.is_empty() || c.len() > 19 || !c.bytes().all(|b| b.is_ascii_digit()) => {
+                Err(format!(
+                    "field `cursor` must be the `cursor` of a previous page (1 to 19 digits), not `{c}`"
+                ))
+            }
+            cursor => Ok(cursor),
+        }
+    }
 }
 
 /// What a presence query asks for: a view, and a page of it.
@@ -435,6 +453,10 @@ fn build(
         Some("presence") => {
             let users = match PresenceQuery::users_view(view.as_deref()) {
                 Ok(users) => users,
+                Err(e) => return Err(FrameError::new(id, ErrorCode::BadRequest, e)),
+            };
+            let cursor = match PresenceQuery::cursor(cursor) {
+                Ok(cursor) => cursor,
                 Err(e) => return Err(FrameError::new(id, ErrorCode::BadRequest, e)),
             };
             Ok(ClientFrame::Presence {

@@ -21,6 +21,31 @@ async fn replica(redis: &Redis, prefix: &str) -> Gateway {
     gw
 }
 
+/// POST with the key; the answer's status and JSON body.
+async fn post(gw: &Gateway, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(
+        "POST",
+        &format!("{}{path}", gw.api_url),
+        Some(&body.to_string()),
+        Some(KEY),
+    )
+    .await;
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, value)
+}
+
+/// Asserts a 400 `bad_request` whose message names `field`.
+fn assert_bad_request(answer: &(u16, Value), field: &str, what: &str) {
+    let (status, body) = answer;
+    assert_eq!(*status, 400, "{what}: {body}");
+    assert_eq!(body["error"]["code"], "bad_request", "{what}: {body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("`{field}`")),
+        "{what}: the message does not name `{field}`: {message}"
+    );
+}
+
 /// The raw head of a GET: status line and headers, lower-cased.
 async fn get_head(gw: &Gateway, path: &str) -> String {
     let addr = gw.api_url.trim_start_matches("http://");
@@ -97,6 +122,78 @@ async fn the_replica_serves_its_openapi_document_and_every_path_in_it_is_a_route
         }
         let (status, _) = http("GET", &format!("{}/openapi.yaml", gw.api_url), None, None).await;
         assert_eq!(status, 404);
+    })
+    .await;
+}
+
+/// Found by Schemathesis: a presence `cursor` that is not one Redis handed out was either a 503
+/// `redis_unavailable` ("invalid cursor" from HSCAN, answered "ask again", so a backend retried it
+/// forever) or taken as another position (`""`, `"-1"`). Now it is a 400 naming `cursor`, on the
+/// API and in a client's `presence` frame alike.
+#[tokio::test]
+async fn a_presence_cursor_that_no_page_gave_is_a_bad_request() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("cursor");
+        let gw = replica(&redis, &prefix).await;
+        let mut client = Client::connect(&gw).await;
+        client.subscribe("room:1").await;
+
+        for cursor in [
+            "abc",
+            "",
+            "-1",
+            "+1",
+            "1.5",
+            "99999999999999999999999",
+            " 1",
+        ] {
+            let answer = post(
+                &gw,
+                "/presence",
+                &json!({"channel": "room:1", "cursor": cursor}),
+            )
+            .await;
+            assert_bad_request(&answer, "cursor", &format!("cursor {cursor:?}"));
+
+            client
+                .send(json!({"type": "presence", "id": 7, "channel": "room:1", "cursor": cursor}))
+                .await;
+            let reply = client.recv().await;
+            assert_eq!(
+                (&reply["type"], &reply["id"], &reply["code"]),
+                (&json!("error"), &json!(7), &json!("bad_request")),
+                "client cursor {cursor:?}: {reply}"
+            );
+            assert!(
+                reply["message"].as_str().unwrap().contains("`cursor`"),
+                "{reply}"
+            );
+        }
+
+        // The cursors a page can give still work: "0" (the start) and none.
+        for cursor in [json!("0"), Value::Null] {
+            let (status, page) = post(
+                &gw,
+                "/presence",
+                &json!({"channel": "room:1", "cursor": cursor}),
+            )
+            .await;
+            assert_eq!(status, 200, "{page}");
+            assert_eq!(page["connections"], 1, "{page}");
+        }
+        // And the connection that asked is still usable.
+        let reply = {
+            client
+                .send(json!({"type": "presence", "id": 8, "channel": "room:1"}))
+                .await;
+            client.recv().await
+        };
+        assert_eq!(
+            (&reply["type"], &reply["connections"]),
+            (&json!("presence"), &json!(1)),
+            "{reply}"
+        );
     })
     .await;
 }
