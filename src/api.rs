@@ -121,7 +121,7 @@ fn presence_body(body: &[u8]) -> Result<PresenceBody, ApiError> {
     let limit = match fields.get("limit") {
         None | Some(serde_json::Value::Null) => None,
         Some(n) => Some(
-            n.as_u64()
+            whole_number(n)
                 .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
                 .map(|n| n as u32)
                 .ok_or_else(|| {
@@ -134,6 +134,18 @@ fn presence_body(body: &[u8]) -> Result<PresenceBody, ApiError> {
         view: text("view")?,
         cursor: text("cursor")?,
         limit,
+    })
+}
+
+/// `value` as an unsigned integer when it is a whole number, however written: `4000`, `4000.0`
+/// and `4e3` are the same integer to JSON Schema (what the OpenAPI document says) and to every
+/// JSON encoder that writes numbers as floats.
+fn whole_number(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
     })
 }
 
@@ -462,20 +474,27 @@ struct Disconnect<'a> {
     connection: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
+    /// Read as any JSON value, so that `4000.0` is taken and anything else is refused naming
+    /// the field.
     #[serde(default)]
-    code: Option<u16>,
+    code: Option<serde_json::Value>,
     #[serde(borrow, default)]
     reason: Option<Cow<'a, str>>,
 }
 
 fn disconnect_item(raw: &RawValue) -> Result<Item<'_>, ApiError> {
     let body: Disconnect = object(raw, "the body").map_err(ApiError::BadRequest)?;
-    let code = body.code.unwrap_or(4000);
-    if !(4000..=4999).contains(&code) {
-        return Err(ApiError::BadRequest(format!(
-            "`code` must be in 4000..=4999 (got {code})"
-        )));
-    }
+    let code = match &body.code {
+        None | Some(serde_json::Value::Null) => 4000,
+        Some(given) => whole_number(given)
+            .filter(|c| (4000..=4999).contains(c))
+            .map(|c| c as u16)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "`code` must be an integer in 4000..=4999 (got {given})"
+                ))
+            })?,
+    };
     if body.reason.as_ref().is_some_and(|r| r.len() > 120) {
         return Err(ApiError::BadRequest(
             "`reason` must be at most 120 bytes".into(),
