@@ -3,10 +3,10 @@
 # installs what the tests run for real when missing (Debian packages, the example backends'
 # Python and npm packages, playwright-core), then builds everything (examples included), runs the
 # Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
-# deployment-file checks, the alert rules' unit tests (tests/alerts.sh: promtool), the
-# JavaScript client's tests (tests/js, against real replicas) and
-# types (tests/ts: tsc, npm pack), the whiteboard in headless Chromium (tests/browser) and all
-# Rust tests.
+# deployment-file checks, the alert rules' unit tests (tests/alerts.sh: promtool), Schemathesis
+# against the backend API's OpenAPI document (tests/schemathesis.sh), the JavaScript client's
+# tests (tests/js, against real replicas) and types (tests/ts: tsc, npm pack), the whiteboard in
+# headless Chromium (tests/browser) and all Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,7 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx) # the example nginx configs
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm) # the JS client, Node backend, Playwright
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ -x /usr/bin/chromium ] || missing+=(chromium) # tests/browser: the whiteboard in a real browser
+command -v curl >/dev/null 2>&1 || missing+=(curl) # tests/schemathesis.sh
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
@@ -50,6 +51,8 @@ echo "==> deployment files (examples/deploy, Dockerfile)"
 bash tests/deploy.sh
 echo "==> alert rules (grafana/alerts.yml): promtool check rules, promtool test rules"
 bash tests/alerts.sh
+echo "==> the backend API against docs/openapi.json (Schemathesis; Redis up, then down)"
+bash tests/schemathesis.sh
 
 echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 cargo build # the tests run target/debug/wsbridge
