@@ -12,6 +12,7 @@
 # The replica runs with api.keys set (the fuzzer sends the key, and checks that calls without it
 # get 401) and with one [[channels]] pattern matching every channel with presence and history, so
 # that any channel the fuzzer makes up is valid for /presence and /send answers carry offsets.
+# The document is first checked to be valid OpenAPI 3.1 (openapi-spec-validator).
 # Each phase must also have exercised what it claims (from its HAR record of every exchange):
 # every action endpoint answered 2xx and 401 with Redis up, and 503 with Redis down. A crash or a
 # hang fails the script (timeout, a per-request timeout, and the replica must still be alive after
@@ -19,7 +20,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'schemathesis==4.32.5'
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  'schemathesis==4.32.5' 'openapi-spec-validator==0.9.0'
+# First, the document itself must be valid OpenAPI 3.1, as client generators expect.
+python3 -c 'import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))' \
+  docs/openapi.json || { echo "docs/openapi.json is not a valid OpenAPI 3.1 document"; exit 1; }
 cargo build --quiet --bin wsbridge
 
 out=target/schemathesis
