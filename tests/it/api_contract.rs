@@ -34,6 +34,15 @@ async fn post(gw: &Gateway, path: &str, body: &Value) -> (u16, Value) {
     (status, value)
 }
 
+/// Waits until the channel's presence, which is written to Redis after the join, shows one
+/// connection.
+async fn one_in_presence(gw: &Gateway, channel: &str) {
+    eventually("the client in the channel's presence", || async {
+        post(gw, "/presence", &json!({"channel": channel})).await.1["connections"] == 1
+    })
+    .await;
+}
+
 /// Asserts a 400 `bad_request` whose message names `field`.
 fn assert_bad_request(answer: &(u16, Value), field: &str, what: &str) {
     let (status, body) = answer;
@@ -138,6 +147,7 @@ async fn a_presence_cursor_that_no_page_gave_is_a_bad_request() {
         let gw = replica(&redis, &prefix).await;
         let mut client = Client::connect(&gw).await;
         client.subscribe("room:1").await;
+        one_in_presence(&gw, "room:1").await;
 
         for cursor in [
             "abc",
@@ -210,6 +220,7 @@ async fn integers_written_with_a_zero_fraction_are_taken() {
         let gw = replica(&redis, &prefix).await;
         let mut client = Client::connect(&gw).await;
         client.subscribe("room:1").await;
+        one_in_presence(&gw, "room:1").await;
 
         for limit in [
             json!(1.5),
