@@ -629,23 +629,6 @@ impl Config {
                     "is required with redis.sentinel_urls: the master name the Sentinels monitor",
                 ));
             }
-            for url in std::iter::once(&self.redis.url).chain(&self.redis.sentinel_urls) {
-                // This build's Redis client has no TLS: say so instead of failing on connect.
-                if url.starts_with("rediss://") {
-                    let key = if url == &self.redis.url {
-                        "redis.url"
-                    } else {
-                        "redis.sentinel_urls"
-                    };
-                    return Err(ConfigError::key(
-                        key,
-                        format!(
-                            "`{}`: TLS (rediss://) is not supported with Sentinel yet",
-                            redact_url(url)
-                        ),
-                    ));
-                }
-            }
             for url in &self.redis.sentinel_urls {
                 redis::Client::open(url.as_str()).map_err(|e| {
                     ConfigError::key(
@@ -991,13 +974,11 @@ mod tests {
             no_sentinels.contains("redis.sentinel_urls"),
             "{no_sentinels}"
         );
-        let tls = err(
-            "[redis]\nsentinel_urls = [\"rediss://127.0.0.1:26379\"]\nsentinel_master = \"m\"\n",
-        );
-        assert!(
-            tls.contains("redis.sentinel_urls") && tls.contains("TLS"),
-            "{tls}"
-        );
+        // TLS to the Sentinels and the data nodes.
+        Config::from_toml(
+            "[redis]\nurl = \"rediss://127.0.0.1:6380\"\nsentinel_urls = [\"rediss://127.0.0.1:26379\"]\nsentinel_master = \"m\"\n",
+        )
+        .unwrap();
         Config::from_toml(
             "[redis]\nsentinel_urls = [\"redis://127.0.0.1:26379\", \"redis://127.0.0.1:26380\"]\nsentinel_master = \"m\"\n",
         )

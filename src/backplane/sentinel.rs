@@ -24,7 +24,7 @@ use crate::config::RedisConfig;
 pub struct Primary {
     master: String,
     sentinels: tokio::sync::Mutex<Sentinel>,
-    /// How to speak to data nodes: user, password and database of `redis.url`.
+    /// How to speak to data nodes: user, password, database and TLS of `redis.url`.
     node: SentinelNodeConnectionInfo,
     /// The last node confirmed as primary.
     known: Mutex<Option<ConnectionInfo>>,
@@ -51,11 +51,20 @@ impl Primary {
             sentinels.push(info.set_redis_settings(settings));
         }
         let data = cfg.url.as_str().into_connection_info()?;
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(data.redis_settings().clone());
+        // `rediss://` in `redis.url`: the data nodes the Sentinels name are spoken to over TLS.
+        if let redis::ConnectionAddr::TcpTls { insecure, .. } = data.addr() {
+            node = node.set_tls_mode(if *insecure {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            });
+        }
         Ok(Self {
             master: cfg.sentinel_master.clone(),
             sentinels: tokio::sync::Mutex::new(Sentinel::build(sentinels)?),
-            node: SentinelNodeConnectionInfo::default()
-                .set_redis_connection_info(data.redis_settings().clone()),
+            node,
             known: Mutex::new(None),
             timeout: Duration::from_millis(cfg.connect_timeout_ms),
         })

@@ -33,4 +33,5 @@ mod refresh;
 mod replicated;
 mod routing;
 mod sentinel;
+mod tls;
 mod walkthrough;
