@@ -214,9 +214,12 @@ impl RedisFailure {
                             )
                         });
                 }
+                // A Sentinel naming no primary: a failover is under way.
                 matches!(
                     e.kind(),
-                    redis::ErrorKind::Io | redis::ErrorKind::ClusterConnectionNotFound
+                    redis::ErrorKind::Io
+                        | redis::ErrorKind::ClusterConnectionNotFound
+                        | redis::ErrorKind::MasterNameNotFoundBySentinel
                 ) || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()

@@ -29,6 +29,8 @@ pub struct Primary {
     /// The last node confirmed as primary.
     known: Mutex<Option<ConnectionInfo>>,
     timeout: Duration,
+    /// `wsbridge_redis_primary_changes_total`.
+    changes: metrics::Counter,
 }
 
 impl Primary {
@@ -67,6 +69,7 @@ impl Primary {
             node,
             known: Mutex::new(None),
             timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            changes: metrics::counter!(crate::metrics::names::REDIS_PRIMARY_CHANGES),
         })
     }
 
@@ -94,7 +97,15 @@ impl Primary {
             // The Sentinels answered and name no usable master (it is down, a failover is
             // under way): the last known primary is exactly the node not to write to.
             Ok(Err(e)) if e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel => {
-                return Err(e)
+                tracing::debug!(error = %e, "the Sentinels name no primary");
+                return Err(RedisError::from((
+                    redis::ErrorKind::MasterNameNotFoundBySentinel,
+                    "no primary",
+                    format!(
+                        "the Sentinels name no usable primary for `{}` (a failover may be under way)",
+                        self.master
+                    ),
+                )));
             }
             Ok(Err(e)) => e,
             Err(_) => RedisError::from(std::io::Error::new(
@@ -127,6 +138,9 @@ impl Primary {
         let mut known = self.known.lock().expect("primary lock");
         let changed = known.as_ref().map(|k| k.addr()) != Some(info.addr());
         if changed {
+            if known.is_some() {
+                self.changes.increment(1);
+            }
             tracing::info!(primary = %info.addr(), master = %self.master, "Sentinel names the primary");
             *known = Some(info.clone());
         }

@@ -38,6 +38,7 @@ pub mod names {
     pub const INBOUND_UNCONFIRMED_DROPPED: &str = "wsbridge_inbound_unconfirmed_dropped_total";
     pub const INBOUND_APPENDED_AGAIN: &str = "wsbridge_inbound_appended_again_total";
     pub const MISSED_NOTICES: &str = "wsbridge_missed_notices_total";
+    pub const REDIS_PRIMARY_CHANGES: &str = "wsbridge_redis_primary_changes_total";
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
     pub const PUBSUB_CHANNELS: &str = "wsbridge_pubsub_channels";
@@ -650,6 +651,10 @@ fn describe() {
     describe_counter!(
         INBOUND_UNCONFIRMED_DROPPED,
         "Kept copies of acked inbound entries dropped before Redis confirmed them: inbound.keep_unconfirmed_entries was full."
+    );
+    describe_counter!(
+        REDIS_PRIMARY_CHANGES,
+        "Under Sentinel: times the Sentinels named another node as the primary (a failover followed)."
     );
     describe_counter!(
         MISSED_NOTICES,

@@ -160,6 +160,13 @@ async fn replicas_follow_a_promotion_and_the_old_primary_rejoins_as_a_replica() 
             served_at.elapsed()
         );
         assert!(ready < FOLLOW, "{ready:?}");
+        for gw in [&a, &b] {
+            assert_eq!(
+                gw.metric("wsbridge_redis_primary_changes_total").await,
+                1.0,
+                "one promotion followed"
+            );
+        }
 
         sentinels.restart_node(old_i);
         eventually_within(
