@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{AsyncPushSender, SendError};
-use redis::{PushInfo, PushKind, Value};
+use redis::{IntoConnectionInfo, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -374,28 +374,22 @@ async fn connect(
     primary: Option<&super::sentinel::Primary>,
 ) -> Result<(Conn, Option<String>), redis::RedisError> {
     let mut node = None;
-    let mut conn = if let Some(primary) = primary {
-        let info = primary.locate().await?;
-        node = Some(info.addr().to_string());
+    let mut conn = if cfg.cluster_urls.is_empty() {
+        // One node: the primary the Sentinels name, or `redis.url`.
+        let info = match primary {
+            Some(primary) => {
+                let info = primary.locate().await?;
+                node = Some(info.addr().to_string());
+                info
+            }
+            None => cfg.url.as_str().into_connection_info()?,
+        };
         // Pushes on a shared multiplexed connection need RESP3.
         let settings = info
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
-            .set_push_sender(sender);
-        Conn::Single(
-            client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?,
-        )
-    } else if cfg.cluster_urls.is_empty() {
-        // Pushes on a shared multiplexed connection need RESP3.
-        let sep = if cfg.url.contains('?') { '&' } else { '?' };
-        let client = redis::Client::open(format!("{}{sep}protocol=resp3", cfg.url))?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
             .set_response_timeout(Some(Duration::from_millis(cfg.command_timeout_ms)))
