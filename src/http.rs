@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{AcceptFailure, Limit, Metrics};
+use crate::open_files::{self, Budget};
 
 /// Response type of every handler.
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -24,18 +25,25 @@ pub type HttpResponse = Response<Full<Bytes>>;
 /// Accepts connections until `stop`, serving each with `handler`. In-flight requests finish;
 /// idle keep-alive connections are closed when `stop` fires. A client that does not send its
 /// request headers within `header_timeout` is disconnected and counted.
+///
+/// A failed accept is counted (`wsbridge_accept_errors_total{reason}`) and followed by a pause
+/// that doubles up to a second, so that a replica out of file descriptors does not spin. Failures
+/// in a row are one episode: logged when it starts (with the open-files limit from `budget` and
+/// the connections holding descriptors) and when accepts work again.
 pub async fn serve<H, F>(
     listener: TcpListener,
     stop: CancellationToken,
     tracker: TaskTracker,
     header_timeout: Duration,
     metrics: Metrics,
+    budget: Budget,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<HttpResponse, Infallible>> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(5);
+    let mut failing: Option<Failing> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -44,11 +52,39 @@ pub async fn serve<H, F>(
         let (stream, peer) = match accepted {
             Ok(pair) => {
                 backoff = Duration::from_millis(5);
+                if let Some(episode) = failing.take() {
+                    tracing::info!(
+                        failed = episode.count,
+                        seconds = episode.since.elapsed().as_secs_f64(),
+                        listener = %listener
+                            .local_addr()
+                            .map_or_else(|_| "unknown".to_string(), |a| a.to_string()),
+                        "accepting again after {} failed accepts",
+                        episode.count
+                    );
+                }
                 pair
             }
             Err(e) => {
-                // Usually out of file descriptors: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                let reason = if open_files::is_out_of_files(&e) {
+                    AcceptFailure::OpenFiles
+                } else {
+                    AcceptFailure::Other
+                };
+                metrics.accept_failed(reason).increment(1);
+                match &mut failing {
+                    Some(episode) => {
+                        episode.count += 1;
+                        tracing::debug!(error = %e, failed = episode.count, "accept failed again");
+                    }
+                    None => {
+                        failing = Some(Failing {
+                            since: Instant::now(),
+                            count: 1,
+                        });
+                        log_failure(&e, reason, &listener, &budget, &tracker);
+                    }
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -80,6 +116,45 @@ pub async fn serve<H, F>(
                 tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
             }
         });
+    }
+}
+
+/// Failed accepts in a row on one listener.
+struct Failing {
+    since: Instant,
+    count: u64,
+}
+
+/// The one log line of an episode of failed accepts.
+fn log_failure(
+    e: &std::io::Error,
+    reason: AcceptFailure,
+    listener: &TcpListener,
+    budget: &Budget,
+    http: &TaskTracker,
+) {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    match reason {
+        AcceptFailure::OpenFiles => tracing::error!(
+            error = %e,
+            listener = %addr,
+            open_files_limit = %budget
+                .limit()
+                .map_or_else(|| "unlimited".to_string(), |l| l.to_string()),
+            websocket_connections = budget.open(),
+            http_connections = http.len(),
+            max_connections = budget.max_connections(),
+            "accept failed: out of file descriptors ({e}); new clients wait unanswered in the \
+             listen backlog until descriptors are freed (retrying at most once a second). \
+             Raise the open files limit or lower limits.max_connections (docs/operating.md)"
+        ),
+        AcceptFailure::Other => tracing::warn!(
+            error = %e,
+            listener = %addr,
+            "accept failed: {e} (retrying at most once a second)"
+        ),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod http;
 pub mod ids;
 pub mod inbound;
 pub mod metrics;
+pub mod open_files;
 pub mod outbound;
 pub mod presence;
 pub mod protocol;
@@ -116,6 +117,10 @@ pub async fn run(
         durability.clone(),
     );
     let auth = auth::Authenticator::new(&config.auth)?;
+    // Connections past the open-files limit would fail at accept, unanswered; capped below it,
+    // they get a clean 503 (`open_files`).
+    let budget = open_files::Budget::new(config.limits.max_connections, open_files::soft_limit());
+    crate::metrics::record_connections_limit(budget.max_connections());
 
     let public_listener = TcpListener::bind(config.listen_addr())
         .await
@@ -148,7 +153,7 @@ pub async fn run(
         metrics: metrics.clone(),
         prometheus: prometheus.clone(),
         connections: TaskTracker::new(),
-        connection_permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+        connection_permits: budget.permits().clone(),
         backplane: backplane.clone(),
         history: outbound::history::HistoryReader::new(
             backplane.clone(),
@@ -299,6 +304,7 @@ pub async fn run(
         http_conns.clone(),
         header_timeout,
         metrics.clone(),
+        budget.clone(),
         move |req, peer| public::handle(req, peer, public_state.clone()),
     ));
     let api_state = state.clone();
@@ -308,6 +314,7 @@ pub async fn run(
         http_conns.clone(),
         header_timeout,
         metrics.clone(),
+        budget,
         move |req, peer| api::handle(req, peer, api_state.clone()),
     ));
 

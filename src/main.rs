@@ -1,4 +1,5 @@
-//! The `wsbridge` binary: flags, config, logging and metrics, then [`wsbridge::run`].
+//! The `wsbridge` binary: flags, config, logging, the open-files limit and metrics, then
+//! [`wsbridge::run`].
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    // Before anything opens files or binds: every WebSocket connection is one open file.
+    wsbridge::open_files::raise();
     let prometheus = match wsbridge::metrics::install() {
         Ok(handle) => handle,
         Err(e) => {

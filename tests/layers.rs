@@ -12,6 +12,7 @@ const LAYERS: &[&str] = &[
     "config",
     "protocol",
     "metrics",
+    "open_files",
     "auth",
     "http",
     "backplane",

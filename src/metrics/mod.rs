@@ -50,6 +50,8 @@ pub mod names {
     pub const SENT_BYTES: &str = "wsbridge_sent_bytes_total";
     pub const BUILD_INFO: &str = "wsbridge_build_info";
     pub const LIMIT_REFUSALS: &str = "wsbridge_limit_refusals_total";
+    pub const ACCEPT_ERRORS: &str = "wsbridge_accept_errors_total";
+    pub const CONNECTIONS_LIMIT: &str = "wsbridge_connections_limit";
     pub const RESUMES: &str = "wsbridge_resumes_total";
     pub const CATCH_UPS: &str = "wsbridge_catch_ups_total";
     pub const PRESENCE_CHANGES: &str = "wsbridge_presence_changes_total";
@@ -234,6 +236,28 @@ impl Limit {
     }
 }
 
+/// Why `accept` failed on a listener (label `reason` of `wsbridge_accept_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AcceptFailure {
+    /// Out of file descriptors: EMFILE (the process's open-files limit) or ENFILE (the system's).
+    OpenFiles,
+    /// Any other error.
+    Other,
+}
+
+impl AcceptFailure {
+    /// Every reason, for pre-registration.
+    pub const ALL: [AcceptFailure; 2] = [Self::OpenFiles, Self::Other];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenFiles => "open_files",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// What kind of Redis failure (label `kind` of `wsbridge_redis_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RedisErrorKind {
@@ -327,6 +351,7 @@ pub struct MetricsInner {
     /// Payload bytes of frames written to clients.
     pub sent_bytes: Counter,
     limit_refusals: HashMap<Limit, Counter>,
+    accept_errors: HashMap<AcceptFailure, Counter>,
     resumes_recovered: Counter,
     resumes_not_recovered: Counter,
     catch_ups_recovered: Counter,
@@ -442,6 +467,12 @@ impl Metrics {
             catch_ups_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "true"),
             catch_ups_not_recovered: metrics::counter!(names::CATCH_UPS, "recovered" => "false"),
             limit_refusals: by_label(names::LIMIT_REFUSALS, "limit", &Limit::ALL, Limit::as_str),
+            accept_errors: by_label(
+                names::ACCEPT_ERRORS,
+                "reason",
+                &AcceptFailure::ALL,
+                AcceptFailure::as_str,
+            ),
             presence_joins: metrics::counter!(names::PRESENCE_CHANGES, "change" => "join"),
             presence_leaves: metrics::counter!(names::PRESENCE_CHANGES, "change" => "leave"),
             presence_members: metrics::gauge!(names::PRESENCE_MEMBERS),
@@ -526,6 +557,11 @@ impl Metrics {
         &self.limit_refusals[&limit]
     }
 
+    /// The failed-accepts counter for `reason`.
+    pub fn accept_failed(&self, reason: AcceptFailure) -> &Counter {
+        &self.accept_errors[&reason]
+    }
+
     /// The Redis-errors counter for `kind`.
     pub fn redis_error(&self, kind: RedisErrorKind) -> &Counter {
         &self.redis_errors[&kind]
@@ -558,6 +594,12 @@ pub fn record_routing(routing: crate::config::Routing) {
         crate::config::Routing::Interest => "interest",
     };
     metrics::gauge!(names::ROUTING_INFO, "routing" => routing).set(1.0);
+}
+
+/// Exports `wsbridge_connections_limit`: the WebSocket connections this replica accepts,
+/// `limits.max_connections` or less when the open-files limit caps it.
+pub fn record_connections_limit(max_connections: usize) {
+    metrics::gauge!(names::CONNECTIONS_LIMIT).set(max_connections as f64);
 }
 
 /// Installs the Prometheus recorder with buckets that fit what each histogram measures.
@@ -707,6 +749,14 @@ fn describe() {
     describe_counter!(
         LIMIT_REFUSALS,
         "Requests, frames and connections refused by a configured limit."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accepts on the listeners, by reason (open_files: out of file descriptors)."
+    );
+    describe_gauge!(
+        CONNECTIONS_LIMIT,
+        "WebSocket connections this replica accepts: limits.max_connections, capped by the open files limit."
     );
     describe_counter!(
         RESUMES,

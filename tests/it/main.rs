@@ -24,6 +24,7 @@ mod limits;
 mod loadgen;
 mod lost_writes;
 mod op_contracts;
+mod open_files;
 mod outage;
 mod presence;
 mod publish;

@@ -423,10 +423,24 @@ impl Gateway {
 
     /// Starts a replica from a config text without waiting for readiness.
     pub fn spawn(config: &str, prefix: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_under(&[], config, prefix, env)
+    }
+
+    /// Like [`Gateway::spawn`], with the binary run by a command that execs it (e.g.
+    /// `["prlimit", "--nofile=64:256", "--"]`), so that the replica is still this child process.
+    pub fn spawn_under(wrapper: &[&str], config: &str, prefix: &str, env: &[(&str, &str)]) -> Self {
         let dir = scratch_dir();
         let config_path = dir.join("wsbridge.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsbridge"));
+        let binary = env!("CARGO_BIN_EXE_wsbridge");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,wsbridge=debug")
