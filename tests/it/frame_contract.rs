@@ -1,0 +1,87 @@
+//! The frame schemas (docs/schema/) against the gateway: the schemas say what the code does, the
+//! check every test's reader makes can fail, and what tests/frames_fuzz.py found stays fixed.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
+use wsbridge::protocol::ErrorCode;
+
+use crate::common::*;
+
+fn schema(name: &str) -> Value {
+    let path = format!("{}/docs/schema/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect(&path)).expect(&path)
+}
+
+/// The `error` frame's `code` enum is exactly the gateway's error codes.
+#[test]
+fn the_schemas_error_codes_are_the_gateways() {
+    let documented: BTreeSet<String> = schema("server-frame.json")["$defs"]["errorCode"]["enum"]
+        .as_array()
+        .expect("errorCode enum")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    let sent: BTreeSet<String> = ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str().to_string())
+        .collect();
+    assert_eq!(documented, sent);
+}
+
+/// The check in every test's frame reader fails on a frame the schema does not allow, naming
+/// the frame and the fault: a wrong field shape, an extra field, an unknown code or type.
+#[test]
+fn the_frame_check_refuses_what_the_schema_does_not_allow() {
+    for frame in [
+        json!({"type": "ack", "id": "c1", "entry": "not-an-entry"}),
+        json!({"type": "subscribed", "channel": "room:1", "extra": 1}),
+        json!({"type": "error", "id": null, "code": "no_such_code", "message": "m"}),
+        json!({"type": "missed", "channel": "room:1"}),
+        json!({"type": "dance"}),
+        json!({"type": "message", "offset": "0000abcd:1-0", "data": 1}),
+    ] {
+        let failed = std::panic::catch_unwind(|| assert_server_frame(&frame))
+            .expect_err(&format!("{frame} must fail the check"));
+        let why = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(why.contains(&frame.to_string()), "{why}");
+    }
+    for frame in [
+        json!({"type": "welcome", "connection": "r1.0000abcd.1f", "user": null}),
+        json!({"type": "ack", "id": 7, "entry": "1700000000000-0"}),
+        json!({"type": "ack", "id": "p1", "offset": "0000abcd:1700000000000-0"}),
+        json!({"type": "ack", "id": null}),
+        json!({"type": "message", "channel": "room:1", "offset": "0000abcd:1-0", "data": [1]}),
+        json!({"type": "message", "data": {"x": 1}}),
+        json!({"type": "missed"}),
+    ] {
+        assert_server_frame(&frame);
+    }
+}
+
+/// The README's examples of client frames are valid under the client-frame schema, and a frame
+/// missing what the gateway requires is not.
+#[test]
+fn the_readmes_client_frames_are_valid_client_frames() {
+    let client = jsonschema::draft202012::new(&schema("client-frame.json")).expect("schema");
+    for frame in [
+        json!({"type": "send", "stream": "chat", "data": {"a": 1}, "id": "c1"}),
+        json!({"type": "publish", "channel": "cursor:1", "data": null, "id": "p1"}),
+        json!({"type": "subscribe", "channel": "room:1", "id": "c2"}),
+        json!({"type": "subscribe", "channel": "room:1", "since": "1a2b3c4d:1700000000000-0"}),
+        json!({"type": "unsubscribe", "channel": "room:1", "id": 3}),
+        json!({"type": "presence", "channel": "room:1", "view": "users", "cursor": "17", "limit": 10}),
+        json!({"type": "refresh", "token": "a.b.c", "id": "c5"}),
+    ] {
+        assert!(client.is_valid(&frame), "{frame}");
+    }
+    for frame in [
+        json!({"type": "send", "data": 1}),
+        json!({"type": "subscribe", "channel": ""}),
+        json!({"type": "presence", "channel": "room:1", "view": "all"}),
+        json!({"type": "dance"}),
+        json!({"stream": "chat"}),
+    ] {
+        assert!(!client.is_valid(&frame), "{frame}");
+    }
+}
