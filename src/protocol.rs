@@ -125,6 +125,25 @@ impl PresenceQuery {
     }
 }
 
+impl PresenceQuery {
+    /// The `cursor` of a presence query, as Redis reads it: a page's cursor is a number below
+    /// 2^64 (Redis's `HSCAN` cursor), so anything else is the client's mistake, not Redis's.
+    ///
+    /// # Errors
+    /// A sentence naming the field when `cursor` is not such a number.
+    pub fn cursor(cursor: Option<String>) -> Result<Option<String>, String> {
+        match cursor {
+            None => Ok(None),
+            Some(text) => match text.parse::<u64>() {
+                Ok(n) if text.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n.to_string())),
+                _ => Err(format!(
+                    "field `cursor` must be the `cursor` of a previous page (a number), not `{text}`"
+                )),
+            },
+        }
+    }
+}
+
 /// What a presence query asks for: a view, and a page of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PresenceQuery {
@@ -435,6 +454,10 @@ fn build(
         Some("presence") => {
             let users = match PresenceQuery::users_view(view.as_deref()) {
                 Ok(users) => users,
+                Err(e) => return Err(FrameError::new(id, ErrorCode::BadRequest, e)),
+            };
+            let cursor = match PresenceQuery::cursor(cursor) {
+                Ok(cursor) => cursor,
                 Err(e) => return Err(FrameError::new(id, ErrorCode::BadRequest, e)),
             };
             Ok(ClientFrame::Presence {

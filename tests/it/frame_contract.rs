@@ -85,3 +85,66 @@ fn the_readmes_client_frames_are_valid_client_frames() {
         assert!(!client.is_valid(&frame), "{frame}");
     }
 }
+
+/// A replica whose `room:*` channels keep history and presence.
+async fn history_and_presence(redis: &Redis, prefix: &str) -> Gateway {
+    let config = format!(
+        "{}\n[[channels]]\npattern = \"room:*\"\nhistory_size = 10\nhistory_ttl_seconds = 60\npresence = true\n",
+        base_config(&redis.url(), prefix)
+    );
+    let gw = Gateway::spawn(&config, prefix, &[]);
+    gw.wait_ready().await;
+    gw
+}
+
+/// Asks `frame` and expects an `error` with `code` and id `q` whose message names `says`.
+async fn refused(c: &mut Client, frame: Value, code: &str, says: &str) {
+    c.send(frame.clone()).await;
+    let reply = c.recv().await;
+    assert_eq!(
+        (
+            reply["type"].as_str(),
+            reply["code"].as_str(),
+            reply["id"].as_str()
+        ),
+        (Some("error"), Some(code), Some("q")),
+        "{frame} -> {reply}"
+    );
+    assert!(
+        reply["message"].as_str().unwrap().contains(says),
+        "{frame} -> {reply}"
+    );
+}
+
+/// Found by tests/frames_fuzz.py: a presence `cursor` that is not a number below 2^64 went to
+/// Redis as it was, and the client was told `redis_unavailable` (a retryable error, counted as
+/// a Redis failure) with Redis's "invalid cursor" and the script's hash in the message. It is
+/// the client's mistake: `bad_request` naming the field. A cursor with leading zeros is the same
+/// number and is taken.
+#[tokio::test]
+async fn a_presence_cursor_that_is_not_a_number_is_a_bad_request() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("fc-cursor");
+        let gw = history_and_presence(&redis, &prefix).await;
+        for msgpack in [false, true] {
+            let mut c = Client::connect_url(&gw.ws_url, msgpack).await.unwrap();
+            for cursor in ["abc", "", "-1", "+5", "18446744073709551616", "1e3"] {
+                let frame =
+                    json!({"type": "presence", "channel": "room:1", "cursor": cursor, "id": "q"});
+                refused(&mut c, frame, "bad_request", "`cursor`").await;
+            }
+            c.send(json!({"type": "presence", "channel": "room:1", "cursor": "000", "id": "p"}))
+                .await;
+            let page = c.recv().await;
+            assert_eq!(
+                (page["type"].as_str(), page["id"].as_str()),
+                (Some("presence"), Some("p")),
+                "{page}"
+            );
+        }
+        let (status, body) = gw.readyz().await;
+        assert_eq!(status, 200, "{body}");
+    })
+    .await;
+}
