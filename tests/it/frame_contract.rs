@@ -148,3 +148,36 @@ async fn a_presence_cursor_that_is_not_a_number_is_a_bad_request() {
     })
     .await;
 }
+
+/// Found by tests/frames_fuzz.py: a `since` at the last possible stream id
+/// (`<epoch>:18446744073709551615-18446744073709551615`) made the history read fail in Redis
+/// ("invalid start ID for the interval"), and the client was told `redis_unavailable` with
+/// Redis's message. No offset the gateway gives can be it: `bad_request`, as for any `since`
+/// that is not an offset; the id just before it is an offset like any other.
+#[tokio::test]
+async fn a_since_past_the_last_stream_id_is_a_bad_request() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("fc-since");
+        let gw = history_and_presence(&redis, &prefix).await;
+        let (status, _) = gw
+            .post("/send", &json!({"to": {"channel": "room:1"}, "data": 1}))
+            .await;
+        assert_eq!(status, 202);
+        for msgpack in [false, true] {
+            let mut c = Client::connect_url(&gw.ws_url, msgpack).await.unwrap();
+            let max = u64::MAX;
+            let frame = json!({"type": "subscribe", "channel": "room:1", "since": format!("0000abcd:{max}-{max}"), "id": "q"});
+            refused(&mut c, frame, "bad_request", "`since`").await;
+            let since = format!("0000abcd:{max}-{}", max - 1);
+            c.send(json!({"type": "subscribe", "channel": "room:1", "since": since, "id": "s"}))
+                .await;
+            let answer = c.recv().await;
+            assert_eq!(
+                answer,
+                json!({"type": "subscribed", "channel": "room:1", "id": "s", "recovered": false})
+            );
+        }
+    })
+    .await;
+}
