@@ -4,9 +4,10 @@
 # Python and npm packages, playwright-core), then builds everything (examples included), runs the
 # Autobahn conformance cases against the gateway's WebSocket layer (tests/autobahn.sh), the
 # deployment-file checks, the alert rules' unit tests (tests/alerts.sh: promtool), Schemathesis
-# against the backend API's OpenAPI document (tests/schemathesis.sh), the JavaScript client's
-# tests (tests/js, against real replicas) and types (tests/ts: tsc, npm pack), the whiteboard in
-# headless Chromium (tests/browser) and all Rust tests.
+# against the backend API's OpenAPI document (tests/schemathesis.sh), the frame fuzzer
+# (tests/frames_fuzz.sh), the JavaScript client's tests (tests/js, against real replicas) and
+# types (tests/ts: tsc, npm pack), the whiteboard in headless Chromium (tests/browser) and all
+# Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,7 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs npm) # the JS client, Node b
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ -x /usr/bin/chromium ] || missing+=(chromium) # tests/browser: the whiteboard in a real browser
 command -v curl >/dev/null 2>&1 || missing+=(curl) # tests/schemathesis.sh
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv) # tests/frames_fuzz.sh
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
@@ -68,6 +70,11 @@ node tests/ts/surface.mjs
 tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts # (not npx: it would fetch another `tsc` if missing)
 tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts/tsconfig.browser.json
 bash tests/ts/pack.sh
+
+# The client protocol fuzzed from docs/schema/client-frame.json and its negation (JSON and
+# MessagePack) against a real replica; every answer valid under server-frame.json. ~15-25 s.
+echo "==> frames from the client-frame schema and its negation: tests/frames_fuzz.sh"
+bash tests/frames_fuzz.sh
 
 # The whiteboard (examples/whiteboard/run.sh: Redis, three replicas, nginx, the Rust backend) in
 # headless Chromium; screenshots in target/artifacts/whiteboard/.

@@ -342,7 +342,11 @@ fn act(
             // what was missed; the dispatcher queues replay, `subscribed` and live in order.
             let resume = match (&since, state.config.history_for(&channel)) {
                 (Some(since), Some(settings)) if !handle.is_in(&channel) => {
-                    let Some(since) = Offset::parse(since) else {
+                    // The last possible stream id has nothing after it: Redis refuses to read
+                    // past it, and no offset the gateway gave can be it (its ids come from
+                    // XADD `*`).
+                    let Some(since) = Offset::parse(since).filter(|o| o.id != (u64::MAX, u64::MAX))
+                    else {
                         return Err(FrameError::new(
                             id,
                             ErrorCode::BadRequest,

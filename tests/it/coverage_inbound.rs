@@ -557,7 +557,7 @@ async fn a_binary_frame_on_a_json_connection_is_read_as_msgpack_and_answered_in_
         let Message::Text(reply) = raw_frame(&mut c).await else {
             panic!("a JSON connection must be answered in text frames")
         };
-        let ack: Value = serde_json::from_str(&reply).unwrap();
+        let ack: Value = server_frame_json(&reply);
         assert_eq!(
             (ack["type"].as_str(), ack["id"].as_str()),
             (Some("ack"), Some("b1")),
@@ -570,7 +570,7 @@ async fn a_binary_frame_on_a_json_connection_is_read_as_msgpack_and_answered_in_
         let Message::Text(reply) = raw_frame(&mut c).await else {
             panic!("a JSON connection must be answered in text frames")
         };
-        let error: Value = serde_json::from_str(&reply).unwrap();
+        let error: Value = server_frame_json(&reply);
         assert_eq!(
             (error["type"].as_str(), error["code"].as_str()),
             (Some("error"), Some("bad_frame")),
@@ -609,7 +609,7 @@ async fn a_text_frame_on_a_msgpack_connection_is_read_as_json_and_answered_in_ms
         let Message::Binary(reply) = raw_frame(&mut c).await else {
             panic!("a MessagePack connection must be answered in binary frames")
         };
-        let ack: Value = rmp_serde::from_slice(&reply).unwrap();
+        let ack: Value = server_frame_msgpack(&reply);
         assert_eq!(
             (ack["type"].as_str(), ack["id"].as_str()),
             (Some("ack"), Some("t1")),
@@ -620,7 +620,7 @@ async fn a_text_frame_on_a_msgpack_connection_is_read_as_json_and_answered_in_ms
         let Message::Binary(reply) = raw_frame(&mut c).await else {
             panic!("a MessagePack connection must be answered in binary frames")
         };
-        let error: Value = rmp_serde::from_slice(&reply).unwrap();
+        let error: Value = server_frame_msgpack(&reply);
         assert_eq!(
             (error["type"].as_str(), error["code"].as_str()),
             (Some("error"), Some("bad_frame")),
@@ -633,7 +633,7 @@ async fn a_text_frame_on_a_msgpack_connection_is_read_as_json_and_answered_in_ms
         let Message::Binary(reply) = raw_frame(&mut c).await else {
             panic!("a MessagePack connection must be answered in binary frames")
         };
-        let ack2: Value = rmp_serde::from_slice(&reply).unwrap();
+        let ack2: Value = server_frame_msgpack(&reply);
         assert_eq!(
             (ack2["type"].as_str(), ack2["id"].as_str()),
             (Some("ack"), Some("m1")),

@@ -163,9 +163,9 @@ impl Raw {
                         payload
                     };
                     let value = if first & 0x0f == 2 {
-                        rmp_serde::from_slice(&payload).unwrap()
+                        server_frame_msgpack(&payload)
                     } else {
-                        serde_json::from_slice(&payload).unwrap()
+                        server_frame_json(std::str::from_utf8(&payload).unwrap())
                     };
                     return Received { compressed, value };
                 }

@@ -15,6 +15,7 @@ mod deploy;
 mod examples;
 mod failover;
 mod faults;
+mod frame_contract;
 mod ha_load;
 mod history;
 mod hostile;

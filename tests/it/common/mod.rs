@@ -843,6 +843,69 @@ pub enum Closed {
     Timeout,
 }
 
+/// docs/schema/server-frame.json, compiled once: every frame a test reads from the gateway is
+/// checked against it ([`conforming`]), so the documented protocol cannot drift from the code.
+fn server_frame_schema() -> &'static (Value, jsonschema::Validator) {
+    static SCHEMA: OnceLock<(Value, jsonschema::Validator)> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/schema/server-frame.json");
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).expect(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let validator = jsonschema::draft202012::new(&schema)
+            .unwrap_or_else(|e| panic!("{path} is not a valid JSON Schema: {e}"));
+        (schema, validator)
+    })
+}
+
+/// Fails the test unless `frame` (a decoded JSON or MessagePack frame the gateway sent) is valid
+/// under docs/schema/server-frame.json; the failure names the frame and what is wrong with it.
+pub fn assert_server_frame(frame: &Value) {
+    let (schema, validator) = server_frame_schema();
+    if validator.is_valid(frame) {
+        return;
+    }
+    // `oneOf` only says that no branch matched: name the faults of the branches of this type.
+    let mut why: Vec<String> = validator
+        .iter_errors(frame)
+        .map(|e| e.to_string())
+        .collect();
+    for (name, branch) in schema["$defs"].as_object().into_iter().flatten() {
+        if branch["properties"]["type"]["const"] != frame["type"] {
+            continue;
+        }
+        let mut branch = branch.clone();
+        branch["$defs"] = schema["$defs"].clone();
+        if let Ok(v) = jsonschema::draft202012::new(&branch) {
+            why.extend(
+                v.iter_errors(frame)
+                    .map(|e| format!("as `{name}`: {e} at {}", e.instance_path)),
+            );
+        }
+    }
+    panic!(
+        "the gateway sent a frame that docs/schema/server-frame.json does not allow: {frame}\n{}",
+        why.join("\n")
+    );
+}
+
+/// Decodes a text frame from the gateway and checks it against the server-frame schema.
+pub fn server_frame_json(text: &str) -> Value {
+    let frame = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("the gateway sent a text frame that is not JSON ({e}): {text}"));
+    assert_server_frame(&frame);
+    frame
+}
+
+/// Decodes a binary (MessagePack) frame from the gateway and checks it against the server-frame
+/// schema.
+pub fn server_frame_msgpack(bytes: &[u8]) -> Value {
+    let frame = rmp_serde::from_slice(bytes).unwrap_or_else(|e| {
+        panic!("the gateway sent a binary frame that is not MessagePack ({e}): {bytes:?}")
+    });
+    assert_server_frame(&frame);
+    frame
+}
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A real WebSocket client.
@@ -939,10 +1002,10 @@ impl Client {
     pub async fn next_frame(&mut self) -> Option<Result<Value, Option<CloseFrame>>> {
         loop {
             let frame: Value = match self.ws.next().await? {
-                Ok(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
+                Ok(Message::Text(t)) => server_frame_json(&t),
                 Ok(Message::Binary(b)) => {
                     assert!(self.msgpack, "binary frame on a JSON connection");
-                    rmp_serde::from_slice(&b).unwrap()
+                    server_frame_msgpack(&b)
                 }
                 Ok(Message::Close(frame)) => return Some(Err(frame)),
                 Ok(_) => continue,
@@ -1005,10 +1068,10 @@ impl Client {
         let read = async {
             loop {
                 match ws.next().await {
-                    Some(Ok(Message::Text(t))) => each(serde_json::from_str(&t).unwrap()),
+                    Some(Ok(Message::Text(t))) => each(server_frame_json(&t)),
                     Some(Ok(Message::Binary(b))) => {
                         assert!(msgpack, "binary frame on a JSON connection");
-                        each(rmp_serde::from_slice(&b).unwrap());
+                        each(server_frame_msgpack(&b));
                     }
                     Some(Ok(Message::Close(Some(frame)))) => {
                         return (Closed::Code(u16::from(frame.code)), String::new())
