@@ -99,8 +99,11 @@ WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- --skip sentine
 # which needs interest routing; the example backends then run with --redis-cluster. Skipped
 # there: the cluster tests (cluster::; they build their own clusters and run in the passes above),
 # the Sentinel tests (sentinel:: and ha_load::; a Sentinel deployment is not a cluster, and they
-# start their own primary, replicas and Sentinels in the passes above) and the broadcast-against-interest
-# comparison (broadcast cannot run on a cluster).
+# start their own primary, replicas and Sentinels in the passes above), the broadcast-against-interest
+# comparison (broadcast cannot run on a cluster), and the tests that start their own single
+# Redis whatever the pass (replicated::, lost_writes::, tls::, walkthrough::): here they would
+# repeat the interest pass exactly.
 echo "==> cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
-  --skip cluster:: --skip sentinel:: --skip ha_load:: --skip routing::interest_routing_spares
+  --skip cluster:: --skip sentinel:: --skip ha_load:: --skip routing::interest_routing_spares \
+  --skip replicated:: --skip lost_writes:: --skip tls:: --skip walkthrough::
