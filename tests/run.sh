@@ -11,6 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each stage says when it starts, in seconds since this script did (the suite must stay well
+# under 15 minutes; CI prints these).
+say() { echo "==> [${SECONDS}s] $*"; }
+
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages the tests run for real: Redis (the backplane) and its Sentinel, Prometheus (the dashboard
@@ -31,32 +35,32 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v curl >/dev/null 2>&1 || missing+=(curl) # tests/schemathesis.sh
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv) # tests/frames_fuzz.sh
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "==> installing ${missing[*]}"
+  say "installing ${missing[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 redis-server --version
 prometheus --version 2>&1 | head -1
 
-echo "==> installing the example backends' packages (Python, Node) and playwright-core"
+say "installing the example backends' packages (Python, Node) and playwright-core"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r examples/backends/python/requirements.txt
 npm ci --silent --no-audit --no-fund --prefix examples/backends/node
 npm ci --silent --no-audit --no-fund --prefix tests/browser
 npm ci --silent --no-audit --no-fund --prefix tests/ts # TypeScript, for the JS client's types
 
-echo "==> cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
+say "cargo build --examples (tests/it/examples.rs runs the Rust backend example)"
 cargo build --examples
-echo "==> RFC 6455 conformance (Autobahn TestSuite)"
+say "RFC 6455 conformance (Autobahn TestSuite)"
 bash tests/autobahn.sh
-echo "==> deployment files (examples/deploy, Dockerfile)"
+say "deployment files (examples/deploy, Dockerfile)"
 bash tests/deploy.sh
-echo "==> alert rules (grafana/alerts.yml): promtool check rules, promtool test rules"
+say "alert rules (grafana/alerts.yml): promtool check rules, promtool test rules"
 bash tests/alerts.sh
-echo "==> the backend API against docs/openapi.json (Schemathesis; Redis up, then down)"
+say "the backend API against docs/openapi.json (Schemathesis; Redis up, then down)"
 bash tests/schemathesis.sh
 
-echo "==> JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
+say "JavaScript client and chat example (examples/js) against real replicas: node --test tests/js"
 cargo build # the tests run target/debug/wsbridge
 ws_flag=() # Node 22+ has a global WebSocket; Node 20/21 need the flag
 node -e 'process.exit(typeof WebSocket === "function" ? 0 : 1)' || ws_flag=(--experimental-websocket)
@@ -65,7 +69,7 @@ node "${ws_flag[@]}" --test --test-timeout=60000 tests/js/client.test.mjs tests/
 # The JS client's types (examples/js/wsbridge-client.d.mts): declared for everything the module
 # has (surface.mjs), right for a typed consumer and the examples that use the client (tsc), and
 # the package installs as users install it (npm pack, npm install). ~6 s, and ~3 s of npm ci.
-echo "==> the JS client's types: tsc --noEmit -p tests/ts, and npm pack + install of examples/js"
+say "the JS client's types: tsc --noEmit -p tests/ts, and npm pack + install of examples/js"
 node tests/ts/surface.mjs
 tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts # (not npx: it would fetch another `tsc` if missing)
 tests/ts/node_modules/.bin/tsc --noEmit -p tests/ts/tsconfig.browser.json
@@ -73,26 +77,26 @@ bash tests/ts/pack.sh
 
 # The client protocol fuzzed from docs/schema/client-frame.json and its negation (JSON and
 # MessagePack) against a real replica; every answer valid under server-frame.json. ~15-25 s.
-echo "==> frames from the client-frame schema and its negation: tests/frames_fuzz.sh"
+say "frames from the client-frame schema and its negation: tests/frames_fuzz.sh"
 bash tests/frames_fuzz.sh
 
 # The whiteboard (examples/whiteboard/run.sh: Redis, three replicas, nginx, the Rust backend) in
 # headless Chromium; screenshots in target/artifacts/whiteboard/.
-echo "==> the whiteboard in Chromium: node --test tests/browser"
+say "the whiteboard in Chromium: node --test tests/browser"
 node --test --test-timeout=300000 tests/browser/whiteboard.test.mjs
 
 # Four tests at a time, on any number of cores: most of the integration tests' time is spent
 # waiting (Redis restarts, Sentinel failovers, timeouts), not computing. Measured on 2 cores:
 # the three passes take 104 + 79 + 150 s instead of about 180 + 170 + 200 s, and pass the same.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
-echo "==> cargo test"
+say "cargo test"
 cargo test --all-targets "$@"
 
 # The same integration suite again with interest routing (outbound.routing = "interest"): every
 # contract behaviour must hold under both routings. The replicas inherit the variable. Skipped
 # here: the Sentinel link tests (sentinel::; finding and following the primary does not depend on
 # the routing, and they take ~45 s); the Sentinel failover under load (ha_load::) does run.
-echo "==> cargo test --test it, interest routing"
+say "cargo test --test it, interest routing"
 WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- --skip sentinel::
 
 # And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
@@ -103,7 +107,7 @@ WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- --skip sentine
 # comparison (broadcast cannot run on a cluster), and the tests that start their own single
 # Redis whatever the pass (replicated::, lost_writes::, tls::, walkthrough::): here they would
 # repeat the interest pass exactly.
-echo "==> cargo test --test it, on a Redis Cluster"
+say "cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
   --skip cluster:: --skip sentinel:: --skip ha_load:: --skip routing::interest_routing_spares \
   --skip replicated:: --skip lost_writes:: --skip tls:: --skip walkthrough::
