@@ -111,3 +111,4 @@ say "cargo test --test it, on a Redis Cluster"
 WSBRIDGE_TEST_REDIS=cluster WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- \
   --skip cluster:: --skip sentinel:: --skip ha_load:: --skip routing::interest_routing_spares \
   --skip replicated:: --skip lost_writes:: --skip tls:: --skip walkthrough::
+say "all tests passed"
