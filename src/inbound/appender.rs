@@ -61,11 +61,11 @@ pub struct AppendRequest {
     pub dedupe: Option<(String, u64)>,
 }
 
-/// Appends a stream's share of a batch in one call, each entry once per frame id: an entry
-/// whose dedupe key is set gets the entry that key remembers, the others are appended (and
-/// their dedupe key set for the window). Returns the entry ids in order. One round trip for the
-/// batch, atomic; one script call instead of one per entry is what keeps Redis's CPU per entry
-/// near a bare XADD's (`bench/inbound_redis.sh`).
+/// Appends a run of a stream's entries that have frame ids in one call, each once per frame id:
+/// an entry whose dedupe key is set gets the entry that key remembers, the others are appended
+/// (and their dedupe key set for the window). Returns the entry ids in order. Atomic; one call
+/// for the run instead of one per entry saves Redis a script call per entry
+/// (`bench/inbound_redis.sh`). Entries without a frame id are plain XADDs.
 ///
 /// KEYS: the stream, then the dedupe key of each entry that has one, in order.
 /// ARGV: MAXLEN, the number of entries, then per entry: its window in seconds (0: no dedupe
@@ -286,8 +286,10 @@ async fn append(
         Confirmation::Keep(keeper) => Some(keeper),
         _ => None,
     };
-    // One script call per stream (a batch mixes streams only on a single Redis), each keeping
-    // its entries in the order they came: `streams` holds each stream's request indices.
+    // The calls, each a run of request indices: an entry without a frame id is a plain XADD
+    // (a call of one), and a stream's consecutive entries with one share a script call. Calls
+    // go out in one pipeline, each stream's in the order its entries came (a batch mixes
+    // streams only on a single Redis).
     let mut streams: Vec<Vec<usize>> = Vec::new();
     for (i, request) in requests.iter().enumerate() {
         match streams
@@ -298,23 +300,51 @@ async fn append(
             None => streams.push(vec![i]),
         }
     }
+    let mut calls: Vec<Vec<usize>> = Vec::new();
+    for stream in &streams {
+        for &i in stream {
+            match calls.last_mut() {
+                Some(run)
+                    if requests[i].dedupe.is_some()
+                        && requests[run[0]].dedupe.is_some()
+                        && requests[run[0]].key == requests[i].key =>
+                {
+                    run.push(i)
+                }
+                _ => calls.push(vec![i]),
+            }
+        }
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for stream in &streams {
-        let first = &requests[stream[0]];
-        let dedupe_keys = stream
+    for call in &calls {
+        let first = &requests[call[0]];
+        if first.dedupe.is_none() {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&*first.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(first.max_len)
+                .arg("*");
+            for (name, value) in &first.fields {
+                cmd.arg(*name).arg(&value[..]);
+            }
+            continue;
+        }
+        let dedupe_keys = call
             .iter()
             .filter_map(|&i| requests[i].dedupe.as_ref().map(|(key, _)| key));
         let cmd = pipe
             .cmd("EVAL")
             .arg(APPEND_BATCH)
-            .arg(1 + dedupe_keys.clone().count())
+            .arg(1 + call.len())
             .arg(&*first.key);
         for key in dedupe_keys {
             cmd.arg(key);
         }
-        cmd.arg(first.max_len).arg(stream.len());
-        for &i in stream {
+        cmd.arg(first.max_len).arg(call.len());
+        for &i in call {
             let request = &requests[i];
             cmd.arg(request.dedupe.as_ref().map_or(0, |(_, window)| *window))
                 .arg(2 * request.fields.len());
@@ -323,31 +353,37 @@ async fn append(
             }
         }
     }
-    let answers: Result<Vec<redis::RedisResult<Vec<String>>>, RedisFailure> =
+    let answers: Result<Vec<redis::RedisResult<redis::Value>>, RedisFailure> =
         backplane.query_pipeline(&pipe).await;
     // Back to one result per request, in the requests' order.
     let results = answers.map(|answers| {
         let mut results: Vec<Option<redis::RedisResult<String>>> =
             (0..requests.len()).map(|_| None).collect();
-        for (stream, answer) in streams.iter().zip(answers) {
-            match answer {
-                Ok(ids) if ids.len() == stream.len() => {
-                    for (&i, id) in stream.iter().zip(ids) {
+        for (call, answer) in calls.iter().zip(answers) {
+            let ids = answer.and_then(|value| {
+                let ids: Vec<String> = if requests[call[0]].dedupe.is_none() {
+                    vec![redis::from_redis_value(value)?]
+                } else {
+                    redis::from_redis_value(value)?
+                };
+                if ids.len() == call.len() {
+                    Ok(ids)
+                } else {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "append script",
+                        format!("{} entry ids for {} entries", ids.len(), call.len()),
+                    )))
+                }
+            });
+            match ids {
+                Ok(ids) => {
+                    for (&i, id) in call.iter().zip(ids) {
                         results[i] = Some(Ok(id));
                     }
                 }
-                Ok(ids) => {
-                    let e = redis::RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "append script",
-                        format!("{} entry ids for {} entries", ids.len(), stream.len()),
-                    ));
-                    for &i in stream {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                }
                 Err(e) => {
-                    for &i in stream {
+                    for &i in call {
                         results[i] = Some(Err(e.clone()));
                     }
                 }
@@ -355,7 +391,7 @@ async fn append(
         }
         results
             .into_iter()
-            .map(|r| r.expect("every request is in one stream"))
+            .map(|r| r.expect("every request is in one call"))
             .collect::<Vec<_>>()
     });
     match results {

@@ -708,3 +708,46 @@ async fn a_send_that_may_have_been_stored_is_resent_and_stored_once() {
     })
     .await;
 }
+
+/// Sends with and without a frame id, to two streams, one connection, all sent before any
+/// answer is read (so they share pipelines, where entries with an id go through the
+/// once-per-id script in runs and the others are plain XADDs): each stream holds them in the
+/// order they were sent, each once, and every one was acked.
+#[tokio::test]
+async fn sends_with_and_without_ids_keep_their_order_in_each_stream() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("mixed-ids");
+        let gw = Gateway::start_with(&redis, &prefix, &[]).await;
+        let mut c = Client::connect(&gw).await;
+        const SENDS: usize = 60;
+        for n in 0..SENDS {
+            let stream = if n % 5 == 4 { "orders" } else { "chat" };
+            let frame = if n % 3 == 0 {
+                json!({"type": "send", "stream": stream, "data": n})
+            } else {
+                json!({"type": "send", "stream": stream, "data": n, "id": format!("m{n}")})
+            };
+            c.send(frame).await;
+        }
+        for _ in 0..SENDS {
+            let ack = c.recv().await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+        for (stream, expected) in [
+            (
+                "chat",
+                (0..SENDS).filter(|n| n % 5 != 4).collect::<Vec<_>>(),
+            ),
+            ("orders", (0..SENDS).filter(|n| n % 5 == 4).collect()),
+        ] {
+            let data: Vec<usize> = inbound_entries(&redis, &prefix, stream)
+                .await
+                .iter()
+                .map(|(_, fields)| text(&fields["data"]).parse().unwrap())
+                .collect();
+            assert_eq!(data, expected, "{stream}");
+        }
+    })
+    .await;
+}
