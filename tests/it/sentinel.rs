@@ -182,6 +182,20 @@ async fn replicas_follow_a_promotion_and_the_old_primary_rejoins_as_a_replica() 
     .await;
 }
 
+/// Two replicas serve (a message and a `send` across them), the primary is killed, both follow
+/// the promotion within [`FOLLOW`] and serve again.
+async fn serve_through_a_promotion(sentinels: &mut Sentinels, name: &str) {
+    let prefix = unique_prefix(name);
+    let (a, b) = two_replicas(sentinels, &prefix).await;
+    let mut on_a = Client::connect(&a).await;
+    on_a.subscribe("room:1").await;
+    let mut sender = Client::connect(&b).await;
+    both_serve(sentinels, &a, &b, &mut on_a, &mut sender, "before").await;
+    let (_, ready) = kill_primary_and_follow(sentinels, &a, &b).await;
+    assert!(ready < FOLLOW, "{ready:?}");
+    both_serve(sentinels, &a, &b, &mut on_a, &mut sender, "after").await;
+}
+
 /// A Sentinel is dead from the start (the first one listed): the others name the primary, and
 /// a failover decided by the remaining two is followed.
 #[tokio::test]
@@ -189,16 +203,7 @@ async fn a_dead_sentinel_is_not_missed() {
     deadline(TEST_DEADLINE, async {
         let mut sentinels = Sentinels::start();
         sentinels.kill_sentinel(0);
-        let prefix = unique_prefix("sentinel-one-dead");
-        let (a, b) = two_replicas(&sentinels, &prefix).await;
-        let mut on_a = Client::connect(&a).await;
-        on_a.subscribe("room:1").await;
-        let mut sender = Client::connect(&b).await;
-        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "before").await;
-
-        let (_, ready) = kill_primary_and_follow(&mut sentinels, &a, &b).await;
-        assert!(ready < FOLLOW, "{ready:?}");
-        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "after").await;
+        serve_through_a_promotion(&mut sentinels, "sentinel-one-dead").await;
     })
     .await;
 }
@@ -346,15 +351,7 @@ async fn passwords_of_the_sentinels_and_of_the_data_nodes_are_used() {
     deadline(TEST_DEADLINE, async {
         let mut sentinels =
             Sentinels::start_with_auth(Some("data-secret"), Some("sentinel-secret"));
-        let prefix = unique_prefix("sentinel-auth");
-        let (a, b) = two_replicas(&sentinels, &prefix).await;
-        let mut on_a = Client::connect(&a).await;
-        on_a.subscribe("room:1").await;
-        let mut sender = Client::connect(&b).await;
-        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "before").await;
-        let (_, ready) = kill_primary_and_follow(&mut sentinels, &a, &b).await;
-        assert!(ready < FOLLOW, "{ready:?}");
-        both_serve(&sentinels, &a, &b, &mut on_a, &mut sender, "after").await;
+        serve_through_a_promotion(&mut sentinels, "sentinel-auth").await;
     })
     .await;
 }
