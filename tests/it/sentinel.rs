@@ -344,6 +344,23 @@ async fn a_primary_demoted_while_running_is_left_for_the_new_one() {
     .await;
 }
 
+/// With an ACL user on the Sentinels (`redis.sentinel_username` and its password, which is not
+/// the `default` user's): the replicas sign in as it, find the primary, follow a promotion and
+/// serve. A replica that gave only the password would sign in as `default` and be refused.
+#[tokio::test]
+async fn a_sentinel_user_is_signed_in_as() {
+    deadline(TEST_DEADLINE, async {
+        let mut sentinels = Sentinels::start_with_sentinel_user(
+            "data-secret",
+            "sentinel-secret",
+            "wsbridge",
+            "user-secret",
+        );
+        serve_through_a_promotion(&mut sentinels, "sentinel-user").await;
+    })
+    .await;
+}
+
 /// With passwords: the Sentinels require one (`redis.sentinel_password`), the data nodes another
 /// (given in `redis.url`); the replicas find the primary, follow a promotion and serve.
 #[tokio::test]

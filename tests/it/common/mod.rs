@@ -1471,6 +1471,9 @@ pub struct Sentinels {
     data_password: Option<String>,
     /// The Sentinels' own password (`requirepass`, `sentinel-pass`), if any.
     sentinel_password: Option<String>,
+    /// An ACL user on every Sentinel besides `default` (name, password): the replicas then
+    /// sign in to the Sentinels as it (`redis.sentinel_username`), not as `default`.
+    sentinel_user: Option<(String, String)>,
 }
 
 /// The master name the test Sentinels monitor.
@@ -1483,6 +1486,29 @@ impl Sentinels {
 
     /// As [`Sentinels::start`], with passwords on the data nodes and on the Sentinels.
     pub fn start_with_auth(data_password: Option<&str>, sentinel_password: Option<&str>) -> Self {
+        Self::start_inner(data_password, sentinel_password, None)
+    }
+
+    /// As [`Sentinels::start_with_auth`], with an ACL user `name` on every Sentinel as which the
+    /// replicas sign in to them (the `default` user keeps `sentinel_password`).
+    pub fn start_with_sentinel_user(
+        data_password: &str,
+        sentinel_password: &str,
+        name: &str,
+        password: &str,
+    ) -> Self {
+        Self::start_inner(
+            Some(data_password),
+            Some(sentinel_password),
+            Some((name.to_owned(), password.to_owned())),
+        )
+    }
+
+    fn start_inner(
+        data_password: Option<&str>,
+        sentinel_password: Option<&str>,
+        sentinel_user: Option<(String, String)>,
+    ) -> Self {
         let dir = scratch_dir();
         let node_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let sentinel_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -1494,6 +1520,7 @@ impl Sentinels {
             dir,
             data_password: data_password.map(str::to_owned),
             sentinel_password: sentinel_password.map(str::to_owned),
+            sentinel_user,
         };
         for i in 0..3 {
             let replica_of = (i > 0).then_some(node_ports[0]);
@@ -1573,6 +1600,9 @@ impl Sentinels {
         }
         if let Some(password) = &self.sentinel_password {
             lines += &format!("requirepass {password}\nsentinel sentinel-pass {password}\n");
+        }
+        if let Some((name, password)) = &self.sentinel_user {
+            lines += &format!("user {name} on >{password} allchannels +@all\n");
         }
         lines
     }
@@ -1658,8 +1688,14 @@ impl Sentinels {
             "sentinel_urls = [{}]\nsentinel_master = \"{SENTINEL_MASTER}\"\n",
             urls.join(", ")
         );
-        if let Some(password) = &self.sentinel_password {
-            keys += &format!("sentinel_password = \"{password}\"\n");
+        match (&self.sentinel_user, &self.sentinel_password) {
+            (Some((name, password)), _) => {
+                keys += &format!(
+                    "sentinel_username = \"{name}\"\nsentinel_password = \"{password}\"\n"
+                );
+            }
+            (None, Some(password)) => keys += &format!("sentinel_password = \"{password}\"\n"),
+            (None, None) => {}
         }
         keys
     }
