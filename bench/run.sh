@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The benchmark: the same scenarios against wsbridge, socket.io 4.8 + @socket.io/redis-adapter,
-# and nchan, in one run on this machine, with examples/loadgen as the client fleet.
+# and nchan, in one run on this machine, with examples/loadgen as the client fleet; and against
+# the floor (examples/floor.rs: raw writes of the same frames to the same sockets, no gateway),
+# so that every target's CPU per delivery is also reported as a multiple of the floor's.
 #
-#   bench/run.sh [--quick] [--targets wsbridge,socketio,nchan] [--scenarios LIST] [--out DIR]
+#   bench/run.sh [--quick] [--targets floor,wsbridge,socketio,nchan] [--scenarios LIST] [--out DIR]
 #
 # --scenarios: a comma-separated subset of paced,burst,direct,user,inbound,idle10k,idle50k
 # (default: all of them; --quick leaves out idle50k). Scenarios a target does not run are skipped.
-# Binaries: built here with cargo (target/release), unless given as WSBRIDGE_BIN (the gateway)
-# and LOADGEN_BIN (examples/loadgen) in the environment; what is given is not built.
+# Binaries: built here with cargo (target/release), unless given as WSBRIDGE_BIN (the gateway),
+# LOADGEN_BIN (examples/loadgen) and FLOOR_BIN (examples/floor) in the environment; what is
+# given is not built.
 # WSBRIDGE_CONFIG overrides the gateway's config file (default config/wsbridge.toml).
 # bench/compare.sh runs this script for a before/after comparison of two sets of binaries.
 #
 # Every target runs as replicas sharing one fresh redis-server. Gateways and Redis are pinned
-# to CPU 0, the load generator to CPU 1 (taskset). Scenarios (loadgen --scenario):
+# to CPU 0, the load generator to CPU 1 (taskset). The floor is one process (there is no
+# backplane to cross) holding all the connections, pinned to CPU 0 too; it runs paced and burst.
+# Scenarios (loadgen --scenario):
 #   paced     1,000 clients (500 per replica), one channel, 20 msgs/s published through the
 #             second replica for 20 s: 20k deliveries/s. CPU per delivery, latency.
 #   burst     1,000 messages x 1,000 clients, as fast as the publisher goes (100 per call where
@@ -32,7 +37,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 QUICK=0
-TARGETS=wsbridge,socketio,nchan
+TARGETS=floor,wsbridge,socketio,nchan
 SCENARIOS=paced,burst,direct,user,inbound,idle10k,idle50k
 OUT=target/bench/$(date -u +%Y%m%dT%H%M%SZ)
 while [ $# -gt 0 ]; do
@@ -70,12 +75,14 @@ want() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 build=()
 [ -z "${WSBRIDGE_BIN:-}" ] && build+=(--bin wsbridge)
 [ -z "${LOADGEN_BIN:-}" ] && build+=(--example loadgen)
+[[ ",$TARGETS," == *",floor,"* ]] && [ -z "${FLOOR_BIN:-}" ] && build+=(--example floor)
 if [ ${#build[@]} -gt 0 ]; then
   say "building release binaries"
   cargo build --release "${build[@]}" 2>>"$LOG"
 fi
 LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
 GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
+FLOOR=${FLOOR_BIN:-$ROOT/target/release/examples/floor}
 GW_CONFIG=${WSBRIDGE_CONFIG:-config/wsbridge.toml}
 say "gateway $GW ($GW_CONFIG), load generator $LOADGEN"
 ulimit -n "$(ulimit -Hn)"
@@ -145,6 +152,13 @@ start_target() {
         taskset -a -p -c 0 "$master" >/dev/null; taskset -a -p -c 0 "$worker" >/dev/null
         pids+=("$worker")
         ws+=("ws://127.0.0.1:$p"); apis+=("http://127.0.0.1:$p") ;;
+      floor)
+        # One process, whatever N: it holds every connection and does every write.
+        [ "$i" -gt 1 ] && continue
+        taskset -c 0 "$FLOOR" --listen "127.0.0.1:$p" --api-listen "127.0.0.1:$q" >>"$OUT/floor.log" 2>&1 &
+        pids+=($!)
+        wait_for "floor" curl -sf "http://127.0.0.1:$q/healthz"
+        ws+=("ws://127.0.0.1:$p"); apis+=("http://127.0.0.1:$q") ;;
     esac
   done
   PIDS_TO_KILL+=("${pids[@]}")
@@ -177,7 +191,7 @@ for target in ${TARGETS//,/ }; do
   # The scenarios this target runs, of those asked for.
   run=()
   for s in paced burst direct user inbound; do
-    case "$target:$s" in nchan:direct|socketio:user|nchan:user|socketio:inbound|nchan:inbound) continue ;; esac
+    case "$target:$s" in nchan:direct|socketio:user|nchan:user|socketio:inbound|nchan:inbound|floor:direct|floor:user|floor:inbound) continue ;; esac
     want "$s" && run+=("$s")
   done
   if [ ${#run[@]} -gt 0 ]; then
@@ -199,7 +213,9 @@ for target in ${TARGETS//,/ }; do
     stop_all
   fi
 
-  # Idle connections, on fresh processes each time.
+  # Idle connections, on fresh processes each time (not the floor's: it keeps nothing per
+  # connection worth comparing).
+  [ "$target" = floor ] && continue
   if want idle10k; then
     start_redis; start_target "$target" 2
     loadgen "$target-idle10k" "$target" --scenario idle --clients 10000 --settle-ms 3000

@@ -1,5 +1,6 @@
 //! wsbridge's load generator: many real WebSocket clients against one or more gateway replicas
-//! (wsbridge, or socket.io and nchan for comparison), a publisher at a fixed rate or in a
+//! (wsbridge, or socket.io and nchan for comparison, or the floor: examples/floor.rs, raw
+//! writes of the same frames), a publisher at a fixed rate or in a
 //! burst, and exact accounting of what every client got.
 //!
 //! ```text
@@ -123,7 +124,7 @@ struct Args {
     publish_via: wire::Via,
 }
 
-const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query|wire|wire-idle|publish \
+const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan|floor --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query|wire|wire-idle|publish \
 --ws URL[,URL...] --api URL [--api-key K] [--clients N] [--messages N] [--rate R] [--batch N] \
 [--channel C] [--rooms-per-endpoint K] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
 [--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet] \
@@ -263,7 +264,7 @@ fn parse_args() -> Result<Args, String> {
         a.scenario,
         Scenario::Wire | Scenario::WireIdle | Scenario::Publish
     );
-    if wire && a.target == Kind::Nchan {
+    if wire && matches!(a.target, Kind::Nchan | Kind::Floor) {
         return Err("the wire and publish scenarios are for wsbridge and socketio".into());
     }
     if a.scenario == Scenario::Publish && a.target != Kind::Wsbridge {
@@ -273,20 +274,22 @@ fn parse_args() -> Result<Args, String> {
         return Err("--ws and --clients must not be empty".into());
     }
     match (a.scenario, a.target) {
-        (Scenario::Direct, Kind::Nchan) => {
-            return Err("--scenario direct: nchan has no connection ids".into())
+        (Scenario::Direct, Kind::Nchan | Kind::Floor) => {
+            return Err("--scenario direct: nchan and the floor have no connection ids".into())
         }
-        (Scenario::User, Kind::Socketio | Kind::Nchan) => {
+        (Scenario::User, Kind::Socketio | Kind::Nchan | Kind::Floor) => {
             return Err("--scenario user is wsbridge only".into())
         }
-        (Scenario::Rooms, Kind::Socketio | Kind::Nchan) => {
+        (Scenario::Rooms, Kind::Socketio | Kind::Nchan | Kind::Floor) => {
             return Err("--scenario rooms is wsbridge only".into())
         }
         (Scenario::User, _) if a.jwt_secret.is_none() => {
             return Err("--scenario user needs --jwt-secret (the gateway's auth.jwt_secret)".into())
         }
-        (Scenario::Inbound, Kind::Nchan) => {
-            return Err("--scenario inbound: nchan has no client-to-server messages".into())
+        (Scenario::Inbound, Kind::Nchan | Kind::Floor) => {
+            return Err(
+                "--scenario inbound: nchan and the floor have no client-to-server messages".into(),
+            )
         }
         _ => {}
     }

@@ -22,6 +22,9 @@ pub enum Kind {
     Socketio,
     /// nchan: `/sub/<channel>` WebSocket subscribers, `POST /pub/<channel>` publishers.
     Nchan,
+    /// examples/floor.rs: every connection gets everything; `POST /pub/<channel>` with one data
+    /// value per line; frames as wsbridge's `message`.
+    Floor,
 }
 
 impl Kind {
@@ -30,8 +33,9 @@ impl Kind {
             "wsbridge" => Ok(Self::Wsbridge),
             "socketio" => Ok(Self::Socketio),
             "nchan" => Ok(Self::Nchan),
+            "floor" => Ok(Self::Floor),
             other => Err(format!(
-                "--target {other:?}: expected wsbridge, socketio or nchan"
+                "--target {other:?}: expected wsbridge, socketio, nchan or floor"
             )),
         }
     }
@@ -41,6 +45,7 @@ impl Kind {
             Self::Wsbridge => "wsbridge",
             Self::Socketio => "socketio",
             Self::Nchan => "nchan",
+            Self::Floor => "floor",
         }
     }
 }
@@ -145,6 +150,7 @@ impl Kind {
             },
             Self::Socketio => format!("{base}/socket.io/?EIO=4&transport=websocket"),
             Self::Nchan => format!("{base}/sub/{channel}"),
+            Self::Floor => format!("{base}/"),
         }
     }
 
@@ -208,14 +214,15 @@ impl Kind {
                 Ok(Joined { ws, id: Some(sid) })
             }
             // The subscription is the connection itself.
-            Self::Nchan => Ok(Joined { ws, id: None }),
+            Self::Nchan | Self::Floor => Ok(Joined { ws, id: None }),
         }
     }
 
     /// Reads what a text frame means.
     pub fn incoming(self, text: &str) -> Incoming {
         match self {
-            Self::Wsbridge => match serde_json::from_str::<WsbridgeFrame>(text) {
+            // The floor sends wsbridge's `message` frame, byte for byte.
+            Self::Wsbridge | Self::Floor => match serde_json::from_str::<WsbridgeFrame>(text) {
                 Ok(f) if f.kind == "message" => f.data.map_or(Incoming::Other, Incoming::Message),
                 Ok(f) if f.kind == "ack" && f.id.is_some() => Incoming::Ack,
                 Ok(f) if f.kind == "error" => Incoming::Error,
@@ -248,7 +255,7 @@ impl Kind {
                 r#"{{"type":"send","stream":"{stream}","id":"{id}","data":{data}}}"#
             )),
             Self::Socketio => Some(format!(r#"42["send",{{"id":{id},"data":{data}}}]"#)),
-            Self::Nchan => None,
+            Self::Nchan | Self::Floor => None,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The publisher: `POST /send` (wsbridge, socket.io's benchmark server) or `POST /pub/<channel>`
-//! (nchan) over one keep-alive HTTP/1.1 connection.
+//! (nchan; the floor, examples/floor.rs) over one keep-alive HTTP/1.1 connection.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -94,7 +94,8 @@ impl Publisher {
     }
 
     /// Publishes `items` (target, data JSON): one call for wsbridge and socket.io, one per item
-    /// for nchan (it has no batch publish).
+    /// for nchan (it has no batch publish), one for the floor (one data value per line, all to
+    /// one channel).
     pub async fn publish(&mut self, items: &[(To<'_>, String)]) -> Result<(), String> {
         match self.kind {
             Kind::Wsbridge | Kind::Socketio => {
@@ -122,6 +123,19 @@ impl Publisher {
                     self.post(format!("/pub/{channel}"), data.clone()).await?;
                 }
                 Ok(())
+            }
+            Kind::Floor => {
+                let Some((To::Channel(channel), _)) = items.first() else {
+                    return Err("the floor publishes to channels only".into());
+                };
+                if items
+                    .iter()
+                    .any(|(to, _)| !matches!(to, To::Channel(c) if c == channel))
+                {
+                    return Err("the floor publishes to one channel per call".into());
+                }
+                let body: Vec<&str> = items.iter().map(|(_, data)| data.as_str()).collect();
+                self.post(format!("/pub/{channel}"), body.join("\n")).await
             }
         }
     }

@@ -402,7 +402,9 @@ async fn join(
                 }
             }
         }
-        Kind::Nchan => return Err("the wire scenarios are for wsbridge and socketio".into()),
+        Kind::Nchan | Kind::Floor => {
+            return Err("the wire scenarios are for wsbridge and socketio".into())
+        }
     }
     Ok(c)
 }
