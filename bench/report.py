@@ -141,5 +141,97 @@ def main(folder):
     print("\n".join(out))
 
 
+def soak(folder, png):
+    """bench/soak.sh's samples: DIR/soak.md (a row a minute, growth after warm-up) and, with
+    --png, DIR/soak.png (RSS, open fds, delivery latency and drops over time)."""
+    samples = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    events = []
+    events_path = os.path.join(folder, "events.log")
+    if os.path.exists(events_path):
+        events = [int(line.split()[0]) for line in open(events_path) if line.strip()]
+    times = sorted({s["t"] for s in samples})
+    by = {(s["t"], s["replica"]): s for s in samples}
+
+    def quantile(delta, q):
+        # delta: {le: count in the interval}, cumulative; upper bucket bound in ms.
+        total = delta.get("+Inf", 0)
+        if total <= 0:
+            return None
+        for le, count in sorted(((float(k), v) for k, v in delta.items() if k != "+Inf")):
+            if count >= q * total:
+                return le * 1000
+        return float("inf")
+
+    rows = []
+    for prev, t in zip(times, times[1:]):
+        row = {"t": t}
+        merged = {}
+        for r in (0, 1):
+            a, b = by.get((prev, r)), by.get((t, r))
+            if not (a and b):
+                continue
+            row[f"rss{r}"] = b["rss_kib"] / 1024
+            row[f"fds{r}"] = b["fds"]
+            row[f"conns{r}"] = b["connections"]
+            row[f"dropped{r}"] = b["dropped"]
+            for le, v in b["latency_buckets"].items():
+                # A counter that went back (it cannot here: the replicas are not restarted).
+                merged[le] = merged.get(le, 0) + max(0.0, v - a["latency_buckets"].get(le, 0))
+        row["p50"] = quantile(merged, 0.5)
+        row["p99"] = quantile(merged, 0.99)
+        rows.append(row)
+
+    def mean(key, lo, hi):
+        vals = [r[key] for r in rows if lo <= r["t"] < hi and key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    end = times[-1]
+    warm = 120
+    out = ["# Soak", "", f"{end} s, samples every ~10 s; Redis restarted at {events or 'never'} s.", ""]
+    out.append("| replica | RSS MiB, 2nd-4th min | RSS MiB, last 3 min | growth | open fds, 2nd-4th min | open fds, last 3 min | growth |")
+    out.append("|---|---|---|---|---|---|---|")
+    for r in (0, 1):
+        a, b = mean(f"rss{r}", warm, warm + 120), mean(f"rss{r}", end - 180, end + 1)
+        fa, fb = mean(f"fds{r}", warm, warm + 120), mean(f"fds{r}", end - 180, end + 1)
+        growth = lambda x, y: f"{(y / x - 1) * 100:+.1f}%" if x and y else "-"
+        out.append(f"| {r} | {num(a, 1)} | {num(b, 1)} | {growth(a, b)} | {num(fa, 0)} | {num(fb, 0)} | {growth(fa, fb)} |")
+    out += ["", "| t (s) | RSS MiB 0 / 1 | fds 0 / 1 | connections 0 / 1 | delivery p50 / p99 (ms, bucket bounds) | dropped 0 / 1 (total) |",
+            "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["t"] // 60 == (row["t"] - 10) // 60 and row is not rows[-1]:
+            continue  # one row a minute
+        out.append(
+            f"| {row['t']} | {num(row.get('rss0'), 1)} / {num(row.get('rss1'), 1)} | {row.get('fds0', '-')} / {row.get('fds1', '-')}"
+            f" | {num(row.get('conns0'), 0)} / {num(row.get('conns1'), 0)} | {num(row['p50'], 2)} / {num(row['p99'], 2)}"
+            f" | {num(row.get('dropped0'), 0)} / {num(row.get('dropped1'), 0)} |"
+        )
+    open(os.path.join(folder, "soak.md"), "w").write("\n".join(out) + "\n")
+    if not png:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
+    ts = [r["t"] for r in rows]
+    for r in (0, 1):
+        axes[0].plot(ts, [row.get(f"rss{r}") for row in rows], label=f"replica {r}")
+        axes[1].plot(ts, [row.get(f"fds{r}") for row in rows], label=f"replica {r}")
+        axes[3].plot(ts, [row.get(f"dropped{r}") for row in rows], label=f"replica {r}")
+    axes[2].plot(ts, [row["p50"] for row in rows], label="p50")
+    axes[2].plot(ts, [row["p99"] for row in rows], label="p99")
+    axes[2].set_yscale("log")
+    for ax, title in zip(axes, ["RSS (MiB)", "open file descriptors", "delivery latency (ms, per 10 s)", "deliveries dropped (total)"]):
+        ax.set_ylabel(title)
+        ax.legend(loc="upper left")
+        for e in events:
+            ax.axvline(e, color="red", linestyle=":")
+    axes[-1].set_xlabel("seconds (red: Redis restarted)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "soak.png"), dpi=80)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob("target/bench/*"))[-1])
+    if len(sys.argv) > 2 and sys.argv[1] == "--soak":
+        soak(sys.argv[2], "--png" in sys.argv[3:])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else sorted(glob.glob("target/bench/*"))[-1])
