@@ -11,22 +11,12 @@
 # Results: DIR/<setting>-<scenario>.json (loadgen reports) and a summary on standard output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 OUT=target/bench/durable-$(date -u +%Y%m%dT%H%M%SZ)
 [ "${1:-}" = --out ] && OUT=$2
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -z "${WSBRIDGE_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
-  cargo build --release --bin wsbridge --example loadgen 2>>"$OUT/build.log"
-fi
-GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
-LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
+. bench/lib.sh
 SECRET=bench-secret
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 1 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timed out: $*" >&2; exit 1; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 
 PRIMARY=$(free_port); REPLICA=$(free_port)
 for port in "$PRIMARY" "$REPLICA"; do

@@ -11,7 +11,6 @@
 # Binaries: target/release (built here unless WSBRIDGE_BIN / LOADGEN_BIN are given).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 OUT=target/bench/inbound-redis-$(date -u +%Y%m%dT%H%M%SZ)
 RUNS=3
 while [ $# -gt 0 ]; do
@@ -23,18 +22,8 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -z "${WSBRIDGE_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
-  cargo build --release --bin wsbridge --example loadgen 2>>"$OUT/build.log"
-fi
-GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
-LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
+. bench/lib.sh
 SECRET=bench-secret
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 1 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timed out: $*" >&2; exit 1; }
-cpu_s() { awk '{ split($0, a, ") "); split(a[2], f, " "); print (f[12] + f[13]) / 100 }' "/proc/$1/stat"; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 
 PORT=$(free_port)
 mkdir -p "$OUT/redis"

@@ -17,7 +17,6 @@
 # --soak DIR, matplotlib from a venv under target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 DURATION=900
 OUT=target/bench/soak-$(date -u +%Y%m%dT%H%M%SZ)
 while [ $# -gt 0 ]; do
@@ -29,17 +28,8 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -z "${WSBRIDGE_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
-  cargo build --release --bin wsbridge --example loadgen 2>>"$OUT/build.log"
-fi
-GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
-LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
+. bench/lib.sh
 SECRET=soak-secret
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timed out: $*" >&2; exit 1; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 
 REDIS_PORT=$(free_port)
 mkdir -p "$OUT/redis"

@@ -1,0 +1,23 @@
+# Shared by bench/durable_acks.sh, bench/inbound_redis.sh and bench/soak.sh; sourced from the
+# repository root with OUT set to the results folder (created).
+#
+# Sets GW and LOADGEN (release builds, made here unless WSBRIDGE_BIN and LOADGEN_BIN are
+# given), and kills every process whose pid is added to PIDS when the script exits.
+
+ROOT=$(pwd)
+if [ -z "${WSBRIDGE_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
+  cargo build --release --bin wsbridge --example loadgen 2>>"$OUT/build.log"
+fi
+GW=${WSBRIDGE_BIN:-$ROOT/target/release/wsbridge}
+LOADGEN=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
+
+# A free loopback port.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Runs the command until it succeeds, 30 s at most.
+wait_for() { for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timed out: $*" >&2; exit 1; }
+# CPU seconds (user + system) a process has used.
+cpu_s() { awk '{ split($0, a, ") "); split(a[2], f, " "); print (f[12] + f[13]) / 100 }' "/proc/$1/stat"; }
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
