@@ -140,18 +140,12 @@ pub struct Dispatcher {
 
 /// `missed` notices: at most one per [`MISSED_EVERY`]; one asked for sooner goes out when that
 /// time is up (a pub/sub buffer overflowing for a while signals on every dropped message).
-#[derive(Default)]
 struct MissedNotices {
-    last: Option<tokio::time::Instant>,
+    /// When the next notice may go out (the last one's time plus [`MISSED_EVERY`]). A field,
+    /// so the dispatcher's loop reads no clock per payload.
+    due: tokio::time::Instant,
+    /// A notice was asked for before `due`.
     pending: bool,
-}
-
-impl MissedNotices {
-    /// When the pending notice may go out.
-    fn due(&self) -> tokio::time::Instant {
-        self.last
-            .map_or_else(tokio::time::Instant::now, |t| t + MISSED_EVERY)
-    }
 }
 
 /// The least time between two `missed` notices to the connections.
@@ -202,7 +196,10 @@ impl Dispatcher {
             direct_budget: 0,
             multi: false,
             payload_seq: 0,
-            missed: MissedNotices::default(),
+            missed: MissedNotices {
+                due: tokio::time::Instant::now(),
+                pending: false,
+            },
         }
     }
 
@@ -215,7 +212,7 @@ impl Dispatcher {
         mut resubscribed: mpsc::Receiver<()>,
     ) {
         loop {
-            let missed_due = self.missed.due();
+            let missed_due = self.missed.due;
             tokio::select! {
                 // Biased: the pub/sub link signals a reconnection before it forwards anything it
                 // received after it, so the catch-up starts (and holds the channel) before the
@@ -642,13 +639,10 @@ impl Dispatcher {
         }
     }
 
-    /// After a pub/sub reconnect or a dropped payload: for every history channel with local
-    /// members, hold its live messages and read what was published since where they stand; or,
-    /// when that is unknown, tell them `recovered: false`.
     /// Live messages may have been lost before the pub/sub link's next one: every connection is
     /// told `missed` (now, or when [`MISSED_EVERY`] has passed since the last notice).
     fn messages_missed(&mut self) {
-        if self.missed.last.is_some_and(|t| t.elapsed() < MISSED_EVERY) {
+        if tokio::time::Instant::now() < self.missed.due {
             self.missed.pending = true;
         } else {
             self.tell_missed();
@@ -658,7 +652,7 @@ impl Dispatcher {
     /// Queues `{"type":"missed"}` to every local connection, encoded once per encoding.
     fn tell_missed(&mut self) {
         self.missed = MissedNotices {
-            last: Some(tokio::time::Instant::now()),
+            due: tokio::time::Instant::now() + MISSED_EVERY,
             pending: false,
         };
         let json = ServerFrame::Missed.encode(Encoding::Json);
@@ -674,6 +668,9 @@ impl Dispatcher {
         self.metrics.missed_notices.increment(conns.len() as u64);
     }
 
+    /// After a pub/sub reconnect or a dropped payload: for every history channel with local
+    /// members, hold its live messages and read what was published since where they stand; or,
+    /// when that is unknown, tell them `recovered: false`.
     fn start_catch_up(&mut self) {
         let registry = self.registry.clone();
         self.catch_ups
