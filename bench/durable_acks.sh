@@ -19,14 +19,8 @@ OUT=$(cd "$OUT" && pwd)
 SECRET=bench-secret
 
 PRIMARY=$(free_port); REPLICA=$(free_port)
-for port in "$PRIMARY" "$REPLICA"; do
-  mkdir -p "$OUT/redis-$port"
-  taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
-    --dir "$OUT/redis-$port" --logfile "$OUT/redis-$port.log" &
-  PIDS+=($!)
-  wait_for redis-cli -p "$port" ping
-done
-REDIS_PID=${PIDS[0]}
+redis_on_cpu0 "$REPLICA"
+redis_on_cpu0 "$PRIMARY" # REDIS_PID: the primary's
 redis-cli -p "$REPLICA" replicaof 127.0.0.1 "$PRIMARY" >/dev/null
 wait_for sh -c "redis-cli -p $REPLICA info replication | grep -q master_link_status:up"
 

@@ -26,12 +26,7 @@ OUT=$(cd "$OUT" && pwd)
 SECRET=bench-secret
 
 PORT=$(free_port)
-mkdir -p "$OUT/redis"
-taskset -c 0 redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$OUT/redis" --logfile "$OUT/redis.log" &
-REDIS_PID=$!
-PIDS+=("$REDIS_PID")
-wait_for redis-cli -p "$PORT" ping
+redis_on_cpu0 "$PORT"
 
 p=$(free_port); q=$(free_port)
 WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \

@@ -21,3 +21,18 @@ cpu_s() { awk '{ split($0, a, ") "); split(a[2], f, " "); print (f[12] + f[13]) 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+
+# Starts a redis-server on loopback port $1, on CPU 0 beside the gateways, its files under
+# $OUT/redis-$1 (further arguments are passed on: persistence, by default none); sets REDIS_PID
+# and returns once it answers.
+redis_on_cpu0() {
+  local port=$1; shift
+  local args=("$@")
+  [ ${#args[@]} -gt 0 ] || args=(--appendonly no)
+  mkdir -p "$OUT/redis-$port"
+  taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save '' "${args[@]}" \
+    --dir "$OUT/redis-$port" --logfile "$OUT/redis-$port.log" &
+  REDIS_PID=$!
+  PIDS+=("$REDIS_PID")
+  wait_for redis-cli -p "$port" ping
+}

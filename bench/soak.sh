@@ -32,14 +32,7 @@ OUT=$(cd "$OUT" && pwd)
 SECRET=soak-secret
 
 REDIS_PORT=$(free_port)
-mkdir -p "$OUT/redis"
-start_redis() {
-  taskset -c 0 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly yes \
-    --appendfsync everysec --dir "$OUT/redis" --logfile "$OUT/redis.log" &
-  REDIS_PID=$!
-  PIDS+=("$REDIS_PID")
-  wait_for redis-cli -p "$REDIS_PORT" ping
-}
+start_redis() { redis_on_cpu0 "$REDIS_PORT" --appendonly yes --appendfsync everysec; }
 start_redis
 
 cat >"$OUT/soak.toml" <<EOF
