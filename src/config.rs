@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub permessage_deflate_min_bytes: usize,
     /// zlib compression level of outgoing messages, 0 (none) to 9 (smallest, slowest).
     pub permessage_deflate_level: u8,
+    /// Worker threads of the runtime; 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +108,7 @@ impl Default for ServerConfig {
             permessage_deflate: true,
             permessage_deflate_min_bytes: 256,
             permessage_deflate_level: 6,
+            worker_threads: 0,
         }
     }
 }
@@ -285,6 +288,14 @@ pub struct OutboundConfig {
     pub routing: Routing,
     /// Interest routing: how long a replica stays listed for a user after its last refresh.
     pub user_route_ttl_seconds: u64,
+    /// Fan-out shards the connections are split into, each with its own lane; 0 means one per
+    /// worker thread.
+    pub fanout_shards: usize,
+    /// Jobs a fan-out lane queues before the dispatcher waits for room.
+    pub fanout_lane_capacity: usize,
+    /// Messages with at least this many local recipients are fanned out on the lanes, in
+    /// parallel; smaller ones are written by the dispatcher at once while their lanes are idle.
+    pub fanout_lane_min_recipients: usize,
 }
 
 impl Default for OutboundConfig {
@@ -295,6 +306,9 @@ impl Default for OutboundConfig {
             reply_queue_capacity: 1024,
             routing: Routing::Broadcast,
             user_route_ttl_seconds: 60,
+            fanout_shards: 0,
+            fanout_lane_capacity: 1024,
+            fanout_lane_min_recipients: 256,
         }
     }
 }
@@ -597,6 +611,10 @@ impl Config {
             (
                 "outbound.user_route_ttl_seconds",
                 self.outbound.user_route_ttl_seconds,
+            ),
+            (
+                "outbound.fanout_lane_capacity",
+                self.outbound.fanout_lane_capacity as u64,
             ),
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
         ] {

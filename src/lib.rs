@@ -79,7 +79,11 @@ pub async fn run(
     let backplane =
         Backplane::new(&config.redis, metrics.clone()).context("config key `redis.url`")?;
     let health = Arc::new(Health::new(config.redis.unhealthy_after_ms));
-    let registry = Arc::new(Registry::new(&replica_id, random_u32()));
+    let registry = Arc::new(Registry::new(
+        &replica_id,
+        random_u32(),
+        fanout_shards(&config),
+    ));
     let (interest, interest_changes) = match config.outbound.routing {
         config::Routing::Interest => {
             let (interest, changes) = backplane::interest::Interest::new(
@@ -371,4 +375,13 @@ pub async fn run(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The fan-out shards of this replica: `outbound.fanout_shards`, or one per worker thread of
+/// the runtime it runs on.
+fn fanout_shards(config: &Config) -> usize {
+    match config.outbound.fanout_shards {
+        0 => tokio::runtime::Handle::current().metrics().num_workers(),
+        n => n,
+    }
 }

@@ -4,6 +4,10 @@
 //! whatever the number of other local connections (except `all`, which is everyone). The maps are
 //! sharded ([`DashMap`]), so connections do not queue behind one lock; no lock is held across an
 //! `.await`.
+//!
+//! Connections are also split into *fan-out shards* by sequence number (`seq % shards`): every
+//! index entry keeps one member map per shard, so each fan-out lane (`outbound/shards.rs`) finds
+//! its own recipients of a message without walking the others'.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,14 +49,32 @@ pub trait MembershipWatch: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyChannels;
 
-type Index = DashMap<Arc<str>, HashMap<u64, Arc<ConnHandle>>>;
+/// A channel's or a user's local connections, one map per fan-out shard.
+struct Members(Box<[HashMap<u64, Arc<ConnHandle>>]>);
+
+impl Members {
+    fn new(shards: usize) -> Self {
+        Self((0..shards).map(|_| HashMap::new()).collect())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(HashMap::is_empty)
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(HashMap::len).sum()
+    }
+}
+
+type Index = DashMap<Arc<str>, Members>;
 
 /// The connection registry of one replica.
 pub struct Registry {
     /// `<replica>.<incarnation>.`: every local connection id starts with it.
     id_prefix: String,
     next_seq: AtomicU64,
-    conns: DashMap<u64, Arc<ConnHandle>>,
+    /// Per fan-out shard, its connections by sequence number.
+    conns: Box<[DashMap<u64, Arc<ConnHandle>>]>,
     users: Index,
     channels: Index,
     /// Told when a channel loses its last local member (interest routing only).
@@ -62,15 +84,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry whose connection ids start with `<replica_id>.<incarnation>.`.
+    /// A registry whose connection ids start with `<replica_id>.<incarnation>.`, its
+    /// connections split into `shards` fan-out shards (at least one).
     ///
     /// The incarnation differs for each process, so a restarted replica with a configured id never
     /// hands out the id of a connection that a backend may still remember.
-    pub fn new(replica_id: &str, incarnation: u32) -> Self {
+    pub fn new(replica_id: &str, incarnation: u32, shards: usize) -> Self {
         Self {
             id_prefix: format!("{replica_id}.{incarnation:08x}."),
             next_seq: AtomicU64::new(1),
-            conns: DashMap::new(),
+            conns: (0..shards.max(1)).map(|_| DashMap::new()).collect(),
             users: DashMap::new(),
             channels: DashMap::new(),
             interest: OnceLock::new(),
@@ -106,12 +129,23 @@ impl Registry {
 
     /// Number of local connections.
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.conns.iter().map(DashMap::len).sum()
     }
 
     /// Whether there are no local connections.
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.conns.iter().all(DashMap::is_empty)
+    }
+
+    /// How many fan-out shards the connections are split into.
+    pub fn shards(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The fan-out shard of connection `seq`.
+    pub fn shard_of(&self, seq: u64) -> usize {
+        // The remainder is below the shard count, a usize.
+        (seq % self.conns.len() as u64) as usize
     }
 
     /// Adds a connection.
@@ -119,20 +153,22 @@ impl Registry {
         if let Some(watch) = self.watch.get() {
             watch.connected(handle);
         }
-        self.conns.insert(handle.seq, handle.clone());
+        let shard = self.shard_of(handle.seq);
+        self.conns[shard].insert(handle.seq, handle.clone());
         if let Some(user) = &handle.user {
             self.users
                 .entry(user.clone())
-                .or_default()
+                .or_insert_with(|| Members::new(self.shards()))
+                .0[shard]
                 .insert(handle.seq, handle.clone());
         }
     }
 
     /// Removes a connection from every index.
     pub fn remove(&self, handle: &ConnHandle) {
-        self.conns.remove(&handle.seq);
+        self.conns[self.shard_of(handle.seq)].remove(&handle.seq);
         if let Some(user) = &handle.user {
-            remove_from(&self.users, user, handle.seq);
+            remove_from(&self.users, user, handle.seq, self.shard_of(handle.seq));
         }
         let joined: Vec<Arc<str>> = {
             let mut membership = handle.channels.lock().expect("channel set lock");
@@ -203,9 +239,12 @@ impl Registry {
         membership.joined.insert(channel.clone());
         // Under the shard's lock: of two connections joining at once, one is first.
         let first = {
-            let mut members = self.channels.entry(channel.clone()).or_default();
+            let mut members = self
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| Members::new(self.shards()));
             let first = members.is_empty();
-            members.insert(handle.seq, handle.clone());
+            members.0[self.shard_of(handle.seq)].insert(handle.seq, handle.clone());
             first
         };
         if let Some(watch) = self.watch.get() {
@@ -234,32 +273,92 @@ impl Registry {
 
     /// Looks up one local connection by its cluster-unique id.
     pub fn get(&self, id: &str) -> Option<Arc<ConnHandle>> {
+        let seq = self.seq_of(id)?;
+        self.conns[self.shard_of(seq)].get(&seq).map(|h| h.clone())
+    }
+
+    /// The sequence number in a local connection id.
+    fn seq_of(&self, id: &str) -> Option<u64> {
         let seq = id.strip_prefix(self.id_prefix.as_str())?;
-        let seq = u64::from_str_radix(seq, 16).ok()?;
-        self.conns.get(&seq).map(|h| h.clone())
+        u64::from_str_radix(seq, 16).ok()
     }
 
     /// Appends the local recipients of `target` to `out` (which the caller reuses).
     pub fn recipients(&self, target: Target<'_>, out: &mut Vec<Arc<ConnHandle>>) {
+        for shard in 0..self.shards() {
+            self.recipients_in(target, shard, out);
+        }
+    }
+
+    /// Appends the local recipients of `target` in fan-out shard `shard` to `out`.
+    pub fn recipients_in(&self, target: Target<'_>, shard: usize, out: &mut Vec<Arc<ConnHandle>>) {
         match target {
-            Target::Connection(id) => out.extend(self.get(id)),
+            Target::Connection(id) => {
+                if let Some(seq) = self.seq_of(id).filter(|&s| self.shard_of(s) == shard) {
+                    out.extend(self.conns[shard].get(&seq).map(|h| h.clone()));
+                }
+            }
             Target::User(user) => {
                 if let Some(set) = self.users.get(user) {
-                    out.extend(set.values().cloned());
+                    out.extend(set.0[shard].values().cloned());
                 }
             }
             Target::Channel(channel) => {
                 if let Some(set) = self.channels.get(channel) {
-                    out.extend(set.values().cloned());
+                    out.extend(set.0[shard].values().cloned());
                 }
             }
-            Target::All => out.extend(self.conns.iter().map(|e| e.value().clone())),
+            Target::All => out.extend(self.conns[shard].iter().map(|e| e.value().clone())),
         }
+    }
+
+    /// How many local recipients `target` has in each fan-out shard (`counts` gets one number
+    /// per shard); one index lookup.
+    pub fn counts(&self, target: Target<'_>, counts: &mut Vec<usize>) {
+        counts.clear();
+        counts.resize(self.shards(), 0);
+        match target {
+            Target::Connection(id) => {
+                if let Some(seq) = self.seq_of(id) {
+                    let shard = self.shard_of(seq);
+                    counts[shard] = usize::from(self.conns[shard].contains_key(&seq));
+                }
+            }
+            Target::User(user) => {
+                if let Some(set) = self.users.get(user) {
+                    counts
+                        .iter_mut()
+                        .zip(set.0.iter())
+                        .for_each(|(c, m)| *c = m.len());
+                }
+            }
+            Target::Channel(channel) => {
+                if let Some(set) = self.channels.get(channel) {
+                    counts
+                        .iter_mut()
+                        .zip(set.0.iter())
+                        .for_each(|(c, m)| *c = m.len());
+                }
+            }
+            Target::All => {
+                counts
+                    .iter_mut()
+                    .zip(self.conns.iter())
+                    .for_each(|(c, m)| *c = m.len());
+            }
+        }
+    }
+
+    /// How many local connections are in `channel`.
+    pub fn members(&self, channel: &str) -> usize {
+        self.channels.get(channel).map_or(0, |set| set.len())
     }
 
     /// Every local connection (for shutdown).
     pub fn all(&self) -> Vec<Arc<ConnHandle>> {
-        self.conns.iter().map(|e| e.value().clone()).collect()
+        let mut all = Vec::with_capacity(self.len());
+        self.recipients(Target::All, &mut all);
+        all
     }
 }
 
@@ -267,7 +366,7 @@ impl Registry {
     /// Takes connection `seq` out of `channel`'s index entry, and reports the channel when the
     /// entry goes.
     fn leave(&self, channel: &str, seq: u64) {
-        if let Some(name) = remove_from(&self.channels, channel, seq) {
+        if let Some(name) = remove_from(&self.channels, channel, seq, self.shard_of(seq)) {
             if let Some(interest) = self.interest.get() {
                 interest.unwanted(&name);
             }
@@ -275,11 +374,12 @@ impl Registry {
     }
 }
 
-/// Takes `seq` out of `key`'s entry; returns the key when that emptied and removed the entry.
-fn remove_from(index: &Index, key: &str, seq: u64) -> Option<Arc<str>> {
+/// Takes `seq` (of fan-out shard `shard`) out of `key`'s entry; returns the key when that
+/// emptied and removed the entry.
+fn remove_from(index: &Index, key: &str, seq: u64, shard: usize) -> Option<Arc<str>> {
     let now_empty = match index.get_mut(key) {
         Some(mut set) => {
-            set.remove(&seq);
+            set.0[shard].remove(&seq);
             set.is_empty()
         }
         None => false,

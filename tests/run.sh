@@ -93,11 +93,15 @@ say "cargo test"
 cargo test --all-targets "$@"
 
 # The same integration suite again with interest routing (outbound.routing = "interest"): every
-# contract behaviour must hold under both routings. The replicas inherit the variable. Skipped
+# contract behaviour must hold under both routings. The replicas inherit the variables. This pass
+# also sends every message's per-recipient work through the fan-out lanes, over three shards
+# (fanout_lane_min_recipients = 0; by default only messages with 256 local recipients or more
+# go there), so every ordering, reach and resume test runs against the lanes too. Skipped
 # here: the Sentinel link tests (sentinel::; finding and following the primary does not depend on
 # the routing, and they take ~45 s); the Sentinel failover under load (ha_load::) does run.
-say "cargo test --test it, interest routing"
-WSBRIDGE__OUTBOUND__ROUTING=interest cargo test --test it "$@" -- --skip sentinel::
+say "cargo test --test it, interest routing, every message on the fan-out lanes"
+WSBRIDGE__OUTBOUND__ROUTING=interest WSBRIDGE__OUTBOUND__FANOUT_SHARDS=3 \
+  WSBRIDGE__OUTBOUND__FANOUT_LANE_MIN_RECIPIENTS=0 cargo test --test it "$@" -- --skip sentinel::
 
 # And against a Redis Cluster (three masters, created per test with redis-cli --cluster create),
 # which needs interest routing; the example backends then run with --redis-cluster. Skipped

@@ -38,6 +38,7 @@ pub mod names {
     pub const INBOUND_UNCONFIRMED_DROPPED: &str = "wsbridge_inbound_unconfirmed_dropped_total";
     pub const INBOUND_APPENDED_AGAIN: &str = "wsbridge_inbound_appended_again_total";
     pub const MISSED_NOTICES: &str = "wsbridge_missed_notices_total";
+    pub const FANOUT_LANE_WAITS: &str = "wsbridge_fanout_lane_waits_total";
     pub const REDIS_PRIMARY_CHANGES: &str = "wsbridge_redis_primary_changes_total";
     pub const REDIS_UP: &str = "wsbridge_redis_up";
     pub const PUBSUB_UP: &str = "wsbridge_pubsub_up";
@@ -333,6 +334,8 @@ pub struct MetricsInner {
     pub inbound_appended_again: Counter,
     /// `missed` frames queued to connections (pub/sub link dropped or its buffer overflowed).
     pub missed_notices: Counter,
+    /// Times the dispatcher waited for room in a full fan-out lane.
+    pub fanout_lane_waits: Counter,
     /// 1 while the command link answers.
     pub redis_up: Gauge,
     /// 1 while pub/sub round trips succeed.
@@ -448,6 +451,7 @@ impl Metrics {
             inbound_unconfirmed_dropped: metrics::counter!(names::INBOUND_UNCONFIRMED_DROPPED),
             inbound_appended_again: metrics::counter!(names::INBOUND_APPENDED_AGAIN),
             missed_notices: metrics::counter!(names::MISSED_NOTICES),
+            fanout_lane_waits: metrics::counter!(names::FANOUT_LANE_WAITS),
             redis_up: metrics::gauge!(names::REDIS_UP),
             pubsub_up: metrics::gauge!(names::PUBSUB_UP),
             pubsub_channels: metrics::gauge!(names::PUBSUB_CHANNELS),
@@ -697,6 +701,10 @@ fn describe() {
     describe_counter!(
         REDIS_PRIMARY_CHANGES,
         "Under Sentinel: times the Sentinels named another node as the primary (a failover followed)."
+    );
+    describe_counter!(
+        FANOUT_LANE_WAITS,
+        "Times the dispatcher waited for room in a full fan-out lane (outbound.fanout_lane_capacity); the pub/sub buffer holds what arrives meanwhile."
     );
     describe_counter!(
         MISSED_NOTICES,

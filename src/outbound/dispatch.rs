@@ -1,9 +1,13 @@
 //! Every replica's receiving end: pub/sub payloads → local recipients → per-connection queues.
 //!
-//! One task handles payloads in arrival order, so messages of one call reach a connection in call
-//! order. Each message is encoded at most once per encoding; all recipients share the bytes.
+//! One task handles payloads in arrival order and keeps every per-message rule; the
+//! per-recipient work of each message runs per fan-out shard, on the shard's lane or at once
+//! (`shards.rs`), in dispatch order for every connection, so messages of one call reach a
+//! connection in call order. Each message is encoded at most once per encoding; all recipients
+//! share the bytes.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +18,7 @@ use super::envelope::{self, Item, Payload, PresenceEvent, PresenceKind, ReachCou
 use super::history::{HistoryReader, Replay};
 use super::reach::Reaches;
 use super::routes::Acks;
+use super::shards::{Lane, Lanes, Work};
 use crate::backplane::interest::Interest;
 use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
@@ -116,19 +121,19 @@ pub struct Dispatcher {
     acks: Arc<Acks>,
     /// Reach reports awaited by this replica's publisher.
     reaches: Arc<Reaches>,
-    /// The reach counts of the payload being dispatched, answered once it is fanned out; `None`
-    /// unless one of its messages asked.
-    reach_answer: Option<ReachAnswer>,
+    /// The reach counts of the payload being dispatched, answered once it is fanned out (when
+    /// the last lane holding it is done); `None` unless one of its messages asked.
+    reach_answer: Option<Arc<ReachAnswer>>,
     /// Per history channel with local members, its ordering cursor: where the members stand,
     /// what is held while the channel catches up (data JSON and `Batch.ts`), and which replayed
     /// offsets live messages must not repeat. Every rule about that lives in `crate::cursor`.
     catch_ups: ChannelCursors<(String, u64)>,
     /// `catch_ups` is pruned of channels without local members when it grows past this.
     prune_at: usize,
-    /// Reused for every message, so finding recipients does not allocate.
-    scratch: Vec<Arc<ConnHandle>>,
-    /// Direct writes left for the payload being dispatched (see [`DIRECT_BUDGET`]); 0 when the
-    /// payload must go through the queues.
+    /// The fan-out shards' lanes: where per-recipient work runs.
+    lanes: Lanes,
+    /// Direct writes each lane may make for the payload being dispatched (see
+    /// [`DIRECT_BUDGET`]); 0 when the payload must go through the queues.
     direct_budget: usize,
     /// Whether the payload being dispatched carries several messages.
     multi: bool,
@@ -177,6 +182,11 @@ impl Dispatcher {
     /// A dispatcher over this replica's registry.
     pub fn new(parts: Parts) -> Self {
         let capacity = parts.config.redis.pubsub_buffer_messages;
+        let lanes = Lanes::start(
+            parts.registry.clone(),
+            &parts.config.outbound,
+            parts.metrics.clone(),
+        );
         Self {
             registry: parts.registry,
             inbound: parts.inbound,
@@ -192,7 +202,7 @@ impl Dispatcher {
             reach_answer: None,
             catch_ups: ChannelCursors::new(capacity),
             prune_at: PRUNE_AT,
-            scratch: Vec::new(),
+            lanes,
             direct_budget: 0,
             multi: false,
             payload_seq: 0,
@@ -240,6 +250,9 @@ impl Dispatcher {
                     None => return,
                 },
             }
+            if self.lanes.must_flush() {
+                self.lanes.flush().await;
+            }
         }
     }
 
@@ -272,9 +285,8 @@ impl Dispatcher {
         for (item, offset) in envelope::with_offsets(&items, &offsets) {
             self.apply(item, offset, ts);
         }
-        if let Some(answer) = self.reach_answer.take() {
-            answer.send(&self.keys, &self.backplane);
-        }
+        // Sent once no lane holds it any more.
+        self.reach_answer = None;
     }
 
     fn apply(&mut self, item: &Item<'_>, offset: Option<&str>, ts: u64) {
@@ -285,25 +297,23 @@ impl Dispatcher {
                     Target::Channel(c) => Some(c),
                     _ => None,
                 };
-                let count = message.reach.is_some();
-                let reached = self.deliver(target, channel, offset, message.data, ts, count);
-                if let Some(reach) = &message.reach {
-                    self.count_reach(reach, reached);
-                }
+                let reach = message.reach.as_ref().map(|reach| self.reach_slot(reach));
+                self.deliver(target, channel, offset, message.data, ts, reach);
             }
             Item::Subscribe(join) => {
                 let channel = &*join.channel;
-                self.registry.recipients(target, &mut self.scratch);
                 let ack = join.ack.as_ref().map(|ack| Ack {
                     channel: self.keys.replica(&ack.replica),
                     notice: envelope::ack(&ack.token),
                     backplane: self.backplane.clone(),
                 });
+                let members = self.lanes.count(target);
                 match &self.interest {
                     // Interest routing, and the link does not listen to the channel yet: join
                     // once it does, without holding up the dispatcher.
-                    Some(interest) if !self.scratch.is_empty() && !interest.listening(channel) => {
-                        let conns: Vec<_> = self.scratch.drain(..).collect();
+                    Some(interest) if members > 0 && !interest.listening(channel) => {
+                        let mut conns = Vec::with_capacity(members);
+                        self.registry.recipients(target, &mut conns);
                         let (interest, registry, inbound, control) = (
                             interest.clone(),
                             self.registry.clone(),
@@ -333,38 +343,43 @@ impl Dispatcher {
                         });
                     }
                     _ => {
-                        let mut first = false;
-                        for conn in self.scratch.drain(..) {
-                            first |= server_join(&self.registry, &self.inbound, &conn, channel);
-                        }
-                        if self.config.history_for(channel).is_some() {
+                        // The channel's first local members: read before the joins, which may
+                        // run on the lanes after this returns.
+                        let first = members > 0 && !self.registry.has_channel(channel);
+                        let work = Joins {
+                            target: To::owned(target),
+                            channel: channel.to_owned(),
+                            inbound: self.inbound.clone(),
+                            _ack: AckOnDrop(ack),
+                        };
+                        // Without recipients the work is dropped here, which sends the ack.
+                        self.lanes.spread(Arc::new(work));
+                        if members > 0 && self.config.history_for(channel).is_some() {
                             self.joined(Joined {
                                 channel: channel.to_owned(),
                                 start: None,
                                 first,
                             });
                         }
-                        if let Some(ack) = ack {
-                            tokio::spawn(ack.send());
-                        }
                     }
                 }
             }
             Item::Unsubscribe(leave) => {
-                let channel = &*leave.channel;
-                self.registry.recipients(target, &mut self.scratch);
-                for conn in self.scratch.drain(..) {
-                    self.inbound.leave(&self.registry, &conn, channel);
-                    conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
-                }
+                let work = Leaves {
+                    target: To::owned(target),
+                    channel: leave.channel.to_string(),
+                    inbound: self.inbound.clone(),
+                };
+                self.lanes.spread_to(target, Arc::new(work));
             }
             Item::Disconnect(close) => {
-                let (code, reason) = (close.code, close.reason.as_deref());
-                let reason = reason.unwrap_or("disconnected by backend");
-                self.registry.recipients(target, &mut self.scratch);
-                for conn in self.scratch.drain(..) {
-                    conn.close(code, reason, CloseReason::Backend);
-                }
+                let reason = close.reason.as_deref();
+                let work = Closes {
+                    target: To::owned(target),
+                    code: close.code,
+                    reason: reason.unwrap_or("disconnected by backend").to_owned(),
+                };
+                self.lanes.spread_to(target, Arc::new(work));
             }
             Item::Presence(event) => self.presence_event(target, event),
         }
@@ -395,21 +410,22 @@ impl Dispatcher {
             };
             frame.encode(encoding)
         };
-        self.registry.recipients(target, &mut self.scratch);
-        let (mut json, mut msgpack) = (None, None);
-        for conn in self.scratch.drain(..) {
-            let bytes = match conn.encoding {
-                Encoding::Json => json.get_or_insert_with(|| frame(Encoding::Json)),
-                Encoding::Msgpack => msgpack.get_or_insert_with(|| frame(Encoding::Msgpack)),
-            };
-            conn.deliver_channel(channel, None, bytes, false, None, 0);
+        if self.lanes.count(target) == 0 {
+            return;
         }
+        let work = Frames {
+            target: To::owned(target),
+            channel: Some(channel.to_owned()),
+            json: frame(Encoding::Json),
+            msgpack: frame(Encoding::Msgpack),
+        };
+        self.lanes.spread(Arc::new(work));
     }
 
     /// Hands a live message to its local recipients, unless the channel's catch-up holds it
-    /// or has delivered it already. Returns how many connections it was handed to; for a held
-    /// or replayed message, when `count`, the channel's local members (they get it, or got it,
-    /// from the catch-up), else 0.
+    /// or has delivered it already. `reach` gets how many connections it was handed to; for a
+    /// held or replayed message, the channel's local members (they get it, or got it, from the
+    /// catch-up).
     fn deliver(
         &mut self,
         target: Target<'_>,
@@ -417,53 +433,59 @@ impl Dispatcher {
         offset: Option<&str>,
         data: &RawValue,
         ts: u64,
-        count: bool,
-    ) -> usize {
+        reach: Option<ReachSlot>,
+    ) {
         if let (Some(channel), Some(offset)) = (channel, offset) {
             let keep = || (data.get().to_owned(), ts);
             match self.catch_ups.offer(channel, offset, keep) {
                 Live::Deliver => {}
-                Live::Held | Live::Duplicate if count => {
-                    self.registry.recipients(target, &mut self.scratch);
-                    let members = self.scratch.len();
-                    self.scratch.clear();
-                    return members;
+                Live::Held | Live::Duplicate => {
+                    if let Some((answer, at)) = reach {
+                        answer.add(at, self.lanes.count(target));
+                    }
+                    return;
                 }
-                Live::Held | Live::Duplicate => return 0,
             }
         }
-        self.fan_out(target, channel, offset, data, ts)
+        self.fan_out(target, channel, offset, data, ts, reach);
     }
 
-    /// Adds a message's count to the reach answer of the payload being dispatched.
-    fn count_reach(&mut self, reach: &ReachRequest<'_>, reached: usize) {
+    /// A place for a message's count in the reach answer of the payload being dispatched.
+    fn reach_slot(&mut self, reach: &ReachRequest<'_>) -> ReachSlot {
         let count = ReachCount {
             item: reach.item,
-            count: u32::try_from(reached).unwrap_or(u32::MAX),
+            count: 0,
         };
-        match &mut self.reach_answer {
+        let answer = match &self.reach_answer {
             Some(answer) if answer.token == reach.token && answer.replica == reach.replica => {
-                answer.counts.push(count);
+                answer.clone()
             }
-            answer => {
+            _ => {
                 // The payload's first requested message. A payload holds the messages of one
-                // call, which share a token; another token would be answered on its own.
-                if let Some(done) = answer.take() {
-                    done.send(&self.keys, &self.backplane);
-                }
-                *answer = Some(ReachAnswer {
+                // call, which share a token; another token is answered on its own (the one
+                // replaced is sent once no lane holds it).
+                let answer = Arc::new(ReachAnswer {
                     replica: reach.replica.to_string(),
                     token: reach.token.to_string(),
-                    counts: vec![count],
+                    counts: Mutex::new(Vec::new()),
+                    channel: self.keys.replica(&reach.replica),
+                    backplane: self.backplane.clone(),
                 });
+                self.reach_answer = Some(answer.clone());
+                answer
             }
-        }
+        };
+        let mut counts = answer.counts.lock().expect("reach counts lock");
+        counts.push(count);
+        let at = counts.len() - 1;
+        drop(counts);
+        (answer, at)
     }
 
     /// Hands a message to its local recipients, with no catch-up rule applied: live messages
     /// come through [`Dispatcher::deliver`], replays and released held messages straight here.
-    /// Returns how many recipients it was written to or queued for (not those it was dropped
-    /// for: a full queue, a closing connection).
+    /// `reach` gets how many recipients it was written to or queued for (not those it was
+    /// dropped for: a full queue, a closing connection).
     fn fan_out(
         &mut self,
         target: Target<'_>,
@@ -471,58 +493,264 @@ impl Dispatcher {
         offset: Option<&str>,
         data: &RawValue,
         ts: u64,
-    ) -> usize {
+        reach: Option<ReachSlot>,
+    ) {
         let per_recipient = matches!(target, Target::Connection(_) | Target::User(_));
         self.metrics.pubsub_received.increment(1);
         let started = Instant::now();
-        self.registry.recipients(target, &mut self.scratch);
+        let recipients = self.lanes.count(target);
         self.metrics
             .filter_seconds
             .record(started.elapsed().as_secs_f64());
-        let recipients = self.scratch.len();
         self.metrics.fanout_recipients.record(recipients as f64);
         if recipients == 0 {
             self.metrics.pubsub_filtered.increment(1);
-            return 0;
+            return;
         }
         if let (Some(channel), Some(offset)) = (channel, offset) {
             self.catch_ups.delivered(channel, offset);
         }
-        // Serialized once per encoding, as a payload (for the queue) and as a whole WebSocket
-        // frame (for direct writes), and compressed once per encoding for the connections that
-        // agreed on permessage-deflate; every recipient shares the same bytes.
-        let (mut json, mut msgpack) = (None, None);
         let direct = self.direct_budget > 0 && (!self.multi || per_recipient);
-        let once_per_conn = self.multi;
-        let encode = |encoding| {
-            let payload = message(encoding, channel, offset, data);
-            Forms::new(encoding, payload, direct)
+        let message = Message {
+            target: To::borrowed(target),
+            channel: channel.map(Cow::Borrowed),
+            offset: offset.map(Cow::Borrowed),
+            data: Cow::Borrowed(data),
+            ts,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+            direct,
+            budget: if direct { self.direct_budget } else { 0 },
+            once_per_conn: self.multi,
+            payload: self.payload_seq,
+            reach,
+            metrics: self.metrics.clone(),
         };
+        if self.lanes.all_here() {
+            // Borrowing the payload: nothing is copied for a message written at once.
+            self.lanes.run_here(&message);
+        } else {
+            self.lanes.spread(Arc::new(message.into_owned()));
+        }
+    }
+}
+
+/// A message's count in a payload's reach answer: the answer, and the count's index in it.
+type ReachSlot = (Arc<ReachAnswer>, usize);
+
+/// Who a [`Work`] is for: a [`Target`] that may own its name, so that a lane can run it later.
+enum To<'a> {
+    Connection(Cow<'a, str>),
+    User(Cow<'a, str>),
+    Channel(Cow<'a, str>),
+    All,
+}
+
+impl<'a> To<'a> {
+    fn borrowed(target: Target<'a>) -> Self {
+        match target {
+            Target::Connection(id) => To::Connection(Cow::Borrowed(id)),
+            Target::User(user) => To::User(Cow::Borrowed(user)),
+            Target::Channel(channel) => To::Channel(Cow::Borrowed(channel)),
+            Target::All => To::All,
+        }
+    }
+
+    fn owned(target: Target<'_>) -> To<'static> {
+        To::borrowed(target).into_owned()
+    }
+
+    fn into_owned(self) -> To<'static> {
+        match self {
+            To::Connection(id) => To::Connection(Cow::Owned(id.into_owned())),
+            To::User(user) => To::User(Cow::Owned(user.into_owned())),
+            To::Channel(channel) => To::Channel(Cow::Owned(channel.into_owned())),
+            To::All => To::All,
+        }
+    }
+
+    fn target(&self) -> Target<'_> {
+        match self {
+            To::Connection(id) => Target::Connection(id),
+            To::User(user) => Target::User(user),
+            To::Channel(channel) => Target::Channel(channel),
+            To::All => Target::All,
+        }
+    }
+}
+
+/// One message for the recipients of one shard: serialized once per encoding, as a payload (for
+/// the queue) and as a whole WebSocket frame (for direct writes), and compressed once per
+/// encoding for the connections that agreed on permessage-deflate, by whichever lane needs it
+/// first; every recipient on every lane shares the same bytes.
+struct Message<'a> {
+    target: To<'a>,
+    channel: Option<Cow<'a, str>>,
+    offset: Option<Cow<'a, str>>,
+    data: Cow<'a, RawValue>,
+    ts: u64,
+    json: OnceLock<Forms>,
+    msgpack: OnceLock<Forms>,
+    /// Whole frames are built for direct writes.
+    direct: bool,
+    /// Direct writes each lane may make for this payload.
+    budget: usize,
+    /// The payload has several messages: a connection gets at most one of them directly.
+    once_per_conn: bool,
+    /// The payload's number.
+    payload: u64,
+    reach: Option<ReachSlot>,
+    metrics: Metrics,
+}
+
+impl Message<'_> {
+    fn into_owned(self) -> Message<'static> {
+        Message {
+            target: self.target.into_owned(),
+            channel: self.channel.map(|c| Cow::Owned(c.into_owned())),
+            offset: self.offset.map(|o| Cow::Owned(o.into_owned())),
+            data: Cow::Owned(self.data.into_owned()),
+            ts: self.ts,
+            json: self.json,
+            msgpack: self.msgpack,
+            direct: self.direct,
+            budget: self.budget,
+            once_per_conn: self.once_per_conn,
+            payload: self.payload,
+            reach: self.reach,
+            metrics: self.metrics,
+        }
+    }
+
+    fn forms(&self, encoding: Encoding) -> &Forms {
+        let cell = match encoding {
+            Encoding::Json => &self.json,
+            Encoding::Msgpack => &self.msgpack,
+        };
+        cell.get_or_init(|| {
+            let payload = message(
+                encoding,
+                self.channel.as_deref(),
+                self.offset.as_deref(),
+                &self.data,
+            );
+            Forms::new(encoding, payload, self.direct)
+        })
+    }
+}
+
+impl Work for Message<'_> {
+    fn run(&self, lane: &mut Lane) {
+        lane.find(self.target.target());
+        let mut conns = std::mem::take(&mut lane.scratch);
+        let budget = lane.budget_for(self.payload, self.budget);
+        let (channel, offset) = (self.channel.as_deref(), self.offset.as_deref());
+        // This lane's compressed forms, so the shared list is locked once per form.
+        let mut picked = Vec::new();
         let mut reached = 0;
-        for conn in self.scratch.drain(..) {
-            let forms = match conn.encoding {
-                Encoding::Json => json.get_or_insert_with(|| encode(Encoding::Json)),
-                Encoding::Msgpack => msgpack.get_or_insert_with(|| encode(Encoding::Msgpack)),
-            };
-            let form = forms.pick(conn.deflate, &self.metrics);
+        for conn in conns.drain(..) {
+            let forms = self.forms(conn.encoding);
+            let form = forms.pick(conn.deflate, &mut picked, &self.metrics);
             let whole = match &form.whole {
                 Some(whole)
-                    if self.direct_budget > 0
-                        && (!once_per_conn || conn.first_direct_in(self.payload_seq)) =>
+                    if *budget > 0
+                        && (!self.once_per_conn || conn.first_direct_in(self.payload)) =>
                 {
-                    self.direct_budget -= 1;
+                    *budget -= 1;
                     Some(whole)
                 }
                 _ => None,
             };
             let (frame, deflated) = (&form.payload, form.deflated);
             let handed = match channel {
-                Some(channel) => conn.deliver_channel(channel, offset, frame, deflated, whole, ts),
-                None => conn.deliver(frame, deflated, whole, ts),
+                Some(channel) => {
+                    conn.deliver_channel(channel, offset, frame, deflated, whole, self.ts)
+                }
+                None => conn.deliver(frame, deflated, whole, self.ts),
             };
             reached += usize::from(handed);
         }
-        reached
+        lane.scratch = conns;
+        if let Some((answer, at)) = &self.reach {
+            answer.add(*at, reached);
+        }
+    }
+}
+
+/// A backend's subscribe, for the targeted connections of one shard.
+struct Joins {
+    target: To<'static>,
+    channel: String,
+    inbound: Arc<Inbound>,
+    /// Sent once every lane is done with the joins (when dropped: never read).
+    _ack: AckOnDrop,
+}
+
+impl Work for Joins {
+    fn run(&self, lane: &mut Lane) {
+        lane.find(self.target.target());
+        for conn in lane.scratch.drain(..) {
+            server_join(&lane.registry, &self.inbound, &conn, &self.channel);
+        }
+    }
+}
+
+/// A backend's unsubscribe, for the targeted connections of one shard.
+struct Leaves {
+    target: To<'static>,
+    channel: String,
+    inbound: Arc<Inbound>,
+}
+
+impl Work for Leaves {
+    fn run(&self, lane: &mut Lane) {
+        lane.find(self.target.target());
+        let channel = self.channel.as_str();
+        for conn in lane.scratch.drain(..) {
+            self.inbound.leave(&lane.registry, &conn, channel);
+            conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
+        }
+    }
+}
+
+/// A backend's disconnect, for the targeted connections of one shard.
+struct Closes {
+    target: To<'static>,
+    code: u16,
+    reason: String,
+}
+
+impl Work for Closes {
+    fn run(&self, lane: &mut Lane) {
+        lane.find(self.target.target());
+        for conn in lane.scratch.drain(..) {
+            conn.close(self.code, &self.reason, CloseReason::Backend);
+        }
+    }
+}
+
+/// A frame encoded once per encoding (presence events, notices), for the targeted connections
+/// of one shard; in order with the channel's messages when `channel` is given.
+struct Frames {
+    target: To<'static>,
+    channel: Option<String>,
+    json: Bytes,
+    msgpack: Bytes,
+}
+
+impl Work for Frames {
+    fn run(&self, lane: &mut Lane) {
+        lane.find(self.target.target());
+        for conn in lane.scratch.drain(..) {
+            let frame = match conn.encoding {
+                Encoding::Json => &self.json,
+                Encoding::Msgpack => &self.msgpack,
+            };
+            match &self.channel {
+                Some(channel) => conn.deliver_channel(channel, None, frame, false, None, 0),
+                None => conn.deliver(frame, false, None, 0),
+            };
+        }
     }
 }
 
@@ -535,6 +763,23 @@ impl Dispatcher {
     /// history lost anything): it leaves the channel and gets `redis_unavailable`, to subscribe
     /// again with the same `since`.
     fn finish_resume(&mut self, done: ResumeDone) {
+        // In order with the live messages its shard has pending.
+        let (registry, inbound, metrics) = (
+            self.registry.clone(),
+            self.inbound.clone(),
+            self.metrics.clone(),
+        );
+        let conn = done.conn.clone();
+        self.lanes.for_conn(
+            &conn,
+            Box::new(move |_: &mut Lane| finish_resume(done, &registry, &inbound, &metrics)),
+        );
+    }
+}
+
+/// [`Dispatcher::finish_resume`], on the connection's shard.
+fn finish_resume(done: ResumeDone, registry: &Registry, inbound: &Inbound, metrics: &Metrics) {
+    {
         let conn = &done.conn;
         let channel = done.channel.as_str();
         let replay = match done.read {
@@ -542,10 +787,8 @@ impl Dispatcher {
             Ok(Replay::Incomplete) => None,
             Err(e) => {
                 conn.cancel_resume(channel);
-                self.inbound.leave(&self.registry, conn, channel);
-                self.metrics
-                    .rejected(ErrorCode::RedisUnavailable)
-                    .increment(1);
+                inbound.leave(registry, conn, channel);
+                metrics.rejected(ErrorCode::RedisUnavailable).increment(1);
                 let message = format!(
                     "the channel's history could not be read ({e}); you are not subscribed: \
                      subscribe again with the same `since`"
@@ -596,7 +839,7 @@ impl Dispatcher {
                 frames.push(subscribed(true));
                 frames.extend(held.iter().cloned());
                 if conn.deliver_all(frames) {
-                    self.metrics.resumes(true).increment(1);
+                    metrics.resumes(true).increment(1);
                     return;
                 }
                 // The replay does not fit the send queue: given up, and the client told.
@@ -607,7 +850,7 @@ impl Dispatcher {
                 held.into_iter().map(|h| h.item).collect()
             }
         };
-        self.metrics.resumes(false).increment(1);
+        metrics.resumes(false).increment(1);
         let mut frames = vec![subscribed(false)];
         frames.extend(held);
         if !conn.deliver_all(frames) {
@@ -655,17 +898,14 @@ impl Dispatcher {
             due: tokio::time::Instant::now() + MISSED_EVERY,
             pending: false,
         };
-        let json = ServerFrame::Missed.encode(Encoding::Json);
-        let msgpack = ServerFrame::Missed.encode(Encoding::Msgpack);
-        let conns = self.registry.all();
-        for conn in &conns {
-            let frame = match conn.encoding {
-                Encoding::Json => &json,
-                Encoding::Msgpack => &msgpack,
-            };
-            conn.deliver(frame, false, None, 0);
-        }
-        self.metrics.missed_notices.increment(conns.len() as u64);
+        let work = Frames {
+            target: To::All,
+            channel: None,
+            json: ServerFrame::Missed.encode(Encoding::Json),
+            msgpack: ServerFrame::Missed.encode(Encoding::Msgpack),
+        };
+        let told = self.lanes.spread_to(Target::All, Arc::new(work));
+        self.metrics.missed_notices.increment(told as u64);
     }
 
     /// After a pub/sub reconnect or a dropped payload: for every history channel with local
@@ -741,16 +981,19 @@ impl Dispatcher {
     /// Every local subscriber of `channel` gets an unsolicited `subscribed` with
     /// `recovered: false`: it missed messages nobody can give back.
     fn tell_not_recovered(&mut self, channel: &str) {
-        self.registry
-            .recipients(Target::Channel(channel), &mut self.scratch);
-        for conn in self.scratch.drain(..) {
-            let notice = ServerFrame::Subscribed {
-                channel,
-                id: None,
-                recovered: Some(false),
-            };
-            conn.deliver(&notice.encode(conn.encoding), false, None, 0);
-        }
+        let notice = ServerFrame::Subscribed {
+            channel,
+            id: None,
+            recovered: Some(false),
+        };
+        let work = Frames {
+            target: To::owned(Target::Channel(channel)),
+            channel: None,
+            json: notice.encode(Encoding::Json),
+            msgpack: notice.encode(Encoding::Msgpack),
+        };
+        self.lanes
+            .spread_to(Target::Channel(channel), Arc::new(work));
     }
 
     /// Delivers what a channel missed, then the live messages held meanwhile that are newer;
@@ -784,7 +1027,14 @@ impl Dispatcher {
                 for held in held {
                     let (data, ts) = held.item;
                     let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-                    self.fan_out(target, Some(channel), held.offset.as_deref(), &raw, ts);
+                    self.fan_out(
+                        target,
+                        Some(channel),
+                        held.offset.as_deref(),
+                        &raw,
+                        ts,
+                        None,
+                    );
                 }
                 self.metrics.catch_ups(true).increment(1);
             }
@@ -801,7 +1051,14 @@ impl Dispatcher {
                 for held in held {
                     let (data, ts) = held.item;
                     let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-                    self.fan_out(target, Some(channel), held.offset.as_deref(), &raw, ts);
+                    self.fan_out(
+                        target,
+                        Some(channel),
+                        held.offset.as_deref(),
+                        &raw,
+                        ts,
+                        None,
+                    );
                 }
                 self.metrics.catch_ups(false).increment(1);
             }
@@ -818,6 +1075,7 @@ impl Dispatcher {
                 Some(&offset),
                 &raw,
                 0,
+                None,
             );
         }
     }
@@ -829,11 +1087,18 @@ impl Dispatcher {
 struct Forms {
     encoding: Encoding,
     plain: Form,
-    /// Per (window bits, level): the compressed form (`None` if zlib failed).
-    deflated: Vec<((u8, u8), Option<Form>)>,
+    /// Per (window bits, level): the compressed form (`None` if zlib failed). Shared by the
+    /// lanes; each keeps its own list of what it took (see [`Forms::pick`]).
+    deflated: Mutex<Vec<(DeflateKey, Option<Arc<Form>>)>>,
     /// Whether whole frames are built for direct writes.
     direct: bool,
 }
+
+/// permessage-deflate terms a compressed form is made for: (window bits, level).
+type DeflateKey = (u8, u8);
+
+/// The compressed forms one lane took, per encoding and terms.
+type Picked = Vec<((Encoding, DeflateKey), Option<Arc<Form>>)>;
 
 /// A message's bytes for one kind of recipient.
 struct Form {
@@ -855,50 +1120,78 @@ impl Forms {
                 deflated: false,
                 whole,
             },
-            deflated: Vec::new(),
+            deflated: Mutex::new(Vec::new()),
             direct,
         }
     }
 
-    /// The form for a connection with these deflate terms, compressing on first use.
-    fn pick(&mut self, deflate: Option<Deflate>, metrics: &Metrics) -> &Form {
+    /// The form for a connection with these deflate terms, compressing on first use by any
+    /// lane; `picked` is the calling lane's list of forms taken.
+    fn pick<'f>(
+        &'f self,
+        deflate: Option<Deflate>,
+        picked: &'f mut Picked,
+        metrics: &Metrics,
+    ) -> &'f Form {
         let Some(d) = deflate.filter(|d| d.wants(self.plain.payload.len())) else {
             return &self.plain;
         };
-        let key = (d.window_bits, d.level);
-        let at = match self.deflated.iter().position(|(k, _)| *k == key) {
+        let key = (self.encoding, (d.window_bits, d.level));
+        let at = match picked.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                metrics.deflated(DeflatePath::Fanout).increment(1);
-                let form = d.compress(&self.plain.payload).map(|payload| Form {
-                    whole: self
-                        .direct
-                        .then(|| server_frame(self.encoding, &payload, true)),
-                    payload,
-                    deflated: true,
-                });
-                self.deflated.push((key, form));
-                self.deflated.len() - 1
+                let mut shared = self.deflated.lock().expect("deflated forms lock");
+                let form = match shared.iter().find(|(k, _)| *k == key.1) {
+                    Some((_, form)) => form.clone(),
+                    None => {
+                        metrics.deflated(DeflatePath::Fanout).increment(1);
+                        let form = d.compress(&self.plain.payload).map(|payload| {
+                            Arc::new(Form {
+                                whole: self
+                                    .direct
+                                    .then(|| server_frame(self.encoding, &payload, true)),
+                                payload,
+                                deflated: true,
+                            })
+                        });
+                        shared.push((key.1, form.clone()));
+                        form
+                    }
+                };
+                picked.push((key, form));
+                picked.len() - 1
             }
         };
-        self.deflated[at].1.as_ref().unwrap_or(&self.plain)
+        picked[at].1.as_deref().unwrap_or(&self.plain)
     }
 }
 
 /// The reach counts one payload's requested messages had on this replica, for the replica that
-/// asked.
+/// asked; sent when dropped, that is once the dispatcher and every lane are done with it.
 struct ReachAnswer {
     replica: String,
     token: String,
-    counts: Vec<ReachCount>,
+    counts: Mutex<Vec<ReachCount>>,
+    /// The asking replica's channel.
+    channel: String,
+    backplane: Backplane,
 }
 
 impl ReachAnswer {
-    /// Publishes the answer to the asking replica's channel, without holding up the dispatcher.
-    fn send(self, keys: &Keys, backplane: &Backplane) {
-        let channel = keys.replica(&self.replica);
-        let notice = envelope::reach(&self.token, &self.counts);
-        let backplane = backplane.clone();
+    /// Adds `reached` to the count at `at`.
+    fn add(&self, at: usize, reached: usize) {
+        let mut counts = self.counts.lock().expect("reach counts lock");
+        let count = &mut counts[at].count;
+        *count = count.saturating_add(u32::try_from(reached).unwrap_or(u32::MAX));
+    }
+}
+
+impl Drop for ReachAnswer {
+    /// Publishes the answer to the asking replica's channel, without holding up anyone.
+    fn drop(&mut self) {
+        let counts = std::mem::take(self.counts.get_mut().expect("reach counts lock"));
+        let notice = envelope::reach(&self.token, &counts);
+        let (channel, backplane) = (std::mem::take(&mut self.channel), self.backplane.clone());
         tokio::spawn(async move {
             // Lost, the asking replica reports the counts it got as incomplete.
             if let Err(e) = backplane.publish(&channel, notice.as_bytes()).await {
@@ -913,6 +1206,17 @@ struct Ack {
     channel: String,
     notice: String,
     backplane: Backplane,
+}
+
+/// An [`Ack`] sent when dropped: once every lane is done with the joins it follows.
+struct AckOnDrop(Option<Ack>);
+
+impl Drop for AckOnDrop {
+    fn drop(&mut self) {
+        if let Some(ack) = self.0.take() {
+            tokio::spawn(ack.send());
+        }
+    }
 }
 
 impl Ack {

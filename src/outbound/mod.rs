@@ -7,6 +7,7 @@ pub mod history;
 pub mod publish;
 pub mod reach;
 pub mod routes;
+pub mod shards;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
