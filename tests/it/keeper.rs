@@ -51,8 +51,10 @@ async fn acked_sends_on_one_redis_with_appendfsync_everysec_are_confirmed_two_se
             kept().await == 0.0
         })
         .await;
+        // The window starts at the keeper's first check after it kept the copy, which may come
+        // a moment before the ack reaches this test: a little slack below 2 s.
         assert!(
-            acked.elapsed() >= Duration::from_secs(2),
+            acked.elapsed() >= Duration::from_millis(1900),
             "confirmed {:?} after the acks, before the fsync window",
             acked.elapsed()
         );
