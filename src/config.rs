@@ -232,8 +232,8 @@ pub struct InboundConfig {
     /// original entry instead of appending twice; 0 turns deduplication off.
     pub dedupe_window_seconds: u64,
     /// With `redis.wait_replicas = 0`: acked entries whose copy this replica keeps until
-    /// Redis's replicas hold them, to append them again after a failover that lost them
-    /// ([`crate::inbound::keeper`]); 0 keeps none.
+    /// Redis's replicas (without replicas, its persistence) hold them, to append them again
+    /// after a failover or restart that lost them ([`crate::inbound::keeper`]); 0 keeps none.
     pub keep_unconfirmed_entries: usize,
 }
 

@@ -5,11 +5,11 @@
 //! be missing on the replica Sentinel promotes, or on a Redis restarted from a snapshot. With
 //! `redis.wait_replicas = 0` the gateway does not wait for replicas before acking, so it keeps a
 //! copy of each acked entry (up to `inbound.keep_unconfirmed_entries`) instead, and drops the
-//! copy once Redis can no longer lose it:
-//! - every online replica's replication offset has passed the primary's offset read after the
-//!   entry was acked (checked every `redis.health_interval_ms` with `INFO`), or
-//! - the primary has no replicas and persists every write before answering (`appendfsync
-//!   always`).
+//! copy once Redis can no longer lose it, which `INFO` (every `redis.health_interval_ms`) shows
+//! ([`super::confirm`] holds the rule): every online replica's replication offset has passed the
+//! primary's offset read after the entry was acked; or, on a Redis that has no replicas, its
+//! persistence holds the entry (`appendfsync always` at once, `everysec` two seconds on, a
+//! snapshot after the next successful save, and at once if it persists nothing at all).
 //!
 //! The same check notices a new writer: another run id or replication id (a promoted replica, a
 //! restarted Redis). Then every kept entry is looked up on it and appended again where missing
@@ -23,13 +23,14 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::backplane::durability::Durability;
 use crate::backplane::{Backplane, RedisFailure};
+use crate::inbound::confirm::{Confirmer, Info, Rule};
 use crate::metrics::Metrics;
 
 /// One acked entry, as it was appended.
@@ -69,49 +70,6 @@ pub struct Keeper {
     metrics: Metrics,
 }
 
-/// What one `INFO` said about the primary.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Primary {
-    run_id: String,
-    replid: String,
-    offset: u64,
-    /// The replication offsets of the replicas in state `online`.
-    replica_offsets: Vec<u64>,
-    is_master: bool,
-}
-
-impl Primary {
-    fn parse(info: &str) -> Self {
-        let mut primary = Primary::default();
-        for line in info.lines() {
-            let Some((name, value)) = line.trim_end().split_once(':') else {
-                continue;
-            };
-            match name {
-                "run_id" => primary.run_id = value.to_owned(),
-                "master_replid" => primary.replid = value.to_owned(),
-                "master_repl_offset" => primary.offset = value.parse().unwrap_or(0),
-                "role" => primary.is_master = value == "master",
-                _ if name.starts_with("slave") && name[5..].parse::<u32>().is_ok() => {
-                    // slave0:ip=…,port=…,state=online,offset=123,lag=0
-                    let field = |f: &str| {
-                        value
-                            .split(',')
-                            .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
-                    };
-                    if field("state") == Some("online") {
-                        if let Some(offset) = field("offset").and_then(|o| o.parse().ok()) {
-                            primary.replica_offsets.push(offset);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        primary
-    }
-}
-
 /// Appends a kept entry again where it is missing. Returns 0 when nothing was done (the entry
 /// is there, was trimmed, or a resend stored it again), else 1.
 ///
@@ -143,8 +101,16 @@ end
 return 1
 "#;
 
-/// Rounds remembered while replicas lag (one per health interval).
-const MAX_MARKS: usize = 64;
+/// What [`Keeper::watch`] remembers between rounds.
+#[derive(Default)]
+struct Watched {
+    /// The marks of the rounds not yet confirmed.
+    confirmer: Confirmer,
+    /// The primary the kept entries were last checked against: (run id, replication id).
+    writer: Option<(String, String)>,
+    /// The rule that confirmed them last (logged when it changes).
+    rule: Option<Rule>,
+}
 
 /// Kept entries looked up (and appended again) per pipeline.
 const AGAIN_BATCH: usize = 256;
@@ -187,8 +153,8 @@ impl Keeper {
         self.len() == 0
     }
 
-    /// Checks the primary every `interval` until `shutdown`: confirms what its replicas hold, and
-    /// appends again what a new primary lacks.
+    /// Checks the primary every `interval` until `shutdown`: confirms what its replicas or its
+    /// persistence hold, and appends again what a new primary lacks.
     pub async fn watch(
         self,
         backplane: Backplane,
@@ -198,10 +164,7 @@ impl Keeper {
     ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Offsets of the primary read at the start of past rounds: (round, offset).
-        let mut marks: VecDeque<(u64, u64)> = VecDeque::new();
-        // The primary the kept entries were last checked against: (run id, replication id).
-        let mut writer: Option<(String, String)> = None;
+        let mut watched = Watched::default();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -214,7 +177,7 @@ impl Keeper {
             };
             let checked = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                checked = self.check(&backplane, &durability, round, &mut marks, &mut writer) => checked,
+                checked = self.check(&backplane, &durability, round, &mut watched) => checked,
             };
             if let Err(e) = checked {
                 tracing::debug!(error = %e, "kept inbound entries not checked");
@@ -225,59 +188,48 @@ impl Keeper {
         }
     }
 
-    /// One round: entries acked before `round` began are confirmed once every online replica
-    /// passed the primary's offset read now.
+    /// One round: entries acked before `round` began are confirmed once the primary proves it
+    /// holds them for good ([`Confirmer::observe`]).
     async fn check(
         &self,
         backplane: &Backplane,
         durability: &Durability,
         round: u64,
-        marks: &mut VecDeque<(u64, u64)>,
-        writer: &mut Option<(String, String)>,
+        watched: &mut Watched,
     ) -> Result<(), RedisFailure> {
+        let at = Instant::now();
         let info: String = backplane.query(&redis::cmd("INFO")).await?;
-        let primary = Primary::parse(&info);
-        if !primary.is_master {
+        let info = Info::parse(&info);
+        if !info.is_master {
             return Ok(());
         }
-        let now = (primary.run_id.clone(), primary.replid.clone());
-        if writer.as_ref().is_some_and(|w| *w != now) {
+        let now = (info.run_id.clone(), info.replid.clone());
+        if watched.writer.as_ref().is_some_and(|w| *w != now) {
             // Another Redis answers now: what the old one took may be missing here.
-            marks.clear();
+            watched.confirmer.clear();
             let again = self.append_missing(backplane).await?;
             tracing::warn!(
-                run_id = %primary.run_id,
+                run_id = %info.run_id,
                 appended_again = again,
                 kept = self.len(),
                 "Redis writer changed: kept inbound entries checked on the new one"
             );
-            *writer = Some(now);
+            watched.writer = Some(now);
             return Ok(());
         }
-        *writer = Some(now);
-        if marks.len() == MAX_MARKS {
-            // Dropping the oldest mark only makes its round wait for a later (higher) one.
-            marks.pop_front();
+        watched.writer = Some(now);
+        let settings = durability.settings_of(&info.run_id);
+        let (rule, confirmed) = watched
+            .confirmer
+            .observe(round, at, &info, settings.as_ref());
+        if watched.rule != Some(rule) {
+            tracing::info!(
+                run_id = %info.run_id,
+                confirmed_by = rule.as_str(),
+                "kept inbound entries: the rule that confirms them changed"
+            );
+            watched.rule = Some(rule);
         }
-        marks.push_back((round, primary.offset));
-        let confirmed = if primary.replica_offsets.is_empty() {
-            let durable = durability
-                .run_id()
-                .split(',')
-                .any(|run| run == primary.run_id);
-            durable.then_some(round)
-        } else {
-            let slowest = primary.replica_offsets.iter().min().copied().unwrap_or(0);
-            let mut confirmed = None;
-            while let Some(&(r, offset)) = marks.front() {
-                if offset > slowest {
-                    break;
-                }
-                confirmed = Some(r);
-                marks.pop_front();
-            }
-            confirmed
-        };
         if let Some(confirmed) = confirmed {
             let mut state = self.state.lock().expect("never poisoned");
             while state.entries.front().is_some_and(|k| k.round <= confirmed) {
@@ -334,31 +286,5 @@ impl Keeper {
         }
         self.metrics.inbound_appended_again.increment(again);
         Ok(again)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_a_primary_with_replicas() {
-        let info =
-            "# Server\r\nrun_id:abc123\r\n# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
-                    slave0:ip=127.0.0.1,port=7001,state=online,offset=420,lag=0\r\n\
-                    slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
-                    master_failover_state:no-failover\r\nmaster_replid:ffee\r\n\
-                    master_replid2:0000\r\nmaster_repl_offset:512\r\n";
-        assert_eq!(
-            Primary::parse(info),
-            Primary {
-                run_id: "abc123".into(),
-                replid: "ffee".into(),
-                offset: 512,
-                replica_offsets: vec![420],
-                is_master: true,
-            }
-        );
-        assert!(!Primary::parse("role:slave\r\n").is_master);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod appender;
 pub mod backlog;
+pub mod confirm;
 pub mod keeper;
 
 use std::collections::HashMap;

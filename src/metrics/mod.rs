@@ -692,7 +692,7 @@ fn describe() {
     );
     describe_gauge!(
         INBOUND_UNCONFIRMED,
-        "Acked inbound entries this replica keeps a copy of until Redis's replicas hold them (redis.wait_replicas = 0)."
+        "Acked inbound entries this replica keeps a copy of until Redis's replicas, or without replicas its persistence, hold them (redis.wait_replicas = 0)."
     );
     describe_counter!(
         INBOUND_UNCONFIRMED_DROPPED,

@@ -20,6 +20,7 @@ mod ha_load;
 mod history;
 mod hostile;
 mod inbound;
+mod keeper;
 mod lanes;
 mod lifecycle;
 mod limits;

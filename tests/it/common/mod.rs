@@ -131,6 +131,8 @@ pub struct Redis {
     dir: PathBuf,
     /// Started with an append-only file fsynced on every write: a restart keeps the data.
     aof: bool,
+    /// More `redis-server` arguments, after the persistence ones (a later one wins).
+    extra: Vec<String>,
     cluster: Option<Cluster>,
 }
 
@@ -142,11 +144,18 @@ impl Redis {
     /// Starts one redis-server even in the cluster pass, for what speaks to a single Redis only
     /// (the minimal example consumers, the local stack of the walk-throughs).
     pub fn start_single() -> Self {
+        Self::start_single_with(&[])
+    }
+
+    /// Starts one redis-server with more arguments (e.g. its persistence: `--appendonly yes
+    /// --appendfsync everysec`), kept for [`Redis::restart`].
+    pub fn start_single_with(args: &[&str]) -> Self {
         let mut redis = Redis {
             port: free_port(),
             child: None,
             dir: scratch_dir(),
             aof: false,
+            extra: args.iter().map(|a| a.to_string()).collect(),
             cluster: None,
         };
         redis.spawn();
@@ -161,6 +170,7 @@ impl Redis {
                 child: None,
                 dir: scratch_dir(),
                 aof,
+                extra: Vec::new(),
                 cluster: Some(cluster),
             };
         }
@@ -169,6 +179,7 @@ impl Redis {
             child: None,
             dir: scratch_dir(),
             aof,
+            extra: Vec::new(),
             cluster: None,
         };
         redis.spawn();
@@ -198,6 +209,7 @@ impl Redis {
                 "",
             ])
             .args(persistence)
+            .args(&self.extra)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
