@@ -520,7 +520,7 @@ impl Dispatcher {
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
             direct,
-            budget: if direct { self.direct_budget } else { 0 },
+            budget: self.direct_budget,
             once_per_conn: self.multi,
             payload: self.payload_seq,
             reach,
@@ -593,7 +593,8 @@ struct Message<'a> {
     msgpack: OnceLock<Forms>,
     /// Whole frames are built for direct writes.
     direct: bool,
-    /// Direct writes each lane may make for this payload.
+    /// Direct writes each lane may make for this payload (whichever of its messages makes
+    /// them: only those with `direct` have whole frames to write).
     budget: usize,
     /// The payload has several messages: a connection gets at most one of them directly.
     once_per_conn: bool,
