@@ -30,6 +30,8 @@ pub mod names {
     pub const PUBSUB_FILTERED: &str = "wsbridge_pubsub_filtered_total";
     pub const FANOUT_RECIPIENTS: &str = "wsbridge_fanout_recipients";
     pub const FILTER_SECONDS: &str = "wsbridge_filter_seconds";
+    pub const DISPATCH_SECONDS: &str = "wsbridge_dispatch_seconds";
+    pub const FANOUT_LANE_SECONDS: &str = "wsbridge_fanout_lane_seconds";
     pub const DELIVERIES: &str = "wsbridge_deliveries_total";
     pub const DELIVERY_DROPPED: &str = "wsbridge_delivery_dropped_total";
     pub const DELIVERY_LATENCY_SECONDS: &str = "wsbridge_delivery_latency_seconds";
@@ -319,6 +321,11 @@ pub struct MetricsInner {
     pub fanout_recipients: Histogram,
     /// Time to find the local recipients of one message.
     pub filter_seconds: Histogram,
+    /// Time the dispatcher spends on one pub/sub payload (with the per-recipient work it runs
+    /// itself).
+    pub dispatch_seconds: Histogram,
+    /// Time a fan-out lane spends on one message's recipients in its shard.
+    pub fanout_lane_seconds: Histogram,
     /// Frames written to clients.
     pub deliveries: Counter,
     dropped: HashMap<DropReason, Counter>,
@@ -438,6 +445,8 @@ impl Metrics {
             pubsub_filtered: metrics::counter!(names::PUBSUB_FILTERED),
             fanout_recipients: metrics::histogram!(names::FANOUT_RECIPIENTS),
             filter_seconds: metrics::histogram!(names::FILTER_SECONDS),
+            dispatch_seconds: metrics::histogram!(names::DISPATCH_SECONDS),
+            fanout_lane_seconds: metrics::histogram!(names::FANOUT_LANE_SECONDS),
             deliveries: metrics::counter!(names::DELIVERIES),
             dropped: by_label(
                 names::DELIVERY_DROPPED,
@@ -628,6 +637,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full(names::FILTER_SECONDS.into()),
             &micro_to_second,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(names::DISPATCH_SECONDS.into()),
+            &micro_to_second,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(names::FANOUT_LANE_SECONDS.into()),
+            &micro_to_second,
+        )?
         .set_buckets_for_metric(Matcher::Full(names::STREAM_APPEND_SECONDS.into()), &latency)?
         .set_buckets_for_metric(
             Matcher::Full(names::DELIVERY_LATENCY_SECONDS.into()),
@@ -677,7 +694,17 @@ fn describe() {
     describe_histogram!(
         FILTER_SECONDS,
         Unit::Seconds,
-        "Time to find the local recipients of one message received from pub/sub."
+        "Time to count the local recipients of one message received from pub/sub (per fan-out shard: one index lookup)."
+    );
+    describe_histogram!(
+        DISPATCH_SECONDS,
+        Unit::Seconds,
+        "Time the dispatcher spends on one pub/sub payload, with the writes it makes itself (messages below outbound.fanout_lane_min_recipients); its rate is the dispatcher's busy share of one core."
+    );
+    describe_histogram!(
+        FANOUT_LANE_SECONDS,
+        Unit::Seconds,
+        "Time a fan-out lane spends on one message's recipients in its shard; its rate is the lanes' busy cores."
     );
     describe_counter!(DELIVERIES, "Message frames written to client sockets.");
     describe_counter!(DELIVERY_DROPPED, "Deliveries dropped, by reason.");

@@ -245,7 +245,11 @@ impl Dispatcher {
                 payload = rx.recv() => match payload {
                     Some(payload) => {
                         let alone = rx.is_empty();
+                        let started = Instant::now();
                         self.dispatch(&payload, alone);
+                        self.metrics
+                            .dispatch_seconds
+                            .record(started.elapsed().as_secs_f64());
                     }
                     None => return,
                 },

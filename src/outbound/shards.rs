@@ -18,6 +18,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -120,7 +121,7 @@ impl Lanes {
                 let (tx, rx) = mpsc::channel(config.fanout_lane_capacity.max(1));
                 let pending = Arc::new(AtomicUsize::new(0));
                 let lane = Lane::new(shard, registry.clone());
-                tokio::spawn(run(lane, rx, pending.clone()));
+                tokio::spawn(run(lane, rx, pending.clone(), metrics.clone()));
                 queues.push(Queue { tx, pending });
             }
         }
@@ -241,8 +242,14 @@ impl Lanes {
 }
 
 /// A lane's task: runs its shard's jobs in order.
-async fn run(mut lane: Lane, mut rx: mpsc::Receiver<Job>, pending: Arc<AtomicUsize>) {
+async fn run(
+    mut lane: Lane,
+    mut rx: mpsc::Receiver<Job>,
+    pending: Arc<AtomicUsize>,
+    metrics: Metrics,
+) {
     while let Some(job) = rx.recv().await {
+        let started = Instant::now();
         lane.more = !rx.is_empty();
         match job {
             Job::Each(work) => work.run(&mut lane),
@@ -250,5 +257,8 @@ async fn run(mut lane: Lane, mut rx: mpsc::Receiver<Job>, pending: Arc<AtomicUsi
         }
         lane.scratch.clear();
         pending.fetch_sub(1, Ordering::AcqRel);
+        metrics
+            .fanout_lane_seconds
+            .record(started.elapsed().as_secs_f64());
     }
 }

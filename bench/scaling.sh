@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Fan-out over worker threads: one replica fanning a burst of messages out to one channel, with
+# 1 worker thread (the gateway on CPU 0), and with 2 (CPUs 0 and 1), the latter both without
+# fan-out lanes (outbound.fanout_shards = 1: the dispatcher finds and writes to every recipient)
+# and with one lane per worker (the default). Redis on CPU 0; the load generator on CPU 1, so
+# with 2 workers the gateway shares CPU 1 with it: this 2-core box cannot give a second worker a
+# core of its own, and the figures say what it gets anyway.
+#
+#   bench/scaling.sh [--out DIR] [--clients N] [--messages M] [--runs R]
+#
+# Defaults: 5,000 clients, 200 messages as fast as the publisher goes (1,000,000 deliveries a
+# run), 3 runs of each setting, alternating. Reports, per setting, deliveries/s, gateway CPU µs
+# per delivery, p50/p99 latency and the load generator's CPU (the median run, all runs listed),
+# as a markdown table in DIR/results.md. Binaries: target/release (built here unless
+# WSBRIDGE_BIN / LOADGEN_BIN are given).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=target/bench/scaling-$(date -u +%Y%m%dT%H%M%SZ)
+CLIENTS=5000
+MESSAGES=200
+RUNS=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --clients) CLIENTS=$2; shift 2 ;;
+    --messages) MESSAGES=$2; shift 2 ;;
+    --runs) RUNS=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+. bench/lib.sh
+
+PORT=$(free_port)
+redis_on_cpu0 "$PORT"
+
+# setting name, worker threads, fan-out shards, gateway CPUs
+SETTINGS=("1-worker 1 1 0" "2-workers-no-lanes 2 1 0,1" "2-workers-2-lanes 2 2 0,1")
+
+run_setting() {
+  local name=$1 workers=$2 shards=$3 cpus=$4 run=$5
+  local p q
+  p=$(free_port); q=$(free_port)
+  WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
+  WSBRIDGE__REDIS__URL=redis://127.0.0.1:$PORT WSBRIDGE__REDIS__PREFIX="scaling-$name-$run" \
+  WSBRIDGE__SERVER__WORKER_THREADS=$workers WSBRIDGE__OUTBOUND__FANOUT_SHARDS=$shards \
+  RUST_LOG=warn taskset -c "$cpus" "$GW" --config config/wsbridge.toml >>"$OUT/$name.log" 2>&1 &
+  local gw=$!
+  PIDS+=("$gw")
+  wait_for curl -sf "http://127.0.0.1:$q/readyz"
+  taskset -c 1 "$LOADGEN" --target wsbridge --ws "ws://127.0.0.1:$p/ws" --api "http://127.0.0.1:$q" \
+    --pids "$gw" --quiet --scenario fanout --clients "$CLIENTS" --messages "$MESSAGES" \
+    --json "$OUT/$name-$run.json" >/dev/null
+  kill "$gw"; wait "$gw" 2>/dev/null || true
+}
+
+uptime >"$OUT/load.txt"
+for run in $(seq 1 "$RUNS"); do
+  for s in "${SETTINGS[@]}"; do
+    # shellcheck disable=SC2086
+    run_setting $s "$run"
+  done
+done
+uptime >>"$OUT/load.txt"
+
+python3 - "$OUT" "$RUNS" <<'PY'
+import json, sys, statistics
+out, runs = sys.argv[1], int(sys.argv[2])
+names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes"]
+rows = {}
+for n in names:
+    rs = [json.load(open(f"{out}/{n}-{r}.json")) for r in range(1, runs + 1)]
+    for r in rs:
+        assert r["exact"], f"{n}: not every delivery exact"
+    rs.sort(key=lambda r: r["deliveries_per_s"])
+    rows[n] = rs
+def all_runs(rs):
+    return ", ".join(f"{r['deliveries_per_s']:,.0f}" for r in rs)
+def ms(v):
+    return "-" if v is None else f"{v:.1f}"
+base = rows["1-worker"][runs // 2]["deliveries_per_s"]
+lines = ["| setting | deliveries/s (median) | × 1 worker | gateway CPU µs/delivery | p50 ms | p99 ms | loadgen CPU s | all runs, deliveries/s |",
+         "|---|---|---|---|---|---|---|---|"]
+for n in names:
+    m = rows[n][runs // 2]
+    lines.append(f"| {n} | {m['deliveries_per_s']:,.0f} | {m['deliveries_per_s']/base:.2f}× | "
+                 f"{m['gateway_cpu_us_per_delivery']:.2f} | {ms(m['latency_ms']['p50'])} | {ms(m['latency_ms']['p99'])} | "
+                 f"{m['loadgen_cpu_s']:.1f} | {all_runs(rows[n])} |")
+text = "\n".join(lines) + "\n"
+open(f"{out}/results.md", "w").write(text)
+print(text)
+PY
+cat "$OUT/load.txt"
