@@ -3,9 +3,12 @@
 // the env vars below pointing at running instances (Node 20: node --experimental-websocket).
 //
 //   SIO_A_WS, SIO_A_API, SIO_B_WS, SIO_B_API   ports of two socket.io instances (same Redis)
+//   REDIS_PORT                                 that Redis (for the stored-send checks; redis-cli)
 //   NCHAN_A, NCHAN_B                           ports of two nchan instances (same Redis)
 // A peer whose ports are not set is skipped. Prints one line per check and, last,
 // `N passed, N failed`; exits 1 if anything failed.
+
+import { execFileSync } from "node:child_process";
 
 const env = process.env;
 let passed = 0;
@@ -205,6 +208,29 @@ async function socketio() {
   a1.send('42["send","no id"]');
   m = await a1.next();
   check('sio 42["send","no id"] -> 42["ack",null]', m === '42["ack",null]', m);
+
+  // Client send with an ack callback (the seeds' inbound path): stored in the stream, then acked.
+  if (env.REDIS_PORT) {
+    a1.send('4211["send",{"stream":"chat","id":8,"data":{"x":2}}]');
+    m = await a1.next();
+    const entry = /^4311\[\{"entry":"(\d+-\d+)"\}\]$/.exec(m ?? "")?.[1];
+    check('sio 4211["send",{"stream":"chat","id":8,...}] -> 4311[{"entry":...}]', entry !== undefined, m);
+    const stored = execFileSync("redis-cli", ["-p", env.REDIS_PORT, "xrange", "wsbridge:in:chat", entry ?? "0", entry ?? "0"])
+      .toString().trim().split("\n");
+    const fields = Object.fromEntries(stored.slice(1).reduce((acc, v, i) => (i % 2 ? acc[acc.length - 1].push(v) : acc.push([v]), acc), []));
+    check(
+      "sio the acked entry is in wsbridge:in:chat with wsbridge's fields",
+      fields.data === '{"x":2}' && fields.id === "8" && fields.encoding === "json" && fields.user === "" &&
+        fields.connection !== undefined && fields.replica !== undefined && /^\d+$/.test(fields.ts ?? ""),
+      JSON.stringify(stored),
+    );
+    a1.send('4212["send",{"stream":"other","id":9,"data":1}]');
+    m = await a1.next();
+    check('sio a send to a stream not in --streams -> 4312[{"error":"stream_not_allowed",...}]', m?.startsWith('4312[{"error":"stream_not_allowed"'), m);
+    a1.send('4213["send",{"id":10}]');
+    m = await a1.next();
+    check('sio a send without data -> 4313[{"error":"bad_frame",...}]', m?.startsWith('4313[{"error":"bad_frame"'), m);
+  }
 
   // Bad requests.
   r = await post(aApi, "/send", "{not json");

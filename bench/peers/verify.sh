@@ -71,4 +71,4 @@ fi
 node_flags=()
 node -e 'process.exit(typeof WebSocket === "undefined" ? 1 : 0)' 2>/dev/null \
     || node_flags+=(--experimental-websocket)
-env "${envs[@]}" node --no-warnings "${node_flags[@]}" "$here/verify.mjs"
+env "${envs[@]}" REDIS_PORT="$redis_port" node --no-warnings "${node_flags[@]}" "$here/verify.mjs"

@@ -24,7 +24,8 @@
 //! With `--jwt-secret` (the gateway's `auth.jwt_secret`), client n authenticates as user `u<n>`
 //! with an HS256 token.
 //! - `inbound`: every client sends `--messages` frames to the stream `--stream` (chat), at most
-//!   `--window` unacknowledged at a time; counts acks (an error frame fails the run).
+//!   `--window` unacknowledged at a time; counts acks (an error frame fails the run). socket.io:
+//!   emits with an ack callback, which the peer calls once it stored the message.
 //! - `idle`: clients connect and join, then sit for `--settle-ms`; reports RSS per connection.
 //! - `churn`, `storm`, `kill`, `query`: presence (wsbridge; see presence.rs): CPU per join,
 //!   convergence and join events in a connection storm, leaves after a replica is killed,

@@ -232,6 +232,15 @@ impl Kind {
                 if text == "2" {
                     return Incoming::Answer("3");
                 }
+                // An ack callback's answer: 43<ack id>[{"entry":...}] or [{"error":...}].
+                if let Some(rest) = text.strip_prefix("43") {
+                    let args = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+                    return match serde_json::from_str::<(Value,)>(args) {
+                        Ok((answer,)) if answer.get("entry").is_some() => Incoming::Ack,
+                        Ok((answer,)) if answer.get("error").is_some() => Incoming::Error,
+                        _ => Incoming::Other,
+                    };
+                }
                 let Some(rest) = text.strip_prefix("42") else {
                     return Incoming::Other;
                 };
@@ -247,14 +256,17 @@ impl Kind {
         }
     }
 
-    /// The text a client sends to put `data` into the inbound stream (wsbridge) or to have it
-    /// acknowledged (socket.io's benchmark server).
+    /// The text a client sends to put `data` into the inbound stream. socket.io: an emit with
+    /// an ack callback (ack id = `id`), whose handler in the benchmark server XADDs it to the
+    /// same stream as wsbridge would, then acks with the entry id.
     pub fn client_send(self, stream: &str, id: u64, data: &str) -> Option<String> {
         match self {
             Self::Wsbridge => Some(format!(
                 r#"{{"type":"send","stream":"{stream}","id":"{id}","data":{data}}}"#
             )),
-            Self::Socketio => Some(format!(r#"42["send",{{"id":{id},"data":{data}}}]"#)),
+            Self::Socketio => Some(format!(
+                r#"42{id}["send",{{"stream":"{stream}","id":{id},"data":{data}}}]"#
+            )),
             Self::Nchan | Self::Floor => None,
         }
     }

@@ -4,6 +4,7 @@
 //
 //   node server.mjs --port 4001 --api-port 4101 --redis redis://127.0.0.1:6379
 //   (or WS_PORT / API_PORT / REDIS_URL; --host / HOST, default 127.0.0.1; port 0 = pick one)
+//   --prefix wsbridge --streams chat[,...] --stream-max-len 100000: the inbound streams (below)
 //
 // permessage-deflate is off, as in socket.io's defaults. --deflate-threshold BYTES (or
 // DEFLATE_THRESHOLD) turns it on: `perMessageDeflate: { threshold: BYTES }`, ws's other
@@ -19,7 +20,13 @@
 //   <- 0{"sid":...,"pingInterval":25000,...}    -> 40    <- 40{"sid":"<socket id>"}
 //   -> 42["subscribe","<room>"]                  <- 42["subscribed","<room>"]
 //   <- 42["message",<data>]                      (from POST /send)
+//   -> 42<k>["send",{"stream":"chat","id":N,"data":<json>}]   (emit with an ack callback)
+//                                                <- 43<k>[{"entry":"<stream entry id>"}]
+//      The handler XADDs the message to <prefix>:in:<stream> (MAXLEN ~ --stream-max-len) with
+//      wsbridge's entry fields, then calls the ack: the seeds' inbound path. No dedupe: a resend
+//      is stored again. Bad input or a failed XADD: 43<k>[{"error":CODE,"message":...}].
 //   -> 42["send",{"id":N,...}]                   <- 42["ack",N]   (id missing: null)
+//      (no ack callback: acked WITHOUT storing anything, for the fan-out checks in verify.mjs)
 //   <- 2 (ping, every pingInterval)               -> 3 (pong; the client must answer)
 // HTTP API:
 //   POST /send  {"to":{"channel":"room"}|{"connection":"<sid>"}|{"all":true},"data":<json>}
@@ -40,6 +47,9 @@ const { values: args } = parseArgs({
     redis: { type: "string" },
     host: { type: "string" },
     "deflate-threshold": { type: "string" },
+    prefix: { type: "string" },
+    streams: { type: "string" },
+    "stream-max-len": { type: "string" },
   },
   strict: true,
 });
@@ -50,6 +60,12 @@ const apiPort = Number(args["api-port"] ?? process.env.API_PORT ?? 4101);
 const redisUrl = args.redis ?? process.env.REDIS_URL ?? "redis://127.0.0.1:6379";
 const MAX_BODY = 16 * 1024 * 1024;
 const deflateThreshold = args["deflate-threshold"] ?? process.env.DEFLATE_THRESHOLD;
+// Inbound stream keys and fields as wsbridge writes them (docs/consuming.md): the key
+// <prefix>:in:<stream>, only for the streams listed (comma-separated), trimmed MAXLEN ~ N.
+const prefix = args.prefix ?? "wsbridge";
+const streams = new Set((args.streams ?? "chat").split(","));
+const streamMaxLen = Number(args["stream-max-len"] ?? 100000);
+const replica = `sio-${process.pid}`;
 
 function fail(msg) {
   console.error(`server.mjs: ${msg}`);
@@ -60,6 +76,10 @@ if (!Number.isInteger(apiPort) || apiPort < 0 || apiPort > 65535) fail(`bad --ap
 if (deflateThreshold !== undefined && !(Number.isInteger(Number(deflateThreshold)) && Number(deflateThreshold) >= 0)) {
   fail(`bad --deflate-threshold ${deflateThreshold}`);
 }
+if ([...streams].some((name) => name === "" || /\s/.test(name))) {
+  fail(`bad --streams ${args.streams}: names must be non-empty and without spaces`);
+}
+if (!(Number.isInteger(streamMaxLen) && streamMaxLen > 0)) fail(`bad --stream-max-len ${args["stream-max-len"]}`);
 const perMessageDeflate = deflateThreshold === undefined ? false : { threshold: Number(deflateThreshold) };
 
 // --- Redis: one client publishes, a duplicate subscribes (what createAdapter wants). ---
@@ -94,9 +114,39 @@ io.on("connection", (socket) => {
     await socket.leave(room);
     socket.emit("unsubscribed", room);
   });
-  socket.on("send", (data) => {
-    const id = data !== null && typeof data === "object" && "id" in data ? data.id : null;
-    socket.emit("ack", id ?? null);
+  socket.on("send", async (data, ack) => {
+    if (typeof ack !== "function") {
+      const id = data !== null && typeof data === "object" && "id" in data ? data.id : null;
+      socket.emit("ack", id ?? null);
+      return;
+    }
+    // The seeds' inbound handler: append to the stream, then ack with the entry id.
+    if (data === null || typeof data !== "object" || Array.isArray(data) || !("data" in data)) {
+      return ack({ error: "bad_frame", message: 'expected {"stream":S,"id":ID,"data":ANY}' });
+    }
+    const stream = data.stream ?? "chat";
+    if (!streams.has(stream)) {
+      return ack({ error: "stream_not_allowed", message: `stream ${JSON.stringify(stream)} is not one of --streams` });
+    }
+    try {
+      const entry = await pubClient.xAdd(
+        `${prefix}:in:${stream}`,
+        "*",
+        {
+          connection: socket.id,
+          user: "",
+          data: JSON.stringify(data.data),
+          encoding: "json",
+          id: data.id === undefined || data.id === null ? "" : String(data.id),
+          replica,
+          ts: String(Date.now()),
+        },
+        { TRIM: { strategy: "MAXLEN", strategyModifier: "~", threshold: streamMaxLen } },
+      );
+      ack({ entry });
+    } catch (err) {
+      ack({ error: "redis_unavailable", message: String(err?.message ?? err) });
+    }
   });
 });
 
