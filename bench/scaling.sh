@@ -9,9 +9,13 @@
 #   bench/scaling.sh [--out DIR] [--clients N] [--messages M] [--runs R]
 #
 # Defaults: 5,000 clients, 200 messages as fast as the publisher goes (1,000,000 deliveries a
-# run), 3 runs of each setting, alternating. Reports, per setting, deliveries/s, gateway CPU µs
-# per delivery, p50/p99 latency and the load generator's CPU (the median run, all runs listed),
-# as a markdown table in DIR/results.md. Binaries: target/release (built here unless
+# run), 3 runs of each setting, alternating. Then, with 2 workers and 2 lanes, the 1:1 case
+# (loadgen --scenario direct: 1,000 clients, one message to each per round, 100 per call) with
+# the dispatcher writing them itself (fanout_lane_min_recipients 256, the default) and with every
+# message handed to the lanes (0). Reports, per setting, deliveries/s, gateway CPU µs per
+# delivery, p50/p99 latency, the load generator's CPU (the median run, all runs listed), and, from
+# the replica's own histograms, the dispatcher's µs per pub/sub message and the lanes' µs per
+# delivery, as a markdown table in DIR/results.md. Binaries: target/release (built here unless
 # WSBRIDGE_BIN / LOADGEN_BIN are given).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,23 +39,31 @@ OUT=$(cd "$OUT" && pwd)
 PORT=$(free_port)
 redis_on_cpu0 "$PORT"
 
-# setting name, worker threads, fan-out shards, gateway CPUs
-SETTINGS=("1-worker 1 1 0" "2-workers-no-lanes 2 1 0,1" "2-workers-2-lanes 2 2 0,1")
+# setting name, worker threads, fan-out shards, fanout_lane_min_recipients, gateway CPUs, scenario
+SETTINGS=("1-worker 1 1 256 0 fanout" "2-workers-no-lanes 2 1 256 0,1 fanout"
+          "2-workers-2-lanes 2 2 256 0,1 fanout"
+          "direct-dispatcher-writes 2 2 256 0,1 direct" "direct-lanes-write 2 2 0 0,1 direct")
 
 run_setting() {
-  local name=$1 workers=$2 shards=$3 cpus=$4 run=$5
-  local p q
+  local name=$1 workers=$2 shards=$3 min=$4 cpus=$5 scenario=$6 run=$7
+  local p q load
   p=$(free_port); q=$(free_port)
   WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
   WSBRIDGE__REDIS__URL=redis://127.0.0.1:$PORT WSBRIDGE__REDIS__PREFIX="scaling-$name-$run" \
   WSBRIDGE__SERVER__WORKER_THREADS=$workers WSBRIDGE__OUTBOUND__FANOUT_SHARDS=$shards \
+  WSBRIDGE__OUTBOUND__FANOUT_LANE_MIN_RECIPIENTS=$min \
   RUST_LOG=warn taskset -c "$cpus" "$GW" --config config/wsbridge.toml >>"$OUT/$name.log" 2>&1 &
   local gw=$!
   PIDS+=("$gw")
   wait_for curl -sf "http://127.0.0.1:$q/readyz"
+  if [ "$scenario" = fanout ]; then
+    load=(--scenario fanout --clients "$CLIENTS" --messages "$MESSAGES")
+  else
+    load=(--scenario direct --clients 1000 --messages "$MESSAGES" --batch 100)
+  fi
   taskset -c 1 "$LOADGEN" --target wsbridge --ws "ws://127.0.0.1:$p/ws" --api "http://127.0.0.1:$q" \
-    --pids "$gw" --quiet --scenario fanout --clients "$CLIENTS" --messages "$MESSAGES" \
-    --json "$OUT/$name-$run.json" >/dev/null
+    --pids "$gw" --quiet "${load[@]}" --json "$OUT/$name-$run.json" >/dev/null
+  curl -sf "http://127.0.0.1:$q/metrics" >"$OUT/$name-$run.metrics"
   kill "$gw"; wait "$gw" 2>/dev/null || true
 }
 
@@ -65,14 +77,23 @@ done
 uptime >>"$OUT/load.txt"
 
 python3 - "$OUT" "$RUNS" <<'PY'
-import json, sys, statistics
+import json, sys, re
 out, runs = sys.argv[1], int(sys.argv[2])
-names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes"]
+names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes", "direct-dispatcher-writes", "direct-lanes-write"]
+def sample(text, name):
+    m = re.search(r"^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
 rows = {}
 for n in names:
-    rs = [json.load(open(f"{out}/{n}-{r}.json")) for r in range(1, runs + 1)]
-    for r in rs:
-        assert r["exact"], f"{n}: not every delivery exact"
+    rs = []
+    for r in range(1, runs + 1):
+        j = json.load(open(f"{out}/{n}-{r}.json"))
+        assert j["exact"], f"{n}: not every delivery exact"
+        t = open(f"{out}/{n}-{r}.metrics").read()
+        d = sample(t, "wsbridge_deliveries_total") or j["delivered_total"]
+        j["dispatch_us_per_message"] = 1e6 * sample(t, "wsbridge_dispatch_seconds_sum") / max(1.0, sample(t, "wsbridge_pubsub_messages_received_total"))
+        j["lane_us_per_delivery"] = 1e6 * sample(t, "wsbridge_fanout_lane_seconds_sum") / max(1.0, d)
+        rs.append(j)
     rs.sort(key=lambda r: r["deliveries_per_s"])
     rows[n] = rs
 def all_runs(rs):
@@ -80,12 +101,13 @@ def all_runs(rs):
 def ms(v):
     return "-" if v is None else f"{v:.1f}"
 base = rows["1-worker"][runs // 2]["deliveries_per_s"]
-lines = ["| setting | deliveries/s (median) | × 1 worker | gateway CPU µs/delivery | p50 ms | p99 ms | loadgen CPU s | all runs, deliveries/s |",
-         "|---|---|---|---|---|---|---|---|"]
+lines = ["| setting | deliveries/s (median) | × 1 worker | gateway CPU µs/delivery | dispatcher µs/message | lanes µs/delivery | p50 ms | p99 ms | loadgen CPU s | all runs, deliveries/s |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
 for n in names:
     m = rows[n][runs // 2]
     lines.append(f"| {n} | {m['deliveries_per_s']:,.0f} | {m['deliveries_per_s']/base:.2f}× | "
-                 f"{m['gateway_cpu_us_per_delivery']:.2f} | {ms(m['latency_ms']['p50'])} | {ms(m['latency_ms']['p99'])} | "
+                 f"{m['gateway_cpu_us_per_delivery']:.2f} | {m['dispatch_us_per_message']:.1f} | {m['lane_us_per_delivery']:.2f} | "
+                 f"{ms(m['latency_ms']['p50'])} | {ms(m['latency_ms']['p99'])} | "
                  f"{m['loadgen_cpu_s']:.1f} | {all_runs(rows[n])} |")
 text = "\n".join(lines) + "\n"
 open(f"{out}/results.md", "w").write(text)
