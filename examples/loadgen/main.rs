@@ -665,6 +665,7 @@ async fn run(a: Args) -> Result<bool, String> {
     // Warm-up: until every client has seen a message on the channel, all replicas route it.
     if a.scenario != Scenario::Inbound && a.scenario != Scenario::Idle {
         let warm = r#"{"seq":0,"t":0,"w":1}"#.to_string();
+        let mut warm_unconfirmed = 0u64;
         let rooms: Vec<String> = match a.scenario {
             Scenario::Rooms => all_rooms(&a),
             _ => vec![a.channel.clone()],
@@ -674,7 +675,21 @@ async fn run(a: Args) -> Result<bool, String> {
                 .iter()
                 .map(|r| (To::Channel(r), warm.clone()))
                 .collect();
-            publisher.publish(&warm_items).await?;
+            match publisher.publish(&warm_items).await {
+                Ok(()) => {}
+                // 503: the gateway could not confirm the publish (Redis did not answer in time,
+                // as when 100k connections arriving hold the CPU); it may have gone out. A
+                // warm-up message is not counted, so it is simply published again.
+                Err(e) if e.contains(": 503 ") => {
+                    warm_unconfirmed += 1;
+                    if warm_unconfirmed == 1 {
+                        eprintln!(
+                            "loadgen: a warm-up publish was not confirmed, trying again: {e}"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
             // Publish again only once the warm-up has stopped spreading: a fan-out to tens of
             // thousands takes longer than a round here, and publishing into it only adds work
             // (which several load generators warming one channel would multiply).
