@@ -194,7 +194,7 @@ fi
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
   echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
   echo "redis: $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/')"
-  echo "gateway commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "gateway source: $(git log -1 --format=%h -- src Cargo.toml Cargo.lock 2>/dev/null || echo unknown)"
 } >"$OUT/machine.txt"
 python3 bench/growth_report.py "$OUT" | tee "$OUT/results.md"
 say "results: $OUT/results.md"
