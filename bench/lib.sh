@@ -1,5 +1,5 @@
-# Shared by bench/durable_acks.sh, bench/inbound_redis.sh and bench/soak.sh; sourced from the
-# repository root with OUT set to the results folder (created).
+# Shared by bench/durable_acks.sh, bench/growth.sh, bench/inbound_redis.sh and bench/soak.sh;
+# sourced from the repository root with OUT set to the results folder (created).
 #
 # Sets GW and LOADGEN (release builds, made here unless WSBRIDGE_BIN and LOADGEN_BIN are
 # given), and kills every process whose pid is added to PIDS when the script exits.

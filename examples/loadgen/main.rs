@@ -35,6 +35,13 @@
 //!   connection with compression negotiated, latency of a client's message to the other
 //!   clients (`--publish-via client|stream`).
 //!
+//! Several load generators can share one run (more connections than one process may open):
+//! with `--ready-file F` each writes F once its clients have joined and seen the warm-up, then
+//! with `--go-file G` waits for G to exist before the measured part; `--receive-only` (fanout)
+//! publishes nothing measured and expects `--messages` per client from the one that does. A run
+//! with `--go-file` stamps messages with the wall clock (µs since 1970), so that latency is
+//! comparable across processes; otherwise with the process's own clock.
+//!
 //! Every client must receive exactly what was addressed to it: the report has delivered and
 //! expected counts, the number of clients short or over, latency from the publish call to the
 //! frame read by the client (HDR histogram: p50/p99/p99.9), and, with `--pids` (the gateway
@@ -123,6 +130,9 @@ struct Args {
     deflate: bool,
     publishers: usize,
     publish_via: wire::Via,
+    ready_file: Option<String>,
+    go_file: Option<String>,
+    receive_only: bool,
 }
 
 const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan|floor --scenario fanout|direct|user|rooms|inbound|idle|churn|storm|kill|query|wire|wire-idle|publish \
@@ -130,7 +140,7 @@ const USAGE: &str = "usage: loadgen --target wsbridge|socketio|nchan|floor --sce
 [--channel C] [--rooms-per-endpoint K] [--payload BYTES] [--stream S] [--window N] [--pids P[,P...]] [--redis-pid P] [--per-source N] [--first-source N] \
 [--connect-concurrency N] [--jwt-secret S] [--settle-ms MS] [--timeout-s S] [--json FILE] [--quiet] \
 [--watchers N] [--probe-rate R] [--probe-clients N] [--probe-channel C] [--probe-ms MS] [--kill-pid P] [--limit N] \
-[--deflate] [--publishers N] [--publish-via client|stream]";
+[--deflate] [--publishers N] [--publish-via client|stream] [--ready-file F] [--go-file F] [--receive-only]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -168,6 +178,9 @@ fn parse_args() -> Result<Args, String> {
         deflate: false,
         publishers: 1,
         publish_via: wire::Via::Client,
+        ready_file: None,
+        go_file: None,
+        receive_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -177,6 +190,10 @@ fn parse_args() -> Result<Args, String> {
         }
         if flag == "--deflate" {
             a.deflate = true;
+            continue;
+        }
+        if flag == "--receive-only" {
+            a.receive_only = true;
             continue;
         }
         if flag == "-h" || flag == "--help" {
@@ -251,6 +268,8 @@ fn parse_args() -> Result<Args, String> {
             "--limit" => a.limit = num(&value)?,
             "--publishers" => a.publishers = num(&value)?.max(1) as usize,
             "--publish-via" => a.publish_via = wire::Via::parse(&value)?,
+            "--ready-file" => a.ready_file = Some(value),
+            "--go-file" => a.go_file = Some(value),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
     }
@@ -270,6 +289,20 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.scenario == Scenario::Publish && a.target != Kind::Wsbridge {
         return Err("--scenario publish is wsbridge only".into());
+    }
+    if a.receive_only && a.scenario != Scenario::Fanout {
+        return Err("--receive-only is for --scenario fanout".into());
+    }
+    if (a.ready_file.is_some() || a.go_file.is_some())
+        && !matches!(
+            a.scenario,
+            Scenario::Fanout | Scenario::Direct | Scenario::User | Scenario::Rooms | Scenario::Idle
+        )
+    {
+        return Err(
+            "--ready-file and --go-file are for the fanout, direct, user, rooms and idle scenarios"
+                .into(),
+        );
     }
     if a.ws.is_empty() || (a.clients == 0 && !presence) {
         return Err("--ws and --clients must not be empty".into());
@@ -323,6 +356,8 @@ fn cpu_of(pids: &[u32]) -> Vec<f64> {
 /// What all clients share with the orchestrator.
 struct Shared {
     started: Instant,
+    /// Stamp and read messages by the wall clock (load generators sharing a run), not `started`.
+    wall_clock: bool,
     /// Measured messages each client received.
     counts: Vec<AtomicU64>,
     /// Messages (or acks) each client must receive.
@@ -346,7 +381,14 @@ struct Shared {
 
 impl Shared {
     fn now_us(&self) -> u64 {
-        self.started.elapsed().as_micros() as u64
+        if self.wall_clock {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros() as u64
+        } else {
+            self.started.elapsed().as_micros() as u64
+        }
     }
 }
 
@@ -523,6 +565,7 @@ fn log(a: &Args, msg: &str) {
 async fn run(a: Args) -> Result<bool, String> {
     let shared = Arc::new(Shared {
         started: Instant::now(),
+        wall_clock: a.go_file.is_some(),
         counts: (0..a.clients).map(|_| AtomicU64::new(0)).collect(),
         expected: AtomicU64::new(u64::MAX),
         complete: AtomicUsize::new(0),
@@ -623,6 +666,7 @@ async fn run(a: Args) -> Result<bool, String> {
     // Warm-up: until every client has seen a message on the channel, all replicas route it.
     if a.scenario != Scenario::Inbound && a.scenario != Scenario::Idle {
         let warm = r#"{"seq":0,"t":0,"w":1}"#.to_string();
+        let mut warm_unconfirmed = 0u64;
         let rooms: Vec<String> = match a.scenario {
             Scenario::Rooms => all_rooms(&a),
             _ => vec![a.channel.clone()],
@@ -632,13 +676,35 @@ async fn run(a: Args) -> Result<bool, String> {
                 .iter()
                 .map(|r| (To::Channel(r), warm.clone()))
                 .collect();
-            publisher.publish(&warm_items).await?;
-            let all = wait_until(
-                &shared.changed,
-                Instant::now() + Duration::from_millis(200),
-                || shared.warmed.load(Ordering::Relaxed) == a.clients,
-            )
-            .await;
+            match publisher.publish(&warm_items).await {
+                Ok(()) => {}
+                // 503: the gateway could not confirm the publish (Redis did not answer in time,
+                // as when 100k connections arriving hold the CPU); it may have gone out. A
+                // warm-up message is not counted, so it is simply published again.
+                Err(e) if e.contains(": 503 ") => {
+                    warm_unconfirmed += 1;
+                    if warm_unconfirmed == 1 {
+                        eprintln!(
+                            "loadgen: a warm-up publish was not confirmed, trying again: {e}"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            // Publish again only once the warm-up has stopped spreading: a fan-out to tens of
+            // thousands takes longer than a round here, and publishing into it only adds work
+            // (which several load generators warming one channel would multiply).
+            let mut all = false;
+            let mut seen = usize::MAX;
+            while !all && shared.warmed.load(Ordering::Relaxed) != seen {
+                seen = shared.warmed.load(Ordering::Relaxed);
+                all = wait_until(
+                    &shared.changed,
+                    Instant::now() + Duration::from_millis(200),
+                    || shared.warmed.load(Ordering::Relaxed) == a.clients,
+                )
+                .await;
+            }
             if all {
                 break;
             }
@@ -652,6 +718,26 @@ async fn run(a: Args) -> Result<bool, String> {
         }
         log(&a, "every client receives: measuring");
     }
+
+    if let Some(path) = &a.ready_file {
+        std::fs::write(path, format!("{}\n", a.clients))
+            .map_err(|e| format!("--ready-file {path}: {e}"))?;
+    }
+    if let Some(path) = &a.go_file {
+        log(&a, &format!("waiting for {path}"));
+        while !std::path::Path::new(path).exists() {
+            if Instant::now() > deadline {
+                return Err(format!("--go-file {path}: not there after --timeout-s"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Measured from here: a run that waited for its go file gets --timeout-s again.
+    let deadline = if a.go_file.is_some() {
+        Instant::now() + Duration::from_secs(a.timeout_s)
+    } else {
+        deadline
+    };
 
     let per_client = match a.scenario {
         Scenario::Idle => 0,
@@ -716,6 +802,8 @@ async fn run(a: Args) -> Result<bool, String> {
             });
             let mut seq = 0u64;
             let rounds = match a.scenario {
+                // Another load generator publishes; this one only counts.
+                Scenario::Fanout if a.receive_only => 0,
                 Scenario::Fanout => a.messages.div_ceil(a.batch as u64),
                 _ => a.messages,
             };

@@ -1,6 +1,6 @@
 //! The load generator's small mode, as CI runs it: a few hundred real clients on two replicas,
 //! and every count exact (never a timing). Fan-out to a channel, messages to each connection and
-//! to each user, and client sends into a stream.
+//! to each user, client sends into a stream, and two load generators sharing one fan-out.
 
 use serde_json::Value;
 
@@ -143,6 +143,79 @@ async fn every_user_gets_its_messages_and_every_client_send_is_stored() {
             20 * CLIENTS as u64,
             "every acked send is one stream entry"
         );
+    })
+    .await;
+}
+
+/// Two load generators share one fan-out, as `bench/growth.sh` runs six (one process may open
+/// only so many sockets): each holds the clients of one replica, both wait for the go file once
+/// theirs have joined, and only the first publishes; the other counts the same messages exactly,
+/// and times them by the same clock.
+#[tokio::test]
+async fn two_load_generators_share_one_fanout() {
+    deadline(TEST_DEADLINE * 2, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("loadgen-shared");
+        let a = Gateway::start(&redis, &prefix).await;
+        let b = Gateway::start(&redis, &prefix).await;
+        let dir = scratch_dir();
+        let go = dir.join("go");
+        let clients = CLIENTS.to_string();
+        let spawn = |gw: &Gateway, name: &str, extra: &[&str]| {
+            tokio::process::Command::new(rust_example("loadgen"))
+                .args(["--target", "wsbridge", "--scenario", "fanout"])
+                .args(["--ws", &gw.ws_url, "--api", &gw.api_url])
+                .args(["--clients", &clients, "--messages", "30", "--rate", "100"])
+                .args(["--pids", &gw.pid().to_string(), "--timeout-s", "60"])
+                .arg("--ready-file")
+                .arg(dir.join(format!("{name}.ready")))
+                .arg("--go-file")
+                .arg(&go)
+                .arg("--json")
+                .arg(dir.join(format!("{name}.json")))
+                .arg("--quiet")
+                .args(extra)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("run loadgen")
+        };
+        let publisher = spawn(&a, "publisher", &["--first-source", "1"]);
+        let receiver = spawn(&b, "receiver", &["--first-source", "11", "--receive-only"]);
+
+        eventually_within("both load generators joined", PATIENCE * 3, || async {
+            dir.join("publisher.ready").exists() && dir.join("receiver.ready").exists()
+        })
+        .await;
+        // Ready, but nothing measured before the go file: no report yet.
+        assert!(!dir.join("publisher.json").exists());
+        assert!(!dir.join("receiver.json").exists());
+        std::fs::write(&go, "").unwrap();
+
+        for (name, child) in [("publisher", publisher), ("receiver", receiver)] {
+            let out = child.wait_with_output().await.unwrap();
+            assert!(
+                out.status.success(),
+                "{name} failed ({}):\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let read = |name: &str| -> Value {
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap())
+                .unwrap()
+        };
+        let (published, received) = (read("publisher"), read("receiver"));
+        assert_exact(&published, 30);
+        assert_exact(&received, 30);
+        assert_eq!(received["publish_calls"], 0, "{received:#}");
+        assert_eq!(published["publish_calls"], 30, "{published:#}");
+        // The receiver's latency is from the publisher's stamp: on another clock it would be
+        // clamped to 1 µs or to the histogram's top (600 s).
+        let p50 = received["latency_ms"]["p50"].as_f64().unwrap();
+        assert!(p50 > 0.005 && p50 < 5_000.0, "{received:#}");
     })
     .await;
 }
