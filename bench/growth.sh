@@ -7,6 +7,10 @@
 #        19,000 subscribers of one channel (--quick: 500, 2,000). Every size gets the same
 #        20,000 deliveries/s (20 msgs/s to 1,000 subscribers, ~1.05 msgs/s to 19,000) for 20 s
 #        (--quick: 3 s): loadgen --scenario fanout --rate 20000/N.
+#   floor  The same sizes and rate against the floor (examples/floor.rs: wsbridge's frames
+#        written raw to the same sockets, one thread): how much of the growth is the kernel's
+#        own (more sockets, fewer cache hits), so that wsbridge's cost is also given as × the
+#        floor at each size.
 #   six  100,002 connections over six replicas (16,667 each; --quick: 6 × 500), one channel,
 #        six load generators (one per replica, source addresses 127.0.0.1+10i onwards): load
 #        generator 0 publishes 0.2 msgs/s (20,000 deliveries/s again) for 8 messages
@@ -24,19 +28,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=0
-PARTS=one,six
+PARTS=one,floor,six
 OUT=target/bench/growth-$(date -u +%Y%m%dT%H%M%SZ)
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --parts) PARTS=$2; shift ;;
     --out) OUT=$2; shift ;;
-    *) echo "bench/growth.sh: unknown argument $1 (expected --quick, --parts one,six, --out DIR)" >&2; exit 2 ;;
+    *) echo "bench/growth.sh: unknown argument $1 (expected --quick, --parts one,floor,six, --out DIR)" >&2; exit 2 ;;
   esac
   shift
 done
 for p in ${PARTS//,/ }; do
-  case "$p" in one|six) ;; *) echo "bench/growth.sh: unknown part $p (expected one, six)" >&2; exit 2 ;; esac
+  case "$p" in one|floor|six) ;; *) echo "bench/growth.sh: unknown part $p (expected one, floor, six)" >&2; exit 2 ;; esac
 done
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
@@ -148,6 +152,30 @@ if want one; then
     touch "$OUT/$name.go"
     wait "$LGPID" || say "$name: loadgen exited $? (see run.log)"
     LGS=()
+    echo "$(loadavg)" >>"$OUT/$name.load"
+    stop_all
+  done
+fi
+
+if want floor; then
+  FLOOR=${FLOOR_BIN:-$ROOT/target/release/examples/floor}
+  [ -x "$FLOOR" ] || cargo build --release --example floor 2>>"$OUT/build.log"
+  for n in $SIZES; do
+    name=floor-$n
+    rate=$(awk -v d="$DPS" -v n="$n" 'BEGIN {printf "%.4f", d / n}')
+    messages=$(awk -v r="$rate" -v s="$SECONDS_PER_SIZE" 'BEGIN {m = int(r * s + 0.5); print (m < 2 ? 2 : m)}')
+    say "$name: $n subscribers of the floor, $messages messages at $rate msgs/s"
+    p=$(free_port); q=$(free_port)
+    taskset -c 0 "$FLOOR" --listen "127.0.0.1:$p" --api-listen "127.0.0.1:$q" >>"$OUT/floor.log" 2>&1 &
+    fpid=$!
+    PIDS+=("$fpid")
+    wait_for curl -sf "http://127.0.0.1:$q/healthz"
+    echo "$(loadavg)" >"$OUT/$name.load"
+    echo "$name: loadgen --target floor --clients $n --messages $messages --rate $rate" >>"$LOG"
+    taskset -c 1 "$LOADGEN" --target floor --scenario fanout --channel "$CHANNEL" \
+      --ws "ws://127.0.0.1:$p/ws" --api "http://127.0.0.1:$q" --pids "$fpid" --connect-concurrency 128 \
+      --timeout-s 300 --json "$OUT/$name.json" --quiet --clients "$n" --messages "$messages" \
+      --rate "$rate" >>"$LOG" 2>&1 || say "$name: loadgen exited $? (see run.log)"
     echo "$(loadavg)" >>"$OUT/$name.load"
     stop_all
   done

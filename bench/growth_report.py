@@ -39,16 +39,25 @@ def main(out):
     ones = sorted(out.glob("one-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     if ones:
         print("One replica; gateway and Redis on CPU 0, loadgen on CPU 1; the same deliveries/s for every size.\n")
-        print("| subscribers | msgs/s | deliveries/s | gateway CPU µs/delivery | × smallest | p50 ms | p99 ms "
+        print("| subscribers | msgs/s | deliveries/s | gateway CPU µs/delivery | × smallest | floor µs/delivery (× smallest) | × floor | p50 ms | p99 ms "
               "| RSS KiB/conn joined, idle | RSS KiB/conn after | exact | load avg (1 min) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         base = None
+        floor_base = None
         for p in ones:
             r = json.loads(p.read_text())
             cost = r.get("gateway_cpu_us_per_delivery")
             if base is None:
                 base = cost
             ratio = f"{cost / base:.2f}×" if cost and base else "-"
+            floor, vs_floor = "-", "-"
+            fp = p.with_name(p.name.replace("one-", "floor-"))
+            if fp.exists():
+                f = json.loads(fp.read_text()).get("gateway_cpu_us_per_delivery")
+                if f:
+                    floor_base = floor_base or f
+                    floor = f"{f:.2f} ({f / floor_base:.2f}×)"
+                    vs_floor = f"{cost / f:.2f}×"
             idle = "-"
             rss = p.with_suffix(".rss")
             if rss.exists():
@@ -57,7 +66,7 @@ def main(out):
             after = r.get("rss_kib_per_connection")
             lat = r["latency_ms"]
             print(f"| {r['clients']:,} | {r['rate']:.2f} | {r['deliveries_per_s']:,.0f} | "
-                  f"{cost:.2f} | {ratio} | {ms(lat['p50'])} | {ms(lat['p99'])} | {idle} | "
+                  f"{cost:.2f} | {ratio} | {floor} | {vs_floor} | {ms(lat['p50'])} | {ms(lat['p99'])} | {idle} | "
                   f"{'-' if after is None else f'{after:.2f}'} | {'yes' if r['exact'] else 'NO'} | "
                   f"{load(p.with_name(p.stem + '.load'))} |")
         print()
