@@ -39,7 +39,9 @@ pub async fn serve(
             user,
             ttl,
         );
-        if let Err(e) = listed.await {
+        // Boxed: awaited inline, this Redis call's future would be kept in every connection's
+        // task for its whole life (a future is as large as the largest thing it awaits).
+        if let Err(e) = Box::pin(listed).await {
             tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
         }
     }
@@ -78,6 +80,11 @@ pub async fn serve(
         idle: Duration::from_secs(config.server.idle_timeout_seconds),
     };
     let mut sink = ClientFrames::new(&handle, &state, expiry_tx);
+    let expiry = std::pin::pin!(until_expiry(
+        &handle,
+        expiry,
+        config.auth.refresh_notice_seconds
+    ));
     drive(
         io,
         &handle,
@@ -85,7 +92,7 @@ pub async fn serve(
         timing,
         &state.metrics,
         &mut sink,
-        until_expiry(&handle, expiry, config.auth.refresh_notice_seconds),
+        expiry,
     )
     .await;
 
