@@ -18,6 +18,8 @@ use crate::protocol::{
 };
 use crate::state::AppState;
 
+use super::Expiry;
+
 /// A token bucket: `rate` frames per second sustained, `burst` at once.
 struct TokenBucket {
     rate: f64,
@@ -56,7 +58,7 @@ pub(crate) struct ClientFrames<'a> {
     state: &'a AppState,
     bucket: TokenBucket,
     /// The token's expiry, moved by `refresh` (read by the session's expiry timer).
-    expiry: tokio::sync::watch::Sender<Option<u64>>,
+    expiry: &'a Expiry,
 }
 
 impl<'a> ClientFrames<'a> {
@@ -64,7 +66,7 @@ impl<'a> ClientFrames<'a> {
     pub(crate) fn new(
         handle: &'a Arc<ConnHandle>,
         state: &'a AppState,
-        expiry: tokio::sync::watch::Sender<Option<u64>>,
+        expiry: &'a Expiry,
     ) -> Self {
         let limits = &state.config.limits;
         Self {
@@ -112,7 +114,7 @@ impl ClientFrames<'_> {
                 ),
             ));
         }
-        self.expiry.send_replace(fresh.expires_at);
+        self.expiry.set(fresh.expires_at);
         Ok(fresh.expires_at)
     }
 }
