@@ -64,6 +64,9 @@ pub struct Timing {
 /// Runs the reader and the writer of one connection until it closes, including the closing
 /// handshake: the writer sends our close frame (within [`CLOSE_WRITE_GRACE`]), then the reader
 /// waits for the client's (within [`CLOSE_GRACE`]). `expiry` resolving closes the connection with 1008.
+///
+/// `expiry` is borrowed, not moved in: an async fn keeps its arguments for its whole life, so a
+/// future moved in here and on into the `select!` would be stored twice in every connection.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn drive(
     io: TokioIo<Upgraded>,
@@ -72,7 +75,7 @@ pub(crate) async fn drive(
     timing: Timing,
     metrics: &Metrics,
     sink: &mut impl MessageSink,
-    expiry: impl std::future::Future<Output = ()>,
+    expiry: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
@@ -87,17 +90,25 @@ pub(crate) async fn drive(
     let read_half = std::io::Cursor::new(pre).chain(read_half);
     let write_half = Arc::new(write_half);
     handle.direct.attach(write_half.clone());
-    let frames = frames::FrameReader::new(
+    let mut frames = frames::FrameReader::new(
         read_half,
         limits.max_message_bytes,
         handle.deflate.is_some(),
     );
-    let ws_write =
+    let mut ws_write =
         lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct));
-    let mut reader =
-        pin!(reader::run(frames, handle, limits, metrics, &last_seen, started, sink).fuse());
+    let mut reader = pin!(reader::run(
+        &mut frames,
+        handle,
+        limits,
+        metrics,
+        &last_seen,
+        started,
+        sink
+    )
+    .fuse());
     let mut writer =
-        pin!(writer::run(ws_write, handle, timing, metrics, &last_seen, started).fuse());
+        pin!(writer::run(&mut ws_write, handle, timing, metrics, &last_seen, started).fuse());
 
     tokio::select! {
         _ = &mut reader => {}
@@ -164,7 +175,7 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig, deflate: Option<d
         timing,
         &metrics,
         &mut sink,
-        std::future::pending(),
+        pin!(std::future::pending()),
     )
     .await;
 }

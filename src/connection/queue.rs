@@ -1,7 +1,8 @@
 //! A connection's queues (messages and replies): bounded, one consumer (the writer), and no
 //! memory while empty. A tokio channel allocates a block of slots when it is created and keeps
 //! it; every connection has two queues, most of them idle, so these hold a `VecDeque` that grows
-//! on demand and is freed when a burst has drained.
+//! on demand and is freed when a burst has drained (a large one at once, a small one once the
+//! consumer waits again).
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -113,8 +114,16 @@ impl<T> Queue<T> {
             if let Some(item) = self.try_pop() {
                 return Some(item);
             }
-            if self.state.lock().expect("queue lock").closed {
-                return None;
+            {
+                let mut state = self.state.lock().expect("queue lock");
+                if state.closed {
+                    return None;
+                }
+                // About to wait: an idle queue holds no buffer (a burst keeps its buffer while
+                // it lasts; a small one would otherwise stay for the connection's life).
+                if state.items.is_empty() && state.items.capacity() > 0 {
+                    state.items = VecDeque::new();
+                }
             }
             ready.await;
         }
@@ -176,6 +185,25 @@ mod tests {
         assert_eq!(q.close(), 1, "the waiting item is dropped and counted");
         assert!(q.pop().await.is_none());
         assert!(matches!(q.try_push(6), Err(PushError::Closed(6))));
+    }
+
+    #[tokio::test]
+    async fn a_consumer_waiting_on_an_empty_queue_holds_no_buffer() {
+        let q = std::sync::Arc::new(Queue::new(8));
+        q.try_push(1).ok().unwrap();
+        assert_eq!(q.pop().await, Some(1));
+        let popper = {
+            let q = q.clone();
+            tokio::spawn(async move { q.pop().await })
+        };
+        tokio::task::yield_now().await;
+        let held = q.state.lock().unwrap().items.capacity();
+        assert_eq!(
+            held, 0,
+            "the welcome's buffer would stay for the connection's life"
+        );
+        q.try_push(2).ok().unwrap();
+        assert_eq!(popper.await.unwrap(), Some(2));
     }
 
     #[test]

@@ -22,8 +22,11 @@ pub(crate) trait MessageSink {
 
 /// Reads until the client closes, the socket fails, or the protocol is broken; records why
 /// through [`ConnHandle::close`].
+///
+/// `frames` is borrowed: an async fn keeps its arguments for its whole life, so a reader moved
+/// in would be stored twice in every connection's task.
 pub(crate) async fn run<S: AsyncRead + Unpin>(
-    mut frames: FrameReader<S>,
+    frames: &mut FrameReader<S>,
     handle: &ConnHandle,
     limits: &LimitsConfig,
     metrics: &Metrics,

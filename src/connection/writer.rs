@@ -28,8 +28,11 @@ use crate::protocol::Encoding;
 const BURST: usize = 64;
 
 /// Writes until the connection is closing (after sending the close frame) or the socket fails.
+///
+/// `ws` is borrowed: an async fn keeps its arguments for its whole life, so a writer moved in
+/// would be stored twice in every connection's task.
 pub async fn run<S: AsyncWrite + Unpin>(
-    ws: S,
+    ws: &mut S,
     handle: &ConnHandle,
     timing: Timing,
     metrics: &Metrics,

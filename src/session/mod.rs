@@ -5,11 +5,12 @@
 
 mod client;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
 
 use crate::auth::Identity;
 use crate::connection::deflate::Deflate;
@@ -39,13 +40,15 @@ pub async fn serve(
             user,
             ttl,
         );
-        if let Err(e) = listed.await {
+        // Boxed: awaited inline, this Redis call's future would be kept in every connection's
+        // task for its whole life (a future is as large as the largest thing it awaits).
+        if let Err(e) = Box::pin(listed).await {
             tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
         }
     }
     let (seq, id) = state.registry.next_id();
     // Moved by the client's `refresh`.
-    let (expiry_tx, expiry) = tokio::sync::watch::channel(identity.expires_at);
+    let expiry = Expiry::new(identity.expires_at);
     let handle = ConnHandle::new(
         seq,
         id,
@@ -77,7 +80,12 @@ pub async fn serve(
         ping_every: Duration::from_secs(config.server.ping_interval_seconds),
         idle: Duration::from_secs(config.server.idle_timeout_seconds),
     };
-    let mut sink = ClientFrames::new(&handle, &state, expiry_tx);
+    let mut sink = ClientFrames::new(&handle, &state, &expiry);
+    let expires = std::pin::pin!(until_expiry(
+        &handle,
+        &expiry,
+        config.auth.refresh_notice_seconds
+    ));
     drive(
         io,
         &handle,
@@ -85,7 +93,7 @@ pub async fn serve(
         timing,
         &state.metrics,
         &mut sink,
-        until_expiry(&handle, expiry, config.auth.refresh_notice_seconds),
+        expires,
     )
     .await;
 
@@ -111,14 +119,39 @@ pub async fn serve(
     );
 }
 
+/// The token's expiry (unix seconds), as a client's `refresh` moves it: set by the client's
+/// frames, waited on by [`until_expiry`]. A tokio watch channel would do the same with ~350 bytes
+/// of waker slots per connection.
+pub(crate) struct Expiry {
+    at: Mutex<Option<u64>>,
+    moved: Notify,
+}
+
+impl Expiry {
+    fn new(at: Option<u64>) -> Self {
+        Self {
+            at: Mutex::new(at),
+            moved: Notify::new(),
+        }
+    }
+
+    /// Moves the expiry and wakes the timer.
+    pub(crate) fn set(&self, at: Option<u64>) {
+        *self.at.lock().expect("expiry lock") = at;
+        // One waiter: a move made while the timer is not waiting is kept as a permit, so the
+        // timer reads the new expiry when it next waits.
+        self.moved.notify_one();
+    }
+
+    fn get(&self) -> Option<u64> {
+        *self.at.lock().expect("expiry lock")
+    }
+}
+
 /// Resolves when the connection's token expires. `expiry` is the token's `exp` (unix
 /// seconds), moved by a `refresh`; `notice` seconds before it the client is sent
 /// `refresh_required` (once per token; 0 sends none).
-async fn until_expiry(
-    handle: &ConnHandle,
-    mut expiry: tokio::sync::watch::Receiver<Option<u64>>,
-    notice: u64,
-) {
+async fn until_expiry(handle: &ConnHandle, expiry: &Expiry, notice: u64) {
     let now = || {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -127,20 +160,14 @@ async fn until_expiry(
     };
     let until = |at: f64| tokio::time::sleep(Duration::from_secs_f64((at - now()).max(0.0)));
     loop {
-        let Some(exp) = *expiry.borrow_and_update() else {
+        let Some(exp) = expiry.get() else {
             // No expiry (yet): wait for a refresh that brings one.
-            if expiry.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+            expiry.moved.notified().await;
             continue;
         };
         // A refresh moves the expiry: start over with the new one. Once nobody can refresh
         // (the client's frames are done), only the clock is left.
-        let changed = async {
-            if expiry.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
+        let changed = expiry.moved.notified();
         tokio::pin!(changed);
         if notice > 0 {
             tokio::select! {
