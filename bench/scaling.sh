@@ -9,7 +9,8 @@
 #   bench/scaling.sh [--out DIR] [--clients N] [--messages M] [--runs R]
 #
 # Defaults: 5,000 clients, 200 messages as fast as the publisher goes (1,000,000 deliveries a
-# run), 3 runs of each setting, alternating. Then, with 2 workers and 2 lanes, the 1:1 case
+# run), 3 runs of each setting, alternating; the same paced at 40 messages/s (200,000
+# deliveries/s asked: more than one worker writes directly here). Then, with 2 workers and 2 lanes, the 1:1 case
 # (loadgen --scenario direct: 1,000 clients, one message to each per round, 100 per call) with
 # the dispatcher writing them itself (fanout_lane_min_recipients 256, the default) and with every
 # message handed to the lanes (0). Reports, per setting, deliveries/s, gateway CPU µs per
@@ -22,6 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=target/bench/scaling-$(date -u +%Y%m%dT%H%M%SZ)
 CLIENTS=5000
 MESSAGES=200
+PACED_RATE=40
 RUNS=3
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +44,8 @@ redis_on_cpu0 "$PORT"
 # setting name, worker threads, fan-out shards, fanout_lane_min_recipients, gateway CPUs, scenario
 SETTINGS=("1-worker 1 1 256 0 fanout" "2-workers-no-lanes 2 1 256 0,1 fanout"
           "2-workers-2-lanes 2 2 256 0,1 fanout"
+          "paced-1-worker 1 1 256 0 paced" "paced-2-workers-no-lanes 2 1 256 0,1 paced"
+          "paced-2-workers-2-lanes 2 2 256 0,1 paced"
           "direct-dispatcher-writes 2 2 256 0,1 direct" "direct-lanes-write 2 2 0 0,1 direct")
 
 run_setting() {
@@ -58,6 +62,8 @@ run_setting() {
   wait_for curl -sf "http://127.0.0.1:$q/readyz"
   if [ "$scenario" = fanout ]; then
     load=(--scenario fanout --clients "$CLIENTS" --messages "$MESSAGES")
+  elif [ "$scenario" = paced ]; then
+    load=(--scenario fanout --clients "$CLIENTS" --messages "$MESSAGES" --rate "$PACED_RATE")
   else
     load=(--scenario direct --clients 1000 --messages "$MESSAGES" --batch 100)
   fi
@@ -79,7 +85,8 @@ uptime >>"$OUT/load.txt"
 python3 - "$OUT" "$RUNS" <<'PY'
 import json, sys, re
 out, runs = sys.argv[1], int(sys.argv[2])
-names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes", "direct-dispatcher-writes", "direct-lanes-write"]
+names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes", "paced-1-worker", "paced-2-workers-no-lanes",
+         "paced-2-workers-2-lanes", "direct-dispatcher-writes", "direct-lanes-write"]
 def sample(text, name):
     m = re.search(r"^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -91,7 +98,7 @@ for n in names:
         assert j["exact"], f"{n}: not every delivery exact"
         t = open(f"{out}/{n}-{r}.metrics").read()
         d = sample(t, "wsbridge_deliveries_total") or j["delivered_total"]
-        j["dispatch_us_per_message"] = 1e6 * sample(t, "wsbridge_dispatch_seconds_sum") / max(1.0, sample(t, "wsbridge_pubsub_messages_received_total"))
+        j["dispatch_us_per_message"] = 1e6 * sample(t, "wsbridge_dispatch_seconds_sum") / max(1.0, sample(t, "wsbridge_pubsub_received_total"))
         j["lane_us_per_delivery"] = 1e6 * sample(t, "wsbridge_fanout_lane_seconds_sum") / max(1.0, d)
         rs.append(j)
     rs.sort(key=lambda r: r["deliveries_per_s"])

@@ -261,7 +261,10 @@ impl Dispatcher {
                 () = tokio::time::sleep_until(missed_due), if self.missed.pending => self.tell_missed(),
                 payload = rx.recv() => match payload {
                     Some(payload) => {
-                        let alone = rx.is_empty();
+                        // Nothing waits behind it: no payload, and no lane still busy with an
+                        // earlier one (in a burst the lanes fall behind; queueing then lets
+                        // each writer send several messages in one `write`).
+                        let alone = rx.is_empty() && self.lanes.all_idle();
                         let started = Instant::now();
                         self.dispatch(&payload, alone);
                         self.metrics

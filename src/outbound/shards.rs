@@ -202,6 +202,11 @@ impl Lanes {
         }
     }
 
+    /// Whether no lane has anything pending.
+    pub fn all_idle(&self) -> bool {
+        (0..self.queues.len()).all(|shard| self.idle(shard))
+    }
+
     /// Whether shard `shard` has nothing pending on its lane (what waits in the outbox is
     /// pending too).
     fn idle(&self, shard: usize) -> bool {
