@@ -405,8 +405,15 @@ async fn a_resend_late_in_the_dedupe_window_is_stored_once() {
         )
         .await;
         let mut c = connect_user(&gw, "carol").await;
-        let first = send_acked(&mut c, "late", json!({"n": 1})).await;
         let conn = redis.conn().await;
+        // Sent late in a slice (1 s, half the window), so that 1.5 s on is two slices later: a
+        // lookup of fewer than three buckets would miss it.
+        eventually("Redis's clock to be late in a slice", || {
+            let mut conn = conn.clone();
+            async move { (700..850).contains(&(redis_ms(&mut conn).await % 1000)) }
+        })
+        .await;
+        let first = send_acked(&mut c, "late", json!({"n": 1})).await;
         let late = entry_ms(&first) + 1500;
         eventually("Redis's clock to pass 1.5 s after the first send", || {
             let mut conn = conn.clone();
