@@ -74,7 +74,7 @@ impl Keys {
 
     // Keys used together carry the same hash tag (`{...}`), so on a Redis Cluster they live in
     // one slot: a channel's history stream, epoch and pub/sub channel are tagged with the channel,
-    // and a dedupe key with its inbound stream's key.
+    // and a dedupe bucket with its inbound stream's key.
 
     /// The history stream of `channel`.
     pub fn history(&self, channel: &str) -> String {
@@ -139,9 +139,10 @@ impl Keys {
         format!("{}:presence-sweep:{replica}", self.prefix)
     }
 
-    /// The key remembering which entry a client frame id produced.
-    pub fn dedupe(&self, stream: &str, scope: &str, id: &str) -> String {
-        format!("{{{}}}:dedupe:{scope}:{id}", self.inbound(stream))
+    /// The prefix of inbound stream `stream`'s dedupe buckets, `{<prefix>:in:<stream>}:dedupe:`,
+    /// which the slice number completes ([`crate::inbound::dedupe`]).
+    pub fn dedupe_buckets(&self, stream: &str) -> String {
+        format!("{{{}}}:dedupe:", self.inbound(stream))
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backplane::{Backplane, RedisFailure};
 use crate::connection::OwedAnswer;
+use crate::inbound::dedupe::DedupeId;
 use crate::inbound::keeper::{Keeper, KeptEntry};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, FrameId, ServerFrame};
@@ -56,46 +57,62 @@ pub struct AppendRequest {
     pub reply: Option<Answer>,
     /// When the frame was read.
     pub started: Instant,
-    /// For client frames with an id: the key remembering the entry it produced, and for how
-    /// many seconds. A resend within the window is acked with the original entry.
-    pub dedupe: Option<(String, u64)>,
+    /// For client frames with an id (and the window on): the id, remembered with the entry it
+    /// produced for the window. A resend within the window is acked with the original entry.
+    pub dedupe: Option<DedupeId>,
 }
 
-/// Appends a run of a stream's entries that have frame ids in one call, each once per frame id:
-/// an entry whose dedupe key is set gets the entry that key remembers, the others are appended
-/// (and their dedupe key set for the window). Returns the entry ids in order. Atomic; one call
-/// for the run instead of one per entry saves Redis a script call per entry
-/// (`bench/inbound_redis.sh`). Entries without a frame id are plain XADDs.
+/// Appends a run of a stream's entries that have frame ids in one call, each once per frame id
+/// ([`super::dedupe`]): an entry whose id a bucket of the window holds gets the entry it
+/// remembers, and so does an id repeated within the run (the first one's entry); the others are
+/// appended and their ids written into the current bucket with one `HSET`. Returns the entry
+/// ids in order. Atomic; one call for the run instead of one per entry saves Redis a script call
+/// per entry, and one hash field per id instead of a key with its own expiry halves what the id
+/// costs (`bench/inbound_redis.sh`). Entries without a frame id are plain XADDs.
 ///
-/// KEYS: the stream, then the dedupe key of each entry that has one, in order.
-/// ARGV: MAXLEN, the number of entries, then per entry: its window in seconds (0: no dedupe
-/// key), its number of field/value arguments, and those.
-const APPEND_BATCH: &str = r#"
-local maxlen, n = ARGV[1], tonumber(ARGV[2])
-local ids = {}
-local a, k = 3, 2
+/// KEYS: the stream. ARGV: MAXLEN, the buckets' key prefix, the window in ms, the number of
+/// entries, then per entry: its dedupe field, its number of field/value arguments, and those.
+const APPEND_BATCH: &str = concat!(
+    super::dedupe::dedupe_lua!(),
+    r#"
+local maxlen, prefix, window, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local buckets, expires = dedupe_buckets(prefix, window)
+local fields = {}
+local a = 5
 for i = 1, n do
-  local window, count = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local existing = false
-  if window > 0 then
-    existing = redis.call('GET', KEYS[k])
-  end
-  if existing then
-    ids[i] = existing
-  else
-    ids[i] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a, a + count - 1))
-    if window > 0 then
-      redis.call('SET', KEYS[k], ids[i], 'EX', window)
+  fields[i] = ARGV[a]
+  a = a + 2 + tonumber(ARGV[a + 1])
+end
+local known = {}
+for b = 1, #buckets do
+  local found = redis.call('HMGET', buckets[b], unpack(fields))
+  for i = 1, n do
+    if found[i] and not known[i] then
+      known[i] = found[i]
     end
   end
-  if window > 0 then
-    k = k + 1
+end
+local ids, first, new = {}, {}, {}
+a = 5
+for i = 1, n do
+  local field, count = ARGV[a], tonumber(ARGV[a + 1])
+  local id = known[i] or first[field]
+  if not id then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a + 2, a + 1 + count))
+    first[field] = id
+    new[#new + 1] = field
+    new[#new + 1] = id
   end
-  a = a + count
+  ids[i] = id
+  a = a + 2 + count
+end
+if #new > 0 then
+  redis.call('HSET', buckets[1], unpack(new))
+  redis.call('PEXPIREAT', buckets[1], expires)
 end
 return ids
-"#;
+"#
+);
 
 /// The sending side of the append queue.
 #[derive(Clone)]
@@ -287,7 +304,7 @@ async fn append(
         _ => None,
     };
     // The calls, each a run of request indices: an entry without a frame id is a plain XADD
-    // (a call of one), and a stream's consecutive entries with one share a script call. Calls
+    // (a call of one), and a stream's consecutive entries with one (and the same window) share a script call. Calls
     // go out in one pipeline, each stream's in the order its entries came (a batch mixes
     // streams only on a single Redis).
     let mut streams: Vec<Vec<usize>> = Vec::new();
@@ -305,9 +322,12 @@ async fn append(
         for &i in stream {
             match calls.last_mut() {
                 Some(run)
-                    if requests[i].dedupe.is_some()
-                        && requests[run[0]].dedupe.is_some()
-                        && requests[run[0]].key == requests[i].key =>
+                    if requests[i].dedupe.as_ref().is_some_and(|d| {
+                        requests[run[0]]
+                            .dedupe
+                            .as_ref()
+                            .is_some_and(|r| r.window_seconds == d.window_seconds)
+                    }) && requests[run[0]].key == requests[i].key =>
                 {
                     run.push(i)
                 }
@@ -319,7 +339,7 @@ async fn append(
     pipe.ignore_errors();
     for call in &calls {
         let first = &requests[call[0]];
-        if first.dedupe.is_none() {
+        let Some(dedupe) = &first.dedupe else {
             let cmd = pipe
                 .cmd("XADD")
                 .arg(&*first.key)
@@ -331,23 +351,21 @@ async fn append(
                 cmd.arg(*name).arg(&value[..]);
             }
             continue;
-        }
-        let dedupe_keys = call
-            .iter()
-            .filter_map(|&i| requests[i].dedupe.as_ref().map(|(key, _)| key));
+        };
+        // The run shares the first entry's stream and window (how runs are cut, above).
         let cmd = pipe
             .cmd("EVAL")
             .arg(APPEND_BATCH)
-            .arg(1 + call.len())
-            .arg(&*first.key);
-        for key in dedupe_keys {
-            cmd.arg(key);
-        }
-        cmd.arg(first.max_len).arg(call.len());
+            .arg(1)
+            .arg(&*first.key)
+            .arg(first.max_len)
+            .arg(&dedupe.buckets)
+            .arg(dedupe.window_ms())
+            .arg(call.len());
         for &i in call {
             let request = &requests[i];
-            cmd.arg(request.dedupe.as_ref().map_or(0, |(_, window)| *window))
-                .arg(2 * request.fields.len());
+            let field = request.dedupe.as_ref().map_or("", |d| d.field.as_str());
+            cmd.arg(field).arg(2 * request.fields.len());
             for (name, value) in &request.fields {
                 cmd.arg(*name).arg(&value[..]);
             }

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backplane::durability::Durability;
 use crate::backplane::{Backplane, RedisFailure};
 use crate::inbound::confirm::{Confirmer, Info, Rule};
+use crate::inbound::dedupe::DedupeId;
 use crate::metrics::Metrics;
 
 /// One acked entry, as it was appended.
@@ -44,8 +45,8 @@ pub struct KeptEntry {
     pub max_len: u64,
     /// Entry fields, in order.
     pub fields: Vec<(&'static str, Bytes)>,
-    /// The key remembering which entry the `send` id produced, and for how many seconds.
-    pub dedupe: Option<(String, u64)>,
+    /// The `send` id, remembered with the entry it produced for the window.
+    pub dedupe: Option<DedupeId>,
 }
 
 struct Kept {
@@ -71,10 +72,14 @@ pub struct Keeper {
 }
 
 /// Appends a kept entry again where it is missing. Returns 0 when nothing was done (the entry
-/// is there, was trimmed, or a resend stored it again), else 1.
+/// is there, was trimmed, or a resend stored it again: a bucket of the window holds its id),
+/// else 1. Its id is then remembered again for a window from now ([`super::dedupe`]).
 ///
-/// KEYS: stream, then the dedupe key if any. ARGV: entry id, MAXLEN, window seconds, then field/value pairs.
-const APPEND_AGAIN: &str = r#"
+/// KEYS: stream. ARGV: entry id, MAXLEN, window ms (0: the entry has no dedupe id), the
+/// buckets' key prefix, the dedupe field, then field/value pairs.
+const APPEND_AGAIN: &str = concat!(
+    super::dedupe::dedupe_lua!(),
+    r#"
 local function before(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
@@ -84,22 +89,31 @@ end
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then
   return 0
 end
-if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
+local window, field = tonumber(ARGV[3]), ARGV[5]
+local buckets, expires
+if window > 0 then
+  buckets, expires = dedupe_buckets(ARGV[4], window)
+  for b = 1, #buckets do
+    if redis.call('HEXISTS', buckets[b], field) == 1 then
+      return 0
+    end
+  end
 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 if #first > 0 and before(ARGV[1], first[1][1]) then
   return 0
 end
-local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[1], unpack(ARGV, 4))
+local id = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[1], unpack(ARGV, 6))
 if type(id) == 'table' and id.err then
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))
 end
-if KEYS[2] then
-  redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+if buckets then
+  redis.call('HSET', buckets[1], field, id)
+  redis.call('PEXPIREAT', buckets[1], expires)
 end
 return 1
-"#;
+"#
+);
 
 /// What [`Keeper::watch`] remembers between rounds.
 #[derive(Default)]
@@ -267,16 +281,20 @@ impl Keeper {
             at += chunk.len();
             let mut pipe = redis::pipe();
             for kept in &chunk {
-                let cmd = pipe.cmd("EVAL").arg(APPEND_AGAIN);
+                let cmd = pipe
+                    .cmd("EVAL")
+                    .arg(APPEND_AGAIN)
+                    .arg(1)
+                    .arg(&*kept.key)
+                    .arg(&kept.entry)
+                    .arg(kept.max_len);
                 match &kept.dedupe {
-                    Some((dedupe, _)) => cmd.arg(2).arg(&*kept.key).arg(dedupe),
-                    None => cmd.arg(1).arg(&*kept.key),
+                    Some(dedupe) => cmd
+                        .arg(dedupe.window_ms())
+                        .arg(&dedupe.buckets)
+                        .arg(&dedupe.field),
+                    None => cmd.arg(0).arg("").arg(""),
                 };
-                cmd.arg(&kept.entry).arg(kept.max_len).arg(
-                    kept.dedupe
-                        .as_ref()
-                        .map_or(1, |(_, window)| (*window).max(1)),
-                );
                 for (name, value) in &kept.fields {
                     cmd.arg(*name).arg(&value[..]);
                 }

@@ -4,6 +4,7 @@
 pub mod appender;
 pub mod backlog;
 pub mod confirm;
+pub mod dedupe;
 pub mod keeper;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 
 pub use appender::Appender;
 use appender::{Answer, AppendReply, AppendRequest};
+use dedupe::DedupeId;
 
 use crate::backplane::Keys;
 use crate::config::Config;
@@ -132,20 +134,17 @@ impl Inbound {
     /// Ids are scoped to the user, so a resend after a reconnect (a new connection) is still
     /// recognised; anonymous clients are scoped to their connection, because their ids need
     /// not be unique across clients. `None` without an id or with deduplication off.
-    fn dedupe(
-        &self,
-        conn: &ConnHandle,
-        stream: &str,
-        id: Option<&FrameId>,
-    ) -> Option<(String, u64)> {
+    fn dedupe(&self, conn: &ConnHandle, stream: &str, id: Option<&FrameId>) -> Option<DedupeId> {
         match (id, self.dedupe_window_seconds) {
             (Some(frame_id), window) if window > 0 => {
                 let scope = match conn.user.as_deref() {
                     Some(user) => format!("u:{user}"),
                     None => format!("c:{}", conn.id),
                 };
-                Some((
-                    self.keys.dedupe(stream, &scope, &frame_id.to_field()),
+                Some(DedupeId::new(
+                    self.keys.dedupe_buckets(stream),
+                    &scope,
+                    &frame_id.to_field(),
                     window,
                 ))
             }

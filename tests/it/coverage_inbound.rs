@@ -18,10 +18,39 @@ async fn inbound_entries(redis: &Redis, prefix: &str, stream: &str) -> Entries {
     xrange(&mut conn, &format!("{prefix}:in:{stream}")).await
 }
 
-/// The key the gateway keeps a frame id's entry under (`Keys::dedupe`), for `scope` `u:<user>`
-/// or `c:<connection>`.
-fn dedupe_key(prefix: &str, stream: &str, scope: &str, id: &str) -> String {
-    format!("{{{prefix}:in:{stream}}}:dedupe:{scope}:{id}")
+/// The dedupe bucket of slice `slice` (`Keys::dedupe_buckets`, `inbound::dedupe`).
+fn dedupe_bucket(prefix: &str, stream: &str, slice: u64) -> String {
+    format!("{{{prefix}:in:{stream}}}:dedupe:{slice}")
+}
+
+/// The hash field remembering frame id `id` of `scope` (`u:<user>` or `c:<connection>`).
+fn dedupe_field(scope: &str, id: &str) -> String {
+    format!("{}:{scope}:{id}", scope.len())
+}
+
+/// The milliseconds part of entry id `entry` (Redis's clock when it was stored).
+fn entry_ms(entry: &str) -> u64 {
+    entry.split('-').next().unwrap().parse().unwrap()
+}
+
+/// Redis's clock, in unix milliseconds.
+async fn redis_ms(conn: &mut RedisConn) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// The keys of inbound stream `stream`'s dedupe buckets, on every node.
+async fn dedupe_keys(redis: &Redis, prefix: &str, stream: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for mut node in redis.node_conns().await {
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}:in:{stream}}}:dedupe:*"))
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        keys.extend(found);
+    }
+    keys
 }
 
 /// The next data frame as it came off the wire (text or binary), skipping pings and pongs.
@@ -313,9 +342,16 @@ async fn a_resend_after_the_dedupe_window_is_stored_again() {
         let mut c = connect_user(&gw, "alice").await;
         let first = send_acked(&mut c, "w1", json!({"n": 1})).await;
 
-        // Remembered for the configured second, not longer.
-        let key = dedupe_key(&prefix, "chat", "u:alice", "w1");
+        // Remembered in the bucket of the slice (half the window) it was stored in, which
+        // expires when the slice two after it ends: for at least the window, at most 1.5x it.
+        let key = dedupe_bucket(&prefix, "chat", entry_ms(&first) / 500);
         let mut conn = redis.conn().await;
+        let remembered: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(dedupe_field("u:alice", "w1"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&key)
             .query_async(&mut conn)
@@ -323,8 +359,8 @@ async fn a_resend_after_the_dedupe_window_is_stored_again() {
             .unwrap();
         // -2: gone already (a slow machine may take that long to ask); -1 would be no expiry.
         assert!(
-            ttl == -2 || (1..=1000).contains(&ttl),
-            "PTTL {ttl} of {key}"
+            ttl == -2 || ((1..=1500).contains(&ttl) && remembered.as_deref() == Some(&*first)),
+            "PTTL {ttl} of {key}, holding {remembered:?}"
         );
         eventually("the dedupe window to pass", || {
             let mut conn = conn.clone();
@@ -348,6 +384,90 @@ async fn a_resend_after_the_dedupe_window_is_stored_again() {
             .map(|(entry, f)| (entry.as_str(), text(&f["id"])))
             .collect();
         assert_eq!(ids, [(first.as_str(), "w1"), (second.as_str(), "w1")]);
+    })
+    .await;
+}
+
+/// ... and for the whole window: a resend three quarters of the window after the first `send`
+/// (by Redis's clock) is still acked with the original entry and not stored again.
+#[tokio::test]
+async fn a_resend_late_in_the_dedupe_window_is_stored_once() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("latewindow");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[
+                ("WSBRIDGE__AUTH__JWT_SECRET", SECRET),
+                ("WSBRIDGE__INBOUND__DEDUPE_WINDOW_SECONDS", "2"),
+            ],
+        )
+        .await;
+        let mut c = connect_user(&gw, "carol").await;
+        let conn = redis.conn().await;
+        // Sent late in a slice (1 s, half the window), so that 1.5 s on is two slices later: a
+        // lookup of fewer than three buckets would miss it.
+        eventually("Redis's clock to be late in a slice", || {
+            let mut conn = conn.clone();
+            async move { (700..850).contains(&(redis_ms(&mut conn).await % 1000)) }
+        })
+        .await;
+        let first = send_acked(&mut c, "late", json!({"n": 1})).await;
+        let late = entry_ms(&first) + 1500;
+        eventually("Redis's clock to pass 1.5 s after the first send", || {
+            let mut conn = conn.clone();
+            async move { redis_ms(&mut conn).await >= late }
+        })
+        .await;
+        let again = send_acked(&mut c, "late", json!({"n": 1})).await;
+        assert_eq!(again, first);
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+    })
+    .await;
+}
+
+/// A frame id sent twice in a burst (the appender takes both in one batch, one script call):
+/// both are acked with one entry, stored once.
+#[tokio::test]
+async fn an_id_sent_twice_in_a_burst_is_stored_once() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("burst");
+        let gw =
+            Gateway::start_with(&redis, &prefix, &[("WSBRIDGE__AUTH__JWT_SECRET", SECRET)]).await;
+        let mut c = connect_user(&gw, "dave").await;
+        // Written in one go: each id twice in a row.
+        for n in 0..50 {
+            for _ in 0..2 {
+                let frame =
+                    json!({"type": "send", "stream": "chat", "data": n, "id": format!("b{n}")});
+                c.ws.feed(Message::Text(frame.to_string().into()))
+                    .await
+                    .unwrap();
+            }
+        }
+        c.ws.flush().await.unwrap();
+        let mut acks = Vec::new();
+        for _ in 0..100 {
+            let ack = c.recv().await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            acks.push((
+                ack["id"].as_str().unwrap().to_owned(),
+                ack["entry"].as_str().unwrap().to_owned(),
+            ));
+        }
+        for pair in acks.chunks(2) {
+            assert_eq!(pair[0], pair[1], "a resend acked with another entry");
+        }
+        let entries = inbound_entries(&redis, &prefix, "chat").await;
+        let stored: Vec<(String, String)> = entries
+            .iter()
+            .map(|(entry, f)| (text(&f["id"]).to_owned(), entry.clone()))
+            .collect();
+        let once: Vec<(String, String)> = acks.into_iter().step_by(2).collect();
+        assert_eq!(stored, once);
     })
     .await;
 }
@@ -377,14 +497,8 @@ async fn a_dedupe_window_of_zero_stores_every_resend() {
         let entries = inbound_entries(&redis, &prefix, "chat").await;
         assert_eq!(entries.len(), 3);
         assert!(entries.iter().all(|(_, f)| text(&f["id"]) == "z1"));
-        let mut conn = redis.conn().await;
-        let key = dedupe_key(&prefix, "chat", "u:bob", "z1");
-        let exists: i64 = redis::cmd("EXISTS")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(exists, 0, "{key} kept with the window off");
+        let kept = dedupe_keys(&redis, &prefix, "chat").await;
+        assert!(kept.is_empty(), "{kept:?} kept with the window off");
     })
     .await;
 }
