@@ -6,7 +6,12 @@
 # with 2 workers the gateway shares CPU 1 with it: this 2-core box cannot give a second worker a
 # core of its own, and the figures say what it gets anyway.
 #
-#   bench/scaling.sh [--out DIR] [--clients N] [--messages M] [--runs R]
+#   bench/scaling.sh [--out DIR] [--clients N] [--messages M] [--runs R] [--before BIN]
+#
+# --before BIN adds the burst and paced rows for an older gateway binary (one without fan-out
+# lanes or server.worker_threads: its worker threads follow the CPUs taskset gives it), run in
+# turn with the others, with the reference config of its own tree (BIN/../../config/wsbridge.toml,
+# or --before-config FILE).
 #
 # Defaults: 5,000 clients, 200 messages as fast as the publisher goes (1,000,000 deliveries a
 # run), 3 runs of each setting, alternating; the same paced at 40 messages/s (200,000
@@ -23,6 +28,8 @@ cd "$(dirname "$0")/.."
 OUT=target/bench/scaling-$(date -u +%Y%m%dT%H%M%SZ)
 CLIENTS=5000
 MESSAGES=200
+BEFORE=
+BEFORE_CONFIG=
 PACED_RATE=40
 RUNS=3
 while [ $# -gt 0 ]; do
@@ -31,11 +38,16 @@ while [ $# -gt 0 ]; do
     --clients) CLIENTS=$2; shift 2 ;;
     --messages) MESSAGES=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --before) BEFORE=$2; shift 2 ;;
+    --before-config) BEFORE_CONFIG=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$BEFORE" ] && [ -z "$BEFORE_CONFIG" ]; then
+  BEFORE_CONFIG=$(dirname "$BEFORE")/../../config/wsbridge.toml
+fi
 . bench/lib.sh
 
 PORT=$(free_port)
@@ -60,6 +72,26 @@ run_setting() {
   local gw=$!
   PIDS+=("$gw")
   wait_for curl -sf "http://127.0.0.1:$q/readyz"
+  run_load "$name" "$scenario" "$run" "$gw" "$p" "$q"
+}
+
+# The older binary (--before): the same load, no new keys.
+run_before() {
+  local name=$1 cpus=$2 scenario=$3 run=$4
+  local p q
+  p=$(free_port); q=$(free_port)
+  WSBRIDGE__SERVER__LISTEN=127.0.0.1:$p WSBRIDGE__SERVER__API_LISTEN=127.0.0.1:$q \
+  WSBRIDGE__REDIS__URL=redis://127.0.0.1:$PORT WSBRIDGE__REDIS__PREFIX="scaling-$name-$run" \
+  RUST_LOG=warn taskset -c "$cpus" "$BEFORE" --config "$BEFORE_CONFIG" >>"$OUT/$name.log" 2>&1 &
+  local gw=$!
+  PIDS+=("$gw")
+  wait_for curl -sf "http://127.0.0.1:$q/readyz"
+  run_load "$name" "$scenario" "$run" "$gw" "$p" "$q"
+}
+
+run_load() {
+  local name=$1 scenario=$2 run=$3 gw=$4 p=$5 q=$6
+  local load
   if [ "$scenario" = fanout ]; then
     load=(--scenario fanout --clients "$CLIENTS" --messages "$MESSAGES")
   elif [ "$scenario" = paced ]; then
@@ -79,14 +111,22 @@ for run in $(seq 1 "$RUNS"); do
     # shellcheck disable=SC2086
     run_setting $s "$run"
   done
+  if [ -n "$BEFORE" ]; then
+    run_before before-1-worker 0 fanout "$run"
+    run_before before-2-workers 0,1 fanout "$run"
+    run_before paced-before-1-worker 0 paced "$run"
+    run_before paced-before-2-workers 0,1 paced "$run"
+  fi
 done
 uptime >>"$OUT/load.txt"
 
-python3 - "$OUT" "$RUNS" <<'PY'
+python3 - "$OUT" "$RUNS" "$BEFORE" <<'PY'
 import json, sys, re
-out, runs = sys.argv[1], int(sys.argv[2])
+out, runs, before = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 names = ["1-worker", "2-workers-no-lanes", "2-workers-2-lanes", "paced-1-worker", "paced-2-workers-no-lanes",
          "paced-2-workers-2-lanes", "direct-dispatcher-writes", "direct-lanes-write"]
+if before:
+    names += ["before-1-worker", "before-2-workers", "paced-before-1-worker", "paced-before-2-workers"]
 def sample(text, name):
     m = re.search(r"^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0

@@ -377,11 +377,20 @@ pub async fn run(
     Ok(())
 }
 
-/// The fan-out shards of this replica: `outbound.fanout_shards`, or one per worker thread of
-/// the runtime it runs on.
+/// The fan-out shards of this replica: `outbound.fanout_shards`, or, when 0, one per worker
+/// thread from [`LANES_FROM_WORKERS`] worker threads on, else one (no lanes).
 fn fanout_shards(config: &Config) -> usize {
     match config.outbound.fanout_shards {
-        0 => tokio::runtime::Handle::current().metrics().num_workers(),
+        0 => match tokio::runtime::Handle::current().metrics().num_workers() {
+            workers if workers >= LANES_FROM_WORKERS => workers,
+            _ => 1,
+        },
         n => n,
     }
 }
+
+/// With fewer worker threads, the dispatcher alone plus the connections' writer tasks already
+/// keep every core busy in a burst, and cost less per delivery than lanes (`bench/scaling.sh`,
+/// 2 workers: 1.05-1.25 µs per delivery without lanes, 2.7 with); the lanes pay off where one
+/// dispatcher would be the ceiling (BENCHMARKS.md, "Fan-out over cores").
+const LANES_FROM_WORKERS: usize = 4;

@@ -135,9 +135,11 @@ pub struct Dispatcher {
     /// Direct writes each lane may make for the payload being dispatched (see
     /// [`DIRECT_BUDGET`]); 0 when the payload must go through the queues.
     direct_budget: usize,
-    /// Direct writes each lane may make for a payload nothing waits behind: [`DIRECT_BUDGET`]
-    /// without lanes on several worker threads, else unbounded.
-    direct_per_payload: usize,
+    /// Direct writes each lane may make for a payload nothing waits behind after a quiet spell
+    /// ([`QUIET`]): [`DIRECT_BUDGET`] without lanes on several worker threads, else unbounded.
+    direct_after_quiet: usize,
+    /// When the last pub/sub payload came.
+    last_payload: Instant,
     /// Whether the payload being dispatched carries several messages.
     multi: bool,
     /// Numbers the payloads, so a connection gets at most one direct write per payload.
@@ -164,8 +166,8 @@ const MISSED_EVERY: Duration = Duration::from_secs(1);
 /// keep waiting rather than be told `recovered: false`.
 const CATCH_UP_RETRY: Duration = Duration::from_secs(1);
 
-/// How many recipients of one pub/sub payload the dispatcher may write to directly, when it
-/// fans out alone over several worker threads (`outbound.fanout_shards = 1`).
+/// How many recipients of one pub/sub payload the dispatcher (or each lane) may write to
+/// directly, unless the payload comes after a quiet spell (see [`QUIET`]).
 ///
 /// A direct write (`connection/direct.rs`) saves the recipient's writer task a wake-up, but it
 /// is one `write` per message. It pays when a connection gets one message at a time. When more
@@ -175,13 +177,18 @@ const CATCH_UP_RETRY: Duration = Duration::from_secs(1);
 /// lot), and connection and user messages (usually one per recipient) are written directly, at
 /// most one per connection.
 ///
-/// Without lanes on several worker threads, the budget keeps one payload for a huge audience
-/// from holding the dispatcher in syscalls: past it, the writer tasks (on every worker thread)
-/// take over. With lanes the parallelism is theirs, and with one worker thread there is none to
-/// gain, so there is no budget: the direct path is the cheapest per delivery at any audience
-/// (`bench/growth.sh`: 7.5 µs per delivery at 19,000 subscribers against 10.3 µs with the
-/// budget, one worker).
+/// The budget keeps one payload for a huge audience from holding the dispatcher in syscalls
+/// while more may come: past it, the writer tasks (on every worker thread) take over, and a
+/// writer that finds several messages queued sends them in one `write`.
 const DIRECT_BUDGET: usize = 2048;
+
+/// A payload that comes this long after the one before it (and with nothing else waiting) is
+/// written directly to every recipient, with no budget, when lanes share the fan-out or there is
+/// one worker thread: no later message is near enough to share a `write` with, and a direct
+/// write is the cheapest delivery (`bench/growth.sh`, one worker: 7.5 µs per delivery to 19,000
+/// subscribers at 1 msg/s, against 10.3 µs with the budget). In bursts the budget stays: there,
+/// unbounded direct writes cost 3.5-3.9 µs per delivery against 2.6 (`bench/scaling.sh`).
+const QUIET: Duration = Duration::from_millis(20);
 
 /// How many channels `Dispatcher::catch_ups` tracks before it forgets those without local
 /// members (then at twice what is left): joins and leaves of many channels between catch-ups
@@ -198,7 +205,7 @@ impl Dispatcher {
             parts.metrics.clone(),
         );
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        let direct_per_payload = if parts.registry.shards() == 1 && workers > 1 {
+        let direct_after_quiet = if parts.registry.shards() == 1 && workers > 1 {
             DIRECT_BUDGET
         } else {
             usize::MAX
@@ -220,7 +227,8 @@ impl Dispatcher {
             prune_at: PRUNE_AT,
             lanes,
             direct_budget: 0,
-            direct_per_payload,
+            direct_after_quiet,
+            last_payload: Instant::now(),
             multi: false,
             payload_seq: 0,
             missed: MissedNotices {
@@ -266,7 +274,14 @@ impl Dispatcher {
                         // each writer send several messages in one `write`).
                         let alone = rx.is_empty() && self.lanes.all_idle();
                         let started = Instant::now();
-                        self.dispatch(&payload, alone);
+                        let quiet = started.duration_since(self.last_payload) >= QUIET;
+                        self.last_payload = started;
+                        self.direct_budget = match (alone, quiet) {
+                            (false, _) => 0,
+                            (true, false) => DIRECT_BUDGET,
+                            (true, true) => self.direct_after_quiet,
+                        };
+                        self.dispatch(&payload);
                         self.metrics
                             .dispatch_seconds
                             .record(started.elapsed().as_secs_f64());
@@ -280,8 +295,8 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one pub/sub payload; `alone` when no other payload waits behind it.
-    pub fn dispatch(&mut self, payload: &[u8], alone: bool) {
+    /// Handles one pub/sub payload, with `self.direct_budget` direct writes per lane.
+    fn dispatch(&mut self, payload: &[u8]) {
         let (offsets, ts, items) = match envelope::decode(payload) {
             Ok(Payload::Batch {
                 offsets, ts, items, ..
@@ -303,7 +318,6 @@ impl Dispatcher {
                 return;
             }
         };
-        self.direct_budget = if alone { self.direct_per_payload } else { 0 };
         self.multi = items.len() > 1;
         self.payload_seq += 1;
         for (item, offset) in envelope::with_offsets(&items, &offsets) {
