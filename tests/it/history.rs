@@ -313,7 +313,8 @@ async fn a_resent_send_is_stored_once_even_after_a_reconnect() {
     .await;
 }
 
-/// Cuts every pub/sub link and keeps them from reconnecting (Redis refuses new connections)
+/// Cuts every pub/sub link and keeps them from reconnecting (Redis refuses new connections,
+/// and the default user may not subscribe)
 /// until the returned guard's `restore` runs; command links stay up, so publishing works. On a
 /// cluster, on every node.
 pub(crate) async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::MultiplexedConnection> {
@@ -348,6 +349,17 @@ pub(crate) async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::Multiplex
             .query_async(conn)
             .await
             .unwrap();
+        // A link that still gets in (another client closed between INFO and CONFIG SET, as a
+        // cluster client's topology connections do) cannot subscribe until the restore.
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("-subscribe")
+            .arg("-ssubscribe")
+            .arg("-psubscribe")
+            .query_async(conn)
+            .await
+            .unwrap();
         let _: i64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
@@ -362,6 +374,13 @@ pub(crate) async fn cut_pubsub_links(redis: &Redis) -> Vec<redis::aio::Multiplex
 
 pub(crate) async fn restore_connections(nodes: &mut [redis::aio::MultiplexedConnection]) {
     for conn in nodes {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("+@all")
+            .query_async(conn)
+            .await
+            .unwrap();
         let _: () = redis::cmd("CONFIG")
             .arg("SET")
             .arg("maxclients")
