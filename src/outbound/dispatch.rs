@@ -727,10 +727,9 @@ struct Joins {
 
 impl Work for Joins {
     fn run(&self, lane: &mut Lane) {
-        lane.find(self.target.target());
-        for conn in lane.scratch.drain(..) {
-            server_join(&lane.registry, &self.inbound, &conn, &self.channel);
-        }
+        lane.each(self.target.target(), |registry, conn| {
+            server_join(registry, &self.inbound, conn, &self.channel);
+        });
     }
 }
 
@@ -743,12 +742,11 @@ struct Leaves {
 
 impl Work for Leaves {
     fn run(&self, lane: &mut Lane) {
-        lane.find(self.target.target());
         let channel = self.channel.as_str();
-        for conn in lane.scratch.drain(..) {
-            self.inbound.leave(&lane.registry, &conn, channel);
+        lane.each(self.target.target(), |registry, conn| {
+            self.inbound.leave(registry, conn, channel);
             conn.reply(&ServerFrame::Unsubscribed { channel, id: None });
-        }
+        });
     }
 }
 
@@ -761,10 +759,9 @@ struct Closes {
 
 impl Work for Closes {
     fn run(&self, lane: &mut Lane) {
-        lane.find(self.target.target());
-        for conn in lane.scratch.drain(..) {
+        lane.each(self.target.target(), |_, conn| {
             conn.close(self.code, &self.reason, CloseReason::Backend);
-        }
+        });
     }
 }
 
@@ -779,8 +776,7 @@ struct Frames {
 
 impl Work for Frames {
     fn run(&self, lane: &mut Lane) {
-        lane.find(self.target.target());
-        for conn in lane.scratch.drain(..) {
+        lane.each(self.target.target(), |_, conn| {
             let frame = match conn.encoding {
                 Encoding::Json => &self.json,
                 Encoding::Msgpack => &self.msgpack,
@@ -789,7 +785,7 @@ impl Work for Frames {
                 Some(channel) => conn.deliver_channel(channel, None, frame, false, None, 0),
                 None => conn.deliver(frame, false, None, 0),
             };
-        }
+        });
     }
 }
 

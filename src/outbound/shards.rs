@@ -75,6 +75,16 @@ impl Lane {
             .recipients_in(target, self.shard, &mut self.scratch);
     }
 
+    /// Runs `f` for each of this shard's recipients of `target`.
+    pub fn each(&mut self, target: Target<'_>, mut f: impl FnMut(&Registry, &Arc<ConnHandle>)) {
+        self.find(target);
+        let mut conns = std::mem::take(&mut self.scratch);
+        for conn in conns.drain(..) {
+            f(&self.registry, &conn);
+        }
+        self.scratch = conns;
+    }
+
     /// Direct writes this lane may still make for payload `payload`, which got `budget` per
     /// lane: the budget starts again with each payload.
     pub fn budget_for(&mut self, payload: u64, budget: usize) -> &mut usize {
