@@ -24,7 +24,7 @@ use crate::backplane::{Backplane, Keys, RedisFailure};
 use crate::config::Config;
 use crate::connection::deflate::Deflate;
 use crate::connection::{server_frame, ConnHandle, Outgoing};
-use crate::cursor::{Begin, ChannelCursors, Entry, Finish, Live, Offset};
+use crate::cursor::{Begin, ChannelCursors, Entry, Finish, Held, Live, Offset};
 use crate::inbound::{Event, Inbound};
 use crate::metrics::{CloseReason, DeflatePath, DropReason, Metrics};
 use crate::protocol::{message, Encoding, ErrorCode, FrameId, ServerFrame};
@@ -1055,22 +1055,10 @@ impl Dispatcher {
         let Some(finish) = self.catch_ups.finish(channel, replay) else {
             return;
         };
-        let target = Target::Channel(channel);
         match finish {
             Finish::Recovered { replay, held } => {
                 self.replay(channel, replay);
-                for held in held {
-                    let (data, ts) = held.item;
-                    let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-                    self.fan_out(
-                        target,
-                        Some(channel),
-                        held.offset.as_deref(),
-                        &raw,
-                        ts,
-                        None,
-                    );
-                }
+                self.release_held(channel, held);
                 self.metrics.catch_ups(true).increment(1);
             }
             Finish::ReadAgain { replay, since } => {
@@ -1083,20 +1071,26 @@ impl Dispatcher {
             }
             Finish::NotRecovered { held, .. } => {
                 self.tell_not_recovered(channel);
-                for held in held {
-                    let (data, ts) = held.item;
-                    let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
-                    self.fan_out(
-                        target,
-                        Some(channel),
-                        held.offset.as_deref(),
-                        &raw,
-                        ts,
-                        None,
-                    );
-                }
+                self.release_held(channel, held);
                 self.metrics.catch_ups(false).increment(1);
             }
+        }
+    }
+
+    /// Hands the live messages a catch-up of `channel` held to its local members.
+    fn release_held(&mut self, channel: &str, held: Vec<Held<(String, u64)>>) {
+        for held in held {
+            let (data, ts) = held.item;
+            let raw = RawValue::from_string(data).unwrap_or_else(|_| null().to_owned());
+            let target = Target::Channel(channel);
+            self.fan_out(
+                target,
+                Some(channel),
+                held.offset.as_deref(),
+                &raw,
+                ts,
+                None,
+            );
         }
     }
 
