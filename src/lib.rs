@@ -333,11 +333,13 @@ pub async fn run(
         connections = registry.len(),
         "shutting down: draining clients (sends answered, then 1012)"
     );
-    health.set_shutting_down();
     stopping.cancel();
     for conn in registry.all() {
         conn.drain();
     }
+    // Only now does /readyz say so: a client that sees it has no send taken afterwards (a
+    // connection marked after the flip could still take one, stored after the 503).
+    health.set_shutting_down();
     state.connections.close();
     let mut drained = tokio::time::timeout_at(answers_due, state.connections.wait())
         .await
