@@ -145,6 +145,8 @@ def soak(folder, png):
     """bench/soak.sh's samples: DIR/soak.md (a row a minute, growth after warm-up) and, with
     --png, DIR/soak.png (RSS, open fds, delivery latency and drops over time)."""
     samples = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
+    rests = {(s["rest"], s["replica"]): s for s in samples if s.get("rest")}
+    samples = [s for s in samples if not s.get("rest")]
     events = []
     events_path = os.path.join(folder, "events.log")
     if os.path.exists(events_path):
@@ -171,6 +173,9 @@ def soak(folder, png):
             if not (a and b):
                 continue
             row[f"rss{r}"] = b["rss_kib"] / 1024
+            if b.get("heap_in_use") is not None:
+                row[f"heap{r}"] = b["heap_in_use"] / 2**20
+                row[f"held{r}"] = b["heap_held"] / 2**20
             row[f"fds{r}"] = b["fds"]
             row[f"conns{r}"] = b["connections"]
             row[f"dropped{r}"] = b["dropped"]
@@ -195,13 +200,36 @@ def soak(folder, png):
         fa, fb = mean(f"fds{r}", warm, warm + 120), mean(f"fds{r}", end - 180, end + 1)
         growth = lambda x, y: f"{(y / x - 1) * 100:+.1f}%" if x and y else "-"
         out.append(f"| {r} | {num(a, 1)} | {num(b, 1)} | {growth(a, b)} | {num(fa, 0)} | {num(fb, 0)} | {growth(fa, fb)} |")
-    out += ["", "| t (s) | RSS MiB 0 / 1 | fds 0 / 1 | connections 0 / 1 | delivery p50 / p99 (ms, bucket bounds) | dropped 0 / 1 (total) |",
-            "|---|---|---|---|---|---|"]
+    if rests:
+        out += ["", "At rest (every load stopped, no connection, one heap trim interval later), after the warm-up and",
+                "at the end: the growth after warm-up, like for like.", "",
+                "| replica | RSS MiB, warm-up | RSS MiB, end | growth | heap in use MiB, warm-up | heap in use MiB, end | growth | open fds | open fds |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        growth = lambda x, y: f"{(y / x - 1) * 100:+.1f}%" if x and y else "-"
+        for r in (0, 1):
+            a, b = rests.get(("warm", r)), rests.get(("end", r))
+            if not (a and b):
+                continue
+            ra, rb = a["rss_kib"] / 1024, b["rss_kib"] / 1024
+            ha, hb = (a.get("heap_in_use") or 0) / 2**20, (b.get("heap_in_use") or 0) / 2**20
+            out.append(f"| {r} | {num(ra, 1)} | {num(rb, 1)} | {growth(ra, rb)} | {num(ha, 1)} | {num(hb, 1)} | {growth(ha, hb)} | {a['fds']} | {b['fds']} |")
+    if any("heap0" in r for r in rows):
+        out += ["", "The allocator's own figures (`wsbridge_heap_in_use_bytes`, `wsbridge_heap_held_bytes`): a leak",
+                "grows the heap in use; memory the allocator keeps for reuse after a burst grows only what it holds.", "",
+                "| replica | heap in use MiB, 2nd-4th min | last 3 min | growth | heap held MiB, 2nd-4th min | last 3 min | growth |",
+                "|---|---|---|---|---|---|---|"]
+        for r in (0, 1):
+            a, b = mean(f"heap{r}", warm, warm + 120), mean(f"heap{r}", end - 180, end + 1)
+            ha, hb = mean(f"held{r}", warm, warm + 120), mean(f"held{r}", end - 180, end + 1)
+            out.append(f"| {r} | {num(a, 1)} | {num(b, 1)} | {growth(a, b)} | {num(ha, 1)} | {num(hb, 1)} | {growth(ha, hb)} |")
+    out += ["", "| t (s) | RSS MiB 0 / 1 | heap in use MiB 0 / 1 | fds 0 / 1 | connections 0 / 1 | delivery p50 / p99 (ms, bucket bounds) | dropped 0 / 1 (total) |",
+            "|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["t"] // 60 == (row["t"] - 10) // 60 and row is not rows[-1]:
             continue  # one row a minute
         out.append(
-            f"| {row['t']} | {num(row.get('rss0'), 1)} / {num(row.get('rss1'), 1)} | {row.get('fds0', '-')} / {row.get('fds1', '-')}"
+            f"| {row['t']} | {num(row.get('rss0'), 1)} / {num(row.get('rss1'), 1)}"
+            f" | {num(row.get('heap0'), 1)} / {num(row.get('heap1'), 1)} | {row.get('fds0', '-')} / {row.get('fds1', '-')}"
             f" | {num(row.get('conns0'), 0)} / {num(row.get('conns1'), 0)} | {num(row['p50'], 2)} / {num(row['p99'], 2)}"
             f" | {num(row.get('dropped0'), 0)} / {num(row.get('dropped1'), 0)} |"
         )
@@ -214,13 +242,15 @@ def soak(folder, png):
     fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
     ts = [r["t"] for r in rows]
     for r in (0, 1):
-        axes[0].plot(ts, [row.get(f"rss{r}") for row in rows], label=f"replica {r}")
+        axes[0].plot(ts, [row.get(f"rss{r}") for row in rows], label=f"replica {r} RSS")
+        if any(f"heap{r}" in row for row in rows):
+            axes[0].plot(ts, [row.get(f"heap{r}") for row in rows], linestyle="--", label=f"replica {r} heap in use")
         axes[1].plot(ts, [row.get(f"fds{r}") for row in rows], label=f"replica {r}")
         axes[3].plot(ts, [row.get(f"dropped{r}") for row in rows], label=f"replica {r}")
     axes[2].plot(ts, [row["p50"] for row in rows], label="p50")
     axes[2].plot(ts, [row["p99"] for row in rows], label="p99")
     axes[2].set_yscale("log")
-    for ax, title in zip(axes, ["RSS (MiB)", "open file descriptors", "delivery latency (ms, per 10 s)", "deliveries dropped (total)"]):
+    for ax, title in zip(axes, ["memory (MiB)", "open file descriptors", "delivery latency (ms, per 10 s)", "deliveries dropped (total)"]):
         ax.set_ylabel(title)
         ax.legend(loc="upper left")
         for e in events:

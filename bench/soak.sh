@@ -2,7 +2,10 @@
 # Soak (issue 20 item 4): mixed load on two gateway replicas for DURATION seconds (default 900),
 # with one Redis restart (SIGKILL, then again from its append-only file) half way, sampling
 # every 10 s each replica's RSS, open file descriptors, connections, delivery latency (p50/p99
-# of the interval, from the gateway's histogram) and drop counters.
+# of the interval, from the gateway's histogram) and drop counters. The loads stop twice, after
+# a 4-minute warm-up and at the end, for a sample of the replicas at rest (no connection): RSS
+# and the heap in use at rest, compared, are the growth after warm-up; the busy samples swing
+# with what is in flight (a connection storm's buffers, sends queued during the Redis restart).
 #
 #   bench/soak.sh [--duration S] [--out DIR]
 #
@@ -53,8 +56,6 @@ for i in 0 1; do
   wait_for curl -sf "http://127.0.0.1:$q/readyz"
 done
 BOTH="${WS[0]},${WS[1]}"
-END=$(( $(date +%s) + DURATION ))
-
 # One load in a loop until END; each run's report and exit status go to DIR/<name>.log.
 loop() {
   local name=$1; shift
@@ -70,32 +71,24 @@ loop() {
     fi
   done
 }
-loop fanout --scenario fanout --ws "$BOTH" --api "${API[1]}" --clients 400 --channel soak \
-  --messages 600 --rate 20 --timeout-s 60 &
-LOOPS=($!)
-loop direct --scenario direct --ws "$BOTH" --api "${API[0]}" --clients 200 --messages 15 \
-  --rate 100 --timeout-s 60 &
-LOOPS+=($!)
-loop inbound --scenario inbound --ws "$BOTH" --clients 10 --messages 2000 --window 1 \
-  --stream chat --timeout-s 60 &
-LOOPS+=($!)
-loop churn --scenario churn --ws "$BOTH" --api "${API[0]}" --clients 200 --channel lobby &
-LOOPS+=($!)
 
 # Samples: time, replica, RSS KiB, open fds, connections, deliveries, dropped (all reasons),
-# and the delivery latency histogram's cumulative buckets (for the interval's percentiles).
+# the allocator's heap in use and held (wsbridge_heap_*: a leak grows the first, memory the
+# allocator keeps after a burst only the second), and the delivery latency histogram's
+# cumulative buckets (for the interval's percentiles).
 sample() {
-  local t=$1
+  local t=$1 rest=${2:-}
   for i in 0 1; do
     local pid=${GWPIDS[$i]}
     local rss fds
     rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status")
     fds=$(ls "/proc/$pid/fd" | wc -l)
     curl -sf "${API[$i]}/metrics" >"$OUT/metrics-$i.txt" || : >"$OUT/metrics-$i.txt"
-    python3 - "$t" "$i" "$rss" "$fds" "$OUT/metrics-$i.txt" >>"$OUT/samples.jsonl" <<'PY' || true
+    python3 - "$t" "$i" "$rss" "$fds" "$OUT/metrics-$i.txt" "$rest" >>"$OUT/samples.jsonl" <<'PY' || true
 import json, sys
-t, replica, rss, fds, path = sys.argv[1:6]
+t, replica, rss, fds, path, rest = sys.argv[1:7]
 conns = deliveries = dropped = 0.0
+heap_in_use = heap_held = None
 buckets = {}
 for line in open(path):
     if line.startswith('#') or not line.strip():
@@ -104,6 +97,10 @@ for line in open(path):
     value = float(value)
     if name == 'wsbridge_connections':
         conns = value
+    elif name == 'wsbridge_heap_in_use_bytes':
+        heap_in_use = value
+    elif name == 'wsbridge_heap_held_bytes':
+        heap_held = value
     elif name == 'wsbridge_deliveries_total':
         deliveries = value
     elif name.startswith('wsbridge_delivery_dropped_total'):
@@ -112,26 +109,60 @@ for line in open(path):
         buckets[name.split('le="')[1].split('"')[0]] = value
 print(json.dumps({"t": int(t), "replica": int(replica), "rss_kib": int(rss), "fds": int(fds),
                   "connections": conns, "deliveries": deliveries, "dropped": dropped,
+                  "heap_in_use": heap_in_use, "heap_held": heap_held, "rest": rest or None,
                   "latency_buckets": buckets}))
 PY
   done
 }
+# All four loads until END, sampling every 10 s (Redis is restarted once, at DURATION / 2).
+run_load() {
+  loop fanout --scenario fanout --ws "$BOTH" --api "${API[1]}" --clients 400 --channel soak \
+    --messages 600 --rate 20 --timeout-s 60 &
+  LOOPS=($!)
+  loop direct --scenario direct --ws "$BOTH" --api "${API[0]}" --clients 200 --messages 15 \
+    --rate 100 --timeout-s 60 &
+  LOOPS+=($!)
+  loop inbound --scenario inbound --ws "$BOTH" --clients 10 --messages 2000 --window 1 \
+    --stream chat --timeout-s 60 &
+  LOOPS+=($!)
+  loop churn --scenario churn --ws "$BOTH" --api "${API[0]}" --clients 200 --channel lobby &
+  LOOPS+=($!)
+  while [ "$(date +%s)" -lt "$END" ]; do
+    now=$(( $(date +%s) - T0 ))
+    sample "$now"
+    if [ "$RESTARTED" -eq 0 ] && [ "$now" -ge $(( DURATION / 2 )) ]; then
+      echo "$now redis restart" >>"$OUT/events.log"
+      kill -9 "$REDIS_PID"
+      sleep 2
+      start_redis
+      RESTARTED=1
+    fi
+    sleep 10
+  done
+  for p in "${LOOPS[@]}"; do wait "$p" || true; done
+}
+
+# The replicas at rest: every load stopped, every connection gone, then 15 s (more than one
+# server.heap_trim_interval_seconds) for memory a burst freed to be given back; one sample
+# marked REST. Busy samples swing with what is in flight; these compare like with like.
+rest_sample() {
+  for i in 0 1; do
+    wait_for sh -c "curl -sf '${API[$i]}/metrics' | grep -qx 'wsbridge_connections 0'"
+  done
+  sleep 15
+  sample $(( $(date +%s) - T0 )) "$1"
+}
+
+# Warm-up (the first 4 minutes), at rest, the rest of the run, at rest again.
 T0=$(date +%s)
 RESTARTED=0
-while [ "$(date +%s)" -lt "$END" ]; do
-  now=$(( $(date +%s) - T0 ))
-  sample "$now"
-  if [ "$RESTARTED" -eq 0 ] && [ "$now" -ge $(( DURATION / 2 )) ]; then
-    echo "$now redis restart" >>"$OUT/events.log"
-    kill -9 "$REDIS_PID"
-    sleep 2
-    start_redis
-    RESTARTED=1
-  fi
-  sleep 10
-done
-for p in "${LOOPS[@]}"; do wait "$p" || true; done
-sample $(( $(date +%s) - T0 ))
+END=$(( T0 + DURATION < T0 + 240 ? T0 + DURATION : T0 + 240 ))
+run_load
+rest_sample warm
+echo "$(( $(date +%s) - T0 )) at rest after the warm-up" >>"$OUT/events.log"
+END=$(( $(date +%s) + DURATION - (END - T0) ))
+run_load
+rest_sample end
 for name in fanout direct inbound churn; do
   echo "$name: $(grep -c ' ok$' "$OUT/$name.log") runs ok, $(grep -c 'failed' "$OUT/$name.log") failed"
 done | tee "$OUT/runs.txt"

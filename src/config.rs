@@ -93,6 +93,9 @@ pub struct ServerConfig {
     pub permessage_deflate_level: u8,
     /// Worker threads of the runtime; 0 means one per CPU core.
     pub worker_threads: usize,
+    /// How often the allocator is asked to give free memory back to the system, when it holds
+    /// 4 MiB or more it does not use (glibc only); 0 never.
+    pub heap_trim_interval_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +112,7 @@ impl Default for ServerConfig {
             permessage_deflate_min_bytes: 256,
             permessage_deflate_level: 6,
             worker_threads: 0,
+            heap_trim_interval_seconds: 10,
         }
     }
 }

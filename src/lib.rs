@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod cursor;
+pub mod heap;
 pub mod http;
 pub mod ids;
 pub mod inbound;
@@ -291,6 +292,12 @@ pub async fn run(
             }
         }
     });
+
+    tasks.spawn(heap::trim_loop(
+        Duration::from_secs(config.server.heap_trim_interval_seconds),
+        metrics.heap_trims.clone(),
+        background.clone(),
+    ));
 
     let http_conns = TaskTracker::new();
     tracing::info!(

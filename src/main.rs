@@ -69,6 +69,11 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    wsbridge::heap::set_allocator(wsbridge::heap::Allocator {
+        stats: glibc::stats,
+        trim: glibc::trim,
+    });
     // Before anything opens files or binds: every WebSocket connection is one open file.
     wsbridge::open_files::raise();
     let prometheus = match wsbridge::metrics::install() {
@@ -104,5 +109,48 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// glibc's allocator: its figures (`mallinfo2`, glibc 2.33 and later, summed over its arenas)
+/// and `malloc_trim`, for `wsbridge::heap`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    /// `struct mallinfo2` of malloc.h: ten `size_t` fields.
+    #[repr(C)]
+    #[allow(dead_code)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+
+    extern "C" {
+        fn mallinfo2() -> MallInfo2;
+        fn malloc_trim(pad: usize) -> i32;
+    }
+
+    pub fn stats() -> wsbridge::heap::Heap {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it reads the
+        // allocator's state under the allocator's own locks, so any thread may call it.
+        let m = unsafe { mallinfo2() };
+        wsbridge::heap::Heap {
+            // Small and large (mmapped) allocations in use; the arenas plus the mmapped ones held.
+            in_use: (m.uordblks + m.hblkhd) as u64,
+            held: (m.arena + m.hblkhd) as u64,
+        }
+    }
+
+    pub fn trim() {
+        // SAFETY: malloc_trim takes a plain integer and works under the allocator's own locks;
+        // it only releases pages no allocation uses.
+        unsafe { malloc_trim(0) };
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 const LAYERS: &[&str] = &[
     "clock",
     "ids",
+    "heap",
     "cursor",
     "config",
     "protocol",

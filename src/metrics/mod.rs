@@ -65,6 +65,7 @@ pub mod names {
     pub const REACH_QUERIES: &str = "wsbridge_reach_queries_total";
     pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
+    pub const HEAP_TRIMS: &str = "wsbridge_heap_trims_total";
     pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
     pub const CLIENT_PUBLISHES: &str = "wsbridge_client_publishes_total";
     pub const ROUTING_INFO: &str = "wsbridge_routing_info";
@@ -382,6 +383,8 @@ pub struct MetricsInner {
     pub reach_wait_seconds: Histogram,
     /// Reach answers received from replicas (this one included) for calls published here.
     pub reach_answers: Counter,
+    /// Times the allocator was asked to give free memory back (`crate::heap`).
+    pub heap_trims: Counter,
     deflate: HashMap<DeflatePath, Counter>,
     /// Client `publish` frames published.
     pub publishes_accepted: Counter,
@@ -496,6 +499,7 @@ impl Metrics {
             reach_incomplete: metrics::counter!(names::REACH_QUERIES, "complete" => "false"),
             reach_wait_seconds: metrics::histogram!(names::REACH_WAIT_SECONDS),
             reach_answers: metrics::counter!(names::REACH_ANSWERS),
+            heap_trims: metrics::counter!(names::HEAP_TRIMS),
             deflate: by_label(
                 names::DEFLATE_MESSAGES,
                 "path",
@@ -833,6 +837,10 @@ fn describe() {
     describe_counter!(
         CLIENT_PUBLISHES,
         "Client publish frames, by outcome: accepted (published), or the error code it was refused with."
+    );
+    describe_counter!(
+        HEAP_TRIMS,
+        "Times the memory allocator was asked to give free memory back to the system (server.heap_trim_interval_seconds)."
     );
     describe_counter!(
         REACH_ANSWERS,

@@ -371,6 +371,8 @@ async fn every_contract_metric_is_exported_with_its_type() {
             ("process_max_fds", "gauge"),
             ("process_threads", "gauge"),
             ("process_start_time_seconds", "gauge"),
+            ("wsbridge_heap_in_use_bytes", "gauge"),
+            ("wsbridge_heap_held_bytes", "gauge"),
         ];
         for (name, kind) in expected {
             assert!(
@@ -397,7 +399,16 @@ async fn every_contract_metric_is_exported_with_its_type() {
         )));
         assert!(gw.metric("wsbridge_received_bytes_total").await > 0.0);
         assert!(gw.metric("wsbridge_sent_bytes_total").await > 0.0);
-        assert!(gw.metric("process_resident_memory_bytes").await > 1e6);
+        let rss = gw.metric("process_resident_memory_bytes").await;
+        assert!(rss > 1e6);
+        // The allocator's own figures: what it handed out fits in what it holds, which is part
+        // of what is resident (the binary's code and stacks are the rest).
+        let in_use = gw.metric("wsbridge_heap_in_use_bytes").await;
+        let held = gw.metric("wsbridge_heap_held_bytes").await;
+        assert!(
+            0.0 < in_use && in_use <= held && held < rss * 2.0,
+            "heap in use {in_use}, held {held}, RSS {rss}"
+        );
         let age = gw.metric("wsbridge_pubsub_roundtrip_age_seconds").await;
         assert!((0.0..2.0).contains(&age), "round trip age {age}");
         assert!(gw.metric("wsbridge_filter_seconds_count").await >= 1.0);

@@ -17,6 +17,7 @@ mod failover;
 mod faults;
 mod frame_contract;
 mod ha_load;
+mod heap;
 mod history;
 mod hostile;
 mod inbound;
