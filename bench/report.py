@@ -150,7 +150,7 @@ def soak(folder, png):
     events = []
     events_path = os.path.join(folder, "events.log")
     if os.path.exists(events_path):
-        events = [int(line.split()[0]) for line in open(events_path) if line.strip()]
+        events = [int(line.split()[0]) for line in open(events_path) if "redis restart" in line]
     times = sorted({s["t"] for s in samples})
     by = {(s["t"], s["replica"]): s for s in samples}
 
