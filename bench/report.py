@@ -201,18 +201,22 @@ def soak(folder, png):
         growth = lambda x, y: f"{(y / x - 1) * 100:+.1f}%" if x and y else "-"
         out.append(f"| {r} | {num(a, 1)} | {num(b, 1)} | {growth(a, b)} | {num(fa, 0)} | {num(fb, 0)} | {growth(fa, fb)} |")
     if rests:
-        out += ["", "At rest (every load stopped, no connection, one heap trim interval later), after the warm-up and",
-                "at the end: the growth after warm-up, like for like.", "",
-                "| replica | RSS MiB, warm-up | RSS MiB, end | growth | heap in use MiB, warm-up | heap in use MiB, end | growth | open fds | open fds |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        labels = [l for l in ("warm", "mid", "end") if any(k[0] == l for k in rests)]
+        out += ["", "At rest (every load stopped, no connection, one heap trim interval later): after the warm-up"
+                + (", at 2/3 of the run" if "mid" in labels else "") + " and at the end. Growth after warm-up, like for like.", "",
+                "| replica | " + " | ".join(f"RSS MiB, {l}" for l in labels) + " | growth | "
+                + " | ".join(f"heap in use MiB, {l}" for l in labels) + " | growth | open fds, " + " / ".join(labels) + " |",
+                "|---|" + "---|" * (2 * len(labels) + 3)]
         growth = lambda x, y: f"{(y / x - 1) * 100:+.1f}%" if x and y else "-"
         for r in (0, 1):
-            a, b = rests.get(("warm", r)), rests.get(("end", r))
-            if not (a and b):
+            got = [rests.get((l, r)) for l in labels]
+            if not all(got):
                 continue
-            ra, rb = a["rss_kib"] / 1024, b["rss_kib"] / 1024
-            ha, hb = (a.get("heap_in_use") or 0) / 2**20, (b.get("heap_in_use") or 0) / 2**20
-            out.append(f"| {r} | {num(ra, 1)} | {num(rb, 1)} | {growth(ra, rb)} | {num(ha, 1)} | {num(hb, 1)} | {growth(ha, hb)} | {a['fds']} | {b['fds']} |")
+            rss = [g["rss_kib"] / 1024 for g in got]
+            heap = [(g.get("heap_in_use") or 0) / 2**20 for g in got]
+            out.append(f"| {r} | " + " | ".join(num(x, 1) for x in rss) + f" | {growth(rss[0], rss[-1])} | "
+                       + " | ".join(num(x, 1) for x in heap) + f" | {growth(heap[0], heap[-1])} | "
+                       + " / ".join(str(g["fds"]) for g in got) + " |")
     if any("heap0" in r for r in rows):
         out += ["", "The allocator's own figures (`wsbridge_heap_in_use_bytes`, `wsbridge_heap_held_bytes`): a leak",
                 "grows the heap in use; memory the allocator keeps for reuse after a burst grows only what it holds.", "",

@@ -2,10 +2,11 @@
 # Soak (issue 20 item 4): mixed load on two gateway replicas for DURATION seconds (default 900),
 # with one Redis restart (SIGKILL, then again from its append-only file) half way, sampling
 # every 10 s each replica's RSS, open file descriptors, connections, delivery latency (p50/p99
-# of the interval, from the gateway's histogram) and drop counters. The loads stop twice, after
-# a 4-minute warm-up and at the end, for a sample of the replicas at rest (no connection): RSS
-# and the heap in use at rest, compared, are the growth after warm-up; the busy samples swing
-# with what is in flight (a connection storm's buffers, sends queued during the Redis restart).
+# of the interval, from the gateway's histogram) and drop counters. The loads stop three times,
+# after a 4-minute warm-up, at 2/3 of the run and at the end, for a sample of the replicas at
+# rest (no connection): RSS and the heap in use at rest, compared, are the growth after warm-up;
+# the busy samples swing with what is in flight (a connection storm's buffers, sends queued
+# during the Redis restart). DURATION counts loaded time only; the rests add about a minute.
 #
 #   bench/soak.sh [--duration S] [--out DIR]
 #
@@ -153,16 +154,21 @@ rest_sample() {
   sample $(( $(date +%s) - T0 )) "$1"
 }
 
-# Warm-up (the first 4 minutes), at rest, the rest of the run, at rest again.
+# Warm-up (the first 4 minutes), at rest; load until 2/3 of the run (the Redis restart is in
+# it), at rest; load to the end, at rest. Three rests tell a step (warm-up to middle, then
+# flat) from a slope (growing at each).
 T0=$(date +%s)
 RESTARTED=0
-END=$(( T0 + DURATION < T0 + 240 ? T0 + DURATION : T0 + 240 ))
-run_load
-rest_sample warm
-echo "$(( $(date +%s) - T0 )) at rest after the warm-up" >>"$OUT/events.log"
-END=$(( $(date +%s) + DURATION - (END - T0) ))
-run_load
-rest_sample end
+LOADED=0
+for phase in warm:240 mid:$(( DURATION * 2 / 3 )) end:$DURATION; do
+  label=${phase%%:*}; until=${phase##*:}
+  [ "$until" -gt "$LOADED" ] || continue
+  END=$(( $(date +%s) + until - LOADED ))
+  LOADED=$until
+  run_load
+  rest_sample "$label"
+  echo "$(( $(date +%s) - T0 )) at rest ($label)" >>"$OUT/events.log"
+done
 for name in fanout direct inbound churn; do
   echo "$name: $(grep -c ' ok$' "$OUT/$name.log") runs ok, $(grep -c 'failed' "$OUT/$name.log") failed"
 done | tee "$OUT/runs.txt"
