@@ -63,11 +63,7 @@ pub struct Timing {
 
 /// Runs the reader and the writer of one connection until it closes, including the closing
 /// handshake: the writer sends our close frame (within [`CLOSE_WRITE_GRACE`]), then the reader
-/// waits for the client's (within [`CLOSE_GRACE`]). `expiry` resolving closes the connection with 1008.
-///
-/// `expiry` is borrowed, not moved in: an async fn keeps its arguments for its whole life, so a
-/// future moved in here and on into the `select!` would be stored twice in every connection.
-#[allow(clippy::too_many_arguments)]
+/// waits for the client's (within [`CLOSE_GRACE`]).
 pub(crate) async fn drive(
     io: TokioIo<Upgraded>,
     handle: &ConnHandle,
@@ -75,7 +71,6 @@ pub(crate) async fn drive(
     timing: Timing,
     metrics: &Metrics,
     sink: &mut impl MessageSink,
-    expiry: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
@@ -114,7 +109,6 @@ pub(crate) async fn drive(
         _ = &mut reader => {}
         _ = &mut writer => {}
         _ = handle.close_requested() => {}
-        _ = expiry => handle.close(1008, "token expired", CloseReason::TokenExpired),
     }
     // Whatever ended first has said why; this only fills in when nothing did.
     handle.close(1000, "", CloseReason::Error);
@@ -168,14 +162,5 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig, deflate: Option<d
         idle: Duration::from_secs(600),
     };
     let mut sink = EchoSink { handle: &handle };
-    drive(
-        io,
-        &handle,
-        &limits,
-        timing,
-        &metrics,
-        &mut sink,
-        pin!(std::future::pending()),
-    )
-    .await;
+    drive(io, &handle, &limits, timing, &metrics, &mut sink).await;
 }
