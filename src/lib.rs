@@ -176,6 +176,12 @@ pub async fn run(
 
     let tasks = TaskTracker::new();
     tasks.spawn(expiries.run(background.clone()));
+    tasks.spawn(session::keepalive(
+        registry.clone(),
+        Duration::from_secs(config.server.ping_interval_seconds),
+        Duration::from_secs(config.server.idle_timeout_seconds),
+        background.clone(),
+    ));
     // Its last act, once the connections are gone, removes this replica's presence members.
     tasks.spawn(presence::run(
         presence,

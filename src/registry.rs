@@ -354,6 +354,19 @@ impl Registry {
         self.channels.get(channel).map_or(0, |set| set.len())
     }
 
+    /// Appends the connections whose sequence number is `slot` modulo `slots` to `out` (the
+    /// keepalive sweep visits one slot a second).
+    pub fn in_slot(&self, slots: u64, slot: u64, out: &mut Vec<Arc<ConnHandle>>) {
+        for shard in self.conns.iter() {
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|e| e.key() % slots == slot)
+                    .map(|e| e.value().clone()),
+            );
+        }
+    }
+
     /// Every local connection (for shutdown).
     pub fn all(&self) -> Vec<Arc<ConnHandle>> {
         let mut all = Vec::with_capacity(self.len());

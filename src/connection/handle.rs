@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::deflate::Deflate;
 use super::direct::{Direct, DirectWrite};
 use super::queue::{PushError, Queue};
-use crate::clock::unix_us;
+use crate::clock::{mono_ms, unix_us};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
@@ -123,6 +123,10 @@ pub struct ConnHandle {
     draining: AtomicBool,
     /// Answers owed to the client: one per [`OwedAnswer`] alive.
     owed: AtomicUsize,
+    /// When the client was last heard from (any frame; [`crate::clock::mono_ms`]).
+    heard_ms: AtomicU64,
+    /// Set by the keepalive sweep: the writer sends a ping.
+    ping_due: AtomicBool,
 }
 
 /// An answer the connection owes its client: a `send` taken and not yet acked or refused, or a
@@ -187,6 +191,8 @@ impl ConnHandle {
             direct_payload: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             owed: AtomicUsize::new(0),
+            heard_ms: AtomicU64::new(mono_ms()),
+            ping_due: AtomicBool::new(false),
         })
     }
 
@@ -254,6 +260,7 @@ impl ConnHandle {
         match self.messages.try_push(out) {
             Ok(()) => {
                 handed.queued();
+                self.wake_writer();
                 return true;
             }
             Err(PushError::Full(_)) => {
@@ -374,6 +381,7 @@ impl ConnHandle {
             return false;
         }
         handed.queued();
+        self.wake_writer();
         true
     }
 
@@ -395,6 +403,7 @@ impl ConnHandle {
         match self.replies.try_push(reply) {
             Ok(()) => {
                 handed.queued();
+                self.wake_writer();
                 true
             }
             Err(PushError::Full(_)) => {
@@ -412,6 +421,7 @@ impl ConnHandle {
         let handed = self.direct.hand(1);
         if self.replies.push(reply).await.is_ok() {
             handed.queued();
+            self.wake_writer();
         }
     }
 
@@ -468,7 +478,35 @@ impl ConnHandle {
             let reason = self.closing.get().map_or("", |c| c.reason.as_str());
             tracing::debug!(connection = %self.id, code, reason, why = ?why, "closing connection");
             self.close_requested.cancel();
+            self.wake_writer();
         }
+    }
+
+    /// Wakes the writer task: it waits on this one wake-up for everything it writes (a stored
+    /// permit when it is busy, so nothing is missed).
+    fn wake_writer(&self) {
+        self.direct.kick.notify_one();
+    }
+
+    /// The client was heard from (any frame): it is not idle.
+    pub(crate) fn heard(&self) {
+        self.heard_ms.store(mono_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the client was last heard from, at `now` ([`crate::clock::mono_ms`]).
+    pub fn silent_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.heard_ms.load(Ordering::Relaxed))
+    }
+
+    /// Asks the writer for a ping (the keepalive sweep).
+    pub fn ping(&self) {
+        self.ping_due.store(true, Ordering::Release);
+        self.wake_writer();
+    }
+
+    /// Whether a ping is due; the writer sends it.
+    pub(super) fn take_ping(&self) -> bool {
+        self.ping_due.load(Ordering::Acquire) && self.ping_due.swap(false, Ordering::AcqRel)
     }
 
     /// Resolves once a close was asked for.

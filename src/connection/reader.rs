@@ -1,9 +1,6 @@
 //! The read side: frames from the client, reassembled within limits, handed to a
 //! [`MessageSink`] — the client's session (`crate::session`) or the conformance echo.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
 use fastwebsockets::OpCode;
 use tokio::io::AsyncRead;
 
@@ -30,8 +27,6 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
     handle: &ConnHandle,
     limits: &LimitsConfig,
     metrics: &Metrics,
-    last_seen: &AtomicU64,
-    started: Instant,
     sink: &mut impl MessageSink,
 ) {
     // A single frame over the limit fails in the frame reader; the assembler applies the same
@@ -53,7 +48,7 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 return;
             }
         };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        handle.heard();
         if handle.closing().is_some() && frame.opcode != OpCode::Close {
             // Closing: only the client's close frame matters now.
             continue;

@@ -5,9 +5,11 @@
 
 mod client;
 mod expiry;
+mod keepalive;
 
 pub use expiry::Expiries;
 pub(crate) use expiry::Expiry;
+pub use keepalive::keepalive;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::auth::Identity;
 use crate::connection::deflate::Deflate;
-use crate::connection::{drive, ConnHandle, Timing};
+use crate::connection::{drive, ConnHandle};
 use crate::inbound::Event;
 use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
@@ -77,23 +79,12 @@ pub async fn serve(
     state.inbound.event(&handle, Event::Connect);
     tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), deflate = deflate.is_some(), "connection opened");
 
-    let timing = Timing {
-        ping_every: Duration::from_secs(config.server.ping_interval_seconds),
-        idle: Duration::from_secs(config.server.idle_timeout_seconds),
-    };
     // The replica's expiry task sends `refresh_required` and closes with 1008 when the token
     // expires; the client's `refresh` moves it.
     let expiry = state.expiries.watch(&handle, handle.identity.expires_at);
     let mut sink = ClientFrames::new(&handle, &state, &expiry);
-    drive(
-        io,
-        &handle,
-        &config.limits,
-        timing,
-        &state.metrics,
-        &mut sink,
-    )
-    .await;
+    // Pings and the idle timeout come from the replica's keepalive sweep (`keepalive.rs`).
+    drive(io, &handle, &config.limits, &state.metrics, &mut sink).await;
     // The token is no longer followed once the connection is closed.
     drop(expiry);
 

@@ -2,6 +2,7 @@
 //! tokens, origins.
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -462,4 +463,50 @@ fn json_logs_are_one_object_per_line() {
     let event = listening.unwrap_or_else(|why| panic!("no listening line ({why}): {events:?}"));
     assert_eq!(event["level"], "INFO");
     assert!(event["public"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
+
+/// The replica's keepalive sweep visits one slot of connections a second: every connection,
+/// whichever slot it falls in, is pinged once per `ping_interval_seconds`, not more often.
+#[tokio::test]
+async fn every_connection_is_pinged_once_per_interval_whatever_its_slot() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("pings");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__SERVER__PING_INTERVAL_SECONDS", "2")],
+        )
+        .await;
+        let mut readers = Vec::new();
+        // Consecutive connections: both slots of a 2-second interval.
+        for _ in 0..4 {
+            let mut c = Client::connect(&gw).await;
+            readers.push(tokio::spawn(async move {
+                use futures_util::StreamExt;
+                let mut pings = Vec::new();
+                while pings.len() < 3 {
+                    match c.ws.next().await {
+                        Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => {
+                            pings.push(std::time::Instant::now())
+                        }
+                        Some(Ok(_)) => {}
+                        other => panic!("connection ended before its pings: {other:?}"),
+                    }
+                }
+                pings
+            }));
+        }
+        for reader in readers {
+            let pings = reader.await.unwrap();
+            for pair in pings.windows(2) {
+                let gap = pair[1] - pair[0];
+                assert!(
+                    gap > Duration::from_millis(1200) && gap < Duration::from_secs(5),
+                    "pings {gap:?} apart with a 2 s interval"
+                );
+            }
+        }
+    })
+    .await;
 }
