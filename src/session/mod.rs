@@ -26,17 +26,36 @@ use crate::state::AppState;
 
 use client::ClientFrames;
 
-/// Serves an upgraded connection until it closes, then removes every trace of it.
-pub async fn serve(
-    io: TokioIo<Upgraded>,
-    state: Arc<AppState>,
+/// The handle of a connection whose upgrade was accepted: made before the upgrade completes, so
+/// the connection's task keeps one pointer rather than the identity and terms it is made of (an
+/// async fn keeps its arguments for its whole life). Nobody can reach it until [`serve`]
+/// registers it.
+pub fn open(
+    state: &AppState,
     identity: Identity,
     encoding: Encoding,
     deflate: Option<Deflate>,
-) {
+) -> Arc<ConnHandle> {
+    let outbound = &state.config.outbound;
+    let (seq, id) = state.registry.next_id();
+    ConnHandle::new(
+        seq,
+        id,
+        identity,
+        encoding,
+        deflate,
+        outbound.queue_capacity_messages,
+        outbound.reply_queue_capacity,
+        outbound.queue_full_policy,
+        state.metrics.clone(),
+    )
+}
+
+/// Serves an upgraded connection until it closes, then removes every trace of it.
+pub async fn serve(io: TokioIo<Upgraded>, state: Arc<AppState>, handle: Arc<ConnHandle>) {
     let config = &state.config;
     // Interest routing: messages to this user must reach this replica from the welcome on.
-    if let (Some(_), Some(user)) = (&state.interest, identity.user.as_deref()) {
+    if let (Some(_), Some(user)) = (&state.interest, handle.user.as_deref()) {
         let ttl = Duration::from_secs(config.outbound.user_route_ttl_seconds);
         let listed = crate::outbound::routes::list_user(
             &state.backplane,
@@ -51,18 +70,6 @@ pub async fn serve(
             tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
         }
     }
-    let (seq, id) = state.registry.next_id();
-    let handle = ConnHandle::new(
-        seq,
-        id,
-        identity,
-        encoding,
-        deflate,
-        config.outbound.queue_capacity_messages,
-        config.outbound.reply_queue_capacity,
-        config.outbound.queue_full_policy,
-        state.metrics.clone(),
-    );
     // The welcome is queued before the connection is visible to anyone, so it is always first.
     handle.reply(&ServerFrame::Welcome {
         connection: &handle.id,
@@ -77,7 +84,7 @@ pub async fn serve(
     state.metrics.connections.increment(1.0);
     state.metrics.connections_opened.increment(1);
     state.inbound.event(&handle, Event::Connect);
-    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), deflate = deflate.is_some(), "connection opened");
+    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = handle.encoding.as_str(), deflate = handle.deflate.is_some(), "connection opened");
 
     // The replica's expiry task sends `refresh_required` and closes with 1008 when the token
     // expires; the client's `refresh` moves it.
