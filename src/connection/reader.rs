@@ -77,7 +77,10 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
             OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
                 metrics.received_bytes.increment(frame.payload.len() as u64);
                 let whole = (frame.opcode, frame.compressed, frame.payload);
-                if let Err((code, reason)) = take(sink, metrics, limits, whole).await {
+                // Boxed, here and below: the sink's future is as large as the largest frame
+                // handling awaits, and inline it would be kept in every connection's task for its
+                // whole life; one allocation per message instead.
+                if let Err((code, reason)) = Box::pin(take(sink, metrics, limits, whole)).await {
                     handle.close(code, &reason, CloseReason::Protocol);
                     return;
                 }
@@ -90,7 +93,13 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
         let taken = match message {
             Ok(Some(m)) => {
                 metrics.received_bytes.increment(m.payload.len() as u64);
-                take(sink, metrics, limits, (m.opcode, m.compressed, &m.payload)).await
+                Box::pin(take(
+                    sink,
+                    metrics,
+                    limits,
+                    (m.opcode, m.compressed, &m.payload),
+                ))
+                .await
             }
             Ok(None) => Ok(()),
             Err(e) => Err(match e {
