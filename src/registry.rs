@@ -354,14 +354,14 @@ impl Registry {
         self.channels.get(channel).map_or(0, |set| set.len())
     }
 
-    /// Appends the connections whose sequence number is `slot` modulo `slots` to `out` (the
-    /// keepalive sweep visits one slot a second).
-    pub fn in_slot(&self, slots: u64, slot: u64, out: &mut Vec<Arc<ConnHandle>>) {
+    /// Appends the local connections for which `keep` holds to `out` (the keepalive sweep's
+    /// connections with a ping due).
+    pub fn matching(&self, keep: impl Fn(&ConnHandle) -> bool, out: &mut Vec<Arc<ConnHandle>>) {
         for shard in self.conns.iter() {
             out.extend(
                 shard
                     .iter()
-                    .filter(|e| e.key() % slots == slot)
+                    .filter(|e| keep(e.value()))
                     .map(|e| e.value().clone()),
             );
         }

@@ -126,6 +126,9 @@ pub struct ConnHandle {
     owed: AtomicUsize,
     /// When the client was last heard from (any frame; [`crate::clock::mono_ms`]).
     heard_ms: AtomicU64,
+    /// The second the connection opened ([`crate::clock::mono_ms`] / 1000): its pings are due
+    /// every ping interval from then on, as a timer of its own would have them.
+    opened_s: u32,
     /// Set by the keepalive sweep: the writer sends a ping.
     ping_due: AtomicBool,
 }
@@ -171,6 +174,7 @@ impl ConnHandle {
         metrics: Metrics,
     ) -> Arc<Self> {
         let user = identity.user.as_deref().map(Arc::from);
+        let opened_ms = mono_ms();
         Arc::new(Self {
             seq,
             id,
@@ -192,7 +196,8 @@ impl ConnHandle {
             direct_payload: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             owed: AtomicUsize::new(0),
-            heard_ms: AtomicU64::new(mono_ms()),
+            heard_ms: AtomicU64::new(opened_ms),
+            opened_s: (opened_ms / 1000) as u32,
             ping_due: AtomicBool::new(false),
         })
     }
@@ -497,6 +502,15 @@ impl ConnHandle {
     /// Milliseconds since the client was last heard from, at `now` ([`crate::clock::mono_ms`]).
     pub fn silent_ms(&self, now: u64) -> u64 {
         now.saturating_sub(self.heard_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether a ping interval of `every_s` seconds ended for this connection in the seconds
+    /// after `from_s` up to `to_s` ([`crate::clock::mono_ms`] / 1000): its pings are due at
+    /// whole intervals after it opened.
+    pub fn ping_due_between(&self, from_s: u64, to_s: u64, every_s: u64) -> bool {
+        let opened = u64::from(self.opened_s);
+        let every = every_s.max(1);
+        to_s > opened && to_s.saturating_sub(opened) / every > from_s.saturating_sub(opened) / every
     }
 
     /// Asks the writer for a ping (the keepalive sweep).

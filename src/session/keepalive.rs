@@ -2,12 +2,11 @@
 //! connection's writer (a tokio `Interval` and its boxed `Sleep` were ~150 bytes of every
 //! connection).
 //!
-//! What a client sees is unchanged: a ping every `server.ping_interval_seconds`, and a close
-//! with 1001 "idle timeout" once nothing (not even a pong) was heard from it for
-//! `server.idle_timeout_seconds` — checked at its pings, as before, so the close comes at most
-//! one ping interval after that. Each second the sweep visits the connections of one slot
-//! (sequence number modulo the interval's seconds), so every connection is visited once per
-//! interval and the pings spread over it rather than all leaving at once.
+//! What a client sees is unchanged: a ping every `server.ping_interval_seconds` from when it
+//! connected, and at a ping that finds nothing (not even a pong) heard from it for longer than
+//! `server.idle_timeout_seconds`, a close with 1001 "idle timeout" instead. Each second the sweep
+//! visits the connections whose interval ended in that second (counted from the second each
+//! opened), so the pings keep each connection's own phase and spread as connections came.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,29 +18,33 @@ use crate::clock::mono_ms;
 use crate::metrics::CloseReason;
 use crate::registry::Registry;
 
-/// Pings every connection of `registry` every `ping_every` (whole seconds, at least 1), and
-/// closes those not heard from for longer than `idle`, until `stop`.
+/// Pings every connection of `registry` every `ping_every` (whole seconds, at least 1) after it
+/// opened, and closes instead those not heard from for longer than `idle`, until `stop`.
 pub async fn keepalive(
     registry: Arc<Registry>,
     ping_every: Duration,
     idle: Duration,
     stop: CancellationToken,
 ) {
-    let slots = ping_every.as_secs().max(1);
+    let every_s = ping_every.as_secs().max(1);
     let idle_ms = idle.as_millis() as u64;
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(1),
-        Duration::from_secs(1),
-    );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut done_s = mono_ms() / 1000;
     let mut due = Vec::new();
-    for slot in (0..slots).cycle() {
+    loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        registry.in_slot(slots, slot, &mut due);
         let now = mono_ms();
+        let now_s = now / 1000;
+        if now_s <= done_s {
+            continue;
+        }
+        // Every second since the last sweep, so a late tick skips nobody.
+        registry.matching(|c| c.ping_due_between(done_s, now_s, every_s), &mut due);
+        done_s = now_s;
         for conn in due.drain(..) {
             if conn.silent_ms(now) > idle_ms {
                 conn.close(1001, "idle timeout", CloseReason::IdleTimeout);
