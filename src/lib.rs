@@ -147,6 +147,7 @@ pub async fn run(
     let background = CancellationToken::new();
     let append_stop = CancellationToken::new();
     let append_give_up = CancellationToken::new();
+    let expiries = Arc::new(session::Expiries::new(config.auth.refresh_notice_seconds));
     let state = AppState {
         config: config.clone(),
         replica_id: replica_id.clone(),
@@ -170,10 +171,18 @@ pub async fn run(
         stopping: stopping.clone(),
         interest: interest.clone(),
         presence: presence.clone(),
+        expiries: expiries.clone(),
     }
     .shared();
 
     let tasks = TaskTracker::new();
+    tasks.spawn(expiries.run(background.clone()));
+    tasks.spawn(session::keepalive(
+        registry.clone(),
+        Duration::from_secs(config.server.ping_interval_seconds),
+        Duration::from_secs(config.server.idle_timeout_seconds),
+        background.clone(),
+    ));
     // Its last act, once the connections are gone, removes this replica's presence members.
     tasks.spawn(presence::run(
         presence,

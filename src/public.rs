@@ -98,11 +98,18 @@ pub async fn handle(
         Err(e) => return Ok(error(400, "bad_upgrade", &e.to_string())),
     };
     let state2 = state.clone();
+    // Made here, so the connection's task keeps one pointer, not what the handle is made of.
+    let handle = session::open(&state, identity, encoding, deflate);
     state.connections.spawn(async move {
-        match upgrade.await {
-            Ok(ws) => session::serve(ws.into_inner(), state2, identity, encoding, deflate).await,
-            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade did not complete"),
-        }
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        // The upgrade's result is not kept for the connection's life: only what it holds.
+        session::serve(ws.into_inner(), state2, handle).await;
         drop(permit);
     });
     let (mut parts, _) = response.into_parts();

@@ -354,6 +354,19 @@ impl Registry {
         self.channels.get(channel).map_or(0, |set| set.len())
     }
 
+    /// Appends the local connections for which `keep` holds to `out` (the keepalive sweep's
+    /// connections with a ping due).
+    pub fn matching(&self, keep: impl Fn(&ConnHandle) -> bool, out: &mut Vec<Arc<ConnHandle>>) {
+        for shard in self.conns.iter() {
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|e| keep(e.value()))
+                    .map(|e| e.value().clone()),
+            );
+        }
+    }
+
     /// Every local connection (for shutdown).
     pub fn all(&self) -> Vec<Arc<ConnHandle>> {
         let mut all = Vec::with_capacity(self.len());

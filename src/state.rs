@@ -56,6 +56,8 @@ pub struct AppState {
     pub interest: Option<Arc<Interest>>,
     /// Presence: who is in the channels that keep it.
     pub presence: Presence,
+    /// Token expiries of the connections (one timer task for the replica).
+    pub expiries: Arc<crate::session::Expiries>,
 }
 
 impl AppState {

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use super::deflate::Deflate;
 use super::direct::{Direct, DirectWrite};
 use super::queue::{PushError, Queue};
-use crate::clock::unix_us;
-use tokio_util::sync::CancellationToken;
+use crate::clock::{mono_ms, unix_us};
+use tokio::sync::Notify;
 
 use crate::auth::Identity;
 use crate::config::QueueFullPolicy;
@@ -105,8 +105,9 @@ pub struct ConnHandle {
     policy: QueueFullPolicy,
     /// Why the connection is closing, once it is: the first request wins.
     closing: OnceLock<Closing>,
-    /// Cancelled when `closing` is set, to wake the tasks that wait for it.
-    close_requested: CancellationToken,
+    /// Notified when `closing` is set, to wake the tasks that wait for it (a `Notify` in place:
+    /// a cancellation token is a separate allocation of ~120 bytes per connection).
+    close_requested: Notify,
     /// Set while any channel of this connection is resuming; read on every delivery, so the
     /// common case costs one atomic load.
     resuming_any: AtomicBool,
@@ -123,6 +124,13 @@ pub struct ConnHandle {
     draining: AtomicBool,
     /// Answers owed to the client: one per [`OwedAnswer`] alive.
     owed: AtomicUsize,
+    /// When the client was last heard from (any frame; [`crate::clock::mono_ms`]).
+    heard_ms: AtomicU64,
+    /// The second the connection opened ([`crate::clock::mono_ms`] / 1000): its pings are due
+    /// every ping interval from then on, as a timer of its own would have them.
+    opened_s: u32,
+    /// Set by the keepalive sweep: the writer sends a ping.
+    ping_due: AtomicBool,
 }
 
 /// An answer the connection owes its client: a `send` taken and not yet acked or refused, or a
@@ -166,6 +174,7 @@ impl ConnHandle {
         metrics: Metrics,
     ) -> Arc<Self> {
         let user = identity.user.as_deref().map(Arc::from);
+        let opened_ms = mono_ms();
         Arc::new(Self {
             seq,
             id,
@@ -178,7 +187,7 @@ impl ConnHandle {
             replies: Queue::new(reply_capacity),
             policy,
             closing: OnceLock::new(),
-            close_requested: CancellationToken::new(),
+            close_requested: Notify::new(),
             resuming_any: AtomicBool::new(false),
             resuming: Mutex::new(HashMap::new()),
             warned_drop: AtomicBool::new(false),
@@ -187,6 +196,9 @@ impl ConnHandle {
             direct_payload: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             owed: AtomicUsize::new(0),
+            heard_ms: AtomicU64::new(opened_ms),
+            opened_s: (opened_ms / 1000) as u32,
+            ping_due: AtomicBool::new(false),
         })
     }
 
@@ -254,6 +266,7 @@ impl ConnHandle {
         match self.messages.try_push(out) {
             Ok(()) => {
                 handed.queued();
+                self.wake_writer();
                 return true;
             }
             Err(PushError::Full(_)) => {
@@ -374,6 +387,7 @@ impl ConnHandle {
             return false;
         }
         handed.queued();
+        self.wake_writer();
         true
     }
 
@@ -395,6 +409,7 @@ impl ConnHandle {
         match self.replies.try_push(reply) {
             Ok(()) => {
                 handed.queued();
+                self.wake_writer();
                 true
             }
             Err(PushError::Full(_)) => {
@@ -412,6 +427,7 @@ impl ConnHandle {
         let handed = self.direct.hand(1);
         if self.replies.push(reply).await.is_ok() {
             handed.queued();
+            self.wake_writer();
         }
     }
 
@@ -467,13 +483,56 @@ impl ConnHandle {
             // closed only then.
             let reason = self.closing.get().map_or("", |c| c.reason.as_str());
             tracing::debug!(connection = %self.id, code, reason, why = ?why, "closing connection");
-            self.close_requested.cancel();
+            self.close_requested.notify_waiters();
+            self.wake_writer();
         }
+    }
+
+    /// Wakes the writer task: it waits on this one wake-up for everything it writes (a stored
+    /// permit when it is busy, so nothing is missed).
+    fn wake_writer(&self) {
+        self.direct.kick.notify_one();
+    }
+
+    /// The client was heard from (any frame): it is not idle.
+    pub(crate) fn heard(&self) {
+        self.heard_ms.store(mono_ms(), Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the client was last heard from, at `now` ([`crate::clock::mono_ms`]).
+    pub fn silent_ms(&self, now: u64) -> u64 {
+        now.saturating_sub(self.heard_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether a ping interval of `every_s` seconds ended for this connection in the seconds
+    /// after `from_s` up to `to_s` ([`crate::clock::mono_ms`] / 1000): its pings are due at
+    /// whole intervals after it opened.
+    pub fn ping_due_between(&self, from_s: u64, to_s: u64, every_s: u64) -> bool {
+        let opened = u64::from(self.opened_s);
+        let every = every_s.max(1);
+        to_s > opened && to_s.saturating_sub(opened) / every > from_s.saturating_sub(opened) / every
+    }
+
+    /// Asks the writer for a ping (the keepalive sweep).
+    pub fn ping(&self) {
+        self.ping_due.store(true, Ordering::Release);
+        self.wake_writer();
+    }
+
+    /// Whether a ping is due; the writer sends it.
+    pub(super) fn take_ping(&self) -> bool {
+        self.ping_due.load(Ordering::Acquire) && self.ping_due.swap(false, Ordering::AcqRel)
     }
 
     /// Resolves once a close was asked for.
     pub async fn close_requested(&self) {
-        self.close_requested.cancelled().await;
+        let mut requested = std::pin::pin!(self.close_requested.notified());
+        // Registered before `closing` is read: a request made in between still wakes it.
+        requested.as_mut().enable();
+        if self.closing.get().is_some() {
+            return;
+        }
+        requested.await;
     }
 
     /// Why the connection is closing, if it is.

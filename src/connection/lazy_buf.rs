@@ -33,6 +33,19 @@ impl<W: AsyncWrite + Unpin> LazyBufWriter<W> {
         }
     }
 
+    /// Appends a frame (its header and payload) to the buffer without writing anything; false,
+    /// and nothing appended, when that would take the buffer past `MAX_BUFFERED`: the caller
+    /// writes it through [`AsyncWrite`] instead.
+    pub fn buffer_frame(&mut self, header: &[u8], payload: &[u8]) -> bool {
+        if self.buf.len() + header.len() + payload.len() > MAX_BUFFERED {
+            return false;
+        }
+        self.buf.reserve(header.len() + payload.len());
+        self.buf.extend_from_slice(header);
+        self.buf.extend_from_slice(payload);
+        true
+    }
+
     /// Writes out the buffer; frees it when all of it went.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {

@@ -21,9 +21,8 @@ mod reader;
 mod writer;
 
 use std::pin::pin;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::{FusedFuture, FutureExt};
 use hyper::upgrade::Upgraded;
@@ -52,33 +51,16 @@ pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// slow; a client that reads nothing for this long is reset.
 const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(10);
 
-/// Ping and idle settings of the writer.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// How often the writer pings.
-    pub ping_every: Duration,
-    /// How long a silent client is kept.
-    pub idle: Duration,
-}
-
 /// Runs the reader and the writer of one connection until it closes, including the closing
 /// handshake: the writer sends our close frame (within [`CLOSE_WRITE_GRACE`]), then the reader
-/// waits for the client's (within [`CLOSE_GRACE`]). `expiry` resolving closes the connection with 1008.
-///
-/// `expiry` is borrowed, not moved in: an async fn keeps its arguments for its whole life, so a
-/// future moved in here and on into the `select!` would be stored twice in every connection.
-#[allow(clippy::too_many_arguments)]
+/// waits for the client's (within [`CLOSE_GRACE`]).
 pub(crate) async fn drive(
     io: TokioIo<Upgraded>,
     handle: &ConnHandle,
     limits: &LimitsConfig,
-    timing: Timing,
     metrics: &Metrics,
     sink: &mut impl MessageSink,
-    expiry: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) {
-    let started = Instant::now();
-    let last_seen = AtomicU64::new(0);
     // The listener serves plain TCP (http.rs), so the upgraded connection is a TcpStream: take
     // it back, with whatever hyper read past the handshake, for direct writes (direct.rs).
     let Some((stream, pre)) = take_tcp(io) else {
@@ -97,24 +79,13 @@ pub(crate) async fn drive(
     );
     let mut ws_write =
         lazy_buf::LazyBufWriter::new(direct::SocketWrite::new(write_half, &handle.direct));
-    let mut reader = pin!(reader::run(
-        &mut frames,
-        handle,
-        limits,
-        metrics,
-        &last_seen,
-        started,
-        sink
-    )
-    .fuse());
-    let mut writer =
-        pin!(writer::run(&mut ws_write, handle, timing, metrics, &last_seen, started).fuse());
+    let mut reader = pin!(reader::run(&mut frames, handle, limits, metrics, sink).fuse());
+    let mut writer = pin!(writer::run(&mut ws_write, handle, metrics).fuse());
 
     tokio::select! {
         _ = &mut reader => {}
         _ = &mut writer => {}
         _ = handle.close_requested() => {}
-        _ = expiry => handle.close(1008, "token expired", CloseReason::TokenExpired),
     }
     // Whatever ended first has said why; this only fills in when nothing did.
     handle.close(1000, "", CloseReason::Error);
@@ -145,7 +116,8 @@ fn take_tcp(io: TokioIo<Upgraded>) -> Option<(TcpStream, bytes::Bytes)> {
 }
 
 /// Echoes every message back on an upgraded connection, through the same socket layer the
-/// gateway uses (framing, fragment assembly, limits, close handshake, pings).
+/// gateway uses (framing, fragment assembly, limits, close handshake; no pings: those come from
+/// the replica's keepalive sweep).
 ///
 /// For RFC 6455 and RFC 7692 conformance testing only (`examples/autobahn_echo.rs` runs the
 /// Autobahn TestSuite against it); `deflate` is what [`deflate::negotiate`] agreed, if
@@ -163,19 +135,6 @@ pub async fn echo(io: TokioIo<Upgraded>, limits: LimitsConfig, deflate: Option<d
         crate::config::QueueFullPolicy::Drop,
         metrics.clone(),
     );
-    let timing = Timing {
-        ping_every: Duration::from_secs(60),
-        idle: Duration::from_secs(600),
-    };
     let mut sink = EchoSink { handle: &handle };
-    drive(
-        io,
-        &handle,
-        &limits,
-        timing,
-        &metrics,
-        &mut sink,
-        pin!(std::future::pending()),
-    )
-    .await;
+    drive(io, &handle, &limits, &metrics, &mut sink).await;
 }

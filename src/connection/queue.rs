@@ -21,12 +21,11 @@ pub enum PushError<T> {
     Closed(T),
 }
 
-/// Bounded FIFO with one consumer.
+/// Bounded FIFO with one consumer. It wakes nobody when an item arrives: the connection's
+/// handle wakes its writer task, which waits on one wake-up for everything (`writer.rs`).
 pub struct Queue<T> {
     state: Mutex<State<T>>,
     capacity: usize,
-    /// An item arrived (one consumer: a stored permit is never lost).
-    ready: Notify,
     /// An item left, or the queue closed.
     room: Notify,
 }
@@ -45,7 +44,6 @@ impl<T> Queue<T> {
                 closed: false,
             }),
             capacity,
-            ready: Notify::new(),
             room: Notify::new(),
         }
     }
@@ -60,8 +58,6 @@ impl<T> Queue<T> {
             return Err(PushError::Full(item));
         }
         state.items.push_back(item);
-        drop(state);
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -72,8 +68,6 @@ impl<T> Queue<T> {
             return Err(items);
         }
         state.items.extend(items);
-        drop(state);
-        self.ready.notify_one();
         Ok(())
     }
 
@@ -105,27 +99,13 @@ impl<T> Queue<T> {
         item
     }
 
-    /// Waits for the oldest item; `None` once closed and empty. Cancel-safe: an item is taken
-    /// only by the poll that returns it.
-    pub async fn pop(&self) -> Option<T> {
-        loop {
-            let mut ready = pin!(self.ready.notified());
-            ready.as_mut().enable();
-            if let Some(item) = self.try_pop() {
-                return Some(item);
-            }
-            {
-                let mut state = self.state.lock().expect("queue lock");
-                if state.closed {
-                    return None;
-                }
-                // About to wait: an idle queue holds no buffer (a burst keeps its buffer while
-                // it lasts; a small one would otherwise stay for the connection's life).
-                if state.items.is_empty() && state.items.capacity() > 0 {
-                    state.items = VecDeque::new();
-                }
-            }
-            ready.await;
+    /// Frees the buffer of an empty queue: called when the consumer is about to wait (a burst
+    /// keeps its buffer while it lasts; a small one would otherwise stay for the connection's
+    /// life).
+    pub fn release_idle(&self) {
+        let mut state = self.state.lock().expect("queue lock");
+        if state.items.is_empty() && state.items.capacity() > 0 {
+            state.items = VecDeque::new();
         }
     }
 
@@ -137,7 +117,6 @@ impl<T> Queue<T> {
         let dropped = std::mem::take(&mut state.items).len();
         drop(state);
         self.room.notify_waiters();
-        self.ready.notify_one();
         dropped
     }
 
@@ -168,42 +147,32 @@ mod tests {
             tokio::spawn(async move { q.push(3).await.is_ok() })
         };
         tokio::task::yield_now().await;
-        assert_eq!(q.pop().await, Some(1));
+        assert_eq!(q.try_pop(), Some(1));
         assert!(waiter.await.unwrap());
-        assert_eq!(q.pop().await, Some(2));
+        assert_eq!(q.try_pop(), Some(2));
         assert_eq!(q.try_pop(), Some(3));
         assert_eq!(q.len(), 0);
-        // A pop waiting on an empty queue wakes up on a push, and ends on close.
-        let popper = {
-            let q = q.clone();
-            tokio::spawn(async move { q.pop().await })
-        };
-        tokio::task::yield_now().await;
-        q.try_push(4).ok().unwrap();
-        assert_eq!(popper.await.unwrap(), Some(4));
         q.try_push(5).ok().unwrap();
         assert_eq!(q.close(), 1, "the waiting item is dropped and counted");
-        assert!(q.pop().await.is_none());
+        assert!(q.try_pop().is_none());
         assert!(matches!(q.try_push(6), Err(PushError::Closed(6))));
     }
 
-    #[tokio::test]
-    async fn a_consumer_waiting_on_an_empty_queue_holds_no_buffer() {
-        let q = std::sync::Arc::new(Queue::new(8));
+    #[test]
+    fn an_idle_queue_gives_its_buffer_back() {
+        let q = Queue::new(8);
         q.try_push(1).ok().unwrap();
-        assert_eq!(q.pop().await, Some(1));
-        let popper = {
-            let q = q.clone();
-            tokio::spawn(async move { q.pop().await })
-        };
-        tokio::task::yield_now().await;
+        assert_eq!(q.try_pop(), Some(1));
+        assert!(q.state.lock().unwrap().items.capacity() > 0);
+        q.release_idle();
         let held = q.state.lock().unwrap().items.capacity();
         assert_eq!(
             held, 0,
             "the welcome's buffer would stay for the connection's life"
         );
         q.try_push(2).ok().unwrap();
-        assert_eq!(popper.await.unwrap(), Some(2));
+        q.release_idle();
+        assert_eq!(q.try_pop(), Some(2), "a queue holding items keeps them");
     }
 
     #[test]

@@ -1,9 +1,6 @@
 //! The read side: frames from the client, reassembled within limits, handed to a
 //! [`MessageSink`] — the client's session (`crate::session`) or the conformance echo.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
 use fastwebsockets::OpCode;
 use tokio::io::AsyncRead;
 
@@ -30,8 +27,6 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
     handle: &ConnHandle,
     limits: &LimitsConfig,
     metrics: &Metrics,
-    last_seen: &AtomicU64,
-    started: Instant,
     sink: &mut impl MessageSink,
 ) {
     // A single frame over the limit fails in the frame reader; the assembler applies the same
@@ -53,7 +48,7 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
                 return;
             }
         };
-        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        handle.heard();
         if handle.closing().is_some() && frame.opcode != OpCode::Close {
             // Closing: only the client's close frame matters now.
             continue;
@@ -82,7 +77,10 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
             OpCode::Text | OpCode::Binary if frame.fin && !assembler.in_progress() => {
                 metrics.received_bytes.increment(frame.payload.len() as u64);
                 let whole = (frame.opcode, frame.compressed, frame.payload);
-                if let Err((code, reason)) = take(sink, metrics, limits, whole).await {
+                // Boxed, here and below: the sink's future is as large as the largest frame
+                // handling awaits, and inline it would be kept in every connection's task for its
+                // whole life; one allocation per message instead.
+                if let Err((code, reason)) = Box::pin(take(sink, metrics, limits, whole)).await {
                     handle.close(code, &reason, CloseReason::Protocol);
                     return;
                 }
@@ -95,7 +93,13 @@ pub(crate) async fn run<S: AsyncRead + Unpin>(
         let taken = match message {
             Ok(Some(m)) => {
                 metrics.received_bytes.increment(m.payload.len() as u64);
-                take(sink, metrics, limits, (m.opcode, m.compressed, &m.payload)).await
+                Box::pin(take(
+                    sink,
+                    metrics,
+                    limits,
+                    (m.opcode, m.compressed, &m.payload),
+                ))
+                .await
             }
             Ok(None) => Ok(()),
             Err(e) => Err(match e {

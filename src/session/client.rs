@@ -57,8 +57,8 @@ pub(crate) struct ClientFrames<'a> {
     handle: &'a Arc<ConnHandle>,
     state: &'a AppState,
     bucket: TokenBucket,
-    /// The token's expiry, moved by `refresh` (read by the session's expiry timer).
-    expiry: &'a Expiry,
+    /// The token's expiry, moved by `refresh` (followed by the replica's expiry task).
+    expiry: &'a Expiry<'a>,
 }
 
 impl<'a> ClientFrames<'a> {
@@ -66,7 +66,7 @@ impl<'a> ClientFrames<'a> {
     pub(crate) fn new(
         handle: &'a Arc<ConnHandle>,
         state: &'a AppState,
-        expiry: &'a Expiry,
+        expiry: &'a Expiry<'a>,
     ) -> Self {
         let limits = &state.config.limits;
         Self {
@@ -114,7 +114,7 @@ impl ClientFrames<'_> {
                 ),
             ));
         }
-        self.expiry.set(fresh.expires_at);
+        self.expiry.set(self.handle, fresh.expires_at);
         Ok(fresh.expires_at)
     }
 }

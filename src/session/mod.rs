@@ -4,34 +4,58 @@
 //! every trace of it and reports the disconnect to the backends.
 
 mod client;
+mod expiry;
+mod keepalive;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub use expiry::Expiries;
+pub(crate) use expiry::Expiry;
+pub use keepalive::keepalive;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::Notify;
 
 use crate::auth::Identity;
 use crate::connection::deflate::Deflate;
-use crate::connection::{drive, ConnHandle, Timing};
+use crate::connection::{drive, ConnHandle};
 use crate::inbound::Event;
 use crate::protocol::{Encoding, ServerFrame};
 use crate::state::AppState;
 
 use client::ClientFrames;
 
-/// Serves an upgraded connection until it closes, then removes every trace of it.
-pub async fn serve(
-    io: TokioIo<Upgraded>,
-    state: Arc<AppState>,
+/// The handle of a connection whose upgrade was accepted: made before the upgrade completes, so
+/// the connection's task keeps one pointer rather than the identity and terms it is made of (an
+/// async fn keeps its arguments for its whole life). Nobody can reach it until [`serve`]
+/// registers it.
+pub fn open(
+    state: &AppState,
     identity: Identity,
     encoding: Encoding,
     deflate: Option<Deflate>,
-) {
+) -> Arc<ConnHandle> {
+    let outbound = &state.config.outbound;
+    let (seq, id) = state.registry.next_id();
+    ConnHandle::new(
+        seq,
+        id,
+        identity,
+        encoding,
+        deflate,
+        outbound.queue_capacity_messages,
+        outbound.reply_queue_capacity,
+        outbound.queue_full_policy,
+        state.metrics.clone(),
+    )
+}
+
+/// Serves an upgraded connection until it closes, then removes every trace of it.
+pub async fn serve(io: TokioIo<Upgraded>, state: Arc<AppState>, handle: Arc<ConnHandle>) {
     let config = &state.config;
     // Interest routing: messages to this user must reach this replica from the welcome on.
-    if let (Some(_), Some(user)) = (&state.interest, identity.user.as_deref()) {
+    if let (Some(_), Some(user)) = (&state.interest, handle.user.as_deref()) {
         let ttl = Duration::from_secs(config.outbound.user_route_ttl_seconds);
         let listed = crate::outbound::routes::list_user(
             &state.backplane,
@@ -46,20 +70,6 @@ pub async fn serve(
             tracing::warn!(error = %e, user, "could not list this replica for the user; the periodic refresh will");
         }
     }
-    let (seq, id) = state.registry.next_id();
-    // Moved by the client's `refresh`.
-    let expiry = Expiry::new(identity.expires_at);
-    let handle = ConnHandle::new(
-        seq,
-        id,
-        identity,
-        encoding,
-        deflate,
-        config.outbound.queue_capacity_messages,
-        config.outbound.reply_queue_capacity,
-        config.outbound.queue_full_policy,
-        state.metrics.clone(),
-    );
     // The welcome is queued before the connection is visible to anyone, so it is always first.
     handle.reply(&ServerFrame::Welcome {
         connection: &handle.id,
@@ -74,28 +84,16 @@ pub async fn serve(
     state.metrics.connections.increment(1.0);
     state.metrics.connections_opened.increment(1);
     state.inbound.event(&handle, Event::Connect);
-    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = encoding.as_str(), deflate = deflate.is_some(), "connection opened");
+    tracing::info!(connection = %handle.id, user = ?handle.user, encoding = handle.encoding.as_str(), deflate = handle.deflate.is_some(), "connection opened");
 
-    let timing = Timing {
-        ping_every: Duration::from_secs(config.server.ping_interval_seconds),
-        idle: Duration::from_secs(config.server.idle_timeout_seconds),
-    };
+    // The replica's expiry task sends `refresh_required` and closes with 1008 when the token
+    // expires; the client's `refresh` moves it.
+    let expiry = state.expiries.watch(&handle, handle.identity.expires_at);
     let mut sink = ClientFrames::new(&handle, &state, &expiry);
-    let expires = std::pin::pin!(until_expiry(
-        &handle,
-        &expiry,
-        config.auth.refresh_notice_seconds
-    ));
-    drive(
-        io,
-        &handle,
-        &config.limits,
-        timing,
-        &state.metrics,
-        &mut sink,
-        expires,
-    )
-    .await;
+    // Pings and the idle timeout come from the replica's keepalive sweep (`keepalive.rs`).
+    drive(io, &handle, &config.limits, &state.metrics, &mut sink).await;
+    // The token is no longer followed once the connection is closed.
+    drop(expiry);
 
     let closing = handle
         .closing()
@@ -117,69 +115,4 @@ pub async fn serve(
         reason = closing.why.as_str(),
         "connection closed"
     );
-}
-
-/// The token's expiry (unix seconds), as a client's `refresh` moves it: set by the client's
-/// frames, waited on by [`until_expiry`]. A tokio watch channel would do the same with ~350 bytes
-/// of waker slots per connection.
-pub(crate) struct Expiry {
-    at: Mutex<Option<u64>>,
-    moved: Notify,
-}
-
-impl Expiry {
-    fn new(at: Option<u64>) -> Self {
-        Self {
-            at: Mutex::new(at),
-            moved: Notify::new(),
-        }
-    }
-
-    /// Moves the expiry and wakes the timer.
-    pub(crate) fn set(&self, at: Option<u64>) {
-        *self.at.lock().expect("expiry lock") = at;
-        // One waiter: a move made while the timer is not waiting is kept as a permit, so the
-        // timer reads the new expiry when it next waits.
-        self.moved.notify_one();
-    }
-
-    fn get(&self) -> Option<u64> {
-        *self.at.lock().expect("expiry lock")
-    }
-}
-
-/// Resolves when the connection's token expires. `expiry` is the token's `exp` (unix
-/// seconds), moved by a `refresh`; `notice` seconds before it the client is sent
-/// `refresh_required` (once per token; 0 sends none).
-async fn until_expiry(handle: &ConnHandle, expiry: &Expiry, notice: u64) {
-    let now = || {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64()
-    };
-    let until = |at: f64| tokio::time::sleep(Duration::from_secs_f64((at - now()).max(0.0)));
-    loop {
-        let Some(exp) = expiry.get() else {
-            // No expiry (yet): wait for a refresh that brings one.
-            expiry.moved.notified().await;
-            continue;
-        };
-        // A refresh moves the expiry: start over with the new one. Once nobody can refresh
-        // (the client's frames are done), only the clock is left.
-        let changed = expiry.moved.notified();
-        tokio::pin!(changed);
-        if notice > 0 {
-            tokio::select! {
-                _ = until(exp as f64 - notice as f64) => {
-                    handle.reply(&ServerFrame::RefreshRequired { expires_at: exp });
-                }
-                _ = &mut changed => continue,
-            }
-        }
-        tokio::select! {
-            _ = until(exp as f64) => return,
-            _ = &mut changed => continue,
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! tokens, origins.
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -473,4 +474,54 @@ fn json_logs_are_one_object_per_line() {
     let event = listening.unwrap_or_else(|why| panic!("no listening line ({why}): {events:?}"));
     assert_eq!(event["level"], "INFO");
     assert!(event["public"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
+
+/// The replica's keepalive sweep pings every connection once per `ping_interval_seconds`,
+/// counted from when it connected: not at once, and not more often.
+#[tokio::test]
+async fn every_connection_is_pinged_once_per_interval_from_when_it_connected() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("pings");
+        let gw = Gateway::start_with(
+            &redis,
+            &prefix,
+            &[("WSBRIDGE__SERVER__PING_INTERVAL_SECONDS", "2")],
+        )
+        .await;
+        let mut readers = Vec::new();
+        // Connected at different moments: each keeps its own phase.
+        for n in 0..4u64 {
+            tokio::time::sleep(Duration::from_millis(300 * n)).await;
+            let mut c = Client::connect(&gw).await;
+            let connected = std::time::Instant::now();
+            readers.push(tokio::spawn(async move {
+                use futures_util::StreamExt;
+                let mut pings = vec![connected];
+                while pings.len() < 4 {
+                    match c.ws.next().await {
+                        Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => {
+                            pings.push(std::time::Instant::now())
+                        }
+                        Some(Ok(_)) => {}
+                        other => panic!("connection ended before its pings: {other:?}"),
+                    }
+                }
+                pings
+            }));
+        }
+        for reader in readers {
+            let pings = reader.await.unwrap();
+            // The first gap is from the connect (whole seconds: at least 1 s after it).
+            for (i, pair) in pings.windows(2).enumerate() {
+                let gap = pair[1] - pair[0];
+                let least = if i == 0 { 500 } else { 1200 };
+                assert!(
+                    gap > Duration::from_millis(least) && gap < Duration::from_secs(5),
+                    "ping {i} {gap:?} after the one before (or the connect) with a 2 s interval"
+                );
+            }
+        }
+    })
+    .await;
 }

@@ -97,3 +97,73 @@ async fn a_refused_refresh_changes_nothing_and_the_old_expiry_still_closes() {
     })
     .await;
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The replica follows every connection's token with one timer: each connection is told and
+/// closed at its own token's time, not at the earliest one's, and a refresh moves only its own.
+#[tokio::test]
+async fn each_connection_is_told_and_closed_at_its_own_expiry_and_a_refresh_moves_only_its_own() {
+    deadline(TEST_DEADLINE, async {
+        let redis = Redis::start();
+        let prefix = unique_prefix("refresh-many");
+        let gw = replica(&redis, &prefix).await;
+        let base = now_secs();
+        let connect = |user: &str, exp: u64| {
+            let url = format!(
+                "{}?token={}",
+                gw.ws_url,
+                token(SECRET, json!({"sub": user, "exp": exp}))
+            );
+            async move { Client::connect_url(&url, false).await.unwrap() }
+        };
+        // Connected in the reverse order of their expiries.
+        let mut expiring = Vec::new();
+        for (user, exp) in [("late", base + 7), ("early", base + 4)] {
+            let mut c = connect(user, exp).await;
+            expiring.push(tokio::spawn(async move {
+                let notice = c.recv().await;
+                let told = now_ms();
+                assert_eq!(notice["type"], "refresh_required", "{notice}");
+                assert_eq!(notice["expires_at"], exp, "{notice}");
+                c.expect_close(1008).await;
+                (exp, told, now_ms())
+            }));
+        }
+        let mut moved = connect("moved", base + 5).await;
+        let notice = moved.recv().await;
+        assert_eq!(notice["expires_at"], base + 5, "{notice}");
+        moved
+            .send(json!({"type": "refresh", "token": token_for("moved", 600), "id": "r"}))
+            .await;
+        assert_eq!(moved.recv().await["type"], "refreshed");
+
+        let mut closes = Vec::new();
+        for task in expiring {
+            closes.push(task.await.unwrap());
+        }
+        for &(exp, told, closed) in &closes {
+            assert!(
+                told >= (exp - 2) * 1000,
+                "told at {told} ms, before exp {exp} - 2 s"
+            );
+            assert!(
+                closed >= exp * 1000,
+                "closed at {closed} ms, before exp {exp}"
+            );
+        }
+        let (late, early) = (closes[0], closes[1]);
+        assert!(
+            early.2 < late.0 * 1000,
+            "the early token's close waited for the late one: {closes:?}"
+        );
+        // Its old expiry passed long ago (base + 5 < base + 7): the refreshed one is still open.
+        moved.subscribe("room:after").await;
+    })
+    .await;
+}
