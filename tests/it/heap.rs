@@ -31,11 +31,11 @@ async fn memory_a_connection_storm_used_is_given_back_once_it_is_over() {
         let rss = || gw.metric("process_resident_memory_bytes");
         let before = rss().await;
 
-        let clients = storm(&gw, 2000).await;
+        let clients = storm(&gw, 4000).await;
         let peak = rss().await;
         assert!(
             peak - before > 8.0 * MIB,
-            "2,000 connections should take more than 8 MiB: RSS {:.1} -> {:.1} MiB",
+            "4,000 connections should take more than 8 MiB: RSS {:.1} -> {:.1} MiB",
             before / MIB,
             peak / MIB
         );
