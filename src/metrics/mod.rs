@@ -66,6 +66,8 @@ pub mod names {
     pub const REACH_WAIT_SECONDS: &str = "wsbridge_reach_wait_seconds";
     pub const REACH_ANSWERS: &str = "wsbridge_reach_answers_total";
     pub const HEAP_TRIMS: &str = "wsbridge_heap_trims_total";
+    pub const HEAP_IN_USE: &str = "wsbridge_heap_in_use_bytes";
+    pub const HEAP_HELD: &str = "wsbridge_heap_held_bytes";
     pub const DEFLATE_MESSAGES: &str = "wsbridge_deflate_messages_total";
     pub const CLIENT_PUBLISHES: &str = "wsbridge_client_publishes_total";
     pub const ROUTING_INFO: &str = "wsbridge_routing_info";

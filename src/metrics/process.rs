@@ -88,13 +88,13 @@ pub fn render() -> String {
     }
     if let Some(heap) = crate::heap::stats() {
         metric(
-            "wsbridge_heap_in_use_bytes",
+            super::names::HEAP_IN_USE,
             "gauge",
             "Bytes the memory allocator has handed out and not taken back.",
             heap.in_use as f64,
         );
         metric(
-            "wsbridge_heap_held_bytes",
+            super::names::HEAP_HELD,
             "gauge",
             "Bytes the memory allocator holds from the operating system, in use or kept free for reuse.",
             heap.held as f64,
