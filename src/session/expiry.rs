@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::unix_ms;
 use crate::connection::ConnHandle;
 use crate::metrics::CloseReason;
 use crate::protocol::ServerFrame;
@@ -188,11 +189,4 @@ impl Drop for Expiry<'_> {
             self.expiries.remove(&mut due, self.seq, at);
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
