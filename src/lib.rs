@@ -147,7 +147,9 @@ pub async fn run(
     let background = CancellationToken::new();
     let append_stop = CancellationToken::new();
     let append_give_up = CancellationToken::new();
-    let expiries = Arc::new(session::Expiries::new(config.auth.refresh_notice_seconds));
+    let expiries = Arc::new(connection::Expiries::new(
+        config.auth.refresh_notice_seconds,
+    ));
     let state = AppState {
         config: config.clone(),
         replica_id: replica_id.clone(),

@@ -57,7 +57,7 @@ pub struct AppState {
     /// Presence: who is in the channels that keep it.
     pub presence: Presence,
     /// Token expiries of the connections (one timer task for the replica).
-    pub expiries: Arc<crate::session::Expiries>,
+    pub expiries: Arc<crate::connection::Expiries>,
 }
 
 impl AppState {

@@ -13,6 +13,7 @@
 mod assembler;
 pub mod deflate;
 mod direct;
+mod expiry;
 mod frames;
 mod handle;
 mod lazy_buf;
@@ -31,6 +32,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 pub use direct::server_frame;
+pub use expiry::Expiries;
+pub(crate) use expiry::Expiry;
 pub use handle::{Closing, ConnHandle, Membership, Outgoing, OwedAnswer, Reply};
 
 use reader::EchoSink;

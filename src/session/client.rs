@@ -18,7 +18,7 @@ use crate::protocol::{
 };
 use crate::state::AppState;
 
-use super::Expiry;
+use crate::connection::Expiry;
 
 /// A token bucket: `rate` frames per second sustained, `burst` at once.
 struct TokenBucket {

@@ -4,11 +4,8 @@
 //! every trace of it and reports the disconnect to the backends.
 
 mod client;
-mod expiry;
 mod keepalive;
 
-pub use expiry::Expiries;
-pub(crate) use expiry::Expiry;
 pub use keepalive::keepalive;
 
 use std::sync::Arc;

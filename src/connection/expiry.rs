@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::ConnHandle;
 use crate::clock::unix_ms;
-use crate::connection::ConnHandle;
 use crate::metrics::CloseReason;
 use crate::protocol::ServerFrame;
 
