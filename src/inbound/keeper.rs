@@ -55,9 +55,10 @@ struct Kept {
     round: u64,
 }
 
-/// Kept copies the buffer always has room for, whatever it held before: a few check rounds'
-/// worth at thousands of sends per second.
-const SHRINK_FROM: usize = 16 * 1024;
+/// Kept copies the buffer keeps room for once it is (nearly) empty: ~136 KiB of 136-byte slots.
+/// It was 16k slots (2.2 MB, held by every replica at rest once its inbound traffic had ever
+/// needed them: heaptrack, bench/soak.sh).
+const KEEP_ROOM: usize = 1024;
 
 #[derive(Default)]
 struct State {
@@ -72,12 +73,14 @@ impl State {
         while self.entries.front().is_some_and(|k| k.round <= confirmed) {
             self.entries.pop_front();
         }
-        // A backlog (the limit reached while nothing could be confirmed) leaves its buffer
-        // behind: ~9 MB at the default limit (bench/soak.sh). Once mostly empty, give it back,
-        // keeping room for what a check round usually holds.
+        // A backlog (the limit reached while nothing could be confirmed), or a busy spell, leaves
+        // its buffer behind: ~9 MB at the default limit (bench/soak.sh). Give it back once under
+        // an eighth full. Under steady load a confirm leaves at least a third of the peak (one
+        // round of three), i.e. a sixth of the capacity, so the buffer does not shrink and grow
+        // back every round; shrinking to four times what is left leaves room for that again.
         let (len, cap) = (self.entries.len(), self.entries.capacity());
-        if cap > SHRINK_FROM && len < cap / 4 {
-            self.entries.shrink_to((len * 2).max(SHRINK_FROM));
+        if cap > KEEP_ROOM && len < cap / 8 {
+            self.entries.shrink_to((len * 4).max(KEEP_ROOM));
         }
     }
 }
@@ -352,16 +355,27 @@ mod tests {
         state.confirm(1);
         assert_eq!(state.entries.len(), 10);
         assert!(
-            state.entries.capacity() < 2 * SHRINK_FROM,
+            state.entries.capacity() < 2 * KEEP_ROOM,
             "capacity {} kept after the backlog",
             state.entries.capacity()
         );
         assert!(state.entries.iter().all(|k| k.round == 2));
-        // A usual round's worth keeps its room: no shrinking back and forth.
+        // Steady load (three rounds held at the peak, one left after a confirm) keeps its room:
+        // no shrinking and growing back every round.
         let mut usual = State::default();
-        usual.entries.extend((0..SHRINK_FROM).map(|_| kept(1)));
+        for round in 1..=3 {
+            usual.entries.extend((0..5_000).map(|_| kept(round)));
+        }
         let room = usual.entries.capacity();
-        usual.confirm(1);
+        usual.confirm(2);
+        assert_eq!(usual.entries.len(), 5_000);
         assert_eq!(usual.entries.capacity(), room);
+        // At rest, little is held.
+        usual.confirm(3);
+        assert!(
+            usual.entries.capacity() < 2 * KEEP_ROOM,
+            "{}",
+            usual.entries.capacity()
+        );
     }
 }
