@@ -646,6 +646,18 @@ impl Backplane {
         self.count(result)
     }
 
+    /// Sends one pipeline, with neither timeout nor counting.
+    async fn send_pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        match &self.link {
+            Link::Single(conn) => pipe.query_async(&mut conn.clone()).await,
+            Link::Cluster(link) => pipe.query_async(&mut link.conn().await?).await,
+            Link::Sentinel(link) => pipe.query_async(&mut link.conn().await?).await,
+        }
+    }
+
     /// Sends one command, with neither timeout nor counting.
     async fn send<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match &self.link {
@@ -687,11 +699,43 @@ impl Backplane {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisFailure> {
+        let result = match tokio::time::timeout(self.timeout, self.send_pipeline(pipe)).await {
+            Ok(result) => result.map_err(RedisFailure::from),
+            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
+        };
+        self.count(result)
+    }
+
+    /// Calls scripts by their SHA (EVALSHA) in one pipeline, with the configured timeout. When
+    /// Redis does not know one (NOSCRIPT: it restarted, or failed over), loads the calls'
+    /// scripts and runs the whole pipeline again: only for scripts that are safe to run twice.
+    /// A pipeline of `EVAL`s would carry the script's text once per call.
+    ///
+    /// # Errors
+    /// [`RedisFailure`] when Redis failed or did not answer in time, or a call failed.
+    pub async fn invoke_pipeline<T: redis::FromRedisValue>(
+        &self,
+        calls: &[script::Invocation<'_>],
+    ) -> Result<T, RedisFailure> {
+        let mut pipe = redis::pipe();
+        for call in calls {
+            pipe.add_command(call.cmd());
+        }
         let run = async {
-            match &self.link {
-                Link::Single(conn) => pipe.query_async(&mut conn.clone()).await,
-                Link::Cluster(link) => pipe.query_async(&mut link.conn().await?).await,
-                Link::Sentinel(link) => pipe.query_async(&mut link.conn().await?).await,
+            match self.send_pipeline(&pipe).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut loaded: Vec<&script::Script> = Vec::new();
+                    for call in calls {
+                        if !loaded.iter().any(|s| std::ptr::eq(*s, call.script())) {
+                            self.send::<()>(&call.script().load()).await?;
+                            loaded.push(call.script());
+                        }
+                    }
+                    self.send_pipeline(&pipe).await
+                }
+                result => result,
             }
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
