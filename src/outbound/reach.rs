@@ -7,12 +7,14 @@
 //! with such messages answers once per payload, after fanning it out, with a count per requested
 //! message ([`Payload::Reach`]). The publish tells how many replicas received those payloads;
 //! the report is complete once that many answers arrived, and is given with the counts that
-//! arrived, as incomplete, when the wait runs out first.
+//! arrived, as incomplete, when the wait runs out first. A replica's answer counts once: one
+//! that arrives again (the same replica id, [`Payload::Reach`]'s `from`) is left out, so a
+//! repeat can never pass for a missing replica's answer.
 //!
 //! [`Message::reach`]: super::envelope::Message::reach
 //! [`Payload::Reach`]: super::envelope::Payload::Reach
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +35,8 @@ struct Tally {
     counts: Vec<u64>,
     /// Answers arrived.
     answered: usize,
+    /// The replicas whose answers arrived (those that said who they are).
+    from: HashSet<String>,
     /// Answers due; unknown until the publish returned.
     due: Option<usize>,
     /// Told when the last due answer arrives.
@@ -44,13 +48,21 @@ impl Tally {
         Self {
             counts: vec![0; items],
             answered: 0,
+            from: HashSet::new(),
             due: None,
             done: Some(done),
         }
     }
 
-    /// Adds one replica's answer. A count for an item the call does not have is ignored.
-    fn add(&mut self, counts: &[ReachCount]) {
+    /// Adds the answer of replica `from` (`None`: a version that does not say), unless that
+    /// replica answered already; returns whether it was added. A count for an item the call
+    /// does not have is ignored.
+    fn add(&mut self, from: Option<&str>, counts: &[ReachCount]) -> bool {
+        if let Some(from) = from {
+            if !self.from.insert(from.to_owned()) {
+                return false;
+            }
+        }
         self.answered += 1;
         for c in counts {
             if let Some(sum) = self.counts.get_mut(c.item as usize) {
@@ -58,6 +70,7 @@ impl Tally {
             }
         }
         self.settle();
+        true
     }
 
     /// Sets how many answers are due (as many as replicas received the call's asking payloads).
@@ -103,11 +116,19 @@ impl Reaches {
         }
     }
 
-    /// A replica's answer for `token` arrived; ignored when nobody waits for it any more (it came
-    /// after the wait ran out).
-    pub fn arrived(&self, token: &str, counts: &[ReachCount]) {
-        if let Some(tally) = self.lock().get_mut(token) {
-            tally.add(counts);
+    /// Replica `from`'s answer for `token` arrived; ignored when nobody waits for it any more
+    /// (it came after the wait ran out), and when that replica answered already.
+    pub fn arrived(&self, token: &str, from: Option<&str>, counts: &[ReachCount]) {
+        let added = self
+            .lock()
+            .get_mut(token)
+            .is_none_or(|tally| tally.add(from, counts));
+        if !added {
+            tracing::warn!(
+                token,
+                replica = from,
+                "a replica's reach answer arrived twice; counted once"
+            );
         }
     }
 
@@ -168,9 +189,9 @@ mod tests {
         let reaches = Arc::new(Reaches::default());
         let waiting = reaches.expect("t", 3);
         // An answer may come before the publish returned and said how many are due.
-        reaches.arrived("t", &[count(0, 2), count(2, 1)]);
-        reaches.arrived("other", &[count(0, 100)]);
-        reaches.arrived("t", &[count(0, 1), count(2, 0), count(9, 5)]);
+        reaches.arrived("t", Some("r1"), &[count(0, 2), count(2, 1)]);
+        reaches.arrived("other", Some("r1"), &[count(0, 100)]);
+        reaches.arrived("t", Some("r2"), &[count(0, 1), count(2, 0), count(9, 5)]);
         let report = waiting.report(2, Duration::from_secs(60)).await;
         assert_eq!(
             report,
@@ -198,7 +219,7 @@ mod tests {
     async fn a_missing_answer_gives_what_arrived_as_incomplete() {
         let reaches = Arc::new(Reaches::default());
         let waiting = reaches.expect("t", 1);
-        reaches.arrived("t", &[count(0, 4)]);
+        reaches.arrived("t", Some("r1"), &[count(0, 4)]);
         let report = waiting.report(2, Duration::from_millis(20)).await;
         assert_eq!(
             report,
@@ -209,8 +230,31 @@ mod tests {
             }
         );
         // The late answer finds nobody waiting.
-        reaches.arrived("t", &[count(0, 1)]);
+        reaches.arrived("t", Some("r2"), &[count(0, 1)]);
         assert!(reaches.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replica_answering_twice_counts_once_and_cannot_stand_in_for_a_missing_one() {
+        let reaches = Arc::new(Reaches::default());
+        let waiting = reaches.expect("t", 1);
+        reaches.arrived("t", Some("r1"), &[count(0, 1)]);
+        reaches.arrived("t", Some("r1"), &[count(0, 1)]);
+        let report = waiting.report(2, Duration::from_millis(20)).await;
+        assert_eq!(
+            report,
+            Report {
+                counts: vec![1],
+                complete: false,
+                answered: 1,
+            }
+        );
+        // Answers that do not say who sent them (an older replica) each count.
+        let waiting = reaches.expect("u", 1);
+        reaches.arrived("u", None, &[count(0, 1)]);
+        reaches.arrived("u", None, &[count(0, 2)]);
+        let report = waiting.report(2, Duration::from_secs(60)).await;
+        assert_eq!((report.counts, report.complete), (vec![3], true));
     }
 
     #[test]
