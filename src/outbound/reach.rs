@@ -122,7 +122,7 @@ impl Reaches {
         let added = self
             .lock()
             .get_mut(token)
-            .is_none_or(|tally| tally.add(from, counts));
+            .map_or(true, |tally| tally.add(from, counts));
         if !added {
             tracing::warn!(
                 token,
