@@ -502,11 +502,7 @@ impl Backplane {
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, RedisFailure> {
-        let result = match tokio::time::timeout(self.timeout, self.send(cmd)).await {
-            Ok(result) => result.map_err(RedisFailure::from),
-            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-        };
-        self.count(result)
+        self.bounded(self.send(cmd)).await
     }
 
     /// Waits until `replicas` replicas hold every write this link sent before (`WAIT`), at most
@@ -563,11 +559,7 @@ impl Backplane {
                     let answer = link.conn().await?.route_command(cmd, routing).await?;
                     redis::from_redis_value::<u64>(answer).map_err(redis::RedisError::from)
                 };
-                let result = match tokio::time::timeout(self.timeout, run).await {
-                    Ok(result) => result.map_err(RedisFailure::from),
-                    Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-                };
-                self.count(result)?
+                self.bounded(run).await?
             }
         };
         if got < u64::from(replicas) {
@@ -609,13 +601,7 @@ impl Backplane {
             redis::from_redis_value::<std::collections::HashMap<String, T>>(answers)
                 .map_err(redis::RedisError::from)
         };
-        let result = match tokio::time::timeout(self.timeout, run).await {
-            Ok(result) => result
-                .map(|m| m.into_iter().collect())
-                .map_err(RedisFailure::from),
-            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-        };
-        self.count(result)
+        self.bounded(run).await.map(|m| m.into_iter().collect())
     }
 
     /// Calls a script by its SHA (EVALSHA) with the configured timeout; where Redis answers
@@ -628,17 +614,40 @@ impl Backplane {
         invocation: &script::Invocation<'_>,
     ) -> Result<T, RedisFailure> {
         let cmd = invocation.cmd();
-        let run = async {
-            match self.send(&cmd).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    self.send::<()>(&invocation.script().load()).await?;
-                    self.send(&cmd).await
+        let scripts = [invocation.script()];
+        let run = self.loading(&scripts, || self.send(&cmd));
+        self.bounded(run).await
+    }
+
+    /// Runs `run`; where Redis answers NOSCRIPT, loads `scripts` (each once) and runs it again.
+    async fn loading<T, F>(
+        &self,
+        scripts: &[&script::Script],
+        run: impl Fn() -> F,
+    ) -> redis::RedisResult<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match run().await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut loaded: Vec<&script::Script> = Vec::new();
+                for &script in scripts {
+                    if !loaded.iter().any(|s| std::ptr::eq(*s, script)) {
+                        self.send::<()>(&script.load()).await?;
+                        loaded.push(script);
+                    }
                 }
-                result => result,
+                run().await
             }
-        };
+            result => result,
+        }
+    }
+
+    /// `run` with the configured timeout, its failure counted ([`Backplane::count`]).
+    async fn bounded<T>(
+        &self,
+        run: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisFailure> {
         let result = match tokio::time::timeout(self.timeout, run).await {
             Ok(result) => result.map_err(RedisFailure::from),
             Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
@@ -699,11 +708,7 @@ impl Backplane {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisFailure> {
-        let result = match tokio::time::timeout(self.timeout, self.send_pipeline(pipe)).await {
-            Ok(result) => result.map_err(RedisFailure::from),
-            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-        };
-        self.count(result)
+        self.bounded(self.send_pipeline(pipe)).await
     }
 
     /// Calls scripts by their SHA (EVALSHA) in one pipeline, with the configured timeout. When
@@ -721,28 +726,9 @@ impl Backplane {
         for call in calls {
             pipe.add_command(call.cmd());
         }
-        let run = async {
-            match self.send_pipeline(&pipe).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    let mut loaded: Vec<&script::Script> = Vec::new();
-                    for call in calls {
-                        if !loaded.iter().any(|s| std::ptr::eq(*s, call.script())) {
-                            self.send::<()>(&call.script().load()).await?;
-                            loaded.push(call.script());
-                        }
-                    }
-                    self.send_pipeline(&pipe).await
-                }
-                result => result,
-            }
-        };
-        let result = match tokio::time::timeout(self.timeout, run).await {
-            Ok(result) => result.map_err(RedisFailure::from),
-            Err(_) => Err(RedisFailure::Timeout(self.timeout.as_millis() as u64)),
-        };
-        self.count(result)
+        let scripts: Vec<&script::Script> = calls.iter().map(|call| call.script()).collect();
+        let run = self.loading(&scripts, || self.send_pipeline(&pipe));
+        self.bounded(run).await
     }
 
     /// The metric handles, for callers that see per-command failures inside a pipeline.
