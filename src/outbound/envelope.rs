@@ -98,8 +98,9 @@ pub enum Payload<'a, I = Vec<Item<'a>>> {
         /// The token of the reach requests.
         #[serde(borrow)]
         token: Cow<'a, str>,
-        /// The answering replica's id: a second answer from it for the same token is not
-        /// counted again. Absent from replicas of versions before it (each answer counted).
+        /// The answering replica's id: a second answer from it for the same token and the same
+        /// messages is not counted again. Absent from replicas of versions before it (each
+        /// answer counted).
         #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
         from: Option<Cow<'a, str>>,
         /// One count per requested item of the payload, in item order.

@@ -7,9 +7,11 @@
 //! with such messages answers once per payload, after fanning it out, with a count per requested
 //! message ([`Payload::Reach`]). The publish tells how many replicas received those payloads;
 //! the report is complete once that many answers arrived, and is given with the counts that
-//! arrived, as incomplete, when the wait runs out first. A replica's answer counts once: one
-//! that arrives again (the same replica id, [`Payload::Reach`]'s `from`) is left out, so a
-//! repeat can never pass for a missing replica's answer.
+//! arrived, as incomplete, when the wait runs out first. A replica answers once per payload,
+//! and under interest routing one call can reach a replica in several payloads (its channel's,
+//! its own), whose messages differ; an answer that arrives again (the same replica id,
+//! [`Payload::Reach`]'s `from`, for the same first message) is left out, so a repeat can never
+//! pass for a missing replica's answer.
 //!
 //! [`Message::reach`]: super::envelope::Message::reach
 //! [`Payload::Reach`]: super::envelope::Payload::Reach
@@ -35,8 +37,9 @@ struct Tally {
     counts: Vec<u64>,
     /// Answers arrived.
     answered: usize,
-    /// The replicas whose answers arrived (those that said who they are).
-    from: HashSet<String>,
+    /// The answers arrived from replicas that said who they are: the replica, and the first
+    /// message its answer counts (a payload's messages are its own).
+    from: HashSet<(String, Option<u32>)>,
     /// Answers due; unknown until the publish returned.
     due: Option<usize>,
     /// Told when the last due answer arrives.
@@ -54,12 +57,13 @@ impl Tally {
         }
     }
 
-    /// Adds the answer of replica `from` (`None`: a version that does not say), unless that
-    /// replica answered already; returns whether it was added. A count for an item the call
+    /// Adds the answer of replica `from` (`None`: a version that does not say), unless the
+    /// same answer arrived already; returns whether it was added. A count for an item the call
     /// does not have is ignored.
     fn add(&mut self, from: Option<&str>, counts: &[ReachCount]) -> bool {
         if let Some(from) = from {
-            if !self.from.insert(from.to_owned()) {
+            let first = counts.first().map(|c| c.item);
+            if !self.from.insert((from.to_owned(), first)) {
                 return false;
             }
         }
@@ -117,7 +121,7 @@ impl Reaches {
     }
 
     /// Replica `from`'s answer for `token` arrived; ignored when nobody waits for it any more
-    /// (it came after the wait ran out), and when that replica answered already.
+    /// (it came after the wait ran out), and when the same answer arrived already.
     pub fn arrived(&self, token: &str, from: Option<&str>, counts: &[ReachCount]) {
         let added = self
             .lock()
@@ -127,7 +131,7 @@ impl Reaches {
             tracing::warn!(
                 token,
                 replica = from,
-                "a replica's reach answer arrived twice; counted once"
+                "the same reach answer arrived twice; counted once"
             );
         }
     }
@@ -235,7 +239,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_replica_answering_twice_counts_once_and_cannot_stand_in_for_a_missing_one() {
+    async fn an_answer_arriving_twice_counts_once_and_cannot_stand_in_for_a_missing_one() {
         let reaches = Arc::new(Reaches::default());
         let waiting = reaches.expect("t", 1);
         reaches.arrived("t", Some("r1"), &[count(0, 1)]);
@@ -249,6 +253,13 @@ mod tests {
                 answered: 1,
             }
         );
+        // One replica's answers for two payloads of the call (interest routing: its channel's
+        // and its own) are two answers.
+        let waiting = reaches.expect("p", 3);
+        reaches.arrived("p", Some("r1"), &[count(0, 2), count(2, 1)]);
+        reaches.arrived("p", Some("r1"), &[count(1, 1)]);
+        let report = waiting.report(2, Duration::from_secs(60)).await;
+        assert_eq!((report.counts, report.complete), (vec![2, 1, 1], true));
         // Answers that do not say who sent them (an older replica) each count.
         let waiting = reaches.expect("u", 1);
         reaches.arrived("u", None, &[count(0, 1)]);
