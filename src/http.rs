@@ -44,6 +44,8 @@ pub async fn serve<H, F>(
 {
     let mut backoff = Duration::from_millis(5);
     let mut failing: Option<Failing> = None;
+    // When the last episode was logged.
+    let mut reported: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -52,7 +54,7 @@ pub async fn serve<H, F>(
         let (stream, peer) = match accepted {
             Ok(pair) => {
                 backoff = Duration::from_millis(5);
-                if let Some(episode) = failing.take() {
+                if let Some(episode) = failing.take().filter(|e| e.reported) {
                     tracing::info!(
                         failed = episode.count,
                         seconds = episode.since.elapsed().as_secs_f64(),
@@ -78,11 +80,21 @@ pub async fn serve<H, F>(
                         tracing::debug!(error = %e, failed = episode.count, "accept failed again");
                     }
                     None => {
+                        // A descriptor another task held for a moment (a Redis reconnect, a
+                        // /proc read) lets one accept through and ends the episode; the next
+                        // failure starts another, logged only once REPORT_EVERY has passed.
+                        let report = reported.map_or(true, |at| at.elapsed() >= REPORT_EVERY);
                         failing = Some(Failing {
                             since: Instant::now(),
                             count: 1,
+                            reported: report,
                         });
-                        log_failure(&e, reason, &listener, &budget, &tracker);
+                        if report {
+                            reported = Some(Instant::now());
+                            log_failure(&e, reason, &listener, &budget, &tracker);
+                        } else {
+                            tracing::debug!(error = %e, "accept failed again soon after the last report");
+                        }
                     }
                 }
                 tokio::time::sleep(backoff).await;
@@ -123,7 +135,13 @@ pub async fn serve<H, F>(
 struct Failing {
     since: Instant,
     count: u64,
+    /// Logged (its end is logged too); episodes closer than [`REPORT_EVERY`] to the last logged
+    /// one are not.
+    reported: bool,
 }
+
+/// At most one logged episode of failed accepts per listener this often.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The one log line of an episode of failed accepts.
 fn log_failure(
