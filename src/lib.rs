@@ -232,7 +232,6 @@ pub async fn run(
         interest: state.interest.clone(),
         acks: state.publisher.acks().clone(),
         reaches: state.publisher.reaches().clone(),
-        replica: replica_id.as_str().into(),
     });
     tasks.spawn(dispatcher.run(pubsub_rx, control_rx, resubscribed_rx));
     tasks.spawn(durability.clone().watch(

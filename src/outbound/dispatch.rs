@@ -103,8 +103,6 @@ pub struct Parts {
     pub acks: Arc<Acks>,
     /// Reach reports awaited by this replica's publisher.
     pub reaches: Arc<Reaches>,
-    /// This replica's id, which its reach answers carry.
-    pub replica: Arc<str>,
 }
 
 /// Routes received payloads to local connections.
@@ -123,8 +121,6 @@ pub struct Dispatcher {
     acks: Arc<Acks>,
     /// Reach reports awaited by this replica's publisher.
     reaches: Arc<Reaches>,
-    /// This replica's id, which its reach answers carry.
-    replica: Arc<str>,
     /// The reach counts of the payload being dispatched, answered once it is fanned out (when
     /// the last lane holding it is done); `None` unless one of its messages asked.
     reach_answer: Option<Arc<ReachAnswer>>,
@@ -226,7 +222,6 @@ impl Dispatcher {
             interest: parts.interest,
             acks: parts.acks,
             reaches: parts.reaches,
-            replica: parts.replica,
             reach_answer: None,
             catch_ups: ChannelCursors::new(capacity),
             prune_at: PRUNE_AT,
@@ -311,15 +306,10 @@ impl Dispatcher {
                 self.acks.arrived(&token);
                 return;
             }
-            Ok(Payload::Reach {
-                token,
-                from,
-                counts,
-                ..
-            }) => {
+            Ok(Payload::Reach { token, counts, .. }) => {
                 // A replica's reach counts for a call this replica published.
                 self.metrics.reach_answers.increment(1);
-                self.reaches.arrived(&token, from.as_deref(), &counts);
+                self.reaches.arrived(&token, &counts);
                 return;
             }
             Err(e) => {
@@ -513,7 +503,6 @@ impl Dispatcher {
                 // call, which share a token; another token is answered on its own (the one
                 // replaced is sent once no lane holds it).
                 let answer = Arc::new(ReachAnswer {
-                    from: self.replica.clone(),
                     replica: reach.replica.to_string(),
                     token: reach.token.to_string(),
                     counts: Mutex::new(Vec::new()),
@@ -1209,9 +1198,6 @@ impl Forms {
 /// The reach counts one payload's requested messages had on this replica, for the replica that
 /// asked; sent when dropped, that is once the dispatcher and every lane are done with it.
 struct ReachAnswer {
-    /// This replica's id.
-    from: Arc<str>,
-    /// The asking replica's id.
     replica: String,
     token: String,
     counts: Mutex<Vec<ReachCount>>,
@@ -1233,7 +1219,7 @@ impl Drop for ReachAnswer {
     /// Publishes the answer to the asking replica's channel, without holding up anyone.
     fn drop(&mut self) {
         let counts = std::mem::take(self.counts.get_mut().expect("reach counts lock"));
-        let notice = envelope::reach(&self.token, &self.from, &counts);
+        let notice = envelope::reach(&self.token, &counts);
         let (channel, backplane) = (std::mem::take(&mut self.channel), self.backplane.clone());
         tokio::spawn(async move {
             // Lost, the asking replica reports the counts it got as incomplete.

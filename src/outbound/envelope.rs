@@ -98,11 +98,6 @@ pub enum Payload<'a, I = Vec<Item<'a>>> {
         /// The token of the reach requests.
         #[serde(borrow)]
         token: Cow<'a, str>,
-        /// The answering replica's id: a second answer from it for the same token and the same
-        /// messages is not counted again. Absent from replicas of versions before it (each
-        /// answer counted).
-        #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-        from: Option<Cow<'a, str>>,
         /// One count per requested item of the payload, in item order.
         counts: Vec<ReachCount>,
     },
@@ -125,12 +120,11 @@ pub fn ack(token: &str) -> String {
     serde_json::to_string(&payload).expect("acknowledgements serialize")
 }
 
-/// Replica `from`'s reach report of one payload's requested items, serialized.
-pub fn reach(token: &str, from: &str, counts: &[ReachCount]) -> String {
+/// The reach report of one payload's requested items, serialized.
+pub fn reach(token: &str, counts: &[ReachCount]) -> String {
     let payload: Payload<'_, ()> = Payload::Reach {
         v: Version,
         token: token.into(),
-        from: Some(from.into()),
         counts: counts.to_vec(),
     };
     serde_json::to_string(&payload).expect("reach reports serialize")
@@ -611,30 +605,20 @@ mod tests {
             ReachCount { item: 0, count: 2 },
             ReachCount { item: 3, count: 0 },
         ];
-        let payload = reach("t1", "r2", &counts);
+        let payload = reach("t1", &counts);
         assert_eq!(
             payload,
-            r#"{"reach":{"v":1,"token":"t1","from":"r2","counts":[{"item":0,"count":2},{"item":3,"count":0}]}}"#
+            r#"{"reach":{"v":1,"token":"t1","counts":[{"item":0,"count":2},{"item":3,"count":0}]}}"#
         );
         let Payload::Reach {
             token,
-            from,
             counts: back,
             ..
         } = decode(payload.as_bytes()).unwrap()
         else {
             panic!("not a reach report");
         };
-        assert_eq!(
-            (&*token, from.as_deref(), &back[..]),
-            ("t1", Some("r2"), &counts[..])
-        );
-        // An answer from a replica of the version before `from` is read, its sender unknown.
-        let old = r#"{"reach":{"v":1,"token":"t1","counts":[]}}"#;
-        let Payload::Reach { from, .. } = decode(old.as_bytes()).unwrap() else {
-            panic!("not a reach report");
-        };
-        assert_eq!(from, None);
+        assert_eq!((&*token, &back[..]), ("t1", &counts[..]));
         let asking = [Item::Send(Message {
             to: Recipient::User("u".into()),
             data: raw("1"),

@@ -7,16 +7,12 @@
 //! with such messages answers once per payload, after fanning it out, with a count per requested
 //! message ([`Payload::Reach`]). The publish tells how many replicas received those payloads;
 //! the report is complete once that many answers arrived, and is given with the counts that
-//! arrived, as incomplete, when the wait runs out first. A replica answers once per payload,
-//! and under interest routing one call can reach a replica in several payloads (its channel's,
-//! its own), whose messages differ; an answer that arrives again (the same replica id,
-//! [`Payload::Reach`]'s `from`, for the same first message) is left out, so a repeat can never
-//! pass for a missing replica's answer.
+//! arrived, as incomplete, when the wait runs out first.
 //!
 //! [`Message::reach`]: super::envelope::Message::reach
 //! [`Payload::Reach`]: super::envelope::Payload::Reach
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -37,9 +33,6 @@ struct Tally {
     counts: Vec<u64>,
     /// Answers arrived.
     answered: usize,
-    /// The answers arrived from replicas that said who they are: the replica, and the first
-    /// message its answer counts (a payload's messages are its own).
-    from: HashSet<(String, Option<u32>)>,
     /// Answers due; unknown until the publish returned.
     due: Option<usize>,
     /// Told when the last due answer arrives.
@@ -51,22 +44,13 @@ impl Tally {
         Self {
             counts: vec![0; items],
             answered: 0,
-            from: HashSet::new(),
             due: None,
             done: Some(done),
         }
     }
 
-    /// Adds the answer of replica `from` (`None`: a version that does not say), unless the
-    /// same answer arrived already; returns whether it was added. A count for an item the call
-    /// does not have is ignored.
-    fn add(&mut self, from: Option<&str>, counts: &[ReachCount]) -> bool {
-        if let Some(from) = from {
-            let first = counts.first().map(|c| c.item);
-            if !self.from.insert((from.to_owned(), first)) {
-                return false;
-            }
-        }
+    /// Adds one replica's answer. A count for an item the call does not have is ignored.
+    fn add(&mut self, counts: &[ReachCount]) {
         self.answered += 1;
         for c in counts {
             if let Some(sum) = self.counts.get_mut(c.item as usize) {
@@ -74,7 +58,6 @@ impl Tally {
             }
         }
         self.settle();
-        true
     }
 
     /// Sets how many answers are due (as many as replicas received the call's asking payloads).
@@ -120,19 +103,11 @@ impl Reaches {
         }
     }
 
-    /// Replica `from`'s answer for `token` arrived; ignored when nobody waits for it any more
-    /// (it came after the wait ran out), and when the same answer arrived already.
-    pub fn arrived(&self, token: &str, from: Option<&str>, counts: &[ReachCount]) {
-        let added = self
-            .lock()
-            .get_mut(token)
-            .map_or(true, |tally| tally.add(from, counts));
-        if !added {
-            tracing::warn!(
-                token,
-                replica = from,
-                "the same reach answer arrived twice; counted once"
-            );
+    /// A replica's answer for `token` arrived; ignored when nobody waits for it any more (it came
+    /// after the wait ran out).
+    pub fn arrived(&self, token: &str, counts: &[ReachCount]) {
+        if let Some(tally) = self.lock().get_mut(token) {
+            tally.add(counts);
         }
     }
 
@@ -193,9 +168,9 @@ mod tests {
         let reaches = Arc::new(Reaches::default());
         let waiting = reaches.expect("t", 3);
         // An answer may come before the publish returned and said how many are due.
-        reaches.arrived("t", Some("r1"), &[count(0, 2), count(2, 1)]);
-        reaches.arrived("other", Some("r1"), &[count(0, 100)]);
-        reaches.arrived("t", Some("r2"), &[count(0, 1), count(2, 0), count(9, 5)]);
+        reaches.arrived("t", &[count(0, 2), count(2, 1)]);
+        reaches.arrived("other", &[count(0, 100)]);
+        reaches.arrived("t", &[count(0, 1), count(2, 0), count(9, 5)]);
         let report = waiting.report(2, Duration::from_secs(60)).await;
         assert_eq!(
             report,
@@ -223,7 +198,7 @@ mod tests {
     async fn a_missing_answer_gives_what_arrived_as_incomplete() {
         let reaches = Arc::new(Reaches::default());
         let waiting = reaches.expect("t", 1);
-        reaches.arrived("t", Some("r1"), &[count(0, 4)]);
+        reaches.arrived("t", &[count(0, 4)]);
         let report = waiting.report(2, Duration::from_millis(20)).await;
         assert_eq!(
             report,
@@ -234,38 +209,8 @@ mod tests {
             }
         );
         // The late answer finds nobody waiting.
-        reaches.arrived("t", Some("r2"), &[count(0, 1)]);
+        reaches.arrived("t", &[count(0, 1)]);
         assert!(reaches.lock().is_empty());
-    }
-
-    #[tokio::test]
-    async fn an_answer_arriving_twice_counts_once_and_cannot_stand_in_for_a_missing_one() {
-        let reaches = Arc::new(Reaches::default());
-        let waiting = reaches.expect("t", 1);
-        reaches.arrived("t", Some("r1"), &[count(0, 1)]);
-        reaches.arrived("t", Some("r1"), &[count(0, 1)]);
-        let report = waiting.report(2, Duration::from_millis(20)).await;
-        assert_eq!(
-            report,
-            Report {
-                counts: vec![1],
-                complete: false,
-                answered: 1,
-            }
-        );
-        // One replica's answers for two payloads of the call (interest routing: its channel's
-        // and its own) are two answers.
-        let waiting = reaches.expect("p", 3);
-        reaches.arrived("p", Some("r1"), &[count(0, 2), count(2, 1)]);
-        reaches.arrived("p", Some("r1"), &[count(1, 1)]);
-        let report = waiting.report(2, Duration::from_secs(60)).await;
-        assert_eq!((report.counts, report.complete), (vec![2, 1, 1], true));
-        // Answers that do not say who sent them (an older replica) each count.
-        let waiting = reaches.expect("u", 1);
-        reaches.arrived("u", None, &[count(0, 1)]);
-        reaches.arrived("u", None, &[count(0, 2)]);
-        let report = waiting.report(2, Duration::from_secs(60)).await;
-        assert_eq!((report.counts, report.complete), (vec![3], true));
     }
 
     #[test]
