@@ -220,12 +220,7 @@ impl Backend {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
+        crate::common::signal_pid(self.child.as_ref().unwrap().id(), sig);
     }
 
     /// Waits for the process to exit on its own.

@@ -108,6 +108,38 @@ pub fn history_config(redis_url: &str, prefix: &str, size: u64) -> String {
 }
 
 /// A fresh directory under the system temp dir.
+/// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid`; for `-STOP`, returns once every thread
+/// of it has stopped. The kernel stops a multi-threaded process thread by thread, starting when
+/// the one thread the signal went to runs: on a busy machine the others run on meanwhile, long
+/// enough to read and answer a message (a replica "frozen" this way answered a reach report).
+pub fn signal_pid(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    if sig != "-STOP" {
+        return;
+    }
+    let stopped = |task: std::fs::DirEntry| {
+        std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+            status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains("(stopped)"))
+        })
+    };
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        if tasks.filter_map(Result::ok).all(stopped) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        // Polled: /proc is the only way to see a stop; nothing to await.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "wsbridge-it-{}-{}",
@@ -274,11 +306,7 @@ impl Redis {
         };
         let sig = if frozen { "-STOP" } else { "-CONT" };
         for pid in pids {
-            assert!(Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success());
+            signal_pid(pid.parse().expect("a pid"), sig);
         }
     }
 
@@ -501,11 +529,7 @@ impl Gateway {
     }
 
     pub fn signal(&self, sig: &str) {
-        assert!(Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .unwrap()
-            .success());
+        signal_pid(self.pid(), sig);
     }
 
     /// Waits for the process to exit.
@@ -1765,13 +1789,8 @@ impl Sentinels {
 
     /// Freezes data node `i` (SIGSTOP: its connections stay open, nothing answers) or thaws it.
     pub fn freeze_node(&self, i: usize, frozen: bool) {
-        let pid = self.nodes[i].as_ref().expect("running").id().to_string();
-        let sig = if frozen { "-STOP" } else { "-CONT" };
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
+        let pid = self.nodes[i].as_ref().expect("running").id();
+        signal_pid(pid, if frozen { "-STOP" } else { "-CONT" });
     }
 
     /// Starts data node `i` again, empty and as a primary of its own: Sentinel must turn it into
