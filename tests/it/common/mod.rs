@@ -107,7 +107,6 @@ pub fn history_config(redis_url: &str, prefix: &str, size: u64) -> String {
     )
 }
 
-/// A fresh directory under the system temp dir.
 /// Sends `sig` (`-STOP`, `-CONT`, ...) to process `pid`; for `-STOP`, returns once every thread
 /// of it has stopped. The kernel stops a multi-threaded process thread by thread, starting when
 /// the one thread the signal went to runs: on a busy machine the others run on meanwhile, long
@@ -140,6 +139,7 @@ pub fn signal_pid(pid: u32, sig: &str) {
     }
 }
 
+/// A fresh directory under the system temp dir.
 pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "wsbridge-it-{}-{}",
